@@ -1,0 +1,181 @@
+"""Typed configuration schema: one dataclass per owner, composed by `ExperimentConfig`.
+
+NOTE: this module imports nothing from the project and nothing heavy (no torch), so
+`launch/` and tools can import it cheaply. Every field has a documented default;
+`__post_init__` validates ranges so a bad config fails before any work starts.
+Loading YAML into these classes (unknown keys, wrong types) lives in `configs/loading.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+LogFormat = Literal["auto", "snap", "inter", "csv", "parquet"]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the interaction log is and how to read, split and batch it."""
+
+    path: str
+    """Log file, or a directory of parquet files. Relative paths are resolved from
+    the directory you run in; `embedded:collegemsg` names the log shipped in the package."""
+
+    format: LogFormat = "auto"
+    """`snap` (whitespace `SRC DST [TS]`, `#` comments), `inter` (RecBole tab-separated
+    with a `name:type` header), `csv` (header with named columns), `parquet` (file or
+    directory), or `auto` to choose from the file extension."""
+
+    actor_column: str | None = None
+    """Column holding the actor (who acts). Default per format: `user_id` for .inter,
+    `actor` for csv/parquet; SNAP logs are positional (column 1)."""
+
+    target_column: str | None = None
+    """Column holding the target (whom / what is acted on). Default: `item_id` for
+    .inter, `target` for csv/parquet; SNAP column 2."""
+
+    action_column: str | None = None
+    """Column holding the action type (event type or rating). Default: `rating` for
+    .inter, `action` for csv/parquet, when present; absent means every action is 0."""
+
+    timestamp_column: str | None = None
+    """Column holding the event time in seconds (or a parquet datetime). Default:
+    `timestamp` when present, SNAP column 3; absent means row order is time order."""
+
+    id_type: Literal["int", "str"] = "int"
+    """Raw ID type: `int` rejects non-integer IDs with an error naming the line;
+    `str` accepts any non-empty token."""
+
+    shared_id_space: bool | None = None
+    """Actors and targets are the same kind of entity (people messaging people), so
+    they share one ID table. `None` means: yes for SNAP graph logs, no otherwise."""
+
+    on_bad_rows: Literal["error", "drop"] = "error"
+    """`error` stops at the first bad row, naming file, line and field. `drop` skips
+    bad rows and reports how many were dropped, by reason."""
+
+    drop_duplicate_events: bool = False
+    """Drop exact duplicate (actor, target, action, timestamp) events, reporting the
+    count. Off by default: the benchmark protocol keeps every event."""
+
+    max_len: int = 200
+    """History length: the last `max_len` events before each example (truncation
+    happens at batch time; storage is jagged and never padded)."""
+
+    freq_exponent: float = 0.75
+    """Sampling distribution for logQ: q(i) proportional to count(i) ** freq_exponent."""
+
+    freq_count_floor: float = 1.0
+    """Counts below this are raised to it before the exponent, so no candidate has q = 0."""
+
+    active_since_fraction: float = 0.0
+    """Active pool (random-negative pool): targets last seen after this fraction of
+    the log's time range. 0 keeps every target."""
+
+    active_since_date: str | None = None
+    """Alternative to `active_since_fraction`: an ISO date (`2004-06-01`); targets last
+    seen on or after it form the active pool."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "data.path: expected a log file or directory, got an empty string")
+        _require(self.max_len >= 1, f"data.max_len: expected >= 1, got {self.max_len}")
+        _require(self.freq_exponent >= 0, f"data.freq_exponent: expected >= 0, got {self.freq_exponent}")
+        _require(self.freq_count_floor > 0, f"data.freq_count_floor: expected > 0, got {self.freq_count_floor}")
+        _require(
+            0.0 <= self.active_since_fraction < 1.0,
+            f"data.active_since_fraction: expected a fraction in [0, 1), got {self.active_since_fraction}",
+        )
+        _require(
+            self.active_since_date is None or self.active_since_fraction == 0.0,
+            "data.active_since_date and data.active_since_fraction: set at most one of them",
+        )
+
+
+@dataclass(kw_only=True)
+class LoaderConfig:
+    """How training examples are batched and shared between ranks."""
+
+    batch_size: int = 128
+    """Examples per rank per step."""
+
+    num_workers: int = 0
+    """DataLoader worker processes (0 builds batches in the training process)."""
+
+    num_rand_negs: int = 0
+    """Random negatives per example drawn from the active pool in the loader, so their
+    embedding lookups join the batch's."""
+
+    min_history: int = 1
+    """Training examples need at least this many earlier events of the actor."""
+
+    def __post_init__(self) -> None:
+        _require(self.batch_size >= 1, f"loader.batch_size: expected >= 1, got {self.batch_size}")
+        _require(self.num_workers >= 0, f"loader.num_workers: expected >= 0, got {self.num_workers}")
+        _require(self.num_rand_negs >= 0, f"loader.num_rand_negs: expected >= 0, got {self.num_rand_negs}")
+        _require(self.min_history >= 0, f"loader.min_history: expected >= 0, got {self.min_history}")
+
+
+@dataclass(kw_only=True)
+class BaselineConfig:
+    """The simple baselines every quality table carries."""
+
+    recency_half_life_events: float = 1.0
+    """Recency-frequency: an event's weight halves for every this many newer events of
+    the actor (1 = the benchmark's reference baseline)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.recency_half_life_events > 0,
+            f"baselines.recency_half_life_events: expected > 0, got {self.recency_half_life_events}",
+        )
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """Full-ranking evaluation (../shared/BENCHMARK.md)."""
+
+    query_chunk_size: int = 1024
+    """Queries scored at once; memory is bounded by query_chunk_size x candidate_chunk_size."""
+
+    candidate_chunk_size: int = 65536
+    """Candidates scored at once."""
+
+    exclude_seen: bool = False
+    """Exclude the actor's past targets from the candidates. Benchmark numbers are
+    reported without it."""
+
+    def __post_init__(self) -> None:
+        _require(self.query_chunk_size >= 1, f"eval.query_chunk_size: expected >= 1, got {self.query_chunk_size}")
+        _require(
+            self.candidate_chunk_size >= 1,
+            f"eval.candidate_chunk_size: expected >= 1, got {self.candidate_chunk_size}",
+        )
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    """A complete, named run."""
+
+    name: str
+    """Run name: outputs go to `<output_dir>/<name>/`."""
+
+    data: DataConfig
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    seed: int = 0
+    """Seed for shuffling, sampling and initialisation."""
+
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+                 f"name: expected a plain run name without '/', got {self.name!r}")

@@ -1,0 +1,151 @@
+"""Queries -> `Batch`: KeyedJaggedTensors the embedding tables (and later their sharded
+versions) take directly, plus the dense tensors the losses need.
+
+Example of the jagged history layout for a batch of three queries with max_len = 3:
+
+    query             0          1        2        <-- batch index
+    history_target    [7, 3, 9]  []       [4]
+    history_action    [0, 1, 0]  []       [2]
+    history_timestamp [t, t, t]  []       [t]
+    lengths           3          0        1
+
+Histories are the actor's last `max_len` events before the predicted one, oldest first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+from data.sequences import Queries, Sequences
+
+HISTORY_KEYS = ("history_target", "history_action", "history_timestamp")
+QUERY_KEYS = ("actor", "next_action", "next_timestamp")
+
+
+@dataclass
+class Batch(Pipelineable):
+    """One batch of next-target examples.
+
+    history: KJT keys `HISTORY_KEYS`, each with lengths [B] (same lengths for all three).
+    query: KJT keys `QUERY_KEYS`, one value per example each: who acts, the action it is
+        about to take and when (known at request time).
+    target: [B] int64, the positive target index.
+    random_negatives: [B, R] int64 random target indices from the active pool (R may be 0).
+    """
+
+    history: KeyedJaggedTensor
+    query: KeyedJaggedTensor
+    target: torch.Tensor
+    random_negatives: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.target.shape[0]
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        return Batch(
+            history=self.history.to(device=device, non_blocking=non_blocking),
+            query=self.query.to(device=device, non_blocking=non_blocking),
+            target=self.target.to(device=device, non_blocking=non_blocking),
+            random_negatives=self.random_negatives.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.history.record_stream(stream)
+        self.query.record_stream(stream)
+        self.target.record_stream(stream)
+        self.random_negatives.record_stream(stream)
+
+    def pin_memory(self) -> Batch:
+        return Batch(
+            history=self.history.pin_memory(),
+            query=self.query.pin_memory(),
+            target=self.target.pin_memory(),
+            random_negatives=self.random_negatives.pin_memory(),
+        )
+
+    def query_values(self, key: str) -> torch.Tensor:
+        """[B] the single value of a query key per example."""
+        return self.query[key].values()
+
+    def history_padded(self, key: str, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense view of one history key: (values [B, L], mask [B, L] bool), valid entries at
+        the END of each row (left padding), as users of the transformer encoder expect."""
+        jagged = self.history[key]
+        return left_padded(jagged.values(), jagged.lengths(), max_len)
+
+
+def left_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged (values [sum(lengths)], lengths [B]) -> (padded [B, L], mask [B, L]) with each
+    row's entries right-aligned; L = max_len or the longest row."""
+    lengths = lengths.to(torch.int64)
+    batch = lengths.shape[0]
+    width = int(max_len if max_len is not None else (lengths.max().item() if batch else 0))
+    offsets = torch.cumsum(lengths, 0) - lengths
+    row = torch.repeat_interleave(torch.arange(batch, device=values.device), lengths)
+    within = torch.arange(values.shape[0], device=values.device) - offsets[row]
+    column = width - lengths[row] + within
+    padded = torch.zeros((batch, width), dtype=values.dtype, device=values.device)
+    mask = torch.zeros((batch, width), dtype=torch.bool, device=values.device)
+    padded[row, column] = values
+    mask[row, column] = True
+    return padded, mask
+
+
+@dataclass(frozen=True)
+class BatchBuilder:
+    """Builds `Batch`es for rows of a `Queries` table, vectorised in numpy."""
+
+    seqs: Sequences
+    queries: Queries
+    max_len: int
+    active_pool: np.ndarray  # [P] target indices random negatives are drawn from
+    num_rand_negs: int = 0
+
+    def build(self, rows: np.ndarray, rng: np.random.Generator | None = None) -> Batch:
+        rows = np.asarray(rows, dtype=np.int64)
+        position = self.queries.position[rows]
+        start = np.maximum(self.queries.history_start[rows], position - self.max_len)
+        lengths = position - start
+        flat = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths) + np.repeat(start, lengths)
+
+        history_lengths = torch.from_numpy(np.tile(lengths, len(HISTORY_KEYS)))
+        history = KeyedJaggedTensor.from_lengths_sync(
+            keys=list(HISTORY_KEYS),
+            values=torch.from_numpy(
+                np.concatenate(
+                    [self.seqs.targets[flat], self.seqs.actions[flat].astype(np.int64), self.seqs.timestamps[flat]]
+                )
+            ),
+            lengths=history_lengths,
+        )
+        batch = len(rows)
+        query = KeyedJaggedTensor.from_lengths_sync(
+            keys=list(QUERY_KEYS),
+            values=torch.from_numpy(
+                np.concatenate(
+                    [
+                        self.seqs.actor[self.queries.sequence[rows]],
+                        self.seqs.actions[position].astype(np.int64),
+                        self.seqs.timestamps[position],
+                    ]
+                )
+            ),
+            lengths=torch.ones(batch * len(QUERY_KEYS), dtype=torch.int64),
+        )
+        if self.num_rand_negs and rng is not None:
+            picks = rng.integers(0, len(self.active_pool), size=(batch, self.num_rand_negs))
+            negatives = torch.from_numpy(self.active_pool[picks])
+        else:
+            negatives = torch.zeros((batch, 0), dtype=torch.int64)
+        return Batch(
+            history=history,
+            query=query,
+            target=torch.from_numpy(self.seqs.targets[position].copy()),
+            random_negatives=negatives,
+        )

@@ -1,0 +1,337 @@
+"""Raw fields -> the canonical event table, with checked types and contiguous IDs.
+
+The canonical table (polars), sorted by `(actor, timestamp, row)`:
+
+    actor      int64   contiguous index of the actor
+    target     int64   contiguous index of the target
+    action     int32   contiguous index of the action type (0 when the log has none)
+    timestamp  int64   seconds (the row number when the log has no time)
+    row        int64   1-based line (text) or row (parquet) in the original file
+
+Raw IDs map to indices in sorted order of the raw values (`rank("dense")`), one
+vocabulary for actors and targets when they share an ID space. The vocabularies
+are kept (`IdMap`) and saved beside the prepared data, so predictions map back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from configs.schema import DataConfig
+from data.readers import DataError, RawLog, read_log
+
+log = logging.getLogger(__name__)
+
+_INT_TYPES = (pl.Int8, pl.Int16, pl.Int32, pl.Int64, pl.UInt8, pl.UInt16, pl.UInt32, pl.UInt64)
+_FLOAT_TYPES = (pl.Float32, pl.Float64)
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """Raw IDs in index order: `raw[i]` is the raw ID of index i."""
+
+    raw: pl.Series
+
+    def __len__(self) -> int:
+        return self.raw.len()
+
+    def to_raw(self, indices: np.ndarray) -> list:
+        return self.raw.gather(np.asarray(indices, dtype=np.int64)).to_list()
+
+    def to_index(self, raw_ids: list) -> np.ndarray:
+        """Indices of `raw_ids`; unknown IDs give -1."""
+        lookup = pl.DataFrame({"raw": self.raw, "index": np.arange(len(self), dtype=np.int64)})
+        query = pl.DataFrame({"raw": pl.Series(raw_ids, dtype=self.raw.dtype)}).with_row_index("order")
+        joined = query.join(lookup, on="raw", how="left").sort("order")
+        return joined["index"].fill_null(-1).to_numpy()
+
+
+@dataclass(frozen=True)
+class EventLog:
+    """A checked, ID-mapped, sorted event log and the vocabularies behind its indices."""
+
+    events: pl.DataFrame
+    actor_ids: IdMap
+    target_ids: IdMap
+    action_values: list[str]
+    """Raw action value of each action index; `["<none>"]` when the log has no action."""
+    shared_id_space: bool
+    has_timestamps: bool
+    source: str
+    report: dict = field(default_factory=dict)
+    """What preparation did to the input: rows read, dropped (by reason), duplicates."""
+
+    @property
+    def num_events(self) -> int:
+        return self.events.height
+
+
+# ---------------------------------------------------------------------------- typing
+
+
+def _parse_id(column: str, dtype: pl.DataType, id_type: str) -> tuple[pl.Expr, pl.Expr, str]:
+    """(value, ok, what was expected) for an ID column."""
+    c = pl.col(column)
+    if id_type == "str":
+        value = c.cast(pl.String).str.strip_chars()
+        return value, value.is_not_null() & (value.str.len_bytes() > 0), "a non-empty ID"
+    if dtype in _INT_TYPES:
+        return c.cast(pl.Int64, strict=False), c.is_not_null() & c.cast(pl.Int64, strict=False).is_not_null(), "an integer ID"
+    if dtype in _FLOAT_TYPES:
+        ok = c.is_not_null() & c.is_finite() & (c == c.floor()) & (c.abs() < 2.0**63)
+        return pl.when(ok).then(c).cast(pl.Int64, strict=False), ok, "an integer ID"
+    value = c.cast(pl.String).str.strip_chars().cast(pl.Int64, strict=False)
+    return value, value.is_not_null(), "an integer ID (use data.id_type=str for string IDs)"
+
+
+def _parse_timestamp(dtype: pl.DataType) -> tuple[pl.Expr, pl.Expr, str]:
+    c = pl.col("timestamp")
+    expected = "a non-negative number of seconds"
+    if dtype == pl.Datetime or isinstance(dtype, pl.Datetime):
+        value = c.dt.epoch("s")
+        return value, value.is_not_null() & (value >= 0), "a datetime at or after 1970-01-01"
+    if dtype == pl.Date:
+        value = c.cast(pl.Datetime("ms")).dt.epoch("s")
+        return value, value.is_not_null() & (value >= 0), "a date at or after 1970-01-01"
+    if dtype in _INT_TYPES:
+        value = c.cast(pl.Int64, strict=False)
+        return value, value.is_not_null() & (value >= 0), expected
+    if dtype in _FLOAT_TYPES:
+        number = c.cast(pl.Float64)
+    else:
+        # Integers first, so large second counts are parsed exactly; then decimals.
+        text = c.cast(pl.String).str.strip_chars()
+        as_int = text.cast(pl.Int64, strict=False)
+        number = pl.when(as_int.is_not_null()).then(as_int.cast(pl.Float64)).otherwise(text.cast(pl.Float64, strict=False))
+        exact = as_int
+        ok = number.is_not_null() & number.is_finite() & (number >= 0) & (number < 2.0**62)
+        value = pl.when(exact.is_not_null()).then(exact).otherwise(number.floor().cast(pl.Int64, strict=False))
+        return value, ok, expected
+    ok = number.is_not_null() & number.is_finite() & (number >= 0) & (number < 2.0**62)
+    return pl.when(ok).then(number.floor()).cast(pl.Int64, strict=False), ok, expected
+
+
+def _parse_action(dtype: pl.DataType) -> tuple[pl.Expr, pl.Expr, str]:
+    expected = "an action type (integer, rating or name)"
+    if dtype in _INT_TYPES:
+        value = pl.col("action").cast(pl.Int64)
+        return value, value.is_not_null(), expected
+    if dtype in _FLOAT_TYPES:
+        value = pl.col("action").cast(pl.Float64)
+        return value, value.is_not_null() & value.is_finite(), expected
+    value = pl.col("action").cast(pl.String).str.strip_chars()
+    return value, value.is_not_null() & (value.str.len_bytes() > 0), expected
+
+
+def _describe(raw: RawLog, line: int) -> str:
+    exact = raw.exact_line(line) if raw.exact_line else line
+    return f"{raw.source}:{exact}" if raw.location == "line" else f"{raw.source}: row {exact}"
+
+
+def type_events(raw: RawLog, config: DataConfig) -> tuple[pl.DataFrame, dict]:
+    """Check and type every field. Returns the typed frame (raw IDs, action strings) and a
+    report of dropped rows. Raises `DataError` naming file, line and field on bad input
+    unless `config.on_bad_rows == "drop"`."""
+    schema = raw.frame.collect_schema()
+    parsed: dict[str, tuple[pl.Expr, pl.Expr, str]] = {
+        "actor": _parse_id("actor", schema["actor"], config.id_type),
+        "target": _parse_id("target", schema["target"], config.id_type),
+    }
+    if "timestamp" in raw.fields:
+        parsed["timestamp"] = _parse_timestamp(schema["timestamp"])
+    if "action" in raw.fields:
+        parsed["action"] = _parse_action(schema["action"])
+
+    checked = raw.frame.with_columns(
+        *[ok.alias(f"_ok_{name}") for name, (_, ok, _) in parsed.items()],
+        *[value.alias(f"_value_{name}") for name, (value, _, _) in parsed.items()],
+    ).collect(engine="streaming")
+    ok_columns = [f"_ok_{name}" for name in parsed]
+    is_bad = pl.col("_wrong_field_count") | ~pl.all_horizontal(ok_columns)
+    bad = checked.filter(is_bad)
+    report: dict = {"rows_read": checked.height, "rows_dropped": 0, "dropped_by_reason": {}}
+
+    if bad.height:
+        if config.on_bad_rows == "error":
+            first = bad.row(0, named=True)
+            line = int(first["line"])
+            for name, (_, _, expected) in parsed.items():
+                if not first[f"_ok_{name}"]:
+                    got = first[name]
+                    raise DataError(
+                        f"{_describe(raw, line)}: {raw.labels[name]} ({name}): expected {expected}, got {got!r}"
+                        f" ({bad.height} bad row(s) in all; data.on_bad_rows=drop skips them and reports the count)"
+                    )
+            raise DataError(f"{_describe(raw, line)}: wrong number of fields")
+        reasons = {"wrong number of fields": int(bad["_wrong_field_count"].sum())}
+        for name in parsed:
+            reasons[f"bad {name}"] = int((~bad[f"_ok_{name}"] & ~bad["_wrong_field_count"]).sum())
+        report["rows_dropped"] = bad.height
+        report["dropped_by_reason"] = {k: v for k, v in reasons.items() if v}
+        log.warning("%s: dropped %d bad row(s): %s", raw.source, bad.height, report["dropped_by_reason"])
+        checked = checked.filter(~is_bad)
+        if checked.height == 0:
+            raise DataError(f"{raw.source}: every row was bad; nothing left to train on")
+
+    typed = checked.select(
+        pl.col("_value_actor").alias("actor"),
+        pl.col("_value_target").alias("target"),
+        (pl.col("_value_action") if "action" in parsed else pl.lit(None, pl.String)).alias("action"),
+        (pl.col("_value_timestamp") if "timestamp" in parsed else pl.col("line")).alias("timestamp"),
+        pl.col("line").alias("row"),
+    )
+    return typed, report
+
+
+# ------------------------------------------------------------------------- mapping
+
+
+def _dense_index(values: pl.Series) -> tuple[pl.Series, pl.Series]:
+    """(index of each value in the sorted vocabulary, the sorted vocabulary)."""
+    vocabulary = values.unique().sort()
+    if values.dtype == pl.Int64 and len(vocabulary):
+        low, high = int(vocabulary[0]), int(vocabulary[-1])
+        # Integer IDs of a reasonable range: a direct lookup table is O(N), where a
+        # join or a rank would sort or hash all N values again.
+        if 0 <= high - low <= max(4 * len(values), 1 << 20):
+            lookup = np.full(high - low + 1, -1, dtype=np.int64)
+            lookup[vocabulary.to_numpy() - low] = np.arange(len(vocabulary), dtype=np.int64)
+            return pl.Series(lookup[values.to_numpy() - low]), vocabulary
+    frame = pl.DataFrame({"raw": vocabulary, "index": np.arange(len(vocabulary), dtype=np.int64)})
+    joined = pl.DataFrame({"raw": values}).join(frame, on="raw", how="left", maintain_order="left")
+    return joined["index"], vocabulary
+
+
+def map_ids(typed: pl.DataFrame, shared_id_space: bool) -> tuple[pl.DataFrame, IdMap, IdMap, list[str]]:
+    """Raw IDs -> contiguous indices in sorted raw order; action values -> indices."""
+    if shared_id_space:
+        index, vocabulary = _dense_index(pl.concat([typed["actor"], typed["target"]]))
+        actor_index, target_index = index.slice(0, typed.height), index.slice(typed.height)
+        actor_ids = target_ids = IdMap(vocabulary)
+    else:
+        actor_index, actor_vocabulary = _dense_index(typed["actor"])
+        target_index, target_vocabulary = _dense_index(typed["target"])
+        actor_ids, target_ids = IdMap(actor_vocabulary), IdMap(target_vocabulary)
+
+    if typed["action"].null_count() == typed.height:
+        action_values = ["<none>"]
+        action_index = pl.Series(np.zeros(typed.height, dtype=np.int32))
+    else:
+        action = typed["action"]
+        if action.dtype == pl.String:
+            # Ratings and numeric event types order numerically (1 < 2 < 10), names lexically.
+            numeric = action.cast(pl.Float64, strict=False)
+            if numeric.null_count() == 0:
+                action = numeric
+        action_index, vocabulary = _dense_index(action)
+        action_values = [_action_label(v) for v in vocabulary.to_list()]
+
+    events = pl.DataFrame(
+        {
+            "actor": actor_index,
+            "target": target_index,
+            "action": action_index.cast(pl.Int32),
+            "timestamp": typed["timestamp"].cast(pl.Int64),
+            "row": typed["row"].cast(pl.Int64),
+        }
+    )
+    return events, actor_ids, target_ids, action_values
+
+
+def _action_label(value: object) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def sort_events(events: pl.DataFrame) -> pl.DataFrame:
+    """Sort by (actor, timestamp, row), stable. Rows arrive in file order, so a stable sort
+    on (actor, timestamp) breaks time ties by file order."""
+    if events.height == 0:
+        return events
+    span = int(events["timestamp"].max()) - int(events["timestamp"].min())
+    actor_bits = max(int(events["actor"].max()), 1).bit_length()
+    if span.bit_length() + actor_bits <= 62:
+        # One int64 key sorts much faster than a multi-column sort.
+        key = pl.col("actor") * (1 << span.bit_length()) + (pl.col("timestamp") - pl.col("timestamp").min())
+        return events.with_columns(_key=key).sort("_key", maintain_order=True).drop("_key")
+    return events.sort(["actor", "timestamp", "row"], maintain_order=True)
+
+
+def load_events(config: DataConfig, path: str | Path | None = None) -> EventLog:
+    """Read, check, ID-map and sort a log: the full preparation up to the event table."""
+    raw = read_log(path if path is not None else config.path, config)
+    typed, report = type_events(raw, config)
+    if config.drop_duplicate_events:
+        before = typed.height
+        typed = typed.unique(subset=["actor", "target", "action", "timestamp"], keep="first", maintain_order=True)
+        report["duplicates_dropped"] = before - typed.height
+        log.info("%s: dropped %d duplicate event(s)", raw.source, report["duplicates_dropped"])
+    shared = config.shared_id_space
+    if shared is None:
+        shared = raw.actors_are_targets
+    events, actor_ids, target_ids, action_values = map_ids(typed, shared)
+    # A stable order: (actor, time, original row). The row breaks time ties by file order.
+    events = sort_events(events)
+    return EventLog(
+        events=events,
+        actor_ids=actor_ids,
+        target_ids=target_ids,
+        action_values=action_values,
+        shared_id_space=shared,
+        has_timestamps="timestamp" in raw.fields,
+        source=raw.source,
+        report=report,
+    )
+
+
+# ---------------------------------------------------------------------- persistence
+
+
+def save_event_log(log_: EventLog, directory: str | Path) -> None:
+    """Write the event table, the ID maps and metadata to `directory` (atomically: a
+    temporary directory renamed into place, so a crash never leaves half a result)."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    log_.events.write_parquet(tmp / "events.parquet")
+    pl.DataFrame({"raw": log_.actor_ids.raw}).write_parquet(tmp / "actor_ids.parquet")
+    pl.DataFrame({"raw": log_.target_ids.raw}).write_parquet(tmp / "target_ids.parquet")
+    meta = {
+        "source": log_.source,
+        "action_values": log_.action_values,
+        "shared_id_space": log_.shared_id_space,
+        "has_timestamps": log_.has_timestamps,
+        "report": log_.report,
+        "num_events": log_.num_events,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+
+
+def load_event_log(directory: str | Path) -> EventLog:
+    directory = Path(directory)
+    meta = json.loads((directory / "meta.json").read_text())
+    actor_ids = IdMap(pl.read_parquet(directory / "actor_ids.parquet")["raw"])
+    target_ids = actor_ids if meta["shared_id_space"] else IdMap(pl.read_parquet(directory / "target_ids.parquet")["raw"])
+    return EventLog(
+        events=pl.read_parquet(directory / "events.parquet"),
+        actor_ids=actor_ids,
+        target_ids=target_ids,
+        action_values=meta["action_values"],
+        shared_id_space=meta["shared_id_space"],
+        has_timestamps=meta["has_timestamps"],
+        source=meta["source"],
+        report=meta["report"],
+    )

@@ -1,0 +1,167 @@
+"""Event table -> jagged per-actor sequences, the benchmark split, and target statistics.
+
+Layout (values + offsets, never padded in storage):
+
+    sequence s = events offsets[s] .. offsets[s+1]-1 of actor actor[s],
+    sorted by (timestamp, row in the file)
+
+    offsets  = [0,        3,     5,          9]
+    targets  = [t t t     t t    t t t t]
+                actor 0   act 1  actor 2
+
+The split follows ../shared/BENCHMARK.md (leave-last-out): an actor with n >= 3
+events is evaluated, its event n is the test event and n-1 the validation event;
+events 1..n-2 (all n events for other actors) are training data. A query's history
+is every earlier event of the actor; truncation to `max_len` happens at batch time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import polars as pl
+
+from configs.schema import DataConfig
+from data.events import EventLog
+
+SplitName = Literal["train", "valid", "test"]
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Every actor's events, jagged. Flat arrays are [N]; per-sequence arrays are [S]."""
+
+    actor: np.ndarray  # [S] int64 actor index of each sequence
+    offsets: np.ndarray  # [S + 1] int64
+    targets: np.ndarray  # [N] int64
+    actions: np.ndarray  # [N] int32
+    timestamps: np.ndarray  # [N] int64
+    num_targets: int  # size of the target vocabulary (ID table rows)
+    num_actors: int
+    num_actions: int
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.actor)
+
+    @classmethod
+    def from_event_log(cls, log: EventLog) -> Sequences:
+        events = log.events  # sorted by (actor, timestamp, row)
+        actor_col = events["actor"].to_numpy()
+        starts = np.flatnonzero(np.r_[True, actor_col[1:] != actor_col[:-1]])
+        return cls(
+            actor=actor_col[starts].astype(np.int64),
+            offsets=np.r_[starts, len(actor_col)].astype(np.int64),
+            targets=events["target"].to_numpy().astype(np.int64),
+            actions=events["action"].to_numpy().astype(np.int32),
+            timestamps=events["timestamp"].to_numpy().astype(np.int64),
+            num_targets=len(log.target_ids),
+            num_actors=len(log.actor_ids),
+            num_actions=len(log.action_values),
+        )
+
+
+@dataclass(frozen=True)
+class Queries:
+    """Prediction queries: predict the event at flat position `position[i]` from the
+    actor's earlier events `history_start[i] .. position[i]-1` (before truncation)."""
+
+    sequence: np.ndarray  # [Q] sequence index
+    position: np.ndarray  # [Q] flat index of the event to predict
+    history_start: np.ndarray  # [Q] flat index of the actor's first event
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+
+@dataclass(frozen=True)
+class Split:
+    """The leave-last-out split, as positions into `Sequences`' flat arrays."""
+
+    evaluated: np.ndarray  # [E] sequence indices of evaluated actors (n >= 3)
+    train_end: np.ndarray  # [S] exclusive end of each sequence's training events
+
+    @classmethod
+    def leave_last_out(cls, seqs: Sequences) -> Split:
+        lengths = seqs.lengths
+        evaluated = np.flatnonzero(lengths >= 3)
+        train_end = seqs.offsets[1:].copy()
+        train_end[evaluated] -= 2
+        return cls(evaluated=evaluated, train_end=train_end)
+
+    def queries(self, seqs: Sequences, split: Literal["valid", "test"]) -> Queries:
+        ends = seqs.offsets[1:][self.evaluated]
+        position = ends - (1 if split == "test" else 2)
+        return Queries(sequence=self.evaluated, position=position, history_start=seqs.offsets[:-1][self.evaluated])
+
+    def train_queries(self, seqs: Sequences, min_history: int = 1) -> Queries:
+        """Every training event with at least `min_history` earlier events of its actor."""
+        starts = seqs.offsets[:-1] + min_history
+        counts = np.maximum(self.train_end - starts, 0)
+        sequence = np.repeat(np.arange(seqs.num_sequences), counts)
+        position = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(starts, counts)
+        return Queries(sequence=sequence, position=position, history_start=seqs.offsets[:-1][sequence])
+
+    def train_mask(self, seqs: Sequences) -> np.ndarray:
+        """[N] bool: which flat events are training events."""
+        return self.known_mask(seqs, "valid")
+
+    def known_mask(self, seqs: Sequences, split: Literal["valid", "test"]) -> np.ndarray:
+        """[N] bool: the events known when the split's queries are asked: training events
+        for validation, training and validation events for test."""
+        index = np.arange(len(seqs.targets))
+        sequence_of = np.repeat(np.arange(seqs.num_sequences), seqs.lengths)
+        end = self.train_end if split == "valid" else self.train_end + (seqs.lengths >= 3)
+        return index < end[sequence_of]
+
+    def known_counts(self, seqs: Sequences, split: Literal["valid", "test"]) -> np.ndarray:
+        """[T] per-target event counts over `known_mask`: what popularity means at query time
+        (the reference most-popular figures count validation events for the test split)."""
+        return np.bincount(seqs.targets[self.known_mask(seqs, split)], minlength=seqs.num_targets)
+
+
+@dataclass(frozen=True)
+class TargetStats:
+    """Target frequencies over training events, for popularity, logQ and the random pool."""
+
+    counts: np.ndarray  # [T] training-event count of each target index
+    log_q: np.ndarray  # [T] log of the normalised sampling probability q(i) ∝ max(count, floor)^exponent
+    candidates: np.ndarray  # [C] target indices that appear anywhere in the log (the ranking candidates)
+    active_pool: np.ndarray  # [P] target indices last seen in training at or after the cut-off
+
+    @classmethod
+    def compute(cls, seqs: Sequences, split: Split, config: DataConfig) -> TargetStats:
+        train = split.train_mask(seqs)
+        frame = pl.DataFrame({"target": seqs.targets[train], "timestamp": seqs.timestamps[train]})
+        last_seen = frame.group_by("target").agg(pl.col("timestamp").max().alias("last_seen"))
+        counts = np.bincount(seqs.targets[train], minlength=seqs.num_targets)
+
+        weights = np.maximum(counts.astype(np.float64), config.freq_count_floor) ** config.freq_exponent
+        log_q = np.log(weights) - np.log(weights.sum())
+
+        candidates = np.flatnonzero(np.bincount(seqs.targets, minlength=seqs.num_targets)).astype(np.int64)
+        cutoff = _active_cutoff(seqs.timestamps, config)
+        active = last_seen.filter(pl.col("last_seen") >= cutoff)["target"].to_numpy()
+        return cls(counts=counts, log_q=log_q, candidates=candidates, active_pool=np.sort(active).astype(np.int64))
+
+
+def _active_cutoff(timestamps: np.ndarray, config: DataConfig) -> int:
+    if config.active_since_date is not None:
+        try:
+            day = dt.datetime.fromisoformat(config.active_since_date)
+        except ValueError:
+            raise ValueError(
+                f"data.active_since_date: expected an ISO date like 2004-06-01, got {config.active_since_date!r}"
+            ) from None
+        if day.tzinfo is None:
+            day = day.replace(tzinfo=dt.timezone.utc)
+        return int(day.timestamp())
+    low, high = int(timestamps.min()), int(timestamps.max())
+    return low + int(config.active_since_fraction * (high - low))
