@@ -1,0 +1,51 @@
+"""Config loading: unknown keys, wrong types, out-of-range values, overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from configs.loading import ConfigError, load_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_every_shipped_config_loads():
+    for path in CONFIG_DIR.glob("*.yaml"):
+        assert load_config(path).name
+
+
+def _load(write, text, overrides=()):
+    return load_config(write("c.yaml", text), list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "expected"),
+    [
+        ("name: x\ndata: {path: a, max_lne: 3}\n", [], r"unknown config key 'data\.max_lne'; did you mean 'data\.max_len'"),
+        ("name: x\ndata: {path: a}\nloadr: {}\n", [], r"unknown config key 'loadr'; did you mean 'loader'"),
+        ("name: x\ndata: {path: a, max_len: ten}\n", [], r"data\.max_len: expected int, got 'ten'"),
+        ("name: x\ndata: {path: a, max_len: 1.5}\n", [], r"data\.max_len: expected int"),
+        ("name: x\ndata: {path: a, format: xls}\n", [], r"data\.format: expected one of 'auto' \| 'snap'"),
+        ("name: x\ndata: {path: a}\n", ["loader.batch_size=0"], r"loader\.batch_size: expected >= 1, got 0"),
+        ("name: x\n", [], r"missing required config key\(s\): data"),
+        ("name: x\ndata: {}\n", [], r"missing required config key\(s\): data\.path"),
+        ("[1, 2]\n", [], r"expected a mapping"),
+        ("name: x\ndata: {path: a}\n", ["nonsense"], r"expected key=value"),
+        ("name: ../x\ndata: {path: a}\n", [], r"name: expected a plain run name"),
+    ],
+)
+def test_bad_configs_fail_with_the_key_named(write, text, overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        _load(write, text, overrides)
+
+
+def test_overrides_are_typed_and_nested(write):
+    config = _load(write, "name: x\ndata: {path: a}\n", ["loader.batch_size=7", "data.shared_id_space=true", "seed=3"])
+    assert config.loader.batch_size == 7 and config.data.shared_id_space is True and config.seed == 3
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")

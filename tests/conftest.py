@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from configs.schema import DataConfig
+
+
+@pytest.fixture
+def write(tmp_path: Path):
+    """write(name, text_or_bytes) -> path of a file in a fresh temporary directory."""
+
+    def _write(name: str, content: str | bytes) -> Path:
+        path = tmp_path / name
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+        return path
+
+    return _write
+
+
+def data_config(path: Path | str, **overrides) -> DataConfig:
+    return DataConfig(path=str(path), **overrides)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs():
+    logging.getLogger("data").setLevel(logging.ERROR)

@@ -1,0 +1,79 @@
+"""Full-ranking evaluation: pessimistic ties, chunking, exclude-seen, metric formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.evaluation import SeenTargets, full_ranking_ranks, metrics_from_ranks
+
+
+class DotScorer:
+    """Scores = query_vectors @ candidate_vectors.T (integer-valued: exact in float)."""
+
+    def __init__(self, queries: torch.Tensor, items: torch.Tensor) -> None:
+        self.queries, self.items = queries, items
+
+    def query_state(self, rows: slice) -> torch.Tensor:
+        return self.queries[rows]
+
+    def score(self, q: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+        return q @ self.items[candidate_ids].T
+
+    def score_pairs(self, q: torch.Tensor, target_ids: torch.Tensor) -> torch.Tensor:
+        return (q * self.items[target_ids]).sum(-1)
+
+
+def _reference_ranks(scores: np.ndarray, true: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Unchunked, straight from the definition."""
+    ranks = []
+    for i, t in enumerate(true):
+        s = scores[i]
+        ranks.append(1 + sum(1 for c in candidates if c != t and s[c] >= s[t]))
+    return np.array(ranks)
+
+
+def test_constant_scorer_ranks_last_and_perfect_scorer_ranks_first():
+    candidates = np.arange(50)
+    true = np.array([3, 17, 49])
+    constant = DotScorer(torch.ones(3, 1), torch.ones(50, 1))
+    assert full_ranking_ranks(constant, true, candidates).tolist() == [50, 50, 50]
+    items = torch.eye(50)
+    perfect = DotScorer(items[true], items)
+    assert full_ranking_ranks(perfect, true, candidates).tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize(("query_chunk", "candidate_chunk"), [(1, 1), (2, 7), (5, 64), (1000, 1000)])
+def test_chunked_evaluation_equals_the_unchunked_reference(query_chunk, candidate_chunk):
+    gen = torch.Generator().manual_seed(0)
+    queries = torch.randint(-3, 4, (23, 4), generator=gen).double()
+    items = torch.randint(-3, 4, (60, 4), generator=gen).double()  # many exact ties
+    candidates = np.sort(np.random.default_rng(0).choice(60, size=41, replace=False))
+    true = np.random.default_rng(1).choice(candidates, size=23)
+    scorer = DotScorer(queries, items)
+    ranks = full_ranking_ranks(scorer, true, candidates, query_chunk_size=query_chunk, candidate_chunk_size=candidate_chunk)
+    expected = _reference_ranks((queries @ items.T).numpy(), true, candidates)
+    np.testing.assert_array_equal(ranks, expected)
+
+
+def test_exclude_seen_removes_past_targets_but_never_the_true_one():
+    items = torch.arange(10, dtype=torch.float64)[:, None]  # item i scores i
+    scorer = DotScorer(torch.ones(2, 1, dtype=torch.float64), items)
+    true = np.array([5, 2])
+    seen = SeenTargets(offsets=np.array([0, 3, 5]), targets=np.array([9, 8, 5, 2, 7]))
+    candidates = np.arange(10)
+    assert full_ranking_ranks(scorer, true, candidates).tolist() == [5, 8]
+    excluded = full_ranking_ranks(scorer, true, candidates, seen=seen, candidate_chunk_size=3)
+    assert excluded.tolist() == [3, 7]
+
+
+def test_metrics_follow_the_benchmark_formulas():
+    ranks = np.array([1, 2, 10, 11, 60])
+    m = metrics_from_ranks(ranks)
+    assert m["hr@1"] == pytest.approx(0.2)
+    assert m["hr@10"] == pytest.approx(0.6)
+    assert m["hr@50"] == pytest.approx(0.8)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / np.log2(3) + 1 / np.log2(11)) / 5)
+    assert m["mrr"] == pytest.approx(np.mean(1 / ranks))
+    assert m["mean_rank"] == pytest.approx(16.8)

@@ -1,0 +1,96 @@
+"""Entry point: parse -> prepare data -> train -> evaluate -> write results.
+
+    python -m trainer.main --config configs/collegemsg.yaml [key=value ...]
+    python trainer/main.py --config configs/smoke.yaml loader.batch_size=64
+
+torchx may pass the script path itself as the first argument (a `.torchxconfig`
+that sets `script = trainer/main.py`); it is accepted and ignored.
+
+A user error (bad config, bad log) prints one clear line and exits with status 2;
+no stack trace from deep inside a library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from configs.loading import ConfigError, config_to_dict, load_config
+from configs.schema import ExperimentConfig
+from data.prepare import prepare
+from data.readers import DataError
+from trainer.results import evaluate_baselines, markdown_table, write_results
+
+log = logging.getLogger("trainer")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _config_path(name: str) -> Path:
+    """`configs/x.yaml`, a path anywhere, or a bare name of a shipped config (`collegemsg`)."""
+    path = Path(name)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    return CONFIG_DIR / f"{name}.yaml"
+
+
+def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
+    if argv and argv[0].endswith("main.py") and not argv[0].startswith("-"):
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(prog="trainer.main", description="Train and evaluate a next-target retrieval model.")
+    parser.add_argument("--config", required=True, help="YAML run config, or the name of one in configs/")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loader.batch_size=256")
+    args = parser.parse_args(argv)
+    return _config_path(args.config), args.overrides
+
+
+def run(config: ExperimentConfig) -> dict:
+    """Prepare, (train,) evaluate; returns the results written to the run directory."""
+    run_dir = Path(config.output_dir) / config.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+    start = time.perf_counter()
+    prepared = prepare(config.data, out_dir=run_dir / "prepared")
+    summary = prepared.summary()
+    log.info(
+        "data: %s events, %s actors, %s targets, %s evaluated actors, %s candidates (%.1fs)",
+        f"{summary['events']:,}", f"{summary['actors']:,}", f"{summary['targets']:,}",
+        f"{summary['evaluated_actors']:,}", f"{summary['candidates']:,}", time.perf_counter() - start,
+    )
+
+    # TODO(models): the two-tower model trains here once the model issue lands; until
+    # then the run reports the baselines that every quality table carries.
+    splits = {
+        split: evaluate_baselines(prepared, split, config.baselines, config.eval) for split in ("valid", "test")
+    }
+    title = (
+        f"{config.name}: test split, {summary['evaluated_actors']:,} evaluated actors, "
+        f"{summary['candidates']:,} candidates"
+    )
+    table = markdown_table(splits["test"], title)
+    results = {"name": config.name, "data": summary, "metrics": splits}
+    write_results(run_dir, results, table)
+    print(table)
+    print(f"\nresults: {run_dir / 'results.json'}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        config = load_config(config_path, overrides)
+        run(config)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
