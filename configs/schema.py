@@ -122,6 +122,128 @@ class LoaderConfig:
 
 
 @dataclass(kw_only=True)
+class ModelConfig:
+    """The two-tower model: ID tables, the query tower's history encoder, the candidate tower."""
+
+    embedding_dim: int = 64
+    """D: width of ID embeddings, of the HSTU stream and of both towers' outputs."""
+
+    encoder: Literal["transformer", "hstu"] = "hstu"
+    """History encoder of the query tower."""
+
+    num_layers: int = 2
+    num_heads: int = 2
+    dropout: float = 0.1
+
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    """Activation of the towers' MLPs (and the transformer's feed-forward): GELU, or
+    SwiGLU, a gated unit with its own weights."""
+
+    causal: bool = False
+    """Transformer only: causal attention (SASRec-style). HSTU is always causal."""
+
+    pooling: Literal["mean", "last"] = "mean"
+    """Transformer only: history vector = mean over valid tokens, or the newest token."""
+
+    history_projection: bool = True
+    """Transformer only: project the 2D-wide history vector to D with a small GELU MLP
+    (off: a single linear map)."""
+
+    film: bool = True
+    """HSTU: the actor's vector drives FiLM on every token, x' = x * (1 + gamma) + beta."""
+
+    time_features: bool = True
+    """Cyclic time features (sin/cos of hour of day and weekday) on every token and on
+    the query (when the next event happens)."""
+
+    relative_attention_bias: bool = True
+    """HSTU: learned relative attention bias from log-bucketed time gaps plus relative
+    positions (RAB)."""
+
+    num_time_buckets: int = 64
+    """Log-spaced buckets for time gaps (RAB and the gap-to-next-event feature)."""
+
+    shared_id_table: bool | None = None
+    """One ID table for actors and targets. `None`: follow the log (on for social logs,
+    where actors and targets are the same people)."""
+
+    repeat_scoring: bool = True
+    """Repeat-aware re-scoring: a learned bonus for targets in the actor's history
+    (from count, recency and time since last contact), trained with the history's
+    targets as extra negatives. Retrieval stays a dot product; the bonus re-scores the
+    actor's own past targets (a re-scoring stage over at most max_len items)."""
+
+    def __post_init__(self) -> None:
+        _require(self.embedding_dim >= 2, f"model.embedding_dim: expected >= 2, got {self.embedding_dim}")
+        _require(self.num_layers >= 1, f"model.num_layers: expected >= 1, got {self.num_layers}")
+        _require(self.num_heads >= 1, f"model.num_heads: expected >= 1, got {self.num_heads}")
+        _require(
+            self.embedding_dim % self.num_heads == 0,
+            f"model.embedding_dim ({self.embedding_dim}) must be divisible by model.num_heads ({self.num_heads})",
+        )
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout: expected a fraction in [0, 1), got {self.dropout}")
+        _require(self.num_time_buckets >= 2, f"model.num_time_buckets: expected >= 2, got {self.num_time_buckets}")
+
+
+@dataclass(kw_only=True)
+class HardNegativesConfig:
+    """Keep only the top-k hardest negatives per source, with a curriculum on k."""
+
+    enabled: bool = False
+    """Off by default until it is shown to help (see bench/ablation.py)."""
+
+    topk_start: int = 64
+    topk_end: int = 8
+    schedule: Literal["linear", "cosine"] = "linear"
+    num_steps: int = 1000
+    """Steps over which k goes from topk_start to topk_end (then stays at topk_end)."""
+
+    def __post_init__(self) -> None:
+        _require(self.topk_start >= 1 and self.topk_end >= 1, "loss.hard_negatives.topk_start/topk_end: expected >= 1")
+        _require(self.num_steps >= 1, f"loss.hard_negatives.num_steps: expected >= 1, got {self.num_steps}")
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Sampled softmax on cosine similarity with temperature, logQ and masks."""
+
+    temperature: float = 0.05
+    """tau: logits are cosine / tau."""
+
+    logq_correction: bool = True
+    """Subtract log q (expected appearances of the column in its negative source)."""
+
+    logq_estimator: Literal["static", "streaming"] = "static"
+    """In-batch q from the data layer's training frequencies (`static`), or from the
+    streaming estimator of Yi et al. 2019 (hashed last-seen step and EMA of gaps)."""
+
+    streaming_num_buckets: int = 1 << 20
+    streaming_ema: float = 0.01
+
+    mask_history: bool = False
+    """Mask negatives that are targets in the actor's own history."""
+
+    similarity_mask_threshold: float = 0.99
+    """Mask in-batch negatives whose similarity to the positive exceeds this."""
+
+    hard_negatives: HardNegativesConfig = field(default_factory=HardNegativesConfig)
+
+    temporal_weight: float = 0.5
+    """Weight of temporal pretraining: every history position predicts the next event
+    (one causal pass). 0 turns it off."""
+
+    temporal_last_k: int = 0
+    """Temporal loss only on the last K positions of each history (0 = all)."""
+
+    def __post_init__(self) -> None:
+        _require(self.temperature > 0, f"loss.temperature: expected > 0, got {self.temperature}")
+        _require(self.temporal_weight >= 0, f"loss.temporal_weight: expected >= 0, got {self.temporal_weight}")
+        _require(self.temporal_last_k >= 0, f"loss.temporal_last_k: expected >= 0, got {self.temporal_last_k}")
+        _require(0 < self.streaming_ema <= 1, f"loss.streaming_ema: expected in (0, 1], got {self.streaming_ema}")
+        _require(self.streaming_num_buckets >= 1, "loss.streaming_num_buckets: expected >= 1")
+
+
+@dataclass(kw_only=True)
 class BaselineConfig:
     """The simple baselines every quality table carries."""
 
@@ -167,6 +289,8 @@ class ExperimentConfig:
 
     data: DataConfig
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -177,5 +301,12 @@ class ExperimentConfig:
     """Parent directory of run directories."""
 
     def __post_init__(self) -> None:
+        hard = self.loss.hard_negatives
+        if hard.enabled:
+            _require(
+                max(hard.topk_start, hard.topk_end) <= self.loader.batch_size + self.loader.num_rand_negs,
+                f"loss.hard_negatives.topk_start/topk_end ({hard.topk_start}/{hard.topk_end}): larger than the "
+                f"negatives available ({self.loader.batch_size} in-batch + {self.loader.num_rand_negs} random)",
+            )
         _require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
                  f"name: expected a plain run name without '/', got {self.name!r}")

@@ -1,0 +1,303 @@
+"""The train-task module: two-tower retrieval with mixed negatives.
+
+    forward(actor, next_action, history, next_timestamp)  -> query vectors (request time)
+    encode_queries(...)                                   -> query vectors + repeat bonuses
+    candidate_vectors(ids)                                -> candidate vectors
+    train_forward(batch, num_rand_negs=None)              -> RetrievalOutput(loss, losses, telemetry)
+
+Model code is written as if it ran on one device: the ID tables are one TorchRec
+`EmbeddingCollection` (sharded from outside by DistributedModelParallel), and the
+only cross-rank operation, gathering the in-batch negatives, is the `gather` callable.
+
+Shape suffixes: B batch, L history positions, N flat history events, R random
+negatives per example, H history columns per example, U history pairs, D width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from configs.schema import LossConfig, ModelConfig
+from data.batches import Batch, left_padded
+from models.embeddings import (
+    ACTOR,
+    CANDIDATE_TARGET,
+    HISTORY_ACTION,
+    HISTORY_TARGET,
+    LOOKUP_KEYS,
+    NEXT_ACTION,
+    IdEmbeddings,
+    VocabularySizes,
+    lookup_features,
+)
+from models.losses import LossSettings, hard_topk_schedule, sampled_softmax_loss
+from models.repeat import HistoryItems, RepeatScorer, history_items
+from models.samplers import (
+    Gather,
+    InBatchNegativesSampler,
+    RandomNegativesSampler,
+    SampledNegatives,
+    StreamingFrequencyEstimator,
+    identity_gather,
+)
+from models.towers import CandidateTower, QueryInputs, QueryTower
+
+
+@dataclass
+class RetrievalOutput:
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    telemetry: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class QueryEncoding:
+    """What scoring a query needs: its vector and the bonus of each of its history targets."""
+
+    query_BD: torch.Tensor
+    history: HistoryItems | None
+    bonus_U: torch.Tensor | None
+
+
+class TwoTowerRetrieval(nn.Module):
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        loss_config: LossConfig,
+        sizes: VocabularySizes,
+        *,
+        max_len: int,
+        target_log_p: torch.Tensor,
+        pool_size: int,
+        gather: Gather = identity_gather,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_config, self.loss_config, self.sizes, self.max_len = model_config, loss_config, sizes, max_len
+        dim = model_config.embedding_dim
+        self.embeddings = IdEmbeddings(sizes, dim, device=device)
+        self.query_tower = QueryTower(model_config, max_len)
+        self.candidate_tower = CandidateTower(model_config)
+        self.repeat = RepeatScorer(dim) if model_config.repeat_scoring else None
+        if loss_config.logq_estimator == "streaming":
+            estimator = StreamingFrequencyEstimator(loss_config.streaming_num_buckets, loss_config.streaming_ema)
+            self.in_batch = InBatchNegativesSampler(estimator=estimator, gather=gather)
+        else:
+            self.in_batch = InBatchNegativesSampler(log_p=target_log_p, gather=gather)
+        self.random = RandomNegativesSampler(pool_size, gather=gather)
+        self.temporal = loss_config.temporal_weight > 0
+        if self.temporal and model_config.encoder == "transformer" and not model_config.causal:
+            raise ValueError(
+                "loss.temporal_weight > 0 needs a causal encoder: set model.causal=true, "
+                "or model.encoder=hstu, or loss.temporal_weight=0"
+            )
+        # The curriculum's position; a buffer so checkpoints carry it.
+        self.register_buffer("training_step", torch.zeros((), dtype=torch.int64))
+
+    # ------------------------------------------------------------------ lookups
+
+    def _lookup(
+        self,
+        actor: torch.Tensor,
+        next_action: torch.Tensor,
+        history: KeyedJaggedTensor,
+        candidates_BC: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """One EmbeddingCollection call for every ID of the batch."""
+        history_target = history[HISTORY_TARGET]
+        features = lookup_features(
+            history_target.values(),
+            history[HISTORY_ACTION].values(),
+            history_target.lengths(),
+            actor,
+            next_action,
+            candidates_BC.reshape(-1),
+            torch.full_like(actor, candidates_BC.shape[1]),
+        )
+        return {key: jagged.values() for key, jagged in self.embeddings(features).items()}
+
+    def _query_inputs(
+        self, looked_up: dict[str, torch.Tensor], history: KeyedJaggedTensor, next_timestamp: torch.Tensor
+    ) -> QueryInputs:
+        lengths = history[HISTORY_TARGET].lengths()
+        # At least one column, so a batch of empty histories still has a query position.
+        width = max(int(lengths.max()), 1) if lengths.numel() else 1
+        target_BLD, mask_BL = left_padded(looked_up[HISTORY_TARGET], lengths, width)
+        action_BLD, _ = left_padded(looked_up[HISTORY_ACTION], lengths, width)
+        timestamp_BL, _ = left_padded(history["history_timestamp"].values(), lengths, width)
+        return QueryInputs(
+            history_target_BLD=target_BLD,
+            history_action_BLD=action_BLD,
+            history_timestamp_BL=timestamp_BL,
+            mask_BL=mask_BL,
+            actor_BD=looked_up[ACTOR],
+            next_action_BD=looked_up[NEXT_ACTION],
+            next_timestamp_B=next_timestamp,
+        )
+
+    def _history_items(self, history: KeyedJaggedTensor, next_timestamp: torch.Tensor) -> HistoryItems:
+        return history_items(
+            history[HISTORY_TARGET].values(),
+            history["history_timestamp"].values(),
+            history[HISTORY_TARGET].lengths(),
+            next_timestamp,
+            self.sizes.num_id_rows,
+        )
+
+    # ---------------------------------------------------------------- inference
+
+    def encode_queries(
+        self,
+        actor: torch.Tensor,
+        next_action: torch.Tensor,
+        history: KeyedJaggedTensor,
+        next_timestamp: torch.Tensor | None = None,
+    ) -> QueryEncoding:
+        """Query vectors [B, D] and repeat bonuses from request-time information only.
+        `next_timestamp` defaults to the time of each actor's newest history event."""
+        if next_timestamp is None:
+            next_timestamp = _newest_timestamp(history)
+        looked_up = self._lookup(actor, next_action, history, torch.zeros((actor.shape[0], 0), dtype=torch.int64))
+        query = self.query_tower(self._query_inputs(looked_up, history, next_timestamp)).query_BD
+        if self.repeat is None:
+            return QueryEncoding(query, None, None)
+        items = self._history_items(history, next_timestamp)
+        return QueryEncoding(query, items, self.repeat(items, looked_up[NEXT_ACTION]))
+
+    def forward(
+        self,
+        actor: torch.Tensor,
+        next_action: torch.Tensor,
+        history: KeyedJaggedTensor,
+        next_timestamp: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.encode_queries(actor, next_action, history, next_timestamp).query_BD
+
+    def candidate_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """[N] target IDs -> [N, D] unit vectors."""
+        # One "example" that holds every ID under candidate_target; the other keys are empty.
+        lengths = torch.zeros(len(LOOKUP_KEYS), dtype=torch.int64, device=ids.device)
+        lengths[LOOKUP_KEYS.index(CANDIDATE_TARGET)] = ids.shape[0]
+        features = KeyedJaggedTensor.from_lengths_sync(keys=list(LOOKUP_KEYS), values=ids, lengths=lengths)
+        return self.candidate_tower(self.embeddings(features)[CANDIDATE_TARGET].values())
+
+    # ------------------------------------------------------------------ training
+
+    def current_hard_topk(self) -> int | None:
+        hard = self.loss_config.hard_negatives
+        if not hard.enabled:
+            return None
+        return hard_topk_schedule(int(self.training_step), hard.topk_start, hard.topk_end, hard.num_steps, hard.schedule)
+
+    def train_forward(self, batch: Batch, num_rand_negs: int | None = None) -> RetrievalOutput:
+        """Loss and telemetry of one batch (main next-target loss + temporal pretraining)."""
+        random_ids_BR = batch.random_negatives
+        if num_rand_negs is not None:
+            random_ids_BR = random_ids_BR[:, :num_rand_negs]
+        batch_size, num_random = random_ids_BR.shape
+        actor, next_action = batch.query_values("actor"), batch.query_values("next_action")
+        next_timestamp = batch.query_values("next_timestamp")
+        candidates_BC = torch.cat([batch.target[:, None], random_ids_BR], dim=1)
+        looked_up = self._lookup(actor, next_action, batch.history, candidates_BC)
+        inputs = self._query_inputs(looked_up, batch.history, next_timestamp)
+        query = self.query_tower(inputs, all_positions=self.temporal)
+
+        candidate_BCD = self.candidate_tower(looked_up[CANDIDATE_TARGET]).reshape(batch_size, 1 + num_random, -1)
+        positive_BD, random_BRD = candidate_BCD[:, 0], candidate_BCD[:, 1:]
+        in_batch = self.in_batch(batch.target, positive_BD)
+        sources = [in_batch]
+        if num_random:
+            sources.append(self.random(random_ids_BR, random_BRD))
+
+        settings = LossSettings(
+            temperature=self.loss_config.temperature,
+            logq_correction=self.loss_config.logq_correction,
+            mask_history=self.loss_config.mask_history,
+            similarity_mask_threshold=self.loss_config.similarity_mask_threshold,
+            hard_topk=self.current_hard_topk(),
+        )
+        history_vectors_ND = None
+        items = None
+        positive_bonus_B = None
+        if self.repeat is not None or self.loss_config.mask_history:
+            items = self._history_items(batch.history, next_timestamp)
+        if self.repeat is not None:
+            history_vectors_ND = self.candidate_tower(looked_up[HISTORY_TARGET])
+            bonus_U = self.repeat(items, looked_up[NEXT_ACTION])
+            ids_BH, index_BH, valid_BH = items.padded()
+            sources.append(
+                SampledNegatives(
+                    "history",
+                    ids_BH,
+                    history_vectors_ND[items.first_index_U][index_BH],
+                    torch.zeros(ids_BH.shape, device=ids_BH.device),
+                    valid=valid_BH,
+                    bonus=torch.where(valid_BH, bonus_U[index_BH], 0.0),
+                )
+            )
+            index_B, found_B = items.find(torch.arange(batch_size, device=actor.device), batch.target)
+            positive_bonus_B = torch.where(found_B, bonus_U[index_B], 0.0)
+
+        main = sampled_softmax_loss(
+            query.query_BD[:, None],
+            positive_BD[:, None],
+            batch.target[:, None],
+            sources,
+            settings,
+            positive_bonus_BP=None if positive_bonus_B is None else positive_bonus_B[:, None],
+            history_contains=items.contains if items is not None else None,
+        )
+        losses = {"main": main.loss}
+        telemetry = dict(main.telemetry)
+        total = main.loss
+        if self.temporal:
+            temporal = self._temporal_loss(query.positions_BLD, inputs.mask_BL, looked_up, batch, sources, settings)
+            losses["temporal"] = temporal.loss
+            telemetry.update({f"temporal/{k}": v for k, v in temporal.telemetry.items() if k.startswith("sim/")})
+            total = total + self.loss_config.temporal_weight * temporal.loss
+        if self.training:
+            self.training_step += 1
+        return RetrievalOutput(loss=total, losses=losses, telemetry=telemetry)
+
+    def _temporal_loss(
+        self,
+        positions_BLD: torch.Tensor,
+        mask_BL: torch.Tensor,
+        looked_up: dict[str, torch.Tensor],
+        batch: Batch,
+        sources: list[SampledNegatives],
+        settings: LossSettings,
+    ):
+        """Every history position j predicts the history event j + 1, in one pass. The last
+        position predicts the batch's target and is the main loss's job."""
+        lengths, width = batch.history[HISTORY_TARGET].lengths(), mask_BL.shape[1]
+        target_ids_BL, _ = left_padded(batch.history[HISTORY_TARGET].values(), lengths, width)
+        history_vectors_BLD, _ = left_padded(self.candidate_tower(looked_up[HISTORY_TARGET]), lengths, width)
+        # Position j (0..L-2) predicts entry j + 1; both must be real history events.
+        valid_BP = mask_BL[:, :-1] & mask_BL[:, 1:]
+        last_k = self.loss_config.temporal_last_k
+        if last_k:
+            valid_BP = valid_BP & (torch.arange(valid_BP.shape[1], device=valid_BP.device) >= valid_BP.shape[1] - last_k)
+        shared_sources = [s for s in sources if s.name != "history"]
+        return sampled_softmax_loss(
+            positions_BLD[:, :-1],
+            history_vectors_BLD[:, 1:],
+            target_ids_BL[:, 1:],
+            shared_sources,
+            settings,
+            valid_BP=valid_BP,
+        )
+
+
+def _newest_timestamp(history: KeyedJaggedTensor) -> torch.Tensor:
+    jagged = history["history_timestamp"]
+    lengths = jagged.lengths()
+    ends = torch.cumsum(lengths, 0) - 1
+    values = jagged.values()
+    if values.numel() == 0:
+        return torch.zeros_like(lengths)
+    return torch.where(lengths > 0, values[ends.clamp(min=0)], 0)

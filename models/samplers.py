@@ -1,0 +1,147 @@
+"""Negative sources for the sampled softmax and how their q is estimated.
+
+A sampler returns `SampledNegatives(ids, embeddings, log_q)`: the loss only subtracts
+`log_q`; the sampler owns what q means. For every source, log q of a column is the log
+of its expected number of appearances in that source, so the correction is right
+whatever mix of sources is chosen:
+
+- in-batch: the other examples' positives. A target with sampling probability p_j
+  appears about B * p_j times in a batch of B, so log q = log(B * p_j). B is the
+  global batch when the set is gathered across ranks.
+- random: `num_rand_negs` IDs per example drawn uniformly from the active pool by the
+  data loader: log q = log(num_rand_negs / |pool|).
+- history (repeat scoring): the actor's own past targets, included with certainty:
+  log q = log 1 = 0.
+
+p_j comes from the data layer's training frequencies (`static`, q ∝ count^0.75) or from
+`StreamingFrequencyEstimator` (Yi et al. 2019), which needs no pass over the data.
+
+Cross-rank gathering is passed in as a callable (`gather`), identity by default, so
+this module runs single-process in unit tests; the one all-gather with gradients lives
+in `trainer/distributed.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def identity_gather(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+@dataclass
+class SampledNegatives:
+    """One negative source. Shared columns have `ids` [N]; per-example columns [B, N]."""
+
+    name: str
+    ids: torch.Tensor
+    embeddings: torch.Tensor  # [N, D] or [B, N, D]
+    log_q: torch.Tensor  # same shape as ids
+    valid: torch.Tensor | None = None  # same shape as ids; False marks padding columns
+    bonus: torch.Tensor | None = None  # [B, N] added to the logits (repeat scoring)
+
+    @property
+    def per_example(self) -> bool:
+        return self.ids.dim() == 2
+
+
+class StreamingFrequencyEstimator(nn.Module):
+    """Streaming estimate of how often each ID appears per training step (Yi et al. 2019,
+    "Sampling-bias-corrected neural modeling for large corpus item recommendations").
+
+    IDs hash into `num_buckets` slots holding the step an ID was last seen (A) and an
+    exponential moving average of the gap between sightings (B):
+        B[h] <- (1 - alpha) * B[h] + alpha * (t - A[h]);   A[h] <- t
+    and the expected appearances per step are 1 / B[h]. The arrays are buffers, so the
+    estimator is saved and restored with the model's state.
+    """
+
+    def __init__(self, num_buckets: int, alpha: float = 0.01, initial_gap: float = 1e6) -> None:
+        super().__init__()
+        self.num_buckets, self.alpha = num_buckets, alpha
+        self.register_buffer("last_seen", torch.full((num_buckets,), -1, dtype=torch.int64))
+        self.register_buffer("gap", torch.full((num_buckets,), float(initial_gap), dtype=torch.float64))
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def _bucket(self, ids: torch.Tensor) -> torch.Tensor:
+        # Multiplicative hashing keeps neighbouring IDs apart when buckets < IDs.
+        return torch.remainder(ids * 2654435761, self.num_buckets)
+
+    @torch.no_grad()
+    def update(self, ids: torch.Tensor) -> None:
+        """Record one step's IDs (each distinct bucket counts once per step)."""
+        self.step += 1
+        buckets = torch.unique(self._bucket(ids.reshape(-1)))
+        seen = self.last_seen[buckets] >= 0
+        gap = (self.step - self.last_seen[buckets]).to(torch.float64)
+        updated = (1 - self.alpha) * self.gap[buckets] + self.alpha * gap
+        # First sighting: the best guess of the gap is the time since the estimator started.
+        self.gap[buckets] = torch.where(seen, updated, self.step.to(torch.float64))
+        self.last_seen[buckets] = self.step
+
+    def log_expected_count(self, ids: torch.Tensor) -> torch.Tensor:
+        """log(expected appearances per step) = -log(gap)."""
+        return -torch.log(self.gap[self._bucket(ids)]).to(torch.float32)
+
+
+class InBatchNegativesSampler(nn.Module):
+    """The (global) batch's positives as negatives for every example.
+
+    `log_p` maps IDs to the log probability of an ID being one example's positive (static
+    frequencies), or a `StreamingFrequencyEstimator` gives expected counts per step.
+    """
+
+    def __init__(
+        self,
+        log_p: torch.Tensor | None = None,
+        estimator: StreamingFrequencyEstimator | None = None,
+        gather: Gather = identity_gather,
+    ) -> None:
+        super().__init__()
+        if (log_p is None) == (estimator is None):
+            raise ValueError("InBatchNegativesSampler: give exactly one of log_p or estimator")
+        if log_p is not None:
+            self.register_buffer("log_p", log_p.to(torch.float32), persistent=False)
+        else:
+            self.log_p = None
+        self.estimator = estimator
+        self.gather = gather
+
+    def forward(self, positive_ids: torch.Tensor, positive_embeddings: torch.Tensor) -> SampledNegatives:
+        ids = self.gather(positive_ids)
+        embeddings = self.gather(positive_embeddings)
+        if self.estimator is not None:
+            if self.training:
+                self.estimator.update(ids)
+            log_q = self.estimator.log_expected_count(ids)
+        else:
+            log_q = self.log_p[ids] + math.log(ids.shape[0])
+        return SampledNegatives("in_batch", ids, embeddings, log_q)
+
+
+class RandomNegativesSampler(nn.Module):
+    """Wraps the random IDs the loader drew uniformly from the active pool."""
+
+    def __init__(self, pool_size: int, gather: Gather = identity_gather) -> None:
+        super().__init__()
+        self.pool_size, self.gather = pool_size, gather
+
+    def forward(self, ids_BR: torch.Tensor, embeddings_BRD: torch.Tensor, shared: bool = False) -> SampledNegatives:
+        """Per-example columns by default; `shared=True` flattens (and gathers) them into
+        columns every example sees, with the expected count of the whole set."""
+        num = ids_BR.shape[1]
+        if shared:
+            ids = self.gather(ids_BR.reshape(-1))
+            embeddings = self.gather(embeddings_BRD.reshape(-1, embeddings_BRD.shape[-1]))
+            log_q = torch.full(ids.shape, math.log(ids.shape[0] / self.pool_size), device=ids.device)
+            return SampledNegatives("random", ids, embeddings, log_q)
+        log_q = torch.full(ids_BR.shape, math.log(max(num, 1) / self.pool_size), device=ids_BR.device)
+        return SampledNegatives("random", ids_BR, embeddings_BRD, log_q)

@@ -1,0 +1,164 @@
+"""Sampled softmax: logQ, masks, hard negatives, curriculum."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from models.losses import LossSettings, hard_topk_schedule, sampled_softmax_loss
+from models.samplers import SampledNegatives, StreamingFrequencyEstimator
+
+torch.set_default_dtype(torch.float64)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def _setup(batch=3, vocab=12, dim=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    items = _unit(torch.randn(vocab, dim, generator=gen))
+    queries = _unit(torch.randn(batch, dim, generator=gen))
+    positives = torch.randint(0, vocab, (batch,), generator=gen)
+    return items, queries, positives
+
+
+def test_every_target_as_negative_with_uniform_q_equals_the_full_softmax():
+    items, queries, positives = _setup()
+    tau = 0.2
+    vocab = items.shape[0]
+    # Uniform sampler that includes every target once: expected count 1, log q = 0.
+    source = SampledNegatives("random", torch.arange(vocab), items, torch.zeros(vocab))
+    out = sampled_softmax_loss(
+        queries[:, None], items[positives][:, None], positives[:, None], [source], LossSettings(temperature=tau)
+    )
+    full = torch.nn.functional.cross_entropy(queries @ items.T / tau, positives)
+    torch.testing.assert_close(out.loss, full)
+
+
+def test_logq_corrected_loss_approaches_the_full_softmax_under_a_skewed_sampler():
+    items, queries, positives = _setup(batch=4, vocab=20, seed=1)
+    tau, num_samples, draws = 0.25, 400, 300
+    gen = torch.Generator().manual_seed(2)
+    q = torch.linspace(1.0, 40.0, 20) ** 2  # heavily skewed proposal
+    q = q / q.sum()
+    full = torch.nn.functional.cross_entropy(queries @ items.T / tau, positives)
+    corrected, uncorrected = [], []
+    for _ in range(draws):
+        ids = torch.multinomial(q, num_samples, replacement=True, generator=gen)
+        source = SampledNegatives("random", ids, items[ids], torch.log(num_samples * q[ids]))
+        args = (queries[:, None], items[positives][:, None], positives[:, None], [source])
+        corrected.append(sampled_softmax_loss(*args, LossSettings(temperature=tau)).loss)
+        uncorrected.append(sampled_softmax_loss(*args, LossSettings(temperature=tau, logq_correction=False)).loss)
+    corrected_mean, uncorrected_mean = torch.stack(corrected).mean(), torch.stack(uncorrected).mean()
+    assert abs(corrected_mean - full) < 0.05 * full
+    assert abs(uncorrected_mean - full) > 5 * abs(corrected_mean - full)
+
+
+def test_accidental_hits_and_masked_columns_change_neither_loss_nor_gradient():
+    items, queries, positives = _setup()
+    queries = queries.clone().requires_grad_(True)
+    negatives = torch.tensor([(p + 1) % 12 for p in positives.tolist()])
+    base = SampledNegatives("in_batch", negatives, items[negatives], torch.zeros(3))
+    # Add each example's positive as an extra in-batch column (accidental hit), plus a padding column.
+    with_hits_ids = torch.cat([negatives, positives, torch.tensor([7])])
+    valid = torch.tensor([True] * 6 + [False])
+    with_hits = SampledNegatives("in_batch", with_hits_ids, items[with_hits_ids], torch.zeros(7), valid=valid)
+    settings = LossSettings(temperature=0.3, similarity_mask_threshold=2.0)
+
+    def loss_and_grad(source):
+        queries.grad = None
+        out = sampled_softmax_loss(queries[:, None], items[positives][:, None], positives[:, None], [source], settings)
+        out.loss.backward()
+        return out.loss.detach(), queries.grad.clone(), out.telemetry
+
+    loss_a, grad_a, _ = loss_and_grad(base)
+    loss_b, grad_b, telemetry = loss_and_grad(with_hits)
+    # With the hits masked, the only difference is other rows' positives as negatives.
+    expected_ids = torch.cat([negatives, positives])
+    expected_mask = expected_ids[None, :] == positives[:, None]
+    logits = torch.cat([(queries * items[positives]).sum(-1, keepdim=True), queries @ items[expected_ids].T], 1) / 0.3
+    logits[:, 1:] = logits[:, 1:].masked_fill(expected_mask, float("-inf"))
+    reference = torch.nn.functional.cross_entropy(logits, torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(loss_b, reference.detach())
+    assert telemetry["masked_frac/accidental_hit"] > 0
+    # A column equal to the positive in every row (pure hits) changes nothing at all:
+    hits_only = SampledNegatives("random", positives[:, None], items[positives][:, None], torch.zeros(3, 1))
+    loss_c, grad_c, _ = loss_and_grad(SampledNegatives("in_batch", negatives, items[negatives], torch.zeros(3)))
+    queries.grad = None
+    out = sampled_softmax_loss(
+        queries[:, None], items[positives][:, None], positives[:, None], [base, hits_only], settings
+    )
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.detach(), loss_c)
+    torch.testing.assert_close(queries.grad, grad_c)
+    assert torch.isfinite(loss_a) and grad_a.abs().sum() > 0
+
+
+def test_positive_is_never_masked_even_when_every_negative_is():
+    items, queries, positives = _setup()
+    source = SampledNegatives("random", positives[:, None], items[positives][:, None], torch.zeros(3, 1))
+    out = sampled_softmax_loss(
+        queries[:, None], items[positives][:, None], positives[:, None], [source], LossSettings(temperature=0.1)
+    )
+    torch.testing.assert_close(out.loss, torch.zeros(()))  # softmax over the positive alone
+
+
+def test_too_similar_in_batch_negatives_are_masked():
+    items, queries, _ = _setup()
+    positives = torch.tensor([0, 1, 2])
+    twin = items[positives].clone()  # another ID with the same vector as the positive
+    ids = torch.tensor([100, 101, 102])
+    source = SampledNegatives("in_batch", ids, twin, torch.zeros(3))
+    out = sampled_softmax_loss(
+        queries[:, None], items[positives][:, None], positives[:, None], [source], LossSettings(temperature=0.1)
+    )
+    assert out.telemetry["masked_frac/too_similar"] == pytest.approx(1 / 3)  # the diagonal twins
+
+
+def test_hard_negatives_keep_the_highest_scoring_columns_of_each_source():
+    items, queries, positives = _setup(batch=2, vocab=30, seed=4)
+    ids_a = torch.arange(10, 20)
+    ids_b = torch.arange(20, 30)[None].expand(2, -1)
+    sources = [
+        SampledNegatives("in_batch", ids_a, items[ids_a], torch.zeros(10)),
+        SampledNegatives("random", ids_b, items[ids_b], torch.zeros(2, 10)),
+    ]
+    positives = torch.tensor([0, 1])
+    settings = LossSettings(temperature=0.5, hard_topk=3, similarity_mask_threshold=2.0)
+    out = sampled_softmax_loss(queries[:, None], items[positives][:, None], positives[:, None], sources, settings)
+    # Reference: keep the top 3 of each source by logit.
+    logits = [((queries * items[positives]).sum(-1) / 0.5)[:, None]]
+    for ids in (ids_a[None].expand(2, -1), ids_b):
+        scores = (queries[:, None] * items[ids]).sum(-1) / 0.5
+        logits.append(scores.topk(3, dim=-1).values)
+    reference = torch.nn.functional.cross_entropy(torch.cat(logits, 1), torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(out.loss, reference)
+    assert out.telemetry["hard_topk"] == 3
+    assert out.telemetry["masked_frac/not_hard"] == pytest.approx(14 / 20)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_curriculum_hits_its_end_points(schedule):
+    assert hard_topk_schedule(0, 64, 8, 100, schedule) == 64
+    assert hard_topk_schedule(100, 64, 8, 100, schedule) == 8
+    assert hard_topk_schedule(1000, 64, 8, 100, schedule) == 8
+    middle = hard_topk_schedule(50, 64, 8, 100, schedule)
+    assert middle == 36
+    values = [hard_topk_schedule(s, 64, 8, 100, schedule) for s in range(101)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_streaming_estimator_learns_appearance_rates():
+    estimator = StreamingFrequencyEstimator(num_buckets=1024, alpha=0.05)
+    for step in range(2000):
+        ids = [1] + ([2] if step % 4 == 0 else []) + ([3] if step % 20 == 0 else [])
+        estimator.update(torch.tensor(ids))
+    rates = estimator.log_expected_count(torch.tensor([1, 2, 3])).exp()
+    torch.testing.assert_close(rates.double(), torch.tensor([1.0, 0.25, 0.05]), rtol=0.05, atol=0.0)
+    restored = StreamingFrequencyEstimator(num_buckets=1024, alpha=0.05)
+    restored.load_state_dict(estimator.state_dict())
+    torch.testing.assert_close(restored.log_expected_count(torch.tensor([2])), estimator.log_expected_count(torch.tensor([2])))
+    assert math.isfinite(float(rates.sum()))

@@ -1,0 +1,79 @@
+"""The trained model as a `RankingScorer` for exact full-ranking evaluation.
+
+score(x, c) = cos(q(x), c) / tau + bonus(x, c)   (bonus: repeat re-scoring, 0 off-history)
+
+Candidate vectors are computed once per evaluation, in chunks; query vectors once per
+query chunk. Shape suffixes: Q queries, C candidates, D width, U history pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data.batches import BatchBuilder
+from data.sequences import Queries, Sequences
+from models.retrieval import QueryEncoding, TwoTowerRetrieval
+
+
+@dataclass
+class _QueryChunk:
+    encoding: QueryEncoding
+
+
+class ModelScorer:
+    def __init__(
+        self,
+        model: TwoTowerRetrieval,
+        seqs: Sequences,
+        queries: Queries,
+        max_len: int,
+        candidate_ids: np.ndarray,
+        *,
+        chunk_size: int = 65536,
+    ) -> None:
+        self.model = model
+        self.temperature = model.loss_config.temperature
+        self.builder = BatchBuilder(seqs, queries, max_len, active_pool=np.zeros(1, dtype=np.int64))
+        # Candidate vectors in a table indexed by target ID (rows of non-candidates stay 0).
+        ids = torch.from_numpy(np.asarray(candidate_ids, dtype=np.int64))
+        self.candidate_table = torch.zeros(model.sizes.num_id_rows, model.model_config.embedding_dim)
+        with torch.no_grad():
+            for start in range(0, len(ids), chunk_size):
+                chunk = ids[start : start + chunk_size]
+                self.candidate_table[chunk] = model.candidate_vectors(chunk)
+
+    @torch.no_grad()
+    def query_state(self, rows: slice) -> _QueryChunk:
+        batch = self.builder.build(np.arange(rows.start, rows.stop))
+        encoding = self.model.encode_queries(
+            batch.query_values("actor"),
+            batch.query_values("next_action"),
+            batch.history,
+            batch.query_values("next_timestamp"),
+        )
+        return _QueryChunk(encoding)
+
+    def _add_bonus(self, scores_QC: torch.Tensor, encoding: QueryEncoding, candidate_ids: torch.Tensor) -> torch.Tensor:
+        if encoding.history is None:
+            return scores_QC
+        items = encoding.history
+        column = torch.searchsorted(candidate_ids, items.target_U).clamp(max=len(candidate_ids) - 1)
+        hit = candidate_ids[column] == items.target_U
+        return scores_QC.index_put((items.row_U[hit], column[hit]), encoding.bonus_U[hit], accumulate=True)
+
+    @torch.no_grad()
+    def score(self, state: _QueryChunk, candidate_ids: torch.Tensor) -> torch.Tensor:
+        scores_QC = state.encoding.query_BD @ self.candidate_table[candidate_ids].T / self.temperature
+        return self._add_bonus(scores_QC, state.encoding, candidate_ids)
+
+    @torch.no_grad()
+    def score_pairs(self, state: _QueryChunk, target_ids: torch.Tensor) -> torch.Tensor:
+        encoding = state.encoding
+        scores_Q = (encoding.query_BD * self.candidate_table[target_ids]).sum(-1) / self.temperature
+        if encoding.history is not None:
+            index, found = encoding.history.find(torch.arange(len(target_ids)), target_ids)
+            scores_Q = scores_Q + torch.where(found, encoding.bonus_U[index], 0.0)
+        return scores_Q
