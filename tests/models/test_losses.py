@@ -10,7 +10,15 @@ import torch
 from models.losses import LossSettings, hard_topk_schedule, sampled_softmax_loss
 from models.samplers import SampledNegatives, StreamingFrequencyEstimator
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Exact comparisons in double precision, restored afterwards for other tests."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
