@@ -244,6 +244,59 @@ class LossConfig:
 
 
 @dataclass(kw_only=True)
+class OptimConfig:
+    """Dense parameters: AdamW with warm-up and decay. ID tables: TorchRec's fused sparse
+    optimizer, applied in backward (the same code path once the tables are sharded)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    decay: Literal["cosine", "linear", "none"] = "cosine"
+    """Decay after warm-up, down to `min_lr_ratio * lr` at the end of training."""
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    """Clip the dense gradients' global norm (0 turns clipping off)."""
+    sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "adam"] = "rowwise_adagrad"
+    sparse_lr: float = 0.02
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, f"optim.lr: expected > 0, got {self.lr}")
+        _require(self.sparse_lr > 0, f"optim.sparse_lr: expected > 0, got {self.sparse_lr}")
+        _require(self.weight_decay >= 0, f"optim.weight_decay: expected >= 0, got {self.weight_decay}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps: expected >= 0, got {self.warmup_steps}")
+        _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio: expected in [0, 1], got {self.min_lr_ratio}")
+        _require(self.grad_clip >= 0, f"optim.grad_clip: expected >= 0, got {self.grad_clip}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """How long to train, when to validate and when to stop."""
+
+    max_epochs: float = 10.0
+    """Upper bound on training, in epochs of the training examples."""
+    max_steps: int = 0
+    """Upper bound in steps (0: no bound beyond max_epochs)."""
+    eval_every_steps: int = 0
+    """Validate every N steps (0: once per epoch)."""
+    patience: int = 3
+    """Stop after this many validations without a better validation NDCG@10."""
+    log_every_steps: int = 50
+    """Plain log lines (and TensorBoard scalars) every N steps."""
+    deterministic: bool = True
+    """torch.use_deterministic_algorithms on CPU: same config and seed, same numbers."""
+    num_threads: int = 0
+    """torch intra-op threads (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_epochs > 0, f"train.max_epochs: expected > 0, got {self.max_epochs}")
+        _require(self.max_steps >= 0, f"train.max_steps: expected >= 0, got {self.max_steps}")
+        _require(self.eval_every_steps >= 0, f"train.eval_every_steps: expected >= 0, got {self.eval_every_steps}")
+        _require(self.patience >= 1, f"train.patience: expected >= 1, got {self.patience}")
+        _require(self.log_every_steps >= 1, f"train.log_every_steps: expected >= 1, got {self.log_every_steps}")
+        _require(self.num_threads >= 0, f"train.num_threads: expected >= 0, got {self.num_threads}")
+
+
+@dataclass(kw_only=True)
 class BaselineConfig:
     """The simple baselines every quality table carries."""
 
@@ -291,6 +344,8 @@ class ExperimentConfig:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 

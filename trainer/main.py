@@ -24,6 +24,8 @@ from configs.loading import ConfigError, config_to_dict, load_config
 from configs.schema import ExperimentConfig
 from data.prepare import prepare
 from data.readers import DataError
+from trainer.loop import Trainer
+from trainer.metrics import MetricsLogger
 from trainer.results import evaluate_baselines, markdown_table, write_results
 
 log = logging.getLogger("trainer")
@@ -63,25 +65,50 @@ def run(config: ExperimentConfig) -> dict:
         f"{summary['evaluated_actors']:,}", f"{summary['candidates']:,}", time.perf_counter() - start,
     )
 
-    # TODO(models): the two-tower model trains here once the model issue lands; until
-    # then the run reports the baselines that every quality table carries.
-    splits = {
-        split: evaluate_baselines(prepared, split, config.baselines, config.eval) for split in ("valid", "test")
-    }
+    metrics = MetricsLogger(run_dir / "tensorboard")
+    metrics.log_config(config_to_dict(config))
+    trainer = Trainer(config, prepared, metrics)
+    try:
+        summary_train = trainer.train()
+        test = trainer.test()
+        metrics.log({f"test/{k}": v for k, v in test.items()}, trainer.step)
+        metrics.log_hparams(config_to_dict(config), {f"valid_{k}": v for k, v in summary_train.best_valid.items()})
+    finally:
+        trainer.close()
+
+    baselines = {split: evaluate_baselines(prepared, split, config.baselines, config.eval) for split in ("valid", "test")}
+    rows = {"model": test, **baselines["test"]}
     title = (
         f"{config.name}: test split, {summary['evaluated_actors']:,} evaluated actors, "
-        f"{summary['candidates']:,} candidates"
+        f"{summary['candidates']:,} candidates; model from step {summary_train.best_step} of {summary_train.steps}"
     )
-    table = markdown_table(splits["test"], title)
-    results = {"name": config.name, "data": summary, "metrics": splits}
+    table = markdown_table(rows, title)
+    results = {
+        "name": config.name,
+        "data": summary,
+        "training": {
+            "steps": summary_train.steps,
+            "best_step": summary_train.best_step,
+            "stopped_early": summary_train.stopped_early,
+            "train_seconds": summary_train.train_seconds,
+        },
+        "metrics": {
+            "test": rows,
+            "valid": {"model": summary_train.best_valid, **baselines["valid"]},
+        },
+    }
     write_results(run_dir, results, table)
     print(table)
-    print(f"\nresults: {run_dir / 'results.json'}")
+    print(f"\nresults: {run_dir / 'results.json'}; TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # force: importing torch/torchrec already attached a handler to the root logger.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True
+    )
+
     try:
         config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         config = load_config(config_path, overrides)

@@ -49,3 +49,5 @@ def test_overrides_are_typed_and_nested(write):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "none.yaml")
+def test_exponent_floats_without_a_dot_are_numbers(write):
+    assert _load(write, "name: x\ndata: {path: a}\noptim: {lr: 1e-4}\n").optim.lr == 1e-4

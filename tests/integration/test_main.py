@@ -7,21 +7,50 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from trainer.main import main
+
 ROOT = Path(__file__).resolve().parents[2]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
 
-def test_main_prepares_evaluates_and_writes_results(tmp_path):
-    from trainer.main import main
-
-    code = main(["--config", str(ROOT / "configs" / "smoke.yaml"), f"output_dir={tmp_path}"])
-    assert code == 0
+def test_smoke_run_trains_validates_tests_and_writes_results_and_tensorboard(tmp_path):
+    assert main(["--config", SMOKE, f"output_dir={tmp_path}"]) == 0
     run_dir = tmp_path / "smoke"
     results = json.loads((run_dir / "results.json").read_text())
     assert results["data"]["evaluated_actors"] == 1077
-    assert set(results["metrics"]["test"]) >= {"most_popular", "recency_frequency"}
-    assert "| recency_frequency |" in (run_dir / "results.md").read_text()
-    # the ID mapping is saved beside the prepared data
-    assert (run_dir / "prepared" / "target_ids.parquet").exists()
+    assert set(results["metrics"]["test"]) == {"model", "most_popular", "recency_frequency"}
+    assert results["training"]["steps"] == 24
+    assert 0.0 <= results["metrics"]["test"]["model"]["ndcg@10"] <= 1.0
+    assert "| model |" in (run_dir / "results.md").read_text()
+    assert (run_dir / "prepared" / "target_ids.parquet").exists()  # ID maps beside the data
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("loss/main", "loss/temporal", "lr", "grad_norm", "examples_per_s", "valid/ndcg@10",
+                "retrieval/masked_frac/accidental_hit", "retrieval/logq/in_batch", "retrieval/sim/positive"):
+        assert tag in tags, tag
+    assert len(events.Scalars("valid/ndcg@10")) == 3  # every 8 of 24 steps
+
+
+def test_early_stopping_ends_training_after_patience_validations_without_gain(tmp_path):
+    # Learning rates near zero: validation never improves after the first evaluation.
+    overrides = [f"output_dir={tmp_path}", "optim.lr=1e-12", "optim.sparse_lr=1e-12", "train.max_steps=100",
+                 "train.eval_every_steps=4", "train.patience=2", "model.dropout=0.0"]
+    assert main(["--config", SMOKE, *overrides]) == 0
+    training = json.loads((tmp_path / "smoke" / "results.json").read_text())["training"]
+    assert training["stopped_early"]
+    assert training["steps"] == 12 and training["best_step"] == 4
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path):
+    results = []
+    for name in ("a", "b"):
+        assert main(["--config", SMOKE, f"output_dir={tmp_path}", f"name={name}", "train.max_steps=8"]) == 0
+        results.append(json.loads((tmp_path / name / "results.json").read_text())["metrics"])
+    assert results[0] == results[1]
 
 
 def test_main_runs_as_a_script_path_and_reports_user_errors_in_one_line(tmp_path):
