@@ -34,7 +34,7 @@ class Batch(Pipelineable):
     history: KJT keys `HISTORY_KEYS`, each with lengths [B] (same lengths for all three).
     query: KJT keys `QUERY_KEYS`, one value per example each: who acts, the action it is
         about to take and when (known at request time).
-    target: [B] int64, the positive target index.
+    target: [B] int64, the positive target index (-1 for inference requests).
     random_negatives: [B, R] int64 random target indices from the active pool (R may be 0).
     """
 
@@ -125,16 +125,17 @@ class BatchBuilder:
             lengths=history_lengths,
         )
         batch = len(rows)
+        if self.queries.next_action is not None:
+            # A request for an event not in the log: what is known about it comes with it.
+            next_action, next_timestamp = self.queries.next_action[rows], self.queries.next_timestamp[rows]
+            target = np.full(batch, -1, dtype=np.int64)
+        else:
+            next_action, next_timestamp = self.seqs.actions[position].astype(np.int64), self.seqs.timestamps[position]
+            target = self.seqs.targets[position]
         query = KeyedJaggedTensor.from_lengths_sync(
             keys=list(QUERY_KEYS),
             values=torch.from_numpy(
-                np.concatenate(
-                    [
-                        self.seqs.actor[self.queries.sequence[rows]],
-                        self.seqs.actions[position].astype(np.int64),
-                        self.seqs.timestamps[position],
-                    ]
-                )
+                np.concatenate([self.seqs.actor[self.queries.sequence[rows]], next_action, next_timestamp])
             ),
             lengths=torch.ones(batch * len(QUERY_KEYS), dtype=torch.int64),
         )
@@ -146,6 +147,6 @@ class BatchBuilder:
         return Batch(
             history=history,
             query=query,
-            target=torch.from_numpy(self.seqs.targets[position].copy()),
+            target=torch.from_numpy(np.array(target, dtype=np.int64)),
             random_negatives=negatives,
         )

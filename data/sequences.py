@@ -76,6 +76,23 @@ class Queries:
     sequence: np.ndarray  # [Q] sequence index
     position: np.ndarray  # [Q] flat index of the event to predict
     history_start: np.ndarray  # [Q] flat index of the actor's first event
+    next_action: np.ndarray | None = None
+    """[Q] for requests about an event not in the log (inference): its action type."""
+    next_timestamp: np.ndarray | None = None
+    """[Q] for requests: when the next event happens."""
+
+    @classmethod
+    def requests(cls, seqs: "Sequences", sequence: np.ndarray, next_action: np.ndarray) -> "Queries":
+        """Ask for the event after each actor's last known one (history = the whole log of
+        the actor), at the time of its newest event, with the given next action type."""
+        end = seqs.offsets[sequence + 1]
+        return cls(
+            sequence=sequence,
+            position=end,
+            history_start=seqs.offsets[sequence],
+            next_action=next_action.astype(np.int64),
+            next_timestamp=seqs.timestamps[end - 1],
+        )
 
     def __len__(self) -> int:
         return len(self.position)

@@ -166,7 +166,14 @@ class TwoTowerRetrieval(nn.Module):
         if self.repeat is None:
             return QueryEncoding(query, None, None)
         items = self._history_items(history, next_timestamp)
-        return QueryEncoding(query, items, self.repeat(items, looked_up[NEXT_ACTION]))
+        return QueryEncoding(query, items, self._bonus(items, looked_up[NEXT_ACTION]))
+
+    def _bonus(self, items: HistoryItems, next_action_BD: torch.Tensor) -> torch.Tensor:
+        """Repeat bonus per history pair, in logit units. The scorer's output is in cosine
+        units and divided by tau like the similarity: with tau = 0.05 a bonus that must
+        outweigh the similarity needs only O(1) weights, which Adam reaches in hundreds of
+        steps (at lr 1e-3 it would need tens of thousands to reach O(1/tau))."""
+        return self.repeat(items, next_action_BD) / self.loss_config.temperature
 
     def forward(
         self,
@@ -227,7 +234,7 @@ class TwoTowerRetrieval(nn.Module):
             items = self._history_items(batch.history, next_timestamp)
         if self.repeat is not None:
             history_vectors_ND = self.candidate_tower(looked_up[HISTORY_TARGET])
-            bonus_U = self.repeat(items, looked_up[NEXT_ACTION])
+            bonus_U = self._bonus(items, looked_up[NEXT_ACTION])
             ids_BH, index_BH, valid_BH = items.padded()
             sources.append(
                 SampledNegatives(

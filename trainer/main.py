@@ -26,6 +26,7 @@ from data.prepare import prepare
 from data.readers import DataError
 from trainer.loop import Trainer
 from trainer.metrics import MetricsLogger
+from trainer.predict import save_model
 from trainer.results import evaluate_baselines, markdown_table, write_results
 
 log = logging.getLogger("trainer")
@@ -71,6 +72,7 @@ def run(config: ExperimentConfig) -> dict:
     try:
         summary_train = trainer.train()
         test = trainer.test()
+        save_model(trainer.model, run_dir)
         metrics.log({f"test/{k}": v for k, v in test.items()}, trainer.step)
         metrics.log_hparams(config_to_dict(config), {f"valid_{k}": v for k, v in summary_train.best_valid.items()})
     finally:

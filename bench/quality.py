@@ -1,0 +1,113 @@
+"""Quality on the embedded logs: the default model, the SASRec-style baseline and the two
+simple baselines, 3 seeds each, under ../shared/BENCHMARK.md's protocol.
+
+    .venv/bin/python bench/quality.py                       # both logs, 3 seeds
+    .venv/bin/python bench/quality.py --data collegemsg --seeds 1
+
+Writes bench/results/quality.json as {dataset: {model: {metric: {"mean", "std"}}}} (plus
+evaluated actors, candidates and training time) and bench/results/quality.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RESULTS_DIR, write_result  # noqa: E402
+from configs.loading import load_config  # noqa: E402
+from trainer.evaluation import METRIC_NAMES  # noqa: E402
+from trainer.main import CONFIG_DIR, run  # noqa: E402
+
+DATASETS = ("collegemsg", "ml-100k")
+MODELS = {"default": "{data}.yaml", "sasrec": "{data}-sasrec.yaml"}
+BASELINES = ("most_popular", "recency_frequency")
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def run_dataset(data: str, seeds: list[int], models: list[str], overrides: list[str]) -> dict:
+    per_model: dict[str, list[dict]] = {m: [] for m in [*models, *BASELINES]}
+    seconds: dict[str, list[float]] = {m: [] for m in models}
+    summary = {}
+    for model in models:
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                config = load_config(
+                    CONFIG_DIR / MODELS[model].format(data=data), [f"seed={seed}", f"output_dir={tmp}", *overrides]
+                )
+                start = time.perf_counter()
+                results = run(config)
+                seconds[model].append(time.perf_counter() - start)
+            per_model[model].append(results["metrics"]["test"]["model"])
+            if model == models[0]:
+                for baseline in BASELINES:
+                    per_model[baseline].append(results["metrics"]["test"][baseline])
+            summary = results["data"]
+    out = {}
+    for model, runs in per_model.items():
+        if not runs:
+            continue
+        out[model] = {metric: mean_std([r[metric] for r in runs]) for metric in METRIC_NAMES}
+        out[model]["runs"] = len(runs)
+        if model in seconds:
+            out[model]["train_seconds"] = mean_std(seconds[model])
+    out["evaluated_actors"] = summary.get("evaluated_actors")
+    out["candidates"] = summary.get("candidates")
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    for data, models in results.items():
+        lines += [
+            f"**{data}** ({models['evaluated_actors']:,} evaluated actors, {models['candidates']:,} candidates; "
+            "test split, mean ± std over seeds)",
+            "",
+            "| model | " + " | ".join(METRIC_NAMES) + " | run s |",
+            "|---|" + "---:|" * (len(METRIC_NAMES) + 1),
+        ]
+        for model, metrics in models.items():
+            if not isinstance(metrics, dict):
+                continue
+            cells = []
+            for metric in METRIC_NAMES:
+                m, s = metrics[metric]["mean"], metrics[metric]["std"]
+                cells.append(f"{m:.1f} ± {s:.1f}" if metric == "mean_rank" else f"{m:.4f} ± {s:.4f}")
+            t = metrics.get("train_seconds")
+            cells.append(f"{t['mean']:.0f}" if t else "-")
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=DATASETS, action="append", help="data set(s) to run (default: both)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--models", default="default,sasrec", help="comma-separated subset of: default,sasrec")
+    parser.add_argument("overrides", nargs="*", help="config overrides applied to every run")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, force=True)
+    results = {
+        data: run_dataset(data, list(range(args.seeds)), args.models.split(","), args.overrides)
+        for data in (args.data or DATASETS)
+    }
+    table = markdown(results)
+    path = write_result("quality", results)
+    (RESULTS_DIR / "quality.md").write_text(table)
+    print(table)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Top-k retrieval for a list of actors with a trained run.
+
+    python -m trainer.predict --run runs/collegemsg --k 10 --out predictions.parquet \
+        [--actors actors.txt] [--actions user_action_type.json] [--exclude-seen]
+
+- `--actors`: a text file of raw actor IDs, one a line (default: every actor of the log).
+- `--actions`: a JSON object mapping raw actor ID -> action type (raw value, as in the log)
+  of the next action; actors not in it get the most frequent action of the log.
+- The history is the actor's whole known log (its last `max_len` events); the request
+  time is the time of its newest event.
+- Output: one row per (actor, rank) with the raw target ID and its score, as parquet, or
+  JSON when `--out` ends in `.json`.
+
+Behaviour on odd requests: an actor ID the model never saw, or one that only ever was a
+target (no events of its own), is reported and skipped; an action type the model never
+saw is an error naming it; an empty actor list writes an empty result.
+
+The model loads with `torch.load(weights_only=True)`: no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from configs.loading import ConfigError, load_config
+from data.events import load_event_log
+from data.prepare import PreparedData
+from data.readers import DataError
+from data.sequences import Queries, Sequences, Split, TargetStats
+from trainer.loop import build_model
+from trainer.scoring import ModelScorer
+
+log = logging.getLogger(__name__)
+MODEL_FILE = "model.pt"
+
+
+def top_k(scorer: ModelScorer, num_queries: int, candidates: np.ndarray, k: int, seen: list[np.ndarray] | None,
+          chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k per query over all candidates, merged chunk by chunk. ([Q, k] ids, scores)."""
+    candidates_t = torch.from_numpy(np.sort(candidates))
+    ids_out = np.empty((num_queries, k), dtype=np.int64)
+    scores_out = np.empty((num_queries, k), dtype=np.float32)
+    for q0 in range(0, num_queries, 256):
+        rows = slice(q0, min(q0 + 256, num_queries))
+        state = scorer.query_state(rows)
+        best_scores = torch.full((rows.stop - rows.start, 0), float("-inf"))
+        best_ids = torch.zeros((rows.stop - rows.start, 0), dtype=torch.int64)
+        for c0 in range(0, len(candidates_t), chunk):
+            ids = candidates_t[c0 : c0 + chunk]
+            scores = scorer.score(state, ids)
+            if seen is not None:
+                for i, past in enumerate(seen[rows]):
+                    scores[i, torch.from_numpy(np.isin(ids.numpy(), past))] = float("-inf")
+            merged_scores = torch.cat([best_scores, scores], dim=1)
+            merged_ids = torch.cat([best_ids, ids.expand(scores.shape[0], -1)], dim=1)
+            keep = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
+            best_scores, best_ids = keep.values, merged_ids.gather(1, keep.indices)
+        ids_out[rows] = best_ids.numpy()
+        scores_out[rows] = best_scores.numpy()
+    return ids_out, scores_out
+
+
+def save_model(model: torch.nn.Module, run_dir: Path) -> Path:
+    """Plain tensors only (loadable with weights_only=True), written atomically."""
+    path = run_dir / MODEL_FILE
+    tmp = run_dir / f".{MODEL_FILE}.tmp"
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, exclude_seen: bool) -> pl.DataFrame:
+    config = load_config(run_dir / "config.yaml")
+    event_log = load_event_log(run_dir / "prepared")
+    seqs = Sequences.from_event_log(event_log)
+    split = Split.leave_last_out(seqs)
+    stats = TargetStats.compute(seqs, split, config.data)
+    model = build_model(config, PreparedData(event_log, seqs, split, stats))
+    model.load_state_dict(torch.load(run_dir / MODEL_FILE, weights_only=True))
+    model.eval()
+
+    # Which sequences to query: raw actor IDs -> sequence index.
+    sequence_of_actor = np.full(len(event_log.actor_ids), -1, dtype=np.int64)
+    sequence_of_actor[seqs.actor] = np.arange(seqs.num_sequences)
+    if actors is None:
+        sequence = np.arange(seqs.num_sequences)
+    else:
+        index = event_log.actor_ids.to_index(actors)
+        unknown = [a for a, i in zip(actors, index) if i < 0]
+        if unknown:
+            log.warning("skipping %d actor ID(s) the model never saw: %s", len(unknown), unknown[:10])
+        sequence = sequence_of_actor[index[index >= 0]]
+        if (sequence < 0).any():
+            # In a shared ID space an ID may only ever have been a target: no history to use.
+            log.warning("skipping %d actor(s) with no events of their own", int((sequence < 0).sum()))
+            sequence = sequence[sequence >= 0]
+    if len(sequence) == 0:
+        return pl.DataFrame(schema={"actor": event_log.actor_ids.raw.dtype, "rank": pl.Int64, "target": event_log.target_ids.raw.dtype, "score": pl.Float32})
+
+    queries = Queries.requests(seqs, sequence, _next_actions(event_log, seqs, sequence, actions))
+    scorer = ModelScorer(model, seqs, queries, config.data.max_len, stats.candidates)
+    seen = [seqs.targets[seqs.offsets[s] : seqs.offsets[s + 1]] for s in sequence] if exclude_seen else None
+    ids, scores = top_k(scorer, len(sequence), stats.candidates, k, seen)
+    kept = min(k, ids.shape[1])
+    return pl.DataFrame(
+        {
+            "actor": np.repeat(event_log.actor_ids.to_raw(seqs.actor[sequence]), kept),
+            "rank": np.tile(np.arange(1, kept + 1), len(sequence)),
+            "target": event_log.target_ids.to_raw(ids[:, :kept].reshape(-1)),
+            "score": scores[:, :kept].reshape(-1),
+        }
+    )
+
+
+def _next_actions(event_log, seqs: Sequences, sequence: np.ndarray, actions: dict | None) -> np.ndarray:
+    most_frequent = int(np.bincount(seqs.actions).argmax())
+    result = np.full(len(sequence), most_frequent, dtype=np.int64)
+    if not actions:
+        return result
+    labels = {label: i for i, label in enumerate(event_log.action_values)}
+    raw_of_sequence = event_log.actor_ids.to_raw(seqs.actor[sequence])
+    for i, raw in enumerate(raw_of_sequence):
+        value = actions.get(str(raw))
+        if value is None:
+            continue
+        key = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+        if key not in labels:
+            raise DataError(
+                f"--actions: actor {raw!r} asks for action type {value!r}, which the model never saw; "
+                f"known types: {', '.join(event_log.action_values)}"
+            )
+        result[i] = labels[key]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="run directory written by trainer.main")
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--actors", help="text file of raw actor IDs, one a line (default: all)")
+    parser.add_argument("--actions", help="JSON file: raw actor ID -> next action type")
+    parser.add_argument("--exclude-seen", action="store_true", help="exclude targets the actor already interacted with")
+    parser.add_argument("--out", required=True, help="output .parquet or .json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
+    try:
+        run_dir = Path(args.run)
+        if not (run_dir / MODEL_FILE).exists():
+            raise DataError(f"{run_dir}: no {MODEL_FILE}; train first with python -m trainer.main")
+        config = load_config(run_dir / "config.yaml")
+        actors = None
+        if args.actors:
+            lines = [line.strip() for line in Path(args.actors).read_text().splitlines() if line.strip()]
+            actors = [int(a) for a in lines] if config.data.id_type == "int" else lines
+        actions = json.loads(Path(args.actions).read_text()) if args.actions else None
+        frame = predict(run_dir, args.k, actors, actions, args.exclude_seen)
+    except (ConfigError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.suffix == ".json":
+        out.write_text(json.dumps(frame.to_dicts()))
+    else:
+        frame.write_parquet(out)
+    print(f"wrote {frame.height} rows for {frame['actor'].n_unique() if frame.height else 0} actor(s) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
