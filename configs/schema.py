@@ -82,6 +82,18 @@ class DataConfig:
     """Alternative to `active_since_fraction`: an ISO date (`2004-06-01`); targets last
     seen on or after it form the active pool."""
 
+    target_features_path: str | None = None
+    """Optional table of sparse target features (csv with a header, RecBole `.item`, or
+    parquet): an ID column (`target_features_id_column`) and categorical columns; a cell
+    may hold several tokens separated by `target_features_separator`. The candidate
+    tower adds the mean of a target's feature-token embeddings to its ID embedding."""
+
+    target_features_id_column: str = "target"
+    """Column of `target_features_path` holding the raw target ID (`item_id` for .item)."""
+
+    target_features_separator: str = "|"
+    """Separator of several tokens in one cell (RecBole `token_seq` uses a space)."""
+
     def __post_init__(self) -> None:
         _require(bool(self.path), "data.path: expected a log file or directory, got an empty string")
         _require(self.max_len >= 1, f"data.max_len: expected >= 1, got {self.max_len}")

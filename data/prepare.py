@@ -15,6 +15,7 @@ from pathlib import Path
 
 from configs.schema import DataConfig
 from data.events import EventLog, load_events, save_event_log
+from data.features import TargetFeatures, load_target_features
 from data.readers import DataError
 from data.sequences import Sequences, Split, TargetStats
 
@@ -40,6 +41,7 @@ class PreparedData:
     seqs: Sequences
     split: Split
     stats: TargetStats
+    features: TargetFeatures | None = None
 
     def summary(self) -> dict:
         return {
@@ -53,6 +55,7 @@ class PreparedData:
             "candidates": int(len(self.stats.candidates)),
             "active_pool": int(len(self.stats.active_pool)),
             **self.log.report,
+            **({"target_features": self.features.report} if self.features is not None else {}),
         }
 
 
@@ -60,9 +63,17 @@ def prepare(config: DataConfig, out_dir: str | Path | None = None) -> PreparedDa
     event_log = load_events(config, resolve_data_path(config.path))
     if out_dir is not None:
         save_event_log(event_log, out_dir)
+    prepared = prepare_from_event_log(event_log, config)
+    log.debug("prepared %s", prepared.summary())
+    return prepared
+
+
+def prepare_from_event_log(event_log: EventLog, config: DataConfig) -> PreparedData:
+    """Sequences, split, statistics (and target features) of an already loaded log."""
     seqs = Sequences.from_event_log(event_log)
     split = Split.leave_last_out(seqs)
     stats = TargetStats.compute(seqs, split, config)
-    prepared = PreparedData(event_log, seqs, split, stats)
-    log.debug("prepared %s", prepared.summary())
-    return prepared
+    features = None
+    if config.target_features_path is not None:
+        features = load_target_features(config, event_log.target_ids, resolve_data_path(config.target_features_path))
+    return PreparedData(event_log, seqs, split, stats, features)

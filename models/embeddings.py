@@ -16,6 +16,10 @@ Example of the lookup KJT for two examples, one random negative each:
     actor              [12]         [5]
     next_action        [1]          [0]
     candidate_target   [8, 33]      [2, 17]     (positive first, then random negatives)
+    candidate_feature  [f, f, f]    [f]         (feature tokens of each example's candidates)
+    history_feature    [f, f]       []          (feature tokens of each example's history)
+
+The feature tables exist only when the log comes with sparse target features.
 
 NOTE: built unsharded; pass `device=torch.device("meta")` to build it for sharding.
 """
@@ -33,7 +37,8 @@ HISTORY_ACTION = "history_action"
 ACTOR = "actor"
 NEXT_ACTION = "next_action"
 CANDIDATE_TARGET = "candidate_target"
-LOOKUP_KEYS = (HISTORY_TARGET, HISTORY_ACTION, ACTOR, NEXT_ACTION, CANDIDATE_TARGET)
+CANDIDATE_FEATURE = "candidate_feature"
+HISTORY_FEATURE = "history_feature"
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class VocabularySizes:
     num_actors: int
     num_actions: int
     shared_id_table: bool
+    num_feature_tokens: int = 0
+    """Vocabulary of sparse target feature tokens (0: no feature table)."""
     """Actors are looked up in the target table (same people, one ID space)."""
 
     @property
@@ -75,6 +82,16 @@ def table_configs(sizes: VocabularySizes, dim: int) -> list[EmbeddingConfig]:
             init_fn=_normal_init(0.1),
         ),
     ]
+    if sizes.num_feature_tokens:
+        tables.append(
+            EmbeddingConfig(
+                name="target_features",
+                embedding_dim=dim,
+                num_embeddings=sizes.num_feature_tokens,
+                feature_names=[CANDIDATE_FEATURE, HISTORY_FEATURE],
+                init_fn=_normal_init(0.1),
+            )
+        )
     if not sizes.shared_id_table:
         tables.append(
             EmbeddingConfig(
@@ -95,24 +112,20 @@ class IdEmbeddings(nn.Module):
         super().__init__()
         self.sizes, self.dim = sizes, dim
         self.ec = EmbeddingCollection(tables=table_configs(sizes, dim), device=device)
+        self.feature_names = [name for table in self.ec.embedding_configs() for name in table.feature_names]
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         return self.ec(features)
 
-
-def lookup_features(
-    history_target: torch.Tensor,
-    history_action: torch.Tensor,
-    history_lengths: torch.Tensor,
-    actor: torch.Tensor,
-    next_action: torch.Tensor,
-    candidate_target: torch.Tensor,
-    candidate_lengths: torch.Tensor,
-) -> KeyedJaggedTensor:
-    """Pack one batch's IDs into the lookup KJT (keys `LOOKUP_KEYS`, see the module doc)."""
-    ones = torch.ones_like(actor)
-    return KeyedJaggedTensor.from_lengths_sync(
-        keys=list(LOOKUP_KEYS),
-        values=torch.cat([history_target, history_action, actor, next_action, candidate_target]),
-        lengths=torch.cat([history_lengths, history_lengths, ones, ones, candidate_lengths]),
-    )
+    def lookup(self, parts: dict[str, tuple[torch.Tensor, torch.Tensor]], stride: int) -> dict[str, torch.Tensor]:
+        """{feature: (ids, lengths per example [stride])} -> {feature: embeddings [n, D]}.
+        Features of the collection missing from `parts` are sent empty."""
+        device = next(iter(parts.values()))[0].device
+        empty = (torch.zeros(0, dtype=torch.int64, device=device), torch.zeros(stride, dtype=torch.int64, device=device))
+        ordered = [parts.get(name, empty) for name in self.feature_names]
+        features = KeyedJaggedTensor.from_lengths_sync(
+            keys=self.feature_names,
+            values=torch.cat([values for values, _ in ordered]),
+            lengths=torch.cat([lengths for _, lengths in ordered]),
+        )
+        return {name: jagged.values() for name, jagged in self.ec(features).items() if name in parts}

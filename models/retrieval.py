@@ -25,14 +25,14 @@ from configs.schema import LossConfig, ModelConfig
 from data.batches import Batch, left_padded
 from models.embeddings import (
     ACTOR,
+    CANDIDATE_FEATURE,
     CANDIDATE_TARGET,
     HISTORY_ACTION,
+    HISTORY_FEATURE,
     HISTORY_TARGET,
-    LOOKUP_KEYS,
     NEXT_ACTION,
     IdEmbeddings,
     VocabularySizes,
-    lookup_features,
 )
 from models.losses import LossSettings, hard_topk_schedule, sampled_softmax_loss
 from models.repeat import HistoryItems, RepeatScorer, history_items
@@ -75,7 +75,11 @@ class TwoTowerRetrieval(nn.Module):
         pool_size: int,
         gather: Gather = identity_gather,
         device: torch.device | None = None,
+        target_feature_offsets: torch.Tensor | None = None,
+        target_feature_tokens: torch.Tensor | None = None,
     ) -> None:
+        """`target_feature_offsets` [T + 1] / `target_feature_tokens` [M]: each target's sparse
+        feature tokens (jagged), when the log has them (`sizes.num_feature_tokens` > 0)."""
         super().__init__()
         self.model_config, self.loss_config, self.sizes, self.max_len = model_config, loss_config, sizes, max_len
         dim = model_config.embedding_dim
@@ -95,10 +99,22 @@ class TwoTowerRetrieval(nn.Module):
                 "loss.temporal_weight > 0 needs a causal encoder: set model.causal=true, "
                 "or model.encoder=hstu, or loss.temporal_weight=0"
             )
+        self.has_features = sizes.num_feature_tokens > 0
+        if self.has_features:
+            self.register_buffer("feature_offsets", target_feature_offsets.to(torch.int64), persistent=False)
+            self.register_buffer("feature_tokens", target_feature_tokens.to(torch.int64), persistent=False)
         # The curriculum's position; a buffer so checkpoints carry it.
         self.register_buffer("training_step", torch.zeros((), dtype=torch.int64))
 
     # ------------------------------------------------------------------ lookups
+
+    def _features_of(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feature tokens of each target ID, jagged: (tokens [M], counts per ID [N])."""
+        starts = self.feature_offsets[ids]
+        counts = self.feature_offsets[ids + 1] - starts
+        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        flat = torch.arange(int(counts.sum()), device=ids.device) - first + torch.repeat_interleave(starts, counts)
+        return self.feature_tokens[flat], counts
 
     def _lookup(
         self,
@@ -107,18 +123,37 @@ class TwoTowerRetrieval(nn.Module):
         history: KeyedJaggedTensor,
         candidates_BC: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
-        """One EmbeddingCollection call for every ID of the batch."""
+        """One EmbeddingCollection call for every ID of the batch. Feature embeddings are
+        returned already pooled (mean) per target: [candidates or history events, D]."""
+        batch = actor.shape[0]
         history_target = history[HISTORY_TARGET]
-        features = lookup_features(
-            history_target.values(),
-            history[HISTORY_ACTION].values(),
-            history_target.lengths(),
-            actor,
-            next_action,
-            candidates_BC.reshape(-1),
-            torch.full_like(actor, candidates_BC.shape[1]),
-        )
-        return {key: jagged.values() for key, jagged in self.embeddings(features).items()}
+        history_lengths = history_target.lengths()
+        ones = torch.ones_like(actor)
+        parts = {
+            HISTORY_TARGET: (history_target.values(), history_lengths),
+            HISTORY_ACTION: (history[HISTORY_ACTION].values(), history_lengths),
+            ACTOR: (actor, ones),
+            NEXT_ACTION: (next_action, ones),
+            CANDIDATE_TARGET: (candidates_BC.reshape(-1), torch.full_like(actor, candidates_BC.shape[1])),
+        }
+        if self.has_features:
+            counts = {}
+            for key, ids, per_example in (
+                (CANDIDATE_FEATURE, candidates_BC.reshape(-1), torch.full_like(actor, candidates_BC.shape[1])),
+                (HISTORY_FEATURE, history_target.values(), history_lengths),
+            ):
+                tokens, counts[key] = self._features_of(ids)
+                example_of_id = torch.repeat_interleave(torch.arange(batch, device=actor.device), per_example)
+                token_lengths = torch.zeros(batch, dtype=torch.int64, device=actor.device).index_add_(0, example_of_id, counts[key])
+                parts[key] = (tokens, token_lengths)
+        looked_up = self.embeddings.lookup(parts, batch)
+        if self.has_features:
+            for key in (CANDIDATE_FEATURE, HISTORY_FEATURE):
+                looked_up[key] = _mean_per_id(looked_up[key], counts[key])
+        return looked_up
+
+    def _candidates(self, looked_up: dict[str, torch.Tensor], target_key: str, feature_key: str) -> torch.Tensor:
+        return self.candidate_tower(looked_up[target_key], looked_up.get(feature_key))
 
     def _query_inputs(
         self, looked_up: dict[str, torch.Tensor], history: KeyedJaggedTensor, next_timestamp: torch.Tensor
@@ -186,11 +221,15 @@ class TwoTowerRetrieval(nn.Module):
 
     def candidate_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """[N] target IDs -> [N, D] unit vectors."""
-        # One "example" that holds every ID under candidate_target; the other keys are empty.
-        lengths = torch.zeros(len(LOOKUP_KEYS), dtype=torch.int64, device=ids.device)
-        lengths[LOOKUP_KEYS.index(CANDIDATE_TARGET)] = ids.shape[0]
-        features = KeyedJaggedTensor.from_lengths_sync(keys=list(LOOKUP_KEYS), values=ids, lengths=lengths)
-        return self.candidate_tower(self.embeddings(features)[CANDIDATE_TARGET].values())
+        parts = {CANDIDATE_TARGET: (ids, torch.full((1,), ids.shape[0], dtype=torch.int64, device=ids.device))}
+        counts = None
+        if self.has_features:
+            tokens, counts = self._features_of(ids)
+            parts[CANDIDATE_FEATURE] = (tokens, counts.sum().reshape(1))
+        looked_up = self.embeddings.lookup(parts, 1)
+        if counts is not None:
+            looked_up[CANDIDATE_FEATURE] = _mean_per_id(looked_up[CANDIDATE_FEATURE], counts)
+        return self._candidates(looked_up, CANDIDATE_TARGET, CANDIDATE_FEATURE)
 
     # ------------------------------------------------------------------ training
 
@@ -213,7 +252,9 @@ class TwoTowerRetrieval(nn.Module):
         inputs = self._query_inputs(looked_up, batch.history, next_timestamp)
         query = self.query_tower(inputs, all_positions=self.temporal)
 
-        candidate_BCD = self.candidate_tower(looked_up[CANDIDATE_TARGET]).reshape(batch_size, 1 + num_random, -1)
+        candidate_BCD = self._candidates(looked_up, CANDIDATE_TARGET, CANDIDATE_FEATURE).reshape(
+            batch_size, 1 + num_random, -1
+        )
         positive_BD, random_BRD = candidate_BCD[:, 0], candidate_BCD[:, 1:]
         in_batch = self.in_batch(batch.target, positive_BD)
         sources = [in_batch]
@@ -233,7 +274,7 @@ class TwoTowerRetrieval(nn.Module):
         if self.repeat is not None or self.loss_config.mask_history:
             items = self._history_items(batch.history, next_timestamp)
         if self.repeat is not None:
-            history_vectors_ND = self.candidate_tower(looked_up[HISTORY_TARGET])
+            history_vectors_ND = self._candidates(looked_up, HISTORY_TARGET, HISTORY_FEATURE)
             bonus_U = self._bonus(items, looked_up[NEXT_ACTION])
             ids_BH, index_BH, valid_BH = items.padded()
             sources.append(
@@ -283,7 +324,7 @@ class TwoTowerRetrieval(nn.Module):
         position predicts the batch's target and is the main loss's job."""
         lengths, width = batch.history[HISTORY_TARGET].lengths(), mask_BL.shape[1]
         target_ids_BL, _ = left_padded(batch.history[HISTORY_TARGET].values(), lengths, width)
-        history_vectors_BLD, _ = left_padded(self.candidate_tower(looked_up[HISTORY_TARGET]), lengths, width)
+        history_vectors_BLD, _ = left_padded(self._candidates(looked_up, HISTORY_TARGET, HISTORY_FEATURE), lengths, width)
         # Position j (0..L-2) predicts entry j + 1; both must be real history events.
         valid_BP = mask_BL[:, :-1] & mask_BL[:, 1:]
         last_k = self.loss_config.temporal_last_k
@@ -298,6 +339,14 @@ class TwoTowerRetrieval(nn.Module):
             settings,
             valid_BP=valid_BP,
         )
+
+
+def _mean_per_id(token_embeddings_MD: torch.Tensor, counts_N: torch.Tensor) -> torch.Tensor:
+    """Mean of each ID's token embeddings (zeros for an ID without tokens). [N, D]."""
+    owner_M = torch.repeat_interleave(torch.arange(counts_N.shape[0], device=counts_N.device), counts_N)
+    summed = torch.zeros(counts_N.shape[0], token_embeddings_MD.shape[1], device=token_embeddings_MD.device)
+    summed = summed.index_add(0, owner_M, token_embeddings_MD)
+    return summed / counts_N.clamp(min=1)[:, None].to(summed.dtype)
 
 
 def _newest_timestamp(history: KeyedJaggedTensor) -> torch.Tensor:

@@ -35,11 +35,13 @@ log = logging.getLogger(__name__)
 def build_model(config: ExperimentConfig, prepared: PreparedData, device: torch.device | None = None) -> TwoTowerRetrieval:
     seqs = prepared.seqs
     shared = config.model.shared_id_table
+    features = prepared.features
     sizes = VocabularySizes(
         num_targets=seqs.num_targets,
         num_actors=seqs.num_actors,
         num_actions=seqs.num_actions,
         shared_id_table=prepared.log.shared_id_space if shared is None else shared,
+        num_feature_tokens=features.num_tokens if features is not None else 0,
     )
     return TwoTowerRetrieval(
         config.model,
@@ -49,6 +51,8 @@ def build_model(config: ExperimentConfig, prepared: PreparedData, device: torch.
         target_log_p=torch.from_numpy(prepared.stats.log_q),
         pool_size=len(prepared.stats.active_pool),
         device=device,
+        target_feature_offsets=torch.from_numpy(features.offsets) if features is not None else None,
+        target_feature_tokens=torch.from_numpy(features.tokens) if features is not None else None,
     )
 
 

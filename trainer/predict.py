@@ -32,9 +32,9 @@ import torch
 
 from configs.loading import ConfigError, load_config
 from data.events import load_event_log
-from data.prepare import PreparedData
+from data.prepare import prepare_from_event_log
 from data.readers import DataError
-from data.sequences import Queries, Sequences, Split, TargetStats
+from data.sequences import Queries, Sequences
 from trainer.loop import build_model
 from trainer.scoring import ModelScorer
 
@@ -80,10 +80,9 @@ def save_model(model: torch.nn.Module, run_dir: Path) -> Path:
 def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, exclude_seen: bool) -> pl.DataFrame:
     config = load_config(run_dir / "config.yaml")
     event_log = load_event_log(run_dir / "prepared")
-    seqs = Sequences.from_event_log(event_log)
-    split = Split.leave_last_out(seqs)
-    stats = TargetStats.compute(seqs, split, config.data)
-    model = build_model(config, PreparedData(event_log, seqs, split, stats))
+    prepared = prepare_from_event_log(event_log, config.data)
+    seqs, stats = prepared.seqs, prepared.stats
+    model = build_model(config, prepared)
     model.load_state_dict(torch.load(run_dir / MODEL_FILE, weights_only=True))
     model.eval()
 

@@ -63,3 +63,12 @@ def test_main_runs_as_a_script_path_and_reports_user_errors_in_one_line(tmp_path
     assert result.returncode == 2
     assert "did you mean 'loader.batch_size'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_smoke_run_with_sparse_target_features(tmp_path):
+    features = tmp_path / "people.csv"
+    features.write_text("target,cohort\n" + "".join(f"{i},c{i % 7}\n" for i in range(1, 1900)))
+    overrides = [f"output_dir={tmp_path}", f"data.target_features_path={features}", "train.max_steps=8"]
+    assert main(["--config", SMOKE, *overrides]) == 0
+    results = json.loads((tmp_path / "smoke" / "results.json").read_text())
+    assert results["data"]["target_features"]["tokens"] == 7

@@ -72,3 +72,29 @@ def test_a_tiny_model_overfits_a_tiny_log():
         first = first if first is not None else out.losses["main"].item()
     assert first > 1.5
     assert out.losses["main"].item() < 0.1
+
+
+def test_sparse_target_features_feed_the_candidate_tower():
+    seqs = tiny_sequences()
+    model = tiny_model(seqs)
+    # Rebuild with 3 feature tokens: target t has token t % 3, target 0 has none.
+    from models.embeddings import VocabularySizes
+    from models.retrieval import TwoTowerRetrieval
+
+    offsets = torch.tensor([0, 0] + list(range(1, seqs.num_targets)))
+    tokens = torch.arange(1, seqs.num_targets) % 3
+    sizes = VocabularySizes(seqs.num_targets, seqs.num_actors, seqs.num_actions, False, num_feature_tokens=3)
+    featured = TwoTowerRetrieval(
+        model.model_config, model.loss_config, sizes, max_len=8, target_log_p=torch.zeros(seqs.num_targets),
+        pool_size=seqs.num_targets, target_feature_offsets=offsets, target_feature_tokens=tokens,
+    )
+    table = featured.embeddings.ec.embeddings["target_features"].weight
+    with torch.no_grad():
+        before = featured.candidate_vectors(torch.tensor([0, 1, 4]))
+        table[1] += 1.0  # token 1 belongs to targets 1, 4, 7, ...
+        after = featured.candidate_vectors(torch.tensor([0, 1, 4]))
+    torch.testing.assert_close(before[0], after[0])  # no features: unchanged
+    assert not torch.allclose(before[1:], after[1:])
+    out = featured.train_forward(builder(seqs, num_rand_negs=2).build(np.arange(6), np.random.default_rng(0)))
+    out.loss.backward()
+    assert table.grad is not None and table.grad.abs().sum() > 0
