@@ -268,12 +268,17 @@ class OptimConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     """Clip the dense gradients' global norm (0 turns clipping off)."""
+    repeat_lr: float = 1e-2
+    """Learning rate of the repeat re-scoring MLP. Its bonus has to grow until it can
+    outweigh the similarity (tens of logits) before the ID tables overfit; at the dense
+    rate it gets there too late (measured on CollegeMsg, see the notes)."""
     sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "adam"] = "rowwise_adagrad"
     sparse_lr: float = 0.02
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"optim.lr: expected > 0, got {self.lr}")
         _require(self.sparse_lr > 0, f"optim.sparse_lr: expected > 0, got {self.sparse_lr}")
+        _require(self.repeat_lr > 0, f"optim.repeat_lr: expected > 0, got {self.repeat_lr}")
         _require(self.weight_decay >= 0, f"optim.weight_decay: expected >= 0, got {self.weight_decay}")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps: expected >= 0, got {self.warmup_steps}")
         _require(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio: expected in [0, 1], got {self.min_lr_ratio}")
@@ -368,6 +373,11 @@ class ExperimentConfig:
     """Parent directory of run directories."""
 
     def __post_init__(self) -> None:
+        _require(
+            not (self.loss.temporal_weight > 0 and self.model.encoder == "transformer" and not self.model.causal),
+            "loss.temporal_weight > 0 needs a causal encoder (every position predicts the next event): "
+            "set model.causal=true, or model.encoder=hstu, or loss.temporal_weight=0",
+        )
         hard = self.loss.hard_negatives
         if hard.enabled:
             _require(

@@ -97,10 +97,14 @@ class Trainer:
         self.model = build_model(config, prepared)
         sparse_class, sparse_kwargs = _sparse_optimizer(config.optim)
         apply_optimizer_in_backward(sparse_class, self.model.embeddings.parameters(), sparse_kwargs)
-        self.dense_parameters = [p for n, p in self.model.named_parameters() if not n.startswith("embeddings.")]
-        self.optimizer = torch.optim.AdamW(
-            self.dense_parameters, lr=config.optim.lr, weight_decay=config.optim.weight_decay
-        )
+        dense = {n: p for n, p in self.model.named_parameters() if not n.startswith("embeddings.")}
+        self.dense_parameters = list(dense.values())
+        repeat = [p for n, p in dense.items() if n.startswith("repeat.")]
+        others = [p for n, p in dense.items() if not n.startswith("repeat.")]
+        groups = [{"params": others, "base_lr": config.optim.lr}]
+        if repeat:
+            groups.append({"params": repeat, "base_lr": config.optim.repeat_lr})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         queries = prepared.split.train_queries(prepared.seqs, config.loader.min_history)
         builder = BatchBuilder(
             prepared.seqs, queries, config.data.max_len, prepared.stats.active_pool, config.loader.num_rand_negs
@@ -119,7 +123,7 @@ class Trainer:
     def train_step(self, batch) -> dict[str, float]:
         factor = lr_factor(self.step, self.total_steps, self.config.optim)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.config.optim.lr * factor
+            group["lr"] = group["base_lr"] * factor
         output = self.model.train_forward(batch)
         self.optimizer.zero_grad(set_to_none=True)
         output.loss.backward()

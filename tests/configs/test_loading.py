@@ -51,3 +51,14 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
         load_config(tmp_path / "none.yaml")
 def test_exponent_floats_without_a_dot_are_numbers(write):
     assert _load(write, "name: x\ndata: {path: a}\noptim: {lr: 1e-4}\n").optim.lr == 1e-4
+
+
+def test_cross_section_rules_are_checked_before_any_work(write):
+    base = "name: x\ndata: {path: a}\n"
+    with pytest.raises(ConfigError, match="temporal_weight > 0 needs a causal encoder"):
+        _load(write, base + "model: {encoder: transformer}\n")
+    assert _load(write, base + "model: {encoder: transformer}\nloss: {temporal_weight: 0}\n").model.encoder == "transformer"
+    with pytest.raises(ConfigError, match="larger than the negatives available"):
+        _load(write, base + "loss: {hard_negatives: {enabled: true, topk_start: 500}}\n")
+    with pytest.raises(ConfigError, match="loss.temperature: expected > 0"):
+        _load(write, base + "loss: {temperature: -1}\n")
