@@ -65,43 +65,20 @@ def _normal_init(std: float):
 
 
 def table_configs(sizes: VocabularySizes, dim: int) -> list[EmbeddingConfig]:
+    def table(name: str, rows: int, features: list[str]) -> EmbeddingConfig:
+        return EmbeddingConfig(
+            name=name, embedding_dim=dim, num_embeddings=rows, feature_names=features, init_fn=_normal_init(0.1)
+        )
+
     target_features = [HISTORY_TARGET, CANDIDATE_TARGET] + ([ACTOR] if sizes.shared_id_table else [])
     tables = [
-        EmbeddingConfig(
-            name="target_ids",
-            embedding_dim=dim,
-            num_embeddings=sizes.num_id_rows,
-            feature_names=target_features,
-            init_fn=_normal_init(0.1),
-        ),
-        EmbeddingConfig(
-            name="action_types",
-            embedding_dim=dim,
-            num_embeddings=sizes.num_actions,
-            feature_names=[HISTORY_ACTION, NEXT_ACTION],
-            init_fn=_normal_init(0.1),
-        ),
+        table("target_ids", sizes.num_id_rows, target_features),
+        table("action_types", sizes.num_actions, [HISTORY_ACTION, NEXT_ACTION]),
     ]
     if sizes.num_feature_tokens:
-        tables.append(
-            EmbeddingConfig(
-                name="target_features",
-                embedding_dim=dim,
-                num_embeddings=sizes.num_feature_tokens,
-                feature_names=[CANDIDATE_FEATURE, HISTORY_FEATURE],
-                init_fn=_normal_init(0.1),
-            )
-        )
+        tables.append(table("target_features", sizes.num_feature_tokens, [CANDIDATE_FEATURE, HISTORY_FEATURE]))
     if not sizes.shared_id_table:
-        tables.append(
-            EmbeddingConfig(
-                name="actor_ids",
-                embedding_dim=dim,
-                num_embeddings=sizes.num_actors,
-                feature_names=[ACTOR],
-                init_fn=_normal_init(0.1),
-            )
-        )
+        tables.append(table("actor_ids", sizes.num_actors, [ACTOR]))
     return tables
 
 
