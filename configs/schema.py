@@ -185,7 +185,13 @@ class ModelConfig:
     targets as extra negatives. Retrieval stays a dot product; the bonus re-scores the
     actor's own past targets (a re-scoring stage over at most max_len items)."""
 
+    repeat_window: int = 0
+    """History events the repeat re-scorer looks at (0: data.max_len). Batches then carry
+    max(data.max_len, repeat_window) events and the encoder sees the last data.max_len:
+    counting past contacts is cheap, attention over long histories is not."""
+
     def __post_init__(self) -> None:
+        _require(self.repeat_window >= 0, f"model.repeat_window: expected >= 0, got {self.repeat_window}")
         _require(self.embedding_dim >= 2, f"model.embedding_dim: expected >= 2, got {self.embedding_dim}")
         _require(self.num_layers >= 1, f"model.num_layers: expected >= 1, got {self.num_layers}")
         _require(self.num_heads >= 1, f"model.num_heads: expected >= 1, got {self.num_heads}")
@@ -371,6 +377,11 @@ class ExperimentConfig:
 
     output_dir: str = "runs"
     """Parent directory of run directories."""
+
+    @property
+    def history_window(self) -> int:
+        """Events of history each batch carries: the encoder's and the re-scorer's needs."""
+        return max(self.data.max_len, self.model.repeat_window if self.model.repeat_scoring else 0)
 
     def __post_init__(self) -> None:
         _require(

@@ -82,7 +82,8 @@ class Batch(Pipelineable):
 
 def left_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Jagged (values [sum(lengths), ...], lengths [B]) -> (padded [B, L, ...], mask [B, L])
-    with each row's entries right-aligned; L = max_len or the longest row."""
+    with each row's entries right-aligned; L = max_len or the longest row. Rows longer
+    than L keep their last L entries."""
     lengths = lengths.to(torch.int64)
     batch = lengths.shape[0]
     width = int(max_len if max_len is not None else (lengths.max().item() if batch else 0))
@@ -90,6 +91,8 @@ def left_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int | None
     row = torch.repeat_interleave(torch.arange(batch, device=values.device), lengths)
     within = torch.arange(values.shape[0], device=values.device) - offsets[row]
     column = width - lengths[row] + within
+    fits = column >= 0
+    row, column, values = row[fits], column[fits], values[fits]
     padded = torch.zeros((batch, width) + tuple(values.shape[1:]), dtype=values.dtype, device=values.device)
     mask = torch.zeros((batch, width), dtype=torch.bool, device=values.device)
     padded = padded.index_put((row, column), values)

@@ -119,17 +119,23 @@ def history_items(
 
 
 class RepeatScorer(nn.Module):
-    """bonus(x, c) = MLP(repeat features of (x, c), next action of x). One scalar per pair."""
+    """bonus(x, c) = MLP(repeat features of (x, c), cos(q(x), c), next action of x), one
+    scalar per pair, in cosine units.
+
+    The similarity is an input so the re-scorer can decide how much of it to keep for a
+    past target: a target's score is cos + bonus, and the bonus may cancel the cosine
+    where count and recency say more (measured: with the similarity left as additive
+    noise, the joint model ordered past targets worse than recency alone)."""
 
     def __init__(self, action_dim: int, hidden_dim: int = 32) -> None:
         super().__init__()
         self.action = nn.Linear(action_dim, 8)
         self.mlp = nn.Sequential(
-            nn.Linear(NUM_REPEAT_FEATURES + 8, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(NUM_REPEAT_FEATURES + 1 + 8, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
             nn.Linear(hidden_dim, 1),
         )
 
-    def forward(self, items: HistoryItems, next_action_BD: torch.Tensor) -> torch.Tensor:
+    def forward(self, items: HistoryItems, cosine_U: torch.Tensor, next_action_BD: torch.Tensor) -> torch.Tensor:
         """[U] bonus per (row, target) pair."""
         action_UA = self.action(next_action_BD)[items.row_U]
-        return self.mlp(torch.cat([items.features_UF, action_UA], dim=-1)).squeeze(-1)
+        return self.mlp(torch.cat([items.features_UF, cosine_U[:, None], action_UA], dim=-1)).squeeze(-1)

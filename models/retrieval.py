@@ -159,8 +159,9 @@ class TwoTowerRetrieval(nn.Module):
         self, looked_up: dict[str, torch.Tensor], history: KeyedJaggedTensor, next_timestamp: torch.Tensor
     ) -> QueryInputs:
         lengths = history[HISTORY_TARGET].lengths()
-        # At least one column, so a batch of empty histories still has a query position.
-        width = max(int(lengths.max()), 1) if lengths.numel() else 1
+        # The encoder sees each row's last max_len events (batches may carry more for the
+        # repeat re-scorer), and at least one column, so empty histories have a query position.
+        width = min(max(int(lengths.max()), 1) if lengths.numel() else 1, self.max_len)
         target_BLD, mask_BL = left_padded(looked_up[HISTORY_TARGET], lengths, width)
         action_BLD, _ = left_padded(looked_up[HISTORY_ACTION], lengths, width)
         timestamp_BL, _ = left_padded(history["history_timestamp"].values(), lengths, width)
@@ -201,14 +202,18 @@ class TwoTowerRetrieval(nn.Module):
         if self.repeat is None:
             return QueryEncoding(query, None, None)
         items = self._history_items(history, next_timestamp)
-        return QueryEncoding(query, items, self._bonus(items, looked_up[NEXT_ACTION]))
+        history_vectors_ND = self._candidates(looked_up, HISTORY_TARGET, HISTORY_FEATURE)
+        return QueryEncoding(query, items, self._bonus(items, query, history_vectors_ND, looked_up[NEXT_ACTION]))
 
-    def _bonus(self, items: HistoryItems, next_action_BD: torch.Tensor) -> torch.Tensor:
+    def _bonus(
+        self, items: HistoryItems, query_BD: torch.Tensor, history_vectors_ND: torch.Tensor, next_action_BD: torch.Tensor
+    ) -> torch.Tensor:
         """Repeat bonus per history pair, in logit units. The scorer's output is in cosine
         units and divided by tau like the similarity: with tau = 0.05 a bonus that must
         outweigh the similarity needs only O(1) weights, which Adam reaches in hundreds of
         steps (at lr 1e-3 it would need tens of thousands to reach O(1/tau))."""
-        return self.repeat(items, next_action_BD) / self.loss_config.temperature
+        cosine_U = (query_BD[items.row_U] * history_vectors_ND[items.first_index_U]).sum(-1)
+        return self.repeat(items, cosine_U, next_action_BD) / self.loss_config.temperature
 
     def forward(
         self,
@@ -275,7 +280,7 @@ class TwoTowerRetrieval(nn.Module):
             items = self._history_items(batch.history, next_timestamp)
         if self.repeat is not None:
             history_vectors_ND = self._candidates(looked_up, HISTORY_TARGET, HISTORY_FEATURE)
-            bonus_U = self._bonus(items, looked_up[NEXT_ACTION])
+            bonus_U = self._bonus(items, query.query_BD, history_vectors_ND, looked_up[NEXT_ACTION])
             ids_BH, index_BH, valid_BH = items.padded()
             sources.append(
                 SampledNegatives(

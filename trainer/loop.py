@@ -107,7 +107,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         queries = prepared.split.train_queries(prepared.seqs, config.loader.min_history)
         builder = BatchBuilder(
-            prepared.seqs, queries, config.data.max_len, prepared.stats.active_pool, config.loader.num_rand_negs
+            prepared.seqs, queries, config.history_window, prepared.stats.active_pool, config.loader.num_rand_negs
         )
         self.loader = TrainLoader(
             builder, batch_size=config.loader.batch_size, seed=config.seed, num_workers=config.loader.num_workers
@@ -143,7 +143,7 @@ class Trainer:
         self.model.eval()
         try:
             scorer = ModelScorer(
-                self.model, prepared.seqs, queries, config.data.max_len, prepared.stats.candidates,
+                self.model, prepared.seqs, queries, config.history_window, prepared.stats.candidates,
                 chunk_size=config.eval.candidate_chunk_size,
             )
             ranks = full_ranking_ranks(

@@ -66,3 +66,9 @@ def test_batch_moves_and_pins_as_a_whole():
     assert torch.equal(moved.target, batch.target)
     padded, mask = moved.history_padded("history_target")
     assert padded.tolist() == [[10, 11]] and mask.all()
+
+
+def test_left_padded_view_keeps_the_newest_entries_of_long_rows():
+    padded, mask = left_padded(torch.tensor([1, 2, 3, 4, 5]), torch.tensor([4, 1]), max_len=2)
+    assert padded.tolist() == [[3, 4], [0, 5]]
+    assert mask.tolist() == [[True, True], [False, True]]
