@@ -64,9 +64,9 @@ class DataConfig:
     """Drop exact duplicate (actor, target, action, timestamp) events, reporting the
     count. Off by default: the benchmark protocol keeps every event."""
 
-    max_len: int = 200
-    """History length: the last `max_len` events before each example (truncation
-    happens at batch time; storage is jagged and never padded)."""
+    max_len: int = 50
+    """History length the encoder attends over: the last `max_len` events before each
+    example (truncation happens at batch time; storage is jagged and never padded)."""
 
     freq_exponent: float = 0.75
     """Sampling distribution for logQ: q(i) proportional to count(i) ** freq_exponent."""
@@ -145,7 +145,9 @@ class ModelConfig:
 
     num_layers: int = 2
     num_heads: int = 2
-    dropout: float = 0.1
+    dropout: float = 0.3
+    """Dropout in the encoders and towers. The public logs are small (tens of thousands of
+    events); 0.3 beat 0.1 on CollegeMsg validation (0.467 vs 0.465 NDCG@10)."""
 
     activation: Literal["gelu", "swiglu"] = "gelu"
     """Activation of the towers' MLPs (and the transformer's feed-forward): GELU, or
@@ -185,7 +187,7 @@ class ModelConfig:
     targets as extra negatives. Retrieval stays a dot product; the bonus re-scores the
     actor's own past targets (a re-scoring stage over at most max_len items)."""
 
-    repeat_window: int = 0
+    repeat_window: int = 500
     """History events the repeat re-scorer looks at (0: data.max_len). Batches then carry
     max(data.max_len, repeat_window) events and the encoder sees the last data.max_len:
     counting past contacts is cheap, attention over long histories is not."""
@@ -225,7 +227,7 @@ class HardNegativesConfig:
 class LossConfig:
     """Sampled softmax on cosine similarity with temperature, logQ and masks."""
 
-    temperature: float = 0.05
+    temperature: float = 0.1
     """tau: logits are cosine / tau."""
 
     logq_correction: bool = True

@@ -170,3 +170,23 @@ def test_streaming_estimator_learns_appearance_rates():
     restored.load_state_dict(estimator.state_dict())
     torch.testing.assert_close(restored.log_expected_count(torch.tensor([2])), estimator.log_expected_count(torch.tensor([2])))
     assert math.isfinite(float(rates.sum()))
+
+
+def test_mask_history_masks_negatives_the_actor_already_had():
+    items, queries, positives = _setup(batch=2, vocab=12, seed=5)
+    positives = torch.tensor([0, 1])
+    ids = torch.tensor([5, 6, 7])
+    source = SampledNegatives("in_batch", ids, items[ids], torch.zeros(3))
+    history = {0: {5}, 1: {6, 7}}
+
+    def contains(ids_BN):
+        return torch.tensor([[int(i) in history[b] for i in row] for b, row in enumerate(ids_BN)])
+
+    settings = LossSettings(temperature=0.2, mask_history=True, similarity_mask_threshold=2.0)
+    out = sampled_softmax_loss(
+        queries[:, None], items[positives][:, None], positives[:, None], [source], settings, history_contains=contains
+    )
+    assert out.telemetry["masked_frac/in_history"] == pytest.approx(3 / 6)
+    logits = torch.cat([(queries * items[positives]).sum(-1, keepdim=True), queries @ items[ids].T], 1) / 0.2
+    logits[0, 1] = logits[1, 2] = logits[1, 3] = float("-inf")
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, torch.zeros(2, dtype=torch.long)))
