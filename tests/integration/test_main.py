@@ -37,7 +37,7 @@ def test_smoke_run_trains_validates_tests_and_writes_results_and_tensorboard(tmp
 
 def test_early_stopping_ends_training_after_patience_validations_without_gain(tmp_path):
     # Learning rates near zero: validation never improves after the first evaluation.
-    overrides = [f"output_dir={tmp_path}", "optim.lr=1e-12", "optim.sparse_lr=1e-12", "train.max_steps=100",
+    overrides = [f"output_dir={tmp_path}", "optim.lr=1e-12", "optim.sparse_lr=1e-12", "optim.repeat_lr=1e-12", "train.max_steps=100",
                  "train.eval_every_steps=4", "train.patience=2", "model.dropout=0.0"]
     assert main(["--config", SMOKE, *overrides]) == 0
     training = json.loads((tmp_path / "smoke" / "results.json").read_text())["training"]
