@@ -192,8 +192,15 @@ class ModelConfig:
     max(data.max_len, repeat_window) events and the encoder sees the last data.max_len:
     counting past contacts is cheap, attention over long histories is not."""
 
+    incoming_window: int = 500
+    """In a shared ID space (messaging, trust: actors and targets are the same people), the
+    re-scorer also scores the people whose events reached the actor before the query's
+    time, up to this many of the latest such events (people write back). 0 turns it off;
+    logs with separate actor and target IDs (ratings) never have it."""
+
     def __post_init__(self) -> None:
         _require(self.repeat_window >= 0, f"model.repeat_window: expected >= 0, got {self.repeat_window}")
+        _require(self.incoming_window >= 0, f"model.incoming_window: expected >= 0, got {self.incoming_window}")
         _require(self.embedding_dim >= 2, f"model.embedding_dim: expected >= 2, got {self.embedding_dim}")
         _require(self.num_layers >= 1, f"model.num_layers: expected >= 1, got {self.num_layers}")
         _require(self.num_heads >= 1, f"model.num_heads: expected >= 1, got {self.num_heads}")

@@ -21,10 +21,12 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+from data.incoming import Incoming
 from data.sequences import Queries, Sequences
 
 HISTORY_KEYS = ("history_target", "history_action", "history_timestamp")
 QUERY_KEYS = ("actor", "next_action", "next_timestamp")
+INCOMING_KEYS = ("incoming_source", "incoming_timestamp")
 
 
 @dataclass
@@ -36,12 +38,16 @@ class Batch(Pipelineable):
         about to take and when (known at request time).
     target: [B] int64, the positive target index (-1 for inference requests).
     random_negatives: [B, R] int64 random target indices from the active pool (R may be 0).
+    incoming: KJT keys `INCOMING_KEYS` (same lengths for both): the last events that reached
+        the actor before the query's time, oldest first (see data/incoming.py); None when
+        the log has no shared ID space or the model does not read them.
     """
 
     history: KeyedJaggedTensor
     query: KeyedJaggedTensor
     target: torch.Tensor
     random_negatives: torch.Tensor
+    incoming: KeyedJaggedTensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -53,6 +59,7 @@ class Batch(Pipelineable):
             query=self.query.to(device=device, non_blocking=non_blocking),
             target=self.target.to(device=device, non_blocking=non_blocking),
             random_negatives=self.random_negatives.to(device=device, non_blocking=non_blocking),
+            incoming=None if self.incoming is None else self.incoming.to(device=device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -60,6 +67,8 @@ class Batch(Pipelineable):
         self.query.record_stream(stream)
         self.target.record_stream(stream)
         self.random_negatives.record_stream(stream)
+        if self.incoming is not None:
+            self.incoming.record_stream(stream)
 
     def pin_memory(self) -> Batch:
         return Batch(
@@ -67,6 +76,7 @@ class Batch(Pipelineable):
             query=self.query.pin_memory(),
             target=self.target.pin_memory(),
             random_negatives=self.random_negatives.pin_memory(),
+            incoming=None if self.incoming is None else self.incoming.pin_memory(),
         )
 
     def query_values(self, key: str) -> torch.Tensor:
@@ -109,6 +119,10 @@ class BatchBuilder:
     max_len: int
     active_pool: np.ndarray  # [P] target indices random negatives are drawn from
     num_rand_negs: int = 0
+    incoming: Incoming | None = None
+    """Known incoming events (shared ID space); each batch carries the last
+    `incoming_window` that reached the actor before the query's time."""
+    incoming_window: int = 0
 
     def build(self, rows: np.ndarray, rng: np.random.Generator | None = None) -> Batch:
         rows = np.asarray(rows, dtype=np.int64)
@@ -152,4 +166,15 @@ class BatchBuilder:
             query=query,
             target=torch.from_numpy(np.array(target, dtype=np.int64)),
             random_negatives=negatives,
+            incoming=self._incoming(self.seqs.actor[self.queries.sequence[rows]], next_timestamp),
+        )
+
+    def _incoming(self, actors: np.ndarray, before: np.ndarray) -> KeyedJaggedTensor | None:
+        if self.incoming is None or self.incoming_window <= 0:
+            return None
+        flat, lengths = self.incoming.window(actors, before, self.incoming_window)
+        return KeyedJaggedTensor.from_lengths_sync(
+            keys=list(INCOMING_KEYS),
+            values=torch.from_numpy(np.concatenate([self.incoming.sources[flat], self.incoming.timestamps[flat]])),
+            lengths=torch.from_numpy(np.tile(lengths, len(INCOMING_KEYS))),
         )

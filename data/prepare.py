@@ -12,10 +12,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from configs.schema import DataConfig
 from data.events import EventLog, load_events, save_event_log
 from data.features import TargetFeatures, load_target_features
+from data.incoming import Incoming
 from data.readers import DataError
 from data.sequences import Sequences, Split, TargetStats
 
@@ -42,6 +44,16 @@ class PreparedData:
     split: Split
     stats: TargetStats
     features: TargetFeatures | None = None
+
+    def incoming_events(self, known: Literal["train", "valid", "test", "all"]) -> Incoming | None:
+        """The incoming events the queries of a split may read (see data/incoming.py), or
+        None when actors and targets are not one ID space."""
+        if not self.log.shared_id_space:
+            return None
+        if known == "all":
+            return Incoming.from_sequences(self.seqs)
+        # Training queries and validation queries both read the training events.
+        return Incoming.from_sequences(self.seqs, self.split.known_mask(self.seqs, "test" if known == "test" else "valid"))
 
     def summary(self) -> dict:
         return {

@@ -84,14 +84,16 @@ class Queries:
     @classmethod
     def requests(cls, seqs: "Sequences", sequence: np.ndarray, next_action: np.ndarray) -> "Queries":
         """Ask for the event after each actor's last known one (history = the whole log of
-        the actor), at the time of its newest event, with the given next action type."""
+        the actor), with the given next action type, asked one second after the log's newest
+        event (what "now" is for a model trained on the whole log)."""
         end = seqs.offsets[sequence + 1]
+        now = int(seqs.timestamps.max()) + 1 if len(seqs.timestamps) else 0
         return cls(
             sequence=sequence,
             position=end,
             history_start=seqs.offsets[sequence],
             next_action=next_action.astype(np.int64),
-            next_timestamp=seqs.timestamps[end - 1],
+            next_timestamp=np.full(len(sequence), now, dtype=np.int64),
         )
 
     def __len__(self) -> int:

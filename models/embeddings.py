@@ -4,7 +4,8 @@ can shard later (row-wise for the big ID tables).
 Tables and the features that look them up:
 
     table          rows                 features
-    target_ids     targets (or all IDs) history_target, candidate_target (+ actor when shared)
+    target_ids     targets (or all IDs) history_target, candidate_target, contact_target
+                                        (+ actor when shared)
     actor_ids      actors               actor                (only when not shared)
     action_types   action types         history_action, next_action
 
@@ -16,6 +17,8 @@ Example of the lookup KJT for two examples, one random negative each:
     actor              [12]         [5]
     next_action        [1]          [0]
     candidate_target   [8, 33]      [2, 17]     (positive first, then random negatives)
+    contact_target     [7, 3, 9, 5] [4]         (distinct contacts: history targets, senders of
+                                                 incoming events; for the repeat re-scorer)
     candidate_feature  [f, f, f]    [f]         (feature tokens of each example's candidates)
     history_feature    [f, f]       []          (feature tokens of each example's history)
 
@@ -39,6 +42,8 @@ NEXT_ACTION = "next_action"
 CANDIDATE_TARGET = "candidate_target"
 CANDIDATE_FEATURE = "candidate_feature"
 HISTORY_FEATURE = "history_feature"
+CONTACT_TARGET = "contact_target"
+CONTACT_FEATURE = "contact_feature"
 
 
 @dataclass(frozen=True)
@@ -70,13 +75,13 @@ def table_configs(sizes: VocabularySizes, dim: int) -> list[EmbeddingConfig]:
             name=name, embedding_dim=dim, num_embeddings=rows, feature_names=features, init_fn=_normal_init(0.1)
         )
 
-    target_features = [HISTORY_TARGET, CANDIDATE_TARGET] + ([ACTOR] if sizes.shared_id_table else [])
+    target_features = [HISTORY_TARGET, CANDIDATE_TARGET, CONTACT_TARGET] + ([ACTOR] if sizes.shared_id_table else [])
     tables = [
         table("target_ids", sizes.num_id_rows, target_features),
         table("action_types", sizes.num_actions, [HISTORY_ACTION, NEXT_ACTION]),
     ]
     if sizes.num_feature_tokens:
-        tables.append(table("target_features", sizes.num_feature_tokens, [CANDIDATE_FEATURE, HISTORY_FEATURE]))
+        tables.append(table("target_features", sizes.num_feature_tokens, [CANDIDATE_FEATURE, HISTORY_FEATURE, CONTACT_FEATURE]))
     if not sizes.shared_id_table:
         tables.append(table("actor_ids", sizes.num_actors, [ACTOR]))
     return tables

@@ -1,20 +1,22 @@
-"""Repeat-aware re-scoring: a learned bonus for the targets already in an actor's history.
+"""Repeat-aware re-scoring: a learned bonus for the actor's contacts.
 
 Repeat contact is the strongest signal in social logs (the recency-frequency baseline
 lives on it), and a single query vector cannot put every recent contact on top while
 still ranking new people. So the score of a candidate c for query x is
 
-    score(x, c) = cos(q(x), c) / tau + bonus(x, c),   bonus = 0 unless c is in x's history
+    score(x, c) = cos(q(x), c) / tau + bonus(x, c),   bonus = 0 unless c is a contact of x
 
-where the bonus is an MLP over repeat features of (x, c): how often and how recently the
-actor interacted with c (in events and in seconds), decayed counts at several half-lives,
-and the next action type. Retrieval stays a dot product an index can serve; the bonus
-re-scores the actor's own past targets, at most `max_len` of them per query. It is
-trained in the same softmax, with the history's targets as extra negatives (included
+A contact is a target of the actor's own history or, in a shared ID space (messaging,
+trust), someone whose event reached the actor before the query's time (data/incoming.py):
+people write back. The bonus is an MLP over features of (x, c) from both sources: how
+often and how recently (in events and in hours), decayed counts at several half-lives,
+plus the similarity and the next action type. Retrieval stays a dot product an index can
+serve; the bonus re-scores at most `repeat_window` + `incoming_window` contacts per
+query. It is trained in the same softmax, with the contacts as extra negatives (included
 with certainty, so their log q is 0). On logs without repeats (ratings) it learns a
 negative bonus instead, i.e. not to recommend what the actor already had.
 
-Shape suffixes: B batch, N flat history events, U distinct (row, target) pairs,
+Shape suffixes: B batch, N flat contact events, U distinct (row, target) pairs,
 H padded pairs per row, F features.
 """
 
@@ -26,18 +28,22 @@ import torch
 from torch import nn
 
 HALF_LIVES = (1.0, 4.0, 16.0, 64.0)
-NUM_REPEAT_FEATURES = 5 + len(HALF_LIVES)
+FEATURES_PER_SOURCE = 6 + len(HALF_LIVES)
+NUM_REPEAT_FEATURES = 2 * FEATURES_PER_SOURCE
+"""Features of a pair: the same set from the actor's own history ("outgoing") and from
+the events that reached the actor ("incoming", zeros and a 0 flag when absent)."""
+_NEVER_HOURS = 1e6
+"""Time since the last contact for a pair with none from one source: far older than any."""
 
 
 @dataclass
 class HistoryItems:
-    """The distinct (row, target) pairs of a batch's histories, sorted by key = row * V + target."""
+    """The distinct (row, target) pairs of a batch's contacts -- its histories' targets and,
+    in a shared ID space, the senders of its incoming events -- sorted by key = row * V + target."""
 
     key_U: torch.Tensor
     row_U: torch.Tensor
     target_U: torch.Tensor
-    first_index_U: torch.Tensor
-    """Flat history index of one occurrence of the pair (to reuse its embedding lookup)."""
     features_UF: torch.Tensor
     num_targets: int
     batch_size: int
@@ -51,15 +57,15 @@ class HistoryItems:
         return index, self.key_U[index] == key
 
     def contains(self, ids_BN: torch.Tensor) -> torch.Tensor:
-        """[B, N] ids (row b's candidates) -> [B, N] bool: is the id in row b's history."""
+        """[B, N] ids (row b's candidates) -> [B, N] bool: is the id one of row b's contacts."""
         rows = torch.arange(ids_BN.shape[0], device=ids_BN.device)[:, None].expand_as(ids_BN)
         return self.find(rows, ids_BN)[1]
 
     def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per row, its distinct history targets as columns: (ids [B, H], pair index [B, H],
+        """Per row, its distinct contacts as columns: (ids [B, H], pair index [B, H],
         valid [B, H])."""
         counts_B = torch.bincount(self.row_U, minlength=self.batch_size)
-        width = int(counts_B.max().item()) if self.batch_size else 0
+        width = int(counts_B.max().item()) if self.batch_size and self.row_U.numel() else 0
         first_B = torch.cumsum(counts_B, 0) - counts_B
         column_U = torch.arange(self.row_U.numel(), device=self.row_U.device) - first_B[self.row_U]
         ids_BH = torch.zeros((self.batch_size, width), dtype=torch.int64, device=self.row_U.device)
@@ -71,51 +77,86 @@ class HistoryItems:
         return ids_BH, index_BH, valid_BH
 
 
+@dataclass
+class ContactEvents:
+    """One source of contacts, jagged per row, oldest first: who and when."""
+
+    target_N: torch.Tensor
+    timestamp_N: torch.Tensor
+    lengths_B: torch.Tensor
+
+
 def history_items(
-    history_target_N: torch.Tensor,
-    history_timestamp_N: torch.Tensor,
-    lengths_B: torch.Tensor,
+    history: ContactEvents,
     query_timestamp_B: torch.Tensor,
     num_targets: int,
+    incoming: ContactEvents | None = None,
 ) -> HistoryItems:
-    """Group each row's history by target and compute the repeat features of each pair."""
-    batch = lengths_B.shape[0]
-    device = history_target_N.device
-    row_N = torch.repeat_interleave(torch.arange(batch, device=device), lengths_B)
-    end_B = torch.cumsum(lengths_B, 0)
-    age_N = (end_B[row_N] - 1 - torch.arange(row_N.numel(), device=device)).to(torch.float32)  # newer events
-    key_U, inverse_N = torch.unique(row_N * num_targets + history_target_N, return_inverse=True)
+    """Group each row's contacts by target and compute the repeat features of each pair."""
+    batch = history.lengths_B.shape[0]
+    device = history.target_N.device
+    sources = [history] + ([incoming] if incoming is not None else [])
+    rows = [torch.repeat_interleave(torch.arange(batch, device=device), s.lengths_B) for s in sources]
+    keys = torch.cat([row * num_targets + s.target_N for row, s in zip(rows, sources)])
+    key_U, inverse = torch.unique(keys, return_inverse=True)
     num_pairs = key_U.numel()
-
-    def scatter_sum(values_N: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(num_pairs, device=device).index_add_(0, inverse_N, values_N)
-
-    count_U = scatter_sum(torch.ones_like(age_N))
-    age_last_U = torch.full((num_pairs,), float("inf"), device=device).scatter_reduce_(0, inverse_N, age_N, "amin")
-    time_last_U = torch.zeros(num_pairs, dtype=torch.int64, device=device).scatter_reduce_(
-        0, inverse_N, history_timestamp_N, "amax", include_self=False
-    )
     row_U = key_U // num_targets
-    first_index_U = torch.full((num_pairs,), row_N.numel(), dtype=torch.int64, device=device).scatter_reduce_(
-        0, inverse_N, torch.arange(row_N.numel(), device=device), "amin"
-    )
-    hours_since_U = (query_timestamp_B[row_U] - time_last_U).clamp(min=0).to(torch.float32) / 3600.0
-    features = [
-        torch.log1p(count_U),
-        torch.log1p(age_last_U),
-        torch.log1p(hours_since_U) / 5.0,
-        (age_last_U == 0).to(torch.float32),
-        count_U / lengths_B[row_U].clamp(min=1).to(torch.float32),
-    ] + [scatter_sum(torch.pow(0.5, age_N / half_life)) for half_life in HALF_LIVES]
+    features, offset = [], 0
+    for source, row in zip(sources, rows):
+        size = row.numel()
+        features.append(
+            _source_features(source, row, inverse[offset : offset + size], row_U, num_pairs, query_timestamp_B)
+        )
+        offset += size
+    if incoming is None:
+        features.append(torch.zeros(num_pairs, FEATURES_PER_SOURCE, device=device))
     return HistoryItems(
         key_U=key_U,
         row_U=row_U,
         target_U=key_U - row_U * num_targets,
-        first_index_U=first_index_U,
-        features_UF=torch.stack(features, dim=-1),
+        features_UF=torch.cat(features, dim=-1),
         num_targets=num_targets,
         batch_size=batch,
     )
+
+
+def _source_features(
+    source: ContactEvents,
+    row_N: torch.Tensor,
+    pair_N: torch.Tensor,
+    row_U: torch.Tensor,
+    num_pairs: int,
+    query_timestamp_B: torch.Tensor,
+) -> torch.Tensor:
+    """[U, FEATURES_PER_SOURCE]: how often and how recently each pair occurs in one source
+    (in events and in hours), and decayed counts at several half-lives (in events).
+    A pair absent from the source gets count 0, flag 0 and the 'older than all' fill."""
+    device = source.target_N.device
+    end_B = torch.cumsum(source.lengths_B, 0)
+    age_N = (end_B[row_N] - 1 - torch.arange(row_N.numel(), device=device)).to(torch.float32)  # newer events
+
+    def scatter_sum(values_N: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(num_pairs, device=device).index_add_(0, pair_N, values_N)
+
+    count_U = scatter_sum(torch.ones_like(age_N))
+    present_U = count_U > 0
+    length_U = source.lengths_B[row_U].to(torch.float32)
+    age_last_U = torch.full((num_pairs,), float("inf"), device=device).scatter_reduce_(0, pair_N, age_N, "amin")
+    age_last_U = torch.where(present_U, age_last_U, length_U)
+    time_last_U = torch.zeros(num_pairs, dtype=torch.int64, device=device).scatter_reduce_(
+        0, pair_N, source.timestamp_N, "amax", include_self=False
+    )
+    hours_since_U = (query_timestamp_B[row_U] - time_last_U).clamp(min=0).to(torch.float32) / 3600.0
+    hours_since_U = torch.where(present_U, hours_since_U, _NEVER_HOURS)
+    features = [
+        present_U.to(torch.float32),
+        torch.log1p(count_U),
+        torch.log1p(age_last_U),
+        torch.log1p(hours_since_U) / 5.0,
+        (present_U & (age_last_U == 0)).to(torch.float32),
+        count_U / length_U.clamp(min=1),
+    ] + [scatter_sum(torch.pow(0.5, age_N / half_life)) for half_life in HALF_LIVES]
+    return torch.stack(features, dim=-1)
 
 
 class RepeatScorer(nn.Module):

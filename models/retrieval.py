@@ -30,12 +30,14 @@ from models.embeddings import (
     HISTORY_ACTION,
     HISTORY_FEATURE,
     HISTORY_TARGET,
+    CONTACT_FEATURE,
+    CONTACT_TARGET,
     NEXT_ACTION,
     IdEmbeddings,
     VocabularySizes,
 )
 from models.losses import LossSettings, hard_topk_schedule, sampled_softmax_loss
-from models.repeat import HistoryItems, RepeatScorer, history_items
+from models.repeat import ContactEvents, HistoryItems, RepeatScorer, history_items
 from models.samplers import (
     Gather,
     InBatchNegativesSampler,
@@ -122,9 +124,11 @@ class TwoTowerRetrieval(nn.Module):
         next_action: torch.Tensor,
         history: KeyedJaggedTensor,
         candidates_BC: torch.Tensor,
+        contacts: HistoryItems | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One EmbeddingCollection call for every ID of the batch. Feature embeddings are
-        returned already pooled (mean) per target: [candidates or history events, D]."""
+        """One EmbeddingCollection call for every ID of the batch: the encoder's history
+        window, the candidates and the distinct contacts of the repeat re-scorer. Feature
+        embeddings are returned already pooled (mean) per target: [candidates or events, D]."""
         batch = actor.shape[0]
         history_target = history[HISTORY_TARGET]
         history_lengths = history_target.lengths()
@@ -136,19 +140,25 @@ class TwoTowerRetrieval(nn.Module):
             NEXT_ACTION: (next_action, ones),
             CANDIDATE_TARGET: (candidates_BC.reshape(-1), torch.full_like(actor, candidates_BC.shape[1])),
         }
+        feature_sources = [
+            (CANDIDATE_FEATURE, candidates_BC.reshape(-1), torch.full_like(actor, candidates_BC.shape[1])),
+            (HISTORY_FEATURE, history_target.values(), history_lengths),
+        ]
+        if contacts is not None:
+            # Pairs are sorted by row, so the distinct contacts are already jagged by row.
+            per_row = torch.bincount(contacts.row_U, minlength=batch)
+            parts[CONTACT_TARGET] = (contacts.target_U, per_row)
+            feature_sources.append((CONTACT_FEATURE, contacts.target_U, per_row))
         if self.has_features:
             counts = {}
-            for key, ids, per_example in (
-                (CANDIDATE_FEATURE, candidates_BC.reshape(-1), torch.full_like(actor, candidates_BC.shape[1])),
-                (HISTORY_FEATURE, history_target.values(), history_lengths),
-            ):
+            for key, ids, per_example in feature_sources:
                 tokens, counts[key] = self._features_of(ids)
                 example_of_id = torch.repeat_interleave(torch.arange(batch, device=actor.device), per_example)
                 token_lengths = torch.zeros(batch, dtype=torch.int64, device=actor.device).index_add_(0, example_of_id, counts[key])
                 parts[key] = (tokens, token_lengths)
         looked_up = self.embeddings.lookup(parts, batch)
         if self.has_features:
-            for key in (CANDIDATE_FEATURE, HISTORY_FEATURE):
+            for key in counts:
                 looked_up[key] = _mean_per_id(looked_up[key], counts[key])
         return looked_up
 
@@ -159,8 +169,7 @@ class TwoTowerRetrieval(nn.Module):
         self, looked_up: dict[str, torch.Tensor], history: KeyedJaggedTensor, next_timestamp: torch.Tensor
     ) -> QueryInputs:
         lengths = history[HISTORY_TARGET].lengths()
-        # The encoder sees each row's last max_len events (batches may carry more for the
-        # repeat re-scorer), and at least one column, so empty histories have a query position.
+        # At least one column, so empty histories have a query position.
         width = min(max(int(lengths.max()), 1) if lengths.numel() else 1, self.max_len)
         target_BLD, mask_BL = left_padded(looked_up[HISTORY_TARGET], lengths, width)
         action_BLD, _ = left_padded(looked_up[HISTORY_ACTION], lengths, width)
@@ -175,13 +184,37 @@ class TwoTowerRetrieval(nn.Module):
             next_timestamp_B=next_timestamp,
         )
 
-    def _history_items(self, history: KeyedJaggedTensor, next_timestamp: torch.Tensor) -> HistoryItems:
+    def _history_items(
+        self, history: KeyedJaggedTensor, next_timestamp: torch.Tensor, incoming: KeyedJaggedTensor | None
+    ) -> HistoryItems:
+        received = None
+        if incoming is not None:
+            source = incoming["incoming_source"]
+            received = ContactEvents(source.values(), incoming["incoming_timestamp"].values(), source.lengths())
         return history_items(
-            history[HISTORY_TARGET].values(),
-            history["history_timestamp"].values(),
-            history[HISTORY_TARGET].lengths(),
+            ContactEvents(
+                history[HISTORY_TARGET].values(), history["history_timestamp"].values(), history[HISTORY_TARGET].lengths()
+            ),
             next_timestamp,
             self.sizes.num_id_rows,
+            received,
+        )
+
+    def _encoder_window(self, history: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Each row's last max_len events: batches may carry more for the repeat re-scorer,
+        which only counts them (cheap); the encoder attends over them (not cheap)."""
+        lengths = history[HISTORY_TARGET].lengths()
+        if lengths.numel() == 0 or int(lengths.max()) <= self.max_len:
+            return history
+        kept = lengths.clamp(max=self.max_len)
+        row = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
+        end = torch.cumsum(lengths, 0)
+        keep = torch.arange(row.numel(), device=lengths.device) >= (end - kept)[row]
+        keys = history.keys()
+        return KeyedJaggedTensor.from_lengths_sync(
+            keys=keys,
+            values=torch.cat([history[key].values()[keep] for key in keys]),
+            lengths=kept.repeat(len(keys)),
         )
 
     # ---------------------------------------------------------------- inference
@@ -192,27 +225,31 @@ class TwoTowerRetrieval(nn.Module):
         next_action: torch.Tensor,
         history: KeyedJaggedTensor,
         next_timestamp: torch.Tensor | None = None,
+        incoming: KeyedJaggedTensor | None = None,
     ) -> QueryEncoding:
         """Query vectors [B, D] and repeat bonuses from request-time information only.
-        `next_timestamp` defaults to the time of each actor's newest history event."""
+        `next_timestamp` defaults to the time of each actor's newest history event;
+        `incoming` (INCOMING_KEYS, see data/batches.py) adds the actor's incoming contacts."""
         if next_timestamp is None:
             next_timestamp = _newest_timestamp(history)
-        looked_up = self._lookup(actor, next_action, history, torch.zeros((actor.shape[0], 0), dtype=torch.int64))
-        query = self.query_tower(self._query_inputs(looked_up, history, next_timestamp)).query_BD
-        if self.repeat is None:
+        items = self._history_items(history, next_timestamp, incoming) if self.repeat is not None else None
+        encoder_history = self._encoder_window(history)
+        empty = torch.zeros((actor.shape[0], 0), dtype=torch.int64, device=actor.device)
+        looked_up = self._lookup(actor, next_action, encoder_history, empty, items)
+        query = self.query_tower(self._query_inputs(looked_up, encoder_history, next_timestamp)).query_BD
+        if items is None:
             return QueryEncoding(query, None, None)
-        items = self._history_items(history, next_timestamp)
-        history_vectors_ND = self._candidates(looked_up, HISTORY_TARGET, HISTORY_FEATURE)
-        return QueryEncoding(query, items, self._bonus(items, query, history_vectors_ND, looked_up[NEXT_ACTION]))
+        contact_vectors_UD = self._candidates(looked_up, CONTACT_TARGET, CONTACT_FEATURE)
+        return QueryEncoding(query, items, self._bonus(items, query, contact_vectors_UD, looked_up[NEXT_ACTION]))
 
     def _bonus(
-        self, items: HistoryItems, query_BD: torch.Tensor, history_vectors_ND: torch.Tensor, next_action_BD: torch.Tensor
+        self, items: HistoryItems, query_BD: torch.Tensor, contact_vectors_UD: torch.Tensor, next_action_BD: torch.Tensor
     ) -> torch.Tensor:
         """Repeat bonus per history pair, in logit units. The scorer's output is in cosine
         units and divided by tau like the similarity: with tau = 0.05 a bonus that must
         outweigh the similarity needs only O(1) weights, which Adam reaches in hundreds of
         steps (at lr 1e-3 it would need tens of thousands to reach O(1/tau))."""
-        cosine_U = (query_BD[items.row_U] * history_vectors_ND[items.first_index_U]).sum(-1)
+        cosine_U = (query_BD[items.row_U] * contact_vectors_UD).sum(-1)
         return self.repeat(items, cosine_U, next_action_BD) / self.loss_config.temperature
 
     def forward(
@@ -221,8 +258,9 @@ class TwoTowerRetrieval(nn.Module):
         next_action: torch.Tensor,
         history: KeyedJaggedTensor,
         next_timestamp: torch.Tensor | None = None,
+        incoming: KeyedJaggedTensor | None = None,
     ) -> torch.Tensor:
-        return self.encode_queries(actor, next_action, history, next_timestamp).query_BD
+        return self.encode_queries(actor, next_action, history, next_timestamp, incoming).query_BD
 
     def candidate_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """[N] target IDs -> [N, D] unit vectors."""
@@ -253,8 +291,15 @@ class TwoTowerRetrieval(nn.Module):
         actor, next_action = batch.query_values("actor"), batch.query_values("next_action")
         next_timestamp = batch.query_values("next_timestamp")
         candidates_BC = torch.cat([batch.target[:, None], random_ids_BR], dim=1)
-        looked_up = self._lookup(actor, next_action, batch.history, candidates_BC)
-        inputs = self._query_inputs(looked_up, batch.history, next_timestamp)
+        items = None
+        if self.repeat is not None or self.loss_config.mask_history:
+            incoming = batch.incoming if self.repeat is not None else None
+            items = self._history_items(batch.history, next_timestamp, incoming)
+        encoder_history = self._encoder_window(batch.history)
+        looked_up = self._lookup(
+            actor, next_action, encoder_history, candidates_BC, items if self.repeat is not None else None
+        )
+        inputs = self._query_inputs(looked_up, encoder_history, next_timestamp)
         query = self.query_tower(inputs, all_positions=self.temporal)
 
         candidate_BCD = self._candidates(looked_up, CANDIDATE_TARGET, CANDIDATE_FEATURE).reshape(
@@ -273,20 +318,16 @@ class TwoTowerRetrieval(nn.Module):
             similarity_mask_threshold=self.loss_config.similarity_mask_threshold,
             hard_topk=self.current_hard_topk(),
         )
-        history_vectors_ND = None
-        items = None
         positive_bonus_B = None
-        if self.repeat is not None or self.loss_config.mask_history:
-            items = self._history_items(batch.history, next_timestamp)
         if self.repeat is not None:
-            history_vectors_ND = self._candidates(looked_up, HISTORY_TARGET, HISTORY_FEATURE)
-            bonus_U = self._bonus(items, query.query_BD, history_vectors_ND, looked_up[NEXT_ACTION])
+            contact_vectors_UD = self._candidates(looked_up, CONTACT_TARGET, CONTACT_FEATURE)
+            bonus_U = self._bonus(items, query.query_BD, contact_vectors_UD, looked_up[NEXT_ACTION])
             ids_BH, index_BH, valid_BH = items.padded()
             sources.append(
                 SampledNegatives(
                     "history",
                     ids_BH,
-                    history_vectors_ND[items.first_index_U][index_BH],
+                    contact_vectors_UD[index_BH],
                     torch.zeros(ids_BH.shape, device=ids_BH.device),
                     valid=valid_BH,
                     bonus=torch.where(valid_BH, bonus_U[index_BH], 0.0),
@@ -308,7 +349,9 @@ class TwoTowerRetrieval(nn.Module):
         telemetry = dict(main.telemetry)
         total = main.loss
         if self.temporal:
-            temporal = self._temporal_loss(query.positions_BLD, inputs.mask_BL, looked_up, batch, sources, settings)
+            temporal = self._temporal_loss(
+                query.positions_BLD, inputs.mask_BL, looked_up, encoder_history, sources, settings
+            )
             losses["temporal"] = temporal.loss
             telemetry.update({f"temporal/{k}": v for k, v in temporal.telemetry.items() if k.startswith("sim/")})
             total = total + self.loss_config.temporal_weight * temporal.loss
@@ -321,14 +364,14 @@ class TwoTowerRetrieval(nn.Module):
         positions_BLD: torch.Tensor,
         mask_BL: torch.Tensor,
         looked_up: dict[str, torch.Tensor],
-        batch: Batch,
+        history: KeyedJaggedTensor,
         sources: list[SampledNegatives],
         settings: LossSettings,
     ):
         """Every history position j predicts the history event j + 1, in one pass. The last
         position predicts the batch's target and is the main loss's job."""
-        lengths, width = batch.history[HISTORY_TARGET].lengths(), mask_BL.shape[1]
-        target_ids_BL, _ = left_padded(batch.history[HISTORY_TARGET].values(), lengths, width)
+        lengths, width = history[HISTORY_TARGET].lengths(), mask_BL.shape[1]
+        target_ids_BL, _ = left_padded(history[HISTORY_TARGET].values(), lengths, width)
         history_vectors_BLD, _ = left_padded(self._candidates(looked_up, HISTORY_TARGET, HISTORY_FEATURE), lengths, width)
         # Position j (0..L-2) predicts entry j + 1; both must be real history events.
         valid_BP = mask_BL[:, :-1] & mask_BL[:, 1:]

@@ -56,6 +56,15 @@ def build_model(config: ExperimentConfig, prepared: PreparedData, device: torch.
     )
 
 
+def incoming_inputs(config: ExperimentConfig, prepared: PreparedData, known: str) -> dict:
+    """BatchBuilder / ModelScorer arguments for the incoming contacts the repeat re-scorer
+    reads (none when it is off or the log has no shared ID space)."""
+    if not (config.model.repeat_scoring and config.model.incoming_window > 0):
+        return {}
+    incoming = prepared.incoming_events(known)
+    return {} if incoming is None else {"incoming": incoming, "incoming_window": config.model.incoming_window}
+
+
 def _sparse_optimizer(config: OptimConfig) -> tuple[type, dict]:
     import torchrec.optim as sparse
 
@@ -107,7 +116,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(groups, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         queries = prepared.split.train_queries(prepared.seqs, config.loader.min_history)
         builder = BatchBuilder(
-            prepared.seqs, queries, config.history_window, prepared.stats.active_pool, config.loader.num_rand_negs
+            prepared.seqs, queries, config.history_window, prepared.stats.active_pool, config.loader.num_rand_negs,
+            **incoming_inputs(config, prepared, "train"),
         )
         self.loader = TrainLoader(
             builder, batch_size=config.loader.batch_size, seed=config.seed, num_workers=config.loader.num_workers
@@ -144,7 +154,7 @@ class Trainer:
         try:
             scorer = ModelScorer(
                 self.model, prepared.seqs, queries, config.history_window, prepared.stats.candidates,
-                chunk_size=config.eval.candidate_chunk_size,
+                chunk_size=config.eval.candidate_chunk_size, **incoming_inputs(config, prepared, split),
             )
             ranks = full_ranking_ranks(
                 scorer,

@@ -7,8 +7,9 @@
 - `--actions`: a JSON object mapping raw actor ID -> action type (raw value, as in the log)
   of the next action; actors not in it get the most frequent action of the log.
 - The history is the actor's whole known log (its last `max_len` events, or
-  `model.repeat_window` for the repeat re-scorer); the request
-  time is the time of its newest event.
+  `model.repeat_window` for the repeat re-scorer; in a shared ID space also the last
+  `model.incoming_window` events that reached it); the request time is one second after
+  the newest event of the log.
 - Output: one row per (actor, rank) with the raw target ID and its score, as parquet, or
   JSON when `--out` ends in `.json`.
 
@@ -36,7 +37,7 @@ from data.events import load_event_log
 from data.prepare import prepare_from_event_log
 from data.readers import DataError
 from data.sequences import Queries, Sequences
-from trainer.loop import build_model
+from trainer.loop import build_model, incoming_inputs
 from trainer.scoring import ModelScorer
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,9 @@ def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, ex
         return pl.DataFrame(schema={"actor": event_log.actor_ids.raw.dtype, "rank": pl.Int64, "target": event_log.target_ids.raw.dtype, "score": pl.Float32})
 
     queries = Queries.requests(seqs, sequence, _next_actions(event_log, seqs, sequence, actions))
-    scorer = ModelScorer(model, seqs, queries, config.history_window, stats.candidates)
+    scorer = ModelScorer(
+        model, seqs, queries, config.history_window, stats.candidates, **incoming_inputs(config, prepared, "all")
+    )
     seen = [seqs.targets[seqs.offsets[s] : seqs.offsets[s + 1]] for s in sequence] if exclude_seen else None
     ids, scores = top_k(scorer, len(sequence), stats.candidates, k, seen)
     kept = min(k, ids.shape[1])

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from data.batches import BatchBuilder
+from data.incoming import Incoming
 from data.sequences import Queries, Sequences
 from models.retrieval import QueryEncoding, TwoTowerRetrieval
 
@@ -33,10 +34,17 @@ class ModelScorer:
         candidate_ids: np.ndarray,
         *,
         chunk_size: int = 65536,
+        incoming: Incoming | None = None,
+        incoming_window: int = 0,
     ) -> None:
+        """`incoming`: the incoming events the queries may read (their last
+        `incoming_window` before each query's time go to the repeat re-scorer)."""
         self.model = model
         self.temperature = model.loss_config.temperature
-        self.builder = BatchBuilder(seqs, queries, max_len, active_pool=np.zeros(1, dtype=np.int64))
+        self.builder = BatchBuilder(
+            seqs, queries, max_len, active_pool=np.zeros(1, dtype=np.int64),
+            incoming=incoming, incoming_window=incoming_window,
+        )
         # Candidate vectors in a table indexed by target ID (rows of non-candidates stay 0).
         ids = torch.from_numpy(np.asarray(candidate_ids, dtype=np.int64))
         self.candidate_table = torch.zeros(model.sizes.num_id_rows, model.model_config.embedding_dim)
@@ -53,6 +61,7 @@ class ModelScorer:
             batch.query_values("next_action"),
             batch.history,
             batch.query_values("next_timestamp"),
+            batch.incoming,
         )
         return _QueryChunk(encoding)
 

@@ -1,0 +1,113 @@
+"""What each part of the method buys: the default config against one change at a time,
+on both embedded logs, under ../shared/BENCHMARK.md's protocol (test split).
+
+    .venv/bin/python bench/ablation.py                          # every variant, 3 seeds
+    .venv/bin/python bench/ablation.py --seeds 1 --data collegemsg --variants default,no_film
+    .venv/bin/python bench/ablation.py --seeds 1 train.max_epochs=1   # a shorter schedule
+
+Writes bench/results/ablation.json as {dataset: {variant: {"overrides": [...], metric:
+{"mean", "std"}, "delta_ndcg@10": ...}}} and bench/results/ablation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RESULTS_DIR, write_result  # noqa: E402
+from bench.runs import mean_std, train_and_test  # noqa: E402
+from trainer.main import CONFIG_DIR  # noqa: E402
+
+DATASETS = ("collegemsg", "ml-100k")
+METRICS = ("ndcg@10", "hr@10", "hr@1", "mrr")
+
+# One change to the default at a time. The transformer must be causal for the temporal
+# pretraining loss the default trains with.
+VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    "transformer": ["model.encoder=transformer", "model.causal=true"],
+    "swiglu": ["model.activation=swiglu"],
+    "no_history_projection": ["model.history_projection=false"],
+    "no_temporal": ["loss.temporal_weight=0"],
+    "rand_negs_4": ["loader.num_rand_negs=4"],
+    "rand_negs_32": ["loader.num_rand_negs=32"],
+    "no_logq": ["loss.logq_correction=false"],
+    "hard_negatives": ["loss.hard_negatives.enabled=true"],
+    "no_film": ["model.film=false"],
+    "no_time_features": ["model.time_features=false"],
+    "no_rab": ["model.relative_attention_bias=false"],
+    "no_repeat_scoring": ["model.repeat_scoring=false"],
+    "no_incoming": ["model.incoming_window=0"],
+}
+
+# Variants that change nothing on some logs: ml-100k has separate actor and target IDs,
+# so it has no incoming events to turn off.
+SKIP = {"ml-100k": {"no_incoming"}}
+
+
+def run_variants(data: str, variants: list[str], seeds: list[int], overrides: list[str]) -> dict:
+    out: dict[str, dict] = {}
+    for name in variants:
+        if name in SKIP.get(data, ()):
+            continue
+        runs = []
+        for seed in seeds:
+            results, _ = train_and_test(CONFIG_DIR / f"{data}.yaml", [*overrides, *VARIANTS[name]], seed)
+            runs.append(results["metrics"]["test"]["model"])
+            logging.getLogger("ablation").warning("%s %s seed %d: ndcg@10 %.4f", data, name, seed, runs[-1]["ndcg@10"])
+        out[name] = {"overrides": VARIANTS[name], "runs": len(runs)}
+        out[name].update({metric: mean_std([r[metric] for r in runs]) for metric in METRICS})
+    if "default" in out:
+        base = out["default"]["ndcg@10"]["mean"]
+        for result in out.values():
+            result["delta_ndcg@10"] = result["ndcg@10"]["mean"] - base
+    return out
+
+
+def markdown(results: dict, seeds: int, overrides: list[str]) -> str:
+    lines = []
+    for data, variants in results.items():
+        extra = f", overrides {' '.join(overrides)}" if overrides else ""
+        lines += [
+            f"**{data}** (test split, mean ± std over {seeds} seed(s){extra})",
+            "",
+            "| variant | change | " + " | ".join(METRICS) + " | Δ NDCG@10 |",
+            "|---|---|" + "---:|" * (len(METRICS) + 1),
+        ]
+        for name, result in variants.items():
+            cells = [f"{result[m]['mean']:.4f} ± {result[m]['std']:.4f}" for m in METRICS]
+            delta = result.get("delta_ndcg@10")
+            change = " ".join(result["overrides"]) or "-"
+            lines.append(f"| {name} | {change} | " + " | ".join(cells) + f" | {'' if delta is None else f'{delta:+.4f}'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=DATASETS, action="append", help="data set(s) to run (default: both)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ",".join(VARIANTS))
+    parser.add_argument("overrides", nargs="*", help="config overrides applied to every run")
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    logging.basicConfig(level=logging.WARNING, force=True)
+    results = {
+        data: run_variants(data, variants, list(range(args.seeds)), args.overrides) for data in (args.data or DATASETS)
+    }
+    table = markdown(results, args.seeds, args.overrides)
+    path = write_result("ablation", {"seeds": args.seeds, "overrides": args.overrides, "results": results})
+    (RESULTS_DIR / "ablation.md").write_text(table)
+    print(table)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Training runs for the quality benchmarks: one config, one seed, in a scratch directory."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from configs.loading import load_config
+from trainer.main import run
+
+
+def train_and_test(config_path: Path, overrides: list[str], seed: int) -> tuple[dict, float]:
+    """Train, validate, test one config; (results as trainer.main writes them, seconds)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config(config_path, [f"seed={seed}", f"output_dir={tmp}", *overrides])
+        start = time.perf_counter()
+        results = run(config)
+        return results, time.perf_counter() - start
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}

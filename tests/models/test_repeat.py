@@ -1,0 +1,88 @@
+import numpy as np
+import torch
+from torchrec import KeyedJaggedTensor
+
+from data.batches import INCOMING_KEYS
+from models.repeat import FEATURES_PER_SOURCE, HALF_LIVES, ContactEvents, history_items
+
+from tests.models.conftest import builder, tiny_model, tiny_sequences
+
+HOUR = 3600
+
+
+def _items():
+    # Row 0: history [3, 5, 3], incoming [5, 8] (8 never written to).  Row 1: history [2], no incoming.
+    history = ContactEvents(
+        torch.tensor([3, 5, 3, 2]), torch.tensor([0, HOUR, 2 * HOUR, 0]), torch.tensor([3, 1])
+    )
+    incoming = ContactEvents(torch.tensor([5, 8]), torch.tensor([3 * HOUR, 4 * HOUR]), torch.tensor([2, 0]))
+    return history_items(history, torch.tensor([5 * HOUR, HOUR]), num_targets=10, incoming=incoming)
+
+
+def test_contacts_are_the_union_of_history_targets_and_incoming_senders():
+    items = _items()
+    assert list(zip(items.row_U.tolist(), items.target_U.tolist())) == [(0, 3), (0, 5), (0, 8), (1, 2)]
+    ids, _, valid = items.padded()
+    assert ids[0].tolist() == [3, 5, 8] and valid[1].tolist() == [True, False, False]
+    assert items.contains(torch.tensor([[8, 2], [2, 8]])).tolist() == [[True, False], [True, False]]
+
+
+def test_each_source_has_its_own_count_recency_and_presence():
+    features = _items().features_UF
+    out, inc = features[:, :FEATURES_PER_SOURCE], features[:, FEATURES_PER_SOURCE:]
+    present, count, age, hours, newest = 0, 1, 2, 3, 4
+    assert out[:, present].tolist() == [1, 1, 0, 1] and inc[:, present].tolist() == [0, 1, 1, 0]
+    assert torch.allclose(out[:, count], torch.log1p(torch.tensor([2.0, 1, 0, 1])))
+    assert torch.allclose(inc[:, count], torch.log1p(torch.tensor([0.0, 1, 1, 0])))
+    # Target 3 was written to last (age 0), 5 one event earlier; 8 came in last.
+    assert out[0, newest] == 1 and out[1, newest] == 0 and inc[2, newest] == 1 and inc[1, newest] == 0
+    assert torch.allclose(out[:2, age], torch.log1p(torch.tensor([0.0, 1.0])))
+    assert torch.allclose(inc[1:3, hours], torch.log1p(torch.tensor([2.0, 1.0])) / 5.0)
+    # Absent from a source: older than anything present.
+    assert inc[0, hours] > inc[1, hours] and out[2, hours] > out[:2, hours].max()
+    decayed = out[:, 6 : 6 + len(HALF_LIVES)]
+    assert torch.allclose(decayed[0, 0], torch.tensor(1.0 + 0.5**2))  # ages 0 and 2, half-life 1 event
+
+
+def test_without_incoming_the_incoming_features_are_zero():
+    history = ContactEvents(torch.tensor([3, 5]), torch.tensor([0, HOUR]), torch.tensor([2]))
+    items = history_items(history, torch.tensor([2 * HOUR]), num_targets=10)
+    assert items.features_UF.shape == (2, 2 * FEATURES_PER_SOURCE)
+    assert (items.features_UF[:, FEATURES_PER_SOURCE:] == 0).all()
+
+
+def _incoming_kjt(sources: list[list[int]], times: list[list[int]]) -> KeyedJaggedTensor:
+    lengths = torch.tensor([len(s) for s in sources] * len(INCOMING_KEYS))
+    values = torch.tensor([x for s in sources for x in s] + [t for r in times for t in r], dtype=torch.int64)
+    return KeyedJaggedTensor.from_lengths_sync(keys=list(INCOMING_KEYS), values=values, lengths=lengths)
+
+
+def test_an_incoming_only_contact_gets_a_bonus_and_the_query_vector_is_unchanged():
+    seqs = tiny_sequences(num_targets=20)
+    model = tiny_model(seqs).eval()
+    batch = builder(seqs).build(np.arange(2))
+    args = (batch.query_values("actor"), batch.query_values("next_action"), batch.history,
+            batch.query_values("next_timestamp"))
+    plain = model.encode_queries(*args)
+    unseen = [t for t in range(20) if t not in batch.history["history_target"].values().tolist()][0]
+    now = int(batch.query_values("next_timestamp").max())
+    with_incoming = model.encode_queries(*args, incoming=_incoming_kjt([[unseen], []], [[now - 10], []]))
+    assert torch.equal(plain.query_BD, with_incoming.query_BD)
+    index, found = with_incoming.history.find(torch.tensor([0, 1]), torch.tensor([unseen, unseen]))
+    assert found.tolist() == [True, False]
+    assert not plain.history.find(torch.tensor([0]), torch.tensor([unseen]))[1].item()
+    assert torch.isfinite(with_incoming.bonus_U).all()
+    assert with_incoming.bonus_U.shape[0] == plain.bonus_U.shape[0] + 1
+
+
+def test_the_encoder_sees_only_the_last_max_len_events():
+    seqs = tiny_sequences(length=30)
+    model = tiny_model(seqs, max_len=8, repeat_scoring=False).eval()
+    long_batch = builder(seqs, max_len=20).build(np.arange(4))
+    short_batch = builder(seqs, max_len=8).build(np.arange(4))
+
+    def query(batch):
+        return model(batch.query_values("actor"), batch.query_values("next_action"), batch.history,
+                     batch.query_values("next_timestamp"))
+
+    assert torch.allclose(query(long_batch), query(short_batch), atol=1e-6)
