@@ -365,6 +365,42 @@ class EvalConfig:
         )
 
 
+SHARDING_TYPES = ("row_wise", "table_wise", "column_wise", "table_row_wise")
+TABLE_NAMES = ("target_ids", "actor_ids", "action_types", "target_features")
+
+
+@dataclass(kw_only=True)
+class DistributedConfig:
+    """Several ranks (launched by torchrun / torchx): how the ID tables are sharded."""
+
+    sharding: dict[str, str] = field(
+        default_factory=lambda: {
+            "target_ids": "row_wise",
+            "actor_ids": "row_wise",
+            "action_types": "table_wise",
+            "target_features": "table_wise",
+        }
+    )
+    """Sharding type per table, handed to TorchRec's planner as a constraint: the large ID
+    tables row-wise (every rank holds a slice of rows), the small ones whole on one rank.
+    A table left out is placed as the planner chooses. `data_parallel` is not offered:
+    TorchRec 1.8's data-parallel EmbeddingCollection fails on sequence lookups (measured)."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend; auto = nccl when CUDA is available, else gloo."""
+
+    def __post_init__(self) -> None:
+        for table, kind in self.sharding.items():
+            _require(
+                table in TABLE_NAMES,
+                f"distributed.sharding: unknown table {table!r}; tables are {', '.join(TABLE_NAMES)}",
+            )
+            _require(
+                kind in SHARDING_TYPES,
+                f"distributed.sharding.{table}: expected one of {', '.join(SHARDING_TYPES)}, got {kind!r}",
+            )
+
+
 @dataclass(kw_only=True)
 class ExperimentConfig:
     """A complete, named run."""
@@ -380,6 +416,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     seed: int = 0
     """Seed for shuffling, sampling and initialisation."""

@@ -46,6 +46,10 @@ class LossSettings:
     similarity_mask_threshold: float = 0.99
     hard_topk: int | None = None
     """Keep the top-k highest-scoring unmasked negatives of each source (None: all)."""
+    count_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Sums a count over ranks. The loss is then this rank's share of the global mean
+    (its examples' sum / the global count), so gradients summed over ranks are exactly
+    those of one process on the whole global batch. None: one process."""
 
 
 @dataclass
@@ -156,7 +160,10 @@ def sampled_softmax_loss(
     all_logits_BPC = torch.cat(logits, dim=-1)
     loss_BP = torch.logsumexp(all_logits_BPC, dim=-1) - positive_logit_BP
     weights_BP = torch.ones_like(loss_BP) if valid_BP is None else valid_BP.to(loss_BP.dtype)
-    num_valid = weights_BP.sum().clamp(min=1.0)
+    num_valid = weights_BP.sum()
+    if settings.count_sum is not None:
+        num_valid = settings.count_sum(num_valid)
+    num_valid = num_valid.clamp(min=1.0)
     loss = (loss_BP * weights_BP).sum() / num_valid
 
     for reason, count in telemetry_counts.items():

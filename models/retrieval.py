@@ -15,6 +15,7 @@ negatives per example, H history columns per example, U history pairs, D width.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -76,14 +77,18 @@ class TwoTowerRetrieval(nn.Module):
         target_log_p: torch.Tensor,
         pool_size: int,
         gather: Gather = identity_gather,
+        count_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
         device: torch.device | None = None,
         target_feature_offsets: torch.Tensor | None = None,
         target_feature_tokens: torch.Tensor | None = None,
     ) -> None:
         """`target_feature_offsets` [T + 1] / `target_feature_tokens` [M]: each target's sparse
-        feature tokens (jagged), when the log has them (`sizes.num_feature_tokens` > 0)."""
+        feature tokens (jagged), when the log has them (`sizes.num_feature_tokens` > 0).
+        `gather` / `count_sum`: the cross-rank operations (trainer/distributed.py); identity
+        and None in one process."""
         super().__init__()
         self.model_config, self.loss_config, self.sizes, self.max_len = model_config, loss_config, sizes, max_len
+        self.count_sum = count_sum
         dim = model_config.embedding_dim
         self.embeddings = IdEmbeddings(sizes, dim, device=device)
         self.query_tower = QueryTower(model_config, max_len)
@@ -317,6 +322,7 @@ class TwoTowerRetrieval(nn.Module):
             mask_history=self.loss_config.mask_history,
             similarity_mask_threshold=self.loss_config.similarity_mask_threshold,
             hard_topk=self.current_hard_topk(),
+            count_sum=self.count_sum,
         )
         positive_bonus_B = None
         if self.repeat is not None:

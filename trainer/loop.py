@@ -24,6 +24,8 @@ from data.loader import TrainLoader
 from data.prepare import PreparedData
 from models.embeddings import VocabularySizes
 from models.retrieval import TwoTowerRetrieval
+from models.samplers import identity_gather
+from trainer.distributed import Distributed, shard_model
 from trainer.evaluation import full_ranking_ranks, metrics_from_ranks
 from trainer.metrics import MetricsLogger
 from trainer.results import seen_targets
@@ -32,7 +34,12 @@ from trainer.scoring import ModelScorer
 log = logging.getLogger(__name__)
 
 
-def build_model(config: ExperimentConfig, prepared: PreparedData, device: torch.device | None = None) -> TwoTowerRetrieval:
+def build_model(
+    config: ExperimentConfig, prepared: PreparedData, device: torch.device | None = None, dist: Distributed | None = None
+) -> TwoTowerRetrieval:
+    """The model for `prepared`; with `dist` on several ranks its ID tables are built on
+    the meta device (each rank later allocates only its own shards) and its in-batch
+    negatives and loss denominators span the ranks."""
     seqs = prepared.seqs
     shared = config.model.shared_id_table
     features = prepared.features
@@ -50,7 +57,9 @@ def build_model(config: ExperimentConfig, prepared: PreparedData, device: torch.
         max_len=config.data.max_len,
         target_log_p=torch.from_numpy(prepared.stats.log_q),
         pool_size=len(prepared.stats.active_pool),
-        device=device,
+        device=torch.device("meta") if dist is not None and dist.enabled else device,
+        gather=dist.gather if dist is not None else identity_gather,
+        count_sum=dist.sum if dist is not None and dist.enabled else None,
         target_feature_offsets=torch.from_numpy(features.offsets) if features is not None else None,
         target_feature_tokens=torch.from_numpy(features.tokens) if features is not None else None,
     )
@@ -96,16 +105,20 @@ class TrainSummary:
 
 
 class Trainer:
-    def __init__(self, config: ExperimentConfig, prepared: PreparedData, metrics: MetricsLogger) -> None:
-        self.config, self.prepared, self.metrics = config, prepared, metrics
+    def __init__(
+        self, config: ExperimentConfig, prepared: PreparedData, metrics: MetricsLogger, dist: Distributed = Distributed()
+    ) -> None:
+        self.config, self.prepared, self.metrics, self.dist = config, prepared, metrics, dist
         torch.manual_seed(config.seed)
         if config.train.num_threads:
             torch.set_num_threads(config.train.num_threads)
         if config.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        self.model = build_model(config, prepared)
+        self.model = build_model(config, prepared, dist=dist)
         sparse_class, sparse_kwargs = _sparse_optimizer(config.optim)
         apply_optimizer_in_backward(sparse_class, self.model.embeddings.parameters(), sparse_kwargs)
+        # On several ranks: ID tables sharded, towers under DDP (trainer/distributed.py).
+        self.task = shard_model(self.model, dist, config.distributed)
         dense = {n: p for n, p in self.model.named_parameters() if not n.startswith("embeddings.")}
         self.dense_parameters = list(dense.values())
         repeat = [p for n, p in dense.items() if n.startswith("repeat.")]
@@ -120,7 +133,8 @@ class Trainer:
             **incoming_inputs(config, prepared, "train"),
         )
         self.loader = TrainLoader(
-            builder, batch_size=config.loader.batch_size, seed=config.seed, num_workers=config.loader.num_workers
+            builder, batch_size=config.loader.batch_size, seed=config.seed, rank=dist.rank,
+            world_size=dist.world_size, num_workers=config.loader.num_workers,
         )
         epoch_steps = self.loader.steps_per_epoch
         self.total_steps = int(math.ceil(config.train.max_epochs * epoch_steps))
@@ -134,15 +148,19 @@ class Trainer:
         factor = lr_factor(self.step, self.total_steps, self.config.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        output = self.model.train_forward(batch)
+        # Backward from the loss DDP returned (its graph ends in DDP's reduction hook).
+        loss, output = self.task(batch.to(self.dist.device))
         self.optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
+        loss.backward()
         clip = self.config.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.dense_parameters, clip if clip > 0 else float("inf"))
         self.optimizer.step()
         self.step += 1
-        scalars = {f"loss/{name}": float(value.detach()) for name, value in output.losses.items()}
-        scalars.update({"loss/total": float(output.loss.detach()), "lr": self.config.optim.lr * factor})
+        # On several ranks each loss is this rank's share of the global mean: sum the shares.
+        names = [*output.losses, "total"]
+        values = self.dist.sum(torch.stack([*output.losses.values(), output.loss]).detach()).tolist()
+        scalars = {f"loss/{name}": value for name, value in zip(names, values)}
+        scalars["lr"] = self.config.optim.lr * factor
         scalars["grad_norm"] = float(grad_norm)
         scalars.update({f"retrieval/{k}": v for k, v in output.telemetry.items()})
         return scalars
@@ -172,7 +190,7 @@ class Trainer:
         config = self.config
         start = time.perf_counter()
         best_ndcg, best_step, best_valid, evals_without_gain = -1.0, 0, {}, 0
-        interactive = sys.stderr.isatty()
+        interactive = sys.stderr.isatty() and self.dist.is_main
         progress = tqdm(total=self.total_steps, disable=not interactive, desc="train", dynamic_ncols=True)
         window_start, window_examples = time.perf_counter(), 0
         stopped_early = False
@@ -181,7 +199,7 @@ class Trainer:
             if self.step >= self.total_steps:
                 break
             scalars = self.train_step(batch)
-            window_examples += batch.batch_size
+            window_examples += batch.batch_size * self.dist.world_size  # the global batch
             progress.update(1)
             if self.step % config.train.log_every_steps == 0 or self.step == 1:
                 elapsed = time.perf_counter() - window_start

@@ -24,12 +24,14 @@ from configs.loading import ConfigError, config_to_dict, load_config
 from configs.schema import ExperimentConfig
 from data.prepare import prepare
 from data.readers import DataError
+from trainer.distributed import Distributed, close_distributed, init_distributed, unsharded_state_dict
 from trainer.loop import Trainer
 from trainer.metrics import MetricsLogger
 from trainer.predict import save_model
 from trainer.results import evaluate_baselines, markdown_table, write_results
 
 log = logging.getLogger("trainer")
+OWN_PACKAGES = ("trainer", "data", "models", "configs", "bench", "launch")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -51,14 +53,16 @@ def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
     return _config_path(args.config), args.overrides
 
 
-def run(config: ExperimentConfig) -> dict:
-    """Prepare, (train,) evaluate; returns the results written to the run directory."""
+def run(config: ExperimentConfig, dist: Distributed = Distributed()) -> dict:
+    """Prepare, train, evaluate; returns the results written to the run directory.
+    On several ranks every rank trains and evaluates; rank 0 alone writes files."""
     run_dir = Path(config.output_dir) / config.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
     start = time.perf_counter()
-    prepared = prepare(config.data, out_dir=run_dir / "prepared")
+    prepared = prepare(config.data, out_dir=run_dir / "prepared" if dist.is_main else None)
     summary = prepared.summary()
     log.info(
         "data: %s events, %s actors, %s targets, %s evaluated actors, %s candidates (%.1fs)",
@@ -66,13 +70,16 @@ def run(config: ExperimentConfig) -> dict:
         f"{summary['evaluated_actors']:,}", f"{summary['candidates']:,}", time.perf_counter() - start,
     )
 
-    metrics = MetricsLogger(run_dir / "tensorboard")
+    metrics = MetricsLogger(run_dir / "tensorboard", enabled=dist.is_main)
     metrics.log_config(config_to_dict(config))
-    trainer = Trainer(config, prepared, metrics)
+    trainer = Trainer(config, prepared, metrics, dist)
     try:
         summary_train = trainer.train()
         test = trainer.test()
-        save_model(trainer.model, run_dir)
+        state = unsharded_state_dict(trainer.model, dist)
+        if not dist.is_main:
+            return {}
+        save_model(state, run_dir)
         metrics.log({f"test/{k}": v for k, v in test.items()}, trainer.step)
         metrics.log_hparams(config_to_dict(config), {f"valid_{k}": v for k, v in summary_train.best_valid.items()})
     finally:
@@ -105,19 +112,36 @@ def run(config: ExperimentConfig) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def _configure_logging(dist: Distributed) -> None:
+    """Our INFO lines on rank 0, warnings everywhere (libraries log INFO chatter to the
+    root logger); on several ranks every line says its rank."""
+    rank = f"rank {dist.rank} " if dist.enabled else ""
     # force: importing torch/torchrec already attached a handler to the root logger.
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True
+        level=logging.WARNING, format=f"%(asctime)s {rank}%(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        force=True,
     )
+    for package in OWN_PACKAGES:
+        logging.getLogger(package).setLevel(logging.INFO if dist.is_main else logging.WARNING)
 
+
+def main(argv: list[str] | None = None) -> int:
+    _configure_logging(Distributed())
+
+    dist = Distributed()
     try:
         config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         config = load_config(config_path, overrides)
-        run(config)
+        dist = init_distributed(config.distributed)
+        if dist.enabled:
+            _configure_logging(dist)
+        run(config, dist)
     except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        where = f" (rank {dist.rank})" if dist.enabled else ""
+        print(f"error{where}: {e}", file=sys.stderr)
         return 2
+    finally:
+        close_distributed(dist)
     return 0
 
 

@@ -70,11 +70,11 @@ def top_k(scorer: ModelScorer, num_queries: int, candidates: np.ndarray, k: int,
     return ids_out, scores_out
 
 
-def save_model(model: torch.nn.Module, run_dir: Path) -> Path:
-    """Plain tensors only (loadable with weights_only=True), written atomically."""
+def save_model(state: dict[str, torch.Tensor], run_dir: Path) -> Path:
+    """A model's state as plain tensors (loadable with weights_only=True), written atomically."""
     path = run_dir / MODEL_FILE
     tmp = run_dir / f".{MODEL_FILE}.tmp"
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
     tmp.replace(path)
     return path
 

@@ -1,0 +1,223 @@
+"""Everything about running on several ranks, in one place.
+
+    dist = init_distributed(config.distributed)   # from the torchrun / torchx environment
+    task = shard_model(model, dist, config.distributed)   # DMP: sharded tables, DDP towers
+    output = task(batch)                           # model.train_forward on this rank's batch
+
+One process a rank; gloo on CPU, NCCL on GPU. A process started without the torchrun
+environment (tests, laptop runs) gets the single-process `Distributed` and the plain
+model: nothing here is then called across processes. A torchrun launch of one rank
+still shards (onto that rank) so that it runs the same fused table kernels as N ranks.
+
+Gradients are exact, not approximately scaled: each rank's loss is its share of the
+global mean (sum over its examples / global count, `Distributed.sum`), the dense
+gradients are *summed* over ranks (a DDP comm hook; DDP would otherwise average), and
+so are the ID tables' gradients (TorchRec's gradient division turned off). So N ranks with batch B give
+the gradients of one process with batch N * B (tests/trainer/test_distributed.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from configs.schema import DistributedConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    launched: bool = False
+    """Started by torchrun / torchx (even as one rank): the tables are sharded by DMP and
+    use TorchRec's fused kernels, so 1 rank and N ranks compute alike."""
+    gather_group: object | None = None
+    """Process group of the in-batch gather, apart from TorchRec's: collectives of one
+    group must run in the same order on every rank, and nothing guarantees that autograd
+    orders the gather's backward and TorchRec's embedding all-to-all alike everywhere."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.launched
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's tensor along dim 0, in rank order; gradients flow back
+        to the rank that produced each part. Every rank must pass the same shape."""
+        if self.world_size == 1:
+            return tensor
+        return _GatherWithGradient.apply(tensor.contiguous(), self.gather_group, self.rank, self.world_size)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, without gradient (counts, logged values)."""
+        if self.world_size == 1:
+            return tensor
+        total = tensor.detach().clone()
+        torch_dist.all_reduce(total)
+        return total
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch_dist.barrier()
+
+
+class _GatherWithGradient(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient of the gathered tensor and
+    keeps this rank's rows (an all-reduce: gloo has no reduce-scatter). Written here
+    because torch.distributed.nn.functional.all_gather gave wrong candidate-tower
+    gradients in this model on gloo (measured against one process: off by the size of
+    the gradient; with this function they agree to 1e-6)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group, rank, world_size):
+        ctx.group, ctx.rank, ctx.rows = group, rank, tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        torch_dist.all_gather(parts, tensor, group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        torch_dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows], None, None, None
+
+
+def init_distributed(config: DistributedConfig) -> Distributed:
+    """Join the process group torchrun / torchx describe in the environment (RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a single process without it."""
+    if "RANK" not in os.environ:
+        return Distributed()
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = config.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend=backend)
+    return Distributed(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=device, launched=True,
+        gather_group=torch_dist.new_group(backend=backend),
+    )
+
+
+def close_distributed(dist: Distributed) -> None:
+    if dist.enabled and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+class TrainTask(nn.Module):
+    """`forward(batch)` = the model's training forward, so DDP sees the training step as
+    its forward (it prepares the gradient reduction there). Returns (loss, RetrievalOutput).
+    Call backward on the returned loss, not on `RetrievalOutput.loss`: DDP hands back
+    the loss routed through its own autograd node, and with a static graph a backward
+    that bypasses it never reduces the gradients (measured: silently unsynced ranks)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        output = self.model.train_forward(batch)
+        return output.loss, output
+
+
+def sharding_plan(task: nn.Module, dist: Distributed, config: DistributedConfig):
+    """TorchRec's planner, with each configured table constrained to its sharding type."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+
+    constraints = {table: ParameterConstraints(sharding_types=[kind]) for table, kind in config.sharding.items()}
+    topology = Topology(world_size=dist.world_size, compute_device=dist.device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints, debug=False)
+    return planner.collective_plan(task, pg=torch_dist.GroupMember.WORLD)
+
+
+def _sum_allreduce_hook(state, bucket):
+    """DDP comm hook: sum gradients over ranks instead of averaging them (see module doc)."""
+    work = torch_dist.all_reduce(bucket.buffer(), async_op=True)
+    return work.get_future().then(lambda future: future.value()[0])
+
+
+def shard_model(model: nn.Module, dist: Distributed, config: DistributedConfig) -> nn.Module:
+    """Wrap the model's training step for `dist`: a `TrainTask` when single-process,
+    else DistributedModelParallel over it (ID tables sharded by the plan, with the fused
+    optimizer the model's tables were given by `apply_optimizer_in_backward`; the dense
+    towers replicated by DDP). The model object itself is sharded in place, so its own
+    methods (encode_queries, candidate_vectors) keep working on every rank."""
+    task = TrainTask(model)
+    if not dist.enabled:
+        return task
+    from torchrec.distributed.comm_ops import set_gradient_division
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+
+    # TorchRec divides the tables' gradients by the world size by default (to mirror DDP's
+    # averaging); the losses here are already each rank's share, so gradients are summed.
+    set_gradient_division(False)
+    plan = sharding_plan(task, dist, config)
+    if dist.is_main:
+        log.info("sharding plan:\n%s", plan)
+    # DMP's DDP does not broadcast buffers: the ones that change (training step, streaming
+    # frequency estimates) change identically on every rank, and the static ones (log q,
+    # feature offsets) are as large as the vocabulary.
+    sharded = DistributedModelParallel(task, device=dist.device, plan=plan)
+    ddp = sharded._dmp_wrapped_module
+    if isinstance(ddp, nn.parallel.DistributedDataParallel):
+        ddp.register_comm_hook(state=None, hook=_sum_allreduce_hook)
+    return sharded
+
+
+def unsharded_state_dict(model: nn.Module, dist: Distributed) -> dict[str, torch.Tensor]:
+    """The model's state as plain tensors, sharded tables gathered whole on rank 0 (the
+    export for serving without TorchRec sharding). Collective: every rank must call it;
+    only rank 0's result holds the tables."""
+    state = model.state_dict()
+    if not dist.enabled:
+        return state
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    plain = {}
+    for key, value in state.items():
+        if isinstance(value, ShardedTensor):
+            whole = torch.empty(value.size(), dtype=value.dtype) if dist.is_main else None
+            value.gather(dst=0, out=whole)
+            if dist.is_main:
+                plain[key] = whole
+        else:
+            plain[key] = value
+    return plain
+
+
+@torch.no_grad()
+def load_unsharded_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy plain tensors (an `unsharded_state_dict`, a single-process model's state) into
+    a model whose tables may be sharded: each rank copies the slices its shards own."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise KeyError(f"state lacks {len(missing)} key(s) of the model, e.g. {missing[:3]}")
+    for key, value in own.items():
+        if isinstance(value, ShardedTensor):
+            for shard in value.local_shards():
+                meta = shard.metadata
+                window = tuple(slice(o, o + n) for o, n in zip(meta.shard_offsets, meta.shard_sizes))
+                shard.tensor.copy_(state[key][window])
+        else:
+            value.copy_(state[key])
