@@ -47,7 +47,9 @@ def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
     if argv and argv[0].endswith("main.py") and not argv[0].startswith("-"):
         argv = argv[1:]
     parser = argparse.ArgumentParser(prog="trainer.main", description="Train and evaluate a next-target retrieval model.")
-    parser.add_argument("--config", required=True, help="YAML run config, or the name of one in configs/")
+    parser.add_argument(
+        "--config", default="collegemsg", help="YAML run config, or the name of one in configs/ (default: collegemsg)"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loader.batch_size=256")
     args = parser.parse_args(argv)
     return _config_path(args.config), args.overrides
