@@ -22,6 +22,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch import nn
@@ -67,6 +68,14 @@ class Distributed:
         total = tensor.detach().clone()
         torch_dist.all_reduce(total)
         return total
+
+    def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Maximum over ranks, without gradient."""
+        if self.world_size == 1:
+            return tensor
+        result = tensor.detach().clone()
+        torch_dist.all_reduce(result, op=torch_dist.ReduceOp.MAX)
+        return result
 
     def barrier(self) -> None:
         if self.enabled:
@@ -221,3 +230,24 @@ def load_unsharded_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
                 shard.tensor.copy_(state[key][window])
         else:
             value.copy_(state[key])
+
+
+def owned_candidates(model: nn.Module, candidates: np.ndarray, dist: Distributed, table: str = "target_ids") -> np.ndarray:
+    """The candidates whose rows of `table` this rank holds (all of them in one process),
+    so evaluation computes each candidate vector where its embedding lives. Every
+    candidate is owned by exactly one rank (row-wise: a row range each; table-wise: the
+    rank holding the table)."""
+    if not dist.enabled:
+        return candidates
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    weights = [v for k, v in model.state_dict().items() if k.endswith(f"{table}.weight")]
+    if len(weights) != 1 or not isinstance(weights[0], ShardedTensor):
+        raise ValueError(f"owned_candidates: expected one sharded {table!r} table in the model")
+    keep = np.zeros(len(candidates), dtype=bool)
+    for shard in weights[0].local_shards():
+        start, rows = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
+        if shard.metadata.shard_offsets[1] != 0:
+            continue  # column-wise pieces: the rank holding column 0 owns the row
+        keep |= (candidates >= start) & (candidates < start + rows)
+    return candidates[keep]

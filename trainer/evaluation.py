@@ -17,6 +17,7 @@ A scorer is anything with:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -73,8 +74,11 @@ def full_ranking_ranks(
     query_chunk_size: int = 1024,
     candidate_chunk_size: int = 65536,
     seen: SeenTargets | None = None,
+    count_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
-    """Rank of each query's true target among `candidates` (sorted target IDs). [Q] int64."""
+    """Rank of each query's true target among `candidates` (sorted target IDs). [Q] int64.
+    `count_sum`: on several ranks, each scoring its own share of the candidates, sums the
+    per-query counts over ranks (every rank then returns the global ranks)."""
     candidates_t = torch.from_numpy(np.sort(np.asarray(candidates, dtype=np.int64)))
     num_queries = len(true_targets)
     ranks = np.empty(num_queries, dtype=np.int64)
@@ -88,6 +92,8 @@ def full_ranking_ranks(
             chunk = candidates_t[c0 : c0 + candidate_chunk_size]
             scores_QC = scorer.score(state, chunk)
             count_Q += count_at_least(scores_QC, true_score_Q, _exclusion_mask(rows, chunk, true_Q, seen))
+        if count_sum is not None:
+            count_Q = count_sum(count_Q)
         ranks[rows] = (count_Q + 1).numpy()
     return ranks
 

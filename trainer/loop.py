@@ -25,7 +25,7 @@ from data.prepare import PreparedData
 from models.embeddings import VocabularySizes
 from models.retrieval import TwoTowerRetrieval
 from models.samplers import identity_gather
-from trainer.distributed import Distributed, shard_model
+from trainer.distributed import Distributed, owned_candidates, shard_model
 from trainer.evaluation import full_ranking_ranks, metrics_from_ranks
 from trainer.metrics import MetricsLogger
 from trainer.results import seen_targets
@@ -170,17 +170,20 @@ class Trainer:
         queries = prepared.split.queries(prepared.seqs, split)
         self.model.eval()
         try:
+            # On several ranks each scores the candidates whose rows it holds; counts are summed.
+            candidates = owned_candidates(self.model, prepared.stats.candidates, self.dist)
             scorer = ModelScorer(
-                self.model, prepared.seqs, queries, config.history_window, prepared.stats.candidates,
-                chunk_size=config.eval.candidate_chunk_size, **incoming_inputs(config, prepared, split),
+                self.model, prepared.seqs, queries, config.history_window, candidates,
+                chunk_size=config.eval.candidate_chunk_size, dist=self.dist, **incoming_inputs(config, prepared, split),
             )
             ranks = full_ranking_ranks(
                 scorer,
                 prepared.seqs.targets[queries.position],
-                prepared.stats.candidates,
+                candidates,
                 query_chunk_size=min(config.eval.query_chunk_size, 256),
                 candidate_chunk_size=config.eval.candidate_chunk_size,
                 seen=seen_targets(prepared, split) if config.eval.exclude_seen else None,
+                count_sum=self.dist.sum if self.dist.world_size > 1 else None,
             )
         finally:
             self.model.train()

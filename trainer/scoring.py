@@ -3,7 +3,9 @@
 score(x, c) = cos(q(x), c) / tau + bonus(x, c)   (bonus: repeat re-scoring, 0 off-history)
 
 Candidate vectors are computed once per evaluation, in chunks; query vectors once per
-query chunk. Shape suffixes: Q queries, C candidates, D width, U history pairs.
+query chunk. On several ranks each rank holds and scores the candidates whose table
+rows it owns (trainer/distributed.py `owned_candidates`), and the per-query counts are
+summed across ranks: no rank holds every candidate vector. Shape suffixes: Q queries, C candidates, D width, U history pairs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from data.batches import BatchBuilder
 from data.incoming import Incoming
 from data.sequences import Queries, Sequences
+from trainer.distributed import Distributed
 from models.retrieval import QueryEncoding, TwoTowerRetrieval
 
 
@@ -36,22 +39,33 @@ class ModelScorer:
         chunk_size: int = 65536,
         incoming: Incoming | None = None,
         incoming_window: int = 0,
+        dist: Distributed = Distributed(),
     ) -> None:
-        """`incoming`: the incoming events the queries may read (their last
-        `incoming_window` before each query's time go to the repeat re-scorer)."""
+        """`candidate_ids`: the candidates this scorer scores (on several ranks, the ones
+        this rank owns); their vectors are computed once, in chunks. `incoming`: the
+        incoming events the queries may read (their last `incoming_window` before each
+        query's time go to the repeat re-scorer)."""
         self.model = model
         self.temperature = model.loss_config.temperature
         self.builder = BatchBuilder(
             seqs, queries, max_len, active_pool=np.zeros(1, dtype=np.int64),
             incoming=incoming, incoming_window=incoming_window,
         )
-        # Candidate vectors in a table indexed by target ID (rows of non-candidates stay 0).
-        ids = torch.from_numpy(np.asarray(candidate_ids, dtype=np.int64))
-        self.candidate_table = torch.zeros(model.sizes.num_id_rows, model.model_config.embedding_dim)
+        self.candidate_ids = torch.from_numpy(np.sort(np.asarray(candidate_ids, dtype=np.int64)))
+        # Table lookups are collective on several ranks: every rank makes as many calls.
+        num_chunks = -(-len(self.candidate_ids) // chunk_size)
+        num_chunks = int(dist.max(torch.tensor(num_chunks)))
         with torch.no_grad():
-            for start in range(0, len(ids), chunk_size):
-                chunk = ids[start : start + chunk_size]
-                self.candidate_table[chunk] = model.candidate_vectors(chunk)
+            vectors = [
+                model.candidate_vectors(self.candidate_ids[i * chunk_size : (i + 1) * chunk_size])
+                for i in range(num_chunks)
+            ]
+        dim = model.model_config.embedding_dim
+        self.candidate_vectors = torch.cat(vectors) if vectors else torch.zeros(0, dim)
+
+    def _vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Vectors of candidates this scorer holds (sorted lookup)."""
+        return self.candidate_vectors[torch.searchsorted(self.candidate_ids, ids)]
 
     @torch.no_grad()
     def query_state(self, rows: slice) -> _QueryChunk:
@@ -75,13 +89,14 @@ class ModelScorer:
 
     @torch.no_grad()
     def score(self, state: _QueryChunk, candidate_ids: torch.Tensor) -> torch.Tensor:
-        scores_QC = state.encoding.query_BD @ self.candidate_table[candidate_ids].T / self.temperature
+        scores_QC = state.encoding.query_BD @ self._vectors(candidate_ids).T / self.temperature
         return self._add_bonus(scores_QC, state.encoding, candidate_ids)
 
     @torch.no_grad()
     def score_pairs(self, state: _QueryChunk, target_ids: torch.Tensor) -> torch.Tensor:
         encoding = state.encoding
-        scores_Q = (encoding.query_BD * self.candidate_table[target_ids]).sum(-1) / self.temperature
+        # The true targets may live on any rank: looked up (collectively), not held.
+        scores_Q = (encoding.query_BD * self.model.candidate_vectors(target_ids)).sum(-1) / self.temperature
         if encoding.history is not None:
             index, found = encoding.history.find(torch.arange(len(target_ids)), target_ids)
             scores_Q = scores_Q + torch.where(found, encoding.bonus_U[index], 0.0)

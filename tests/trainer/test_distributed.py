@@ -21,6 +21,7 @@ from trainer.distributed import (
     close_distributed,
     init_distributed,
     load_unsharded_state,
+    owned_candidates,
     shard_model,
     unsharded_state_dict,
 )
@@ -142,3 +143,34 @@ def test_training_steps_on_two_ranks_match_one_process_with_the_global_batch(tmp
         moved += int(not torch.equal(value, initial[name]))
     assert moved > 10
     assert two["valid"] == pytest.approx(one["valid"], abs=1e-9)  # measured: identical
+
+
+def _evaluation_worker(rank, port, out, state):
+    _join(rank, port)
+    config = _config()
+    prepared = prepare(config.data)
+    dist = init_distributed(config.distributed)
+    trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False), dist)
+    load_unsharded_state(trainer.model, state)
+    valid = trainer.evaluate("valid")
+    owned = len(owned_candidates(trainer.model, prepared.stats.candidates, dist))
+    owned_total = int(dist.sum(torch.tensor(owned)))
+    if rank == 0:
+        torch.save({"valid": valid, "owned": owned, "owned_total": owned_total}, out)
+    close_distributed(dist)
+
+
+@pytest.mark.slow
+def test_evaluation_over_a_sharded_vocabulary_equals_the_single_process_one(tmp_path):
+    config = _config()
+    prepared = prepare(config.data)
+    trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False))
+    state = trainer.model.state_dict()
+    expected = trainer.evaluate("valid")
+
+    _spawn(_evaluation_worker, tmp_path / "rank0.pt", state)
+    got = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    # Each candidate is scored by exactly one rank, and rank 0 holds only its share.
+    assert got["owned_total"] == len(prepared.stats.candidates)
+    assert 0 < got["owned"] < len(prepared.stats.candidates)
+    assert got["valid"] == pytest.approx(expected, abs=1e-9)
