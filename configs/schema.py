@@ -318,6 +318,12 @@ class TrainConfig:
     """torch.use_deterministic_algorithms on CPU: same config and seed, same numbers."""
     num_threads: int = 0
     """torch intra-op threads (0: torch's default)."""
+    keep_checkpoints: int = 2
+    """A checkpoint (torch.distributed.checkpoint) is written to <run>/checkpoints at every
+    validation; the newest this many are kept (0: write none)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint of the run directory, if any (same as
+    `trainer/main.py --resume`); written by any number of ranks, read by any number."""
 
     def __post_init__(self) -> None:
         _require(self.max_epochs > 0, f"train.max_epochs: expected > 0, got {self.max_epochs}")
@@ -326,6 +332,7 @@ class TrainConfig:
         _require(self.patience >= 1, f"train.patience: expected >= 1, got {self.patience}")
         _require(self.log_every_steps >= 1, f"train.log_every_steps: expected >= 1, got {self.log_every_steps}")
         _require(self.num_threads >= 0, f"train.num_threads: expected >= 0, got {self.num_threads}")
+        _require(self.keep_checkpoints >= 0, f"train.keep_checkpoints: expected >= 0, got {self.keep_checkpoints}")
 
 
 @dataclass(kw_only=True)

@@ -136,6 +136,10 @@ class TrainLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=False,
+            # Its own generator: a DataLoader iterator draws a seed from the generator it
+            # is given, and from the global one it would shift every later dropout mask,
+            # so a resumed run (a new iterator mid-epoch) would diverge from an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def __iter__(self) -> Iterator[Batch]:

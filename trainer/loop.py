@@ -13,9 +13,11 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torch.distributed.checkpoint import FileSystemReader
 from tqdm import tqdm
 
 from configs.schema import ExperimentConfig, OptimConfig
@@ -26,7 +28,8 @@ from models.embeddings import VocabularySizes
 from models.retrieval import TwoTowerRetrieval
 from models.samplers import identity_gather
 from trainer.distributed import Distributed, owned_candidates, shard_model
-from trainer.evaluation import full_ranking_ranks, metrics_from_ranks
+from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.evaluation import METRIC_NAMES, full_ranking_ranks, metrics_from_ranks
 from trainer.metrics import MetricsLogger
 from trainer.results import seen_targets
 from trainer.scoring import ModelScorer
@@ -74,6 +77,25 @@ def incoming_inputs(config: ExperimentConfig, prepared: PreparedData, known: str
     return {} if incoming is None else {"incoming": incoming, "incoming_window": config.model.incoming_window}
 
 
+@torch.no_grad()
+def _materialise_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create an optimizer's lazily made state (a step with zero gradients at lr 0, which
+    moves nothing), so a checkpoint has tensors to load into before the first step."""
+    if optimizer.state:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p in params:
+        p.grad = None
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+
+
 def _sparse_optimizer(config: OptimConfig) -> tuple[type, dict]:
     import torchrec.optim as sparse
 
@@ -106,9 +128,17 @@ class TrainSummary:
 
 class Trainer:
     def __init__(
-        self, config: ExperimentConfig, prepared: PreparedData, metrics: MetricsLogger, dist: Distributed = Distributed()
+        self,
+        config: ExperimentConfig,
+        prepared: PreparedData,
+        metrics: MetricsLogger,
+        dist: Distributed = Distributed(),
+        run_dir: Path | None = None,
     ) -> None:
+        """`run_dir`: where checkpoints go (`<run_dir>/checkpoints`, at every validation);
+        None writes none."""
         self.config, self.prepared, self.metrics, self.dist = config, prepared, metrics, dist
+        self.checkpoint_dir = run_dir / "checkpoints" if run_dir is not None and config.train.keep_checkpoints else None
         torch.manual_seed(config.seed)
         if config.train.num_threads:
             torch.set_num_threads(config.train.num_threads)
@@ -142,7 +172,10 @@ class Trainer:
             self.total_steps = min(self.total_steps, config.train.max_steps)
         self.eval_every = config.train.eval_every_steps or epoch_steps
         self.step = 0
-        self.best_state: dict | None = None
+        # Where training stands, all of it in the checkpoint (see state_dict).
+        self.best_ndcg, self.best_step, self.evals_without_gain = -1.0, 0, 0
+        self.best_valid: dict[str, float] = {}
+        self.best_state = copy.deepcopy(self.model.state_dict())
 
     def train_step(self, batch) -> dict[str, float]:
         factor = lr_factor(self.step, self.total_steps, self.config.optim)
@@ -192,7 +225,6 @@ class Trainer:
     def train(self) -> TrainSummary:
         config = self.config
         start = time.perf_counter()
-        best_ndcg, best_step, best_valid, evals_without_gain = -1.0, 0, {}, 0
         interactive = sys.stderr.isatty() and self.dist.is_main
         progress = tqdm(total=self.total_steps, disable=not interactive, desc="train", dynamic_ncols=True)
         window_start, window_examples = time.perf_counter(), 0
@@ -219,27 +251,101 @@ class Trainer:
             if self.step % self.eval_every == 0 or self.step == self.total_steps:
                 valid = self.evaluate("valid")
                 self.metrics.log({f"valid/{k}": v for k, v in valid.items()}, self.step)
-                improved = valid["ndcg@10"] > best_ndcg
+                improved = valid["ndcg@10"] > self.best_ndcg
                 log.info(
                     "step %d valid ndcg@10 %.4f hr@10 %.4f%s",
                     self.step, valid["ndcg@10"], valid["hr@10"], " (best)" if improved else "",
                 )
                 if improved:
-                    best_ndcg, best_step, best_valid, evals_without_gain = valid["ndcg@10"], self.step, valid, 0
+                    self.best_ndcg, self.best_step, self.best_valid = valid["ndcg@10"], self.step, valid
+                    self.evals_without_gain = 0
                     self.best_state = copy.deepcopy(self.model.state_dict())
                 else:
-                    evals_without_gain += 1
-                    if evals_without_gain >= config.train.patience:
-                        log.info("early stop: %d validations without a better NDCG@10", evals_without_gain)
-                        stopped_early = True
-                        break
+                    self.evals_without_gain += 1
+                if self.checkpoint_dir is not None:
+                    save_checkpoint(
+                        self.checkpoint_dir, self.step, self.state_dict(), self.dist, config.train.keep_checkpoints
+                    )
+                if self.evals_without_gain >= config.train.patience:
+                    log.info("early stop: %d validations without a better NDCG@10", self.evals_without_gain)
+                    stopped_early = True
+                    break
         progress.close()
-        return TrainSummary(self.step, best_step, best_valid, stopped_early, time.perf_counter() - start)
+        return TrainSummary(self.step, self.best_step, self.best_valid, stopped_early, time.perf_counter() - start)
+
+    # ------------------------------------------------------------- checkpoints
+
+    def _sparse_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The ID tables' optimizers: TorchRec's fused one when sharded, else the
+        per-table optimizers that run inside backward."""
+        if self.dist.enabled:
+            return {"fused": self.task.fused_optimizer}
+        optimizers = {name: p._in_backward_optimizers[0] for name, p in self.model.embeddings.named_parameters()}
+        for optimizer in optimizers.values():
+            _materialise_state(optimizer)
+        return optimizers
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue as if uninterrupted, as a DCP state
+        dict: tables with their optimizer state, dense parameters and AdamW, the best
+        model so far, the step (which fixes the LR schedule and the curriculum, a model
+        buffer), the loader position, early-stopping counters and this rank's RNG."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        progress = {
+            "step": self.step, "best_step": self.best_step, "evals_without_gain": self.evals_without_gain,
+            "loader_epoch": self.loader.epoch, "loader_step": self.loader.step,
+        }
+        state = {
+            "model": self.model.state_dict(),
+            "best_model": self.best_state,
+            # Optimizer state tensors only: the param groups (learning rates, betas) come
+            # from the config, and DCP reads lists back unlike it writes them across
+            # world sizes (measured: "missing key ... param_groups").
+            "dense_optimizer": get_optimizer_state_dict(self.model, self.optimizer)["state"],
+            "sparse_optimizers": {name: opt.state_dict()["state"] for name, opt in self._sparse_optimizers().items()},
+            "progress": {key: torch.tensor(value, dtype=torch.int64) for key, value in progress.items()},
+            "best_ndcg": torch.tensor(self.best_ndcg, dtype=torch.float64),
+            "best_valid": {k: torch.tensor(self.best_valid.get(k, math.nan), dtype=torch.float64) for k in METRIC_NAMES},
+            f"rng_rank{self.dist.rank}": torch.get_rng_state(),
+        }
+        return state
+
+    def load_state_dict(self, path: Path) -> None:
+        """Continue from checkpoint `path` (written by any number of ranks)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        state = self.state_dict()
+        metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        rng_key = f"rng_rank{self.dist.rank}"
+        if not any(key.startswith(rng_key) for key in metadata):
+            # Written by fewer ranks: this rank's random stream starts afresh.
+            del state[rng_key]
+        load_checkpoint(path, state, self.dist)
+        self.model.load_state_dict(state["model"])
+        self.best_state = state["best_model"]
+        groups = get_optimizer_state_dict(self.model, self.optimizer)["param_groups"]
+        set_optimizer_state_dict(
+            self.model, self.optimizer, optim_state_dict={"state": state["dense_optimizer"], "param_groups": groups}
+        )
+        for name, optimizer in self._sparse_optimizers().items():
+            current = optimizer.state_dict()
+            current["state"] = state["sparse_optimizers"][name]
+            optimizer.load_state_dict(current)
+        progress = {k: int(v) for k, v in state["progress"].items()}
+        self.step, self.best_step = progress["step"], progress["best_step"]
+        self.evals_without_gain = progress["evals_without_gain"]
+        self.loader.load_state_dict({"epoch": progress["loader_epoch"], "step": progress["loader_step"]})
+        self.best_ndcg = float(state["best_ndcg"])
+        best = {k: float(v) for k, v in state["best_valid"].items()}
+        self.best_valid = {} if all(math.isnan(v) for v in best.values()) else best
+        if rng_key in state:
+            torch.set_rng_state(state[rng_key])
+        log.info("resumed from %s at step %d", path, self.step)
 
     def test(self) -> dict[str, float]:
         """The test split, evaluated once, at the best model."""
-        if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
+        self.model.load_state_dict(self.best_state)
         return self.evaluate("test")
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ from configs.loading import ConfigError, config_to_dict, load_config
 from configs.schema import ExperimentConfig
 from data.prepare import prepare
 from data.readers import DataError
+from trainer.checkpoint import latest_checkpoint
 from trainer.distributed import Distributed, close_distributed, init_distributed, unsharded_state_dict
 from trainer.loop import Trainer
 from trainer.metrics import MetricsLogger
@@ -50,9 +51,10 @@ def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
     parser.add_argument(
         "--config", default="collegemsg", help="YAML run config, or the name of one in configs/ (default: collegemsg)"
     )
+    parser.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loader.batch_size=256")
     args = parser.parse_args(argv)
-    return _config_path(args.config), args.overrides
+    return _config_path(args.config), args.overrides + (["train.resume=true"] if args.resume else [])
 
 
 def run(config: ExperimentConfig, dist: Distributed = Distributed()) -> dict:
@@ -74,7 +76,13 @@ def run(config: ExperimentConfig, dist: Distributed = Distributed()) -> dict:
 
     metrics = MetricsLogger(run_dir / "tensorboard", enabled=dist.is_main)
     metrics.log_config(config_to_dict(config))
-    trainer = Trainer(config, prepared, metrics, dist)
+    trainer = Trainer(config, prepared, metrics, dist, run_dir=run_dir)
+    if config.train.resume:
+        latest = latest_checkpoint(trainer.checkpoint_dir) if trainer.checkpoint_dir is not None else None
+        if latest is None:
+            log.info("resume: no complete checkpoint under %s; starting afresh", trainer.checkpoint_dir)
+        else:
+            trainer.load_state_dict(latest)
     try:
         summary_train = trainer.train()
         test = trainer.test()

@@ -17,6 +17,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from configs.loading import load_config
 from data.batches import BatchBuilder
 from data.prepare import prepare
+from trainer.checkpoint import complete_checkpoints
 from trainer.distributed import (
     close_distributed,
     init_distributed,
@@ -100,7 +101,7 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_whole_batch
     out = tmp_path / "rank0.pt"
     _spawn(_one_batch_worker, out, state, rows, negatives)
     got = torch.load(out, weights_only=True)
-    assert abs(float(got["loss"]) - float(output.loss)) < TOLERANCE
+    assert abs(float(got["loss"]) - float(output.loss.detach())) < TOLERANCE
     dense = {n: p.grad for n, p in model.named_parameters() if p.grad is not None and not n.startswith("embeddings.")}
     assert set(got["grads"]) == set(dense) and dense
     for name, grad in dense.items():
@@ -174,3 +175,34 @@ def test_evaluation_over_a_sharded_vocabulary_equals_the_single_process_one(tmp_
     assert got["owned_total"] == len(prepared.stats.candidates)
     assert 0 < got["owned"] < len(prepared.stats.candidates)
     assert got["valid"] == pytest.approx(expected, abs=1e-9)
+
+
+def _checkpoint_worker(rank, port, out, run_dir, world, resume_from):
+    _join(rank, port, world)
+    config = _config(**{"train.max_steps": 8, "train.eval_every_steps": 4, "train.patience": 10,
+                        "loader.batch_size": WORLD * BATCH // world})
+    prepared = prepare(config.data)
+    dist = init_distributed(config.distributed)
+    trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False), dist, run_dir=run_dir)
+    if resume_from is None:
+        trainer.train()
+    else:
+        trainer.load_state_dict(resume_from)
+    valid = trainer.evaluate("valid")
+    if resume_from is not None:
+        trainer.train()  # continues to step 8 from the checkpoint's step
+    if rank == 0:
+        torch.save({"valid": valid, "step": trainer.step}, out)
+    close_distributed(dist)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("write_ranks, read_ranks", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_number_of_ranks_with_the_same_metrics(tmp_path, write_ranks, read_ranks):
+    _spawn(_checkpoint_worker, tmp_path / "written.pt", tmp_path / "run", write_ranks, None, world=write_ranks)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["step-00000004", "step-00000008"]
+    _spawn(_checkpoint_worker, tmp_path / "read.pt", None, read_ranks, checkpoints / "step-00000008", world=read_ranks)
+    written, read = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("written", "read"))
+    assert read["valid"] == pytest.approx(written["valid"], abs=1e-9)
+    assert read["step"] == 8

@@ -1,0 +1,76 @@
+"""Checkpoints: torch.distributed.checkpoint (DCP), written atomically, the last K kept.
+
+    <run_dir>/checkpoints/step-00000440/      complete checkpoints (DCP files + .metadata)
+    <run_dir>/checkpoints/.step-00000440.tmp  being written; never read
+
+Every rank writes its own shards into the temporary directory; when all ranks are done
+(a barrier) rank 0 renames it. A rename is atomic, so a directory named `step-*` is
+always complete: a job killed while writing leaves only a `.tmp` directory, which the
+next save clears. DCP reshards on load, so a checkpoint written by N ranks resumes on M.
+
+What goes in is the trainer's business (`Trainer.state_dict`); this module only knows
+where checkpoints live and how to write and read them safely.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch.distributed.checkpoint as dcp
+
+from trainer.distributed import Distributed
+
+log = logging.getLogger(__name__)
+
+PREFIX = "step-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / ".metadata").exists()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    found = complete_checkpoints(directory)
+    return found[-1] if found else None
+
+
+def save_checkpoint(directory: Path, step: int, state: dict, dist: Distributed, keep: int) -> Path:
+    """Write `state` (a DCP state dict) as checkpoint `step`; keep the newest `keep`.
+    Collective: every rank calls it. Raises OSError (after leaving every complete
+    checkpoint in place) when the write fails."""
+    final = directory / checkpoint_name(step)
+    tmp = directory / f".{final.name}.tmp"
+    if dist.is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(f".{PREFIX}*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+    dist.barrier()
+    dcp.save(state, checkpoint_id=tmp, no_dist=not dist.enabled)
+    dist.barrier()
+    if dist.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in complete_checkpoints(directory)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint: %s", final)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, state: dict, dist: Distributed) -> None:
+    """Read checkpoint `path` into `state` in place (DCP: each rank reads what its own
+    tensors hold, whatever the world size that wrote it)."""
+    if not (path / ".metadata").exists():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no .metadata)")
+    dcp.load(state, checkpoint_id=path, no_dist=not dist.enabled)
