@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from tqdm import tqdm
 
 from configs.schema import ExperimentConfig, OptimConfig
@@ -27,8 +28,8 @@ from data.prepare import PreparedData
 from models.embeddings import VocabularySizes
 from models.retrieval import TwoTowerRetrieval
 from models.samplers import identity_gather
-from trainer.distributed import Distributed, owned_candidates, shard_model
 from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.distributed import Distributed, owned_candidates, shard_model
 from trainer.evaluation import METRIC_NAMES, full_ranking_ranks, metrics_from_ranks
 from trainer.metrics import MetricsLogger
 from trainer.results import seen_targets
@@ -290,8 +291,6 @@ class Trainer:
         dict: tables with their optimizer state, dense parameters and AdamW, the best
         model so far, the step (which fixes the LR schedule and the curriculum, a model
         buffer), the loader position, early-stopping counters and this rank's RNG."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
         progress = {
             "step": self.step, "best_step": self.best_step, "evals_without_gain": self.evals_without_gain,
             "loader_epoch": self.loader.epoch, "loader_step": self.loader.step,
@@ -313,8 +312,6 @@ class Trainer:
 
     def load_state_dict(self, path: Path) -> None:
         """Continue from checkpoint `path` (written by any number of ranks)."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
         state = self.state_dict()
         metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
         rng_key = f"rng_rank{self.dist.rank}"
