@@ -11,7 +11,6 @@ Writes bench/results/ablation.json as {dataset: {variant: {"overrides": [...], m
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -19,10 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
-from bench.runs import mean_std, train_and_test  # noqa: E402
+from bench.runs import DATASETS, mean_std, quality_arguments, train_and_test  # noqa: E402
 from trainer.main import CONFIG_DIR  # noqa: E402
 
-DATASETS = ("collegemsg", "ml-100k")
 METRICS = ("ndcg@10", "hr@10", "hr@1", "mrr")
 
 # One change to the default at a time. The transformer must be causal for the temporal
@@ -88,11 +86,8 @@ def markdown(results: dict, seeds: int, overrides: list[str]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", choices=DATASETS, action="append", help="data set(s) to run (default: both)")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = quality_arguments(__doc__)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ",".join(VARIANTS))
-    parser.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     args = parser.parse_args()
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]

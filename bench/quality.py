@@ -10,7 +10,6 @@ evaluated actors, candidates and training time) and bench/results/quality.md.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -18,11 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
-from bench.runs import mean_std, train_and_test  # noqa: E402
+from bench.runs import DATASETS, mean_std, quality_arguments, train_and_test  # noqa: E402
 from trainer.evaluation import METRIC_NAMES  # noqa: E402
 from trainer.main import CONFIG_DIR  # noqa: E402
 
-DATASETS = ("collegemsg", "ml-100k")
 MODELS = {"default": "{data}.yaml", "sasrec": "{data}-sasrec.yaml"}
 BASELINES = ("most_popular", "recency_frequency")
 # The bar of the trainer issue: mean of 3 seeds, default config, test split.
@@ -87,11 +85,8 @@ def markdown(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", choices=DATASETS, action="append", help="data set(s) to run (default: both)")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser = quality_arguments(__doc__)
     parser.add_argument("--models", default="default,sasrec", help="comma-separated subset of: default,sasrec")
-    parser.add_argument("overrides", nargs="*", help="config overrides applied to every run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, force=True)
     results = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -23,3 +24,15 @@ def train_and_test(config_path: Path, overrides: list[str], seed: int) -> tuple[
 
 def mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+DATASETS = ("collegemsg", "ml-100k")
+
+
+def quality_arguments(description: str | None) -> argparse.ArgumentParser:
+    """The options every quality benchmark takes: which logs, how many seeds, overrides."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", choices=DATASETS, action="append", help="data set(s) to run (default: both)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="config overrides applied to every run")
+    return parser
