@@ -14,8 +14,10 @@ where checkpoints live and how to write and read them safely.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
@@ -25,6 +27,15 @@ from trainer.distributed import Distributed
 log = logging.getLogger(__name__)
 
 PREFIX = "step-"
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns at every call in one process that it assumes one process, which is what
+    no_dist=True asks for."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def checkpoint_name(step: int) -> str:
@@ -55,7 +66,8 @@ def save_checkpoint(directory: Path, step: int, state: dict, dist: Distributed, 
         for stale in directory.glob(f".{PREFIX}*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
     dist.barrier()
-    dcp.save(state, checkpoint_id=tmp, no_dist=not dist.enabled)
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.enabled)
     dist.barrier()
     if dist.is_main:
         if final.exists():
@@ -73,4 +85,5 @@ def load_checkpoint(path: Path, state: dict, dist: Distributed) -> None:
     tensors hold, whatever the world size that wrote it)."""
     if not (path / ".metadata").exists():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no .metadata)")
-    dcp.load(state, checkpoint_id=path, no_dist=not dist.enabled)
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=path, no_dist=not dist.enabled)
