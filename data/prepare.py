@@ -10,7 +10,7 @@ to `out_dir`, so predictions can be mapped back to raw IDs later.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -44,16 +44,20 @@ class PreparedData:
     split: Split
     stats: TargetStats
     features: TargetFeatures | None = None
+    _incoming: dict[str, Incoming] = field(default_factory=dict, repr=False, compare=False)
+    """Built once per set of known events: validation runs many times in a training run."""
 
     def incoming_events(self, known: Literal["train", "valid", "test", "all"]) -> Incoming | None:
         """The incoming events the queries of a split may read (see data/incoming.py), or
         None when actors and targets are not one ID space."""
         if not self.log.shared_id_space:
             return None
-        if known == "all":
-            return Incoming.from_sequences(self.seqs)
         # Training queries and validation queries both read the training events.
-        return Incoming.from_sequences(self.seqs, self.split.known_mask(self.seqs, "test" if known == "test" else "valid"))
+        events = "valid" if known == "train" else known
+        if events not in self._incoming:
+            mask = None if events == "all" else self.split.known_mask(self.seqs, events)
+            self._incoming[events] = Incoming.from_sequences(self.seqs, mask)
+        return self._incoming[events]
 
     def summary(self) -> dict:
         return {

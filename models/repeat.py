@@ -65,7 +65,7 @@ class HistoryItems:
         """Per row, its distinct contacts as columns: (ids [B, H], pair index [B, H],
         valid [B, H])."""
         counts_B = torch.bincount(self.row_U, minlength=self.batch_size)
-        width = int(counts_B.max().item()) if self.batch_size and self.row_U.numel() else 0
+        width = int(counts_B.max().item()) if self.batch_size else 0
         first_B = torch.cumsum(counts_B, 0) - counts_B
         column_U = torch.arange(self.row_U.numel(), device=self.row_U.device) - first_B[self.row_U]
         ids_BH = torch.zeros((self.batch_size, width), dtype=torch.int64, device=self.row_U.device)
