@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
-from bench.runs import DATASETS, mean_std, quality_arguments, train_and_test  # noqa: E402
+from bench.runs import DATASETS, RUN_LOG_PATH, RunLog, mean_std, quality_arguments  # noqa: E402
 from trainer.main import CONFIG_DIR  # noqa: E402
 
 METRICS = ("ndcg@10", "hr@10", "hr@1", "mrr")
@@ -48,15 +48,21 @@ SKIP = {"ml-100k": {"no_incoming"}}
 
 
 def run_variants(data: str, variants: list[str], seeds: list[int], overrides: list[str]) -> dict:
+    """Train what the run log lacks (the default variant is the quality benchmark's
+    default run), then aggregate each variant over seeds."""
+    run_log = RunLog(RUN_LOG_PATH)
+    config_path = CONFIG_DIR / f"{data}.yaml"
     out: dict[str, dict] = {}
     for name in variants:
         if name in SKIP.get(data, ()):
             continue
-        runs = []
-        for seed in seeds:
-            results, _ = train_and_test(CONFIG_DIR / f"{data}.yaml", [*overrides, *VARIANTS[name]], seed)
-            runs.append(results["metrics"]["test"]["model"])
-            logging.getLogger("ablation").warning("%s %s seed %d: ndcg@10 %.4f", data, name, seed, runs[-1]["ndcg@10"])
+        # The default variant is logged as the quality benchmark's "default" model.
+        runs = [
+            run_log.run(data, name, seed, config_path, [*overrides, *VARIANTS[name]])["test"]
+            for seed in seeds
+        ]
+        for seed, run in zip(seeds, runs):
+            logging.getLogger("ablation").warning("%s %s seed %d: ndcg@10 %.4f", data, name, seed, run["ndcg@10"])
         out[name] = {"overrides": VARIANTS[name], "runs": len(runs)}
         out[name].update({metric: mean_std([r[metric] for r in runs]) for metric in METRICS})
     if "default" in out:

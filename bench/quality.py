@@ -6,9 +6,9 @@ simple baselines, 3 seeds each, under ../shared/BENCHMARK.md's protocol.
 
 Writes bench/results/quality.json as {dataset: {model: {metric: {"mean", "std"}}}} (plus
 evaluated actors, candidates and training time) and bench/results/quality.md. Each
-finished run is kept in bench/results/quality_runs.jsonl: a rerun skips the runs already
-there (delete the file to start afresh), and the data sets not asked for this time keep
-their earlier figures in quality.json.
+finished run is kept in bench/results/runs.jsonl (shared with bench/ablation.py): a rerun
+skips the runs already there (see bench.runs.RunLog for what identifies a run), and the
+data sets not asked for this time keep their earlier figures in quality.json.
 """
 
 from __future__ import annotations
@@ -21,65 +21,38 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
-from bench.runs import DATASETS, mean_std, quality_arguments, train_and_test  # noqa: E402
+from bench.runs import BASELINES, DATASETS, RUN_LOG_PATH, RunLog, mean_std, quality_arguments  # noqa: E402
 from trainer.evaluation import METRIC_NAMES  # noqa: E402
 from trainer.main import CONFIG_DIR  # noqa: E402
 
 MODELS = {"default": "{data}.yaml", "sasrec": "{data}-sasrec.yaml"}
-BASELINES = ("most_popular", "recency_frequency")
 # The bar of the trainer issue: mean of 3 seeds, default config, test split.
 BAR = {"collegemsg": {"ndcg@10": 0.476, "hr@10": 0.578}, "ml-100k": {"ndcg@10": 0.058, "hr@10": 0.125}}
 
 
-RUNS_FILE = RESULTS_DIR / "quality_runs.jsonl"
-
-
-def _load_runs() -> list[dict]:
-    if not RUNS_FILE.exists():
-        return []
-    return [json.loads(line) for line in RUNS_FILE.read_text().splitlines() if line.strip()]
+RUN_LOG = RunLog(RUN_LOG_PATH)
 
 
 def run_dataset(data: str, seeds: list[int], models: list[str], overrides: list[str]) -> dict:
-    """Train what is missing, then aggregate. Every finished run is appended to
-    RUNS_FILE at once, so an interrupted benchmark resumes where it stopped (a run is
-    identified by data set, model, seed and overrides)."""
-    done = {(r["data"], r["model"], r["seed"], tuple(r["overrides"])) for r in _load_runs()}
-    for model in models:
-        for seed in seeds:
-            if (data, model, seed, tuple(overrides)) in done:
-                continue
-            results, run_seconds = train_and_test(CONFIG_DIR / MODELS[model].format(data=data), overrides, seed)
-            test = results["metrics"]["test"]
-            record = {
-                "data": data, "model": model, "seed": seed, "overrides": overrides, "seconds": run_seconds,
-                "test": test["model"], "baselines": {b: test[b] for b in BASELINES},
-                "evaluated_actors": results["data"]["evaluated_actors"], "candidates": results["data"]["candidates"],
-            }
-            RUNS_FILE.parent.mkdir(parents=True, exist_ok=True)
-            with RUNS_FILE.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-    return aggregate(data, seeds, models, overrides)
+    """Train what the run log lacks, then aggregate over seeds."""
+    records = {
+        model: [RUN_LOG.run(data, model, seed, CONFIG_DIR / MODELS[model].format(data=data), overrides) for seed in seeds]
+        for model in models
+    }
+    return aggregate(records)
 
 
-def aggregate(data: str, seeds: list[int], models: list[str], overrides: list[str]) -> dict:
-    runs = [r for r in _load_runs() if r["data"] == data and r["seed"] in seeds and r["overrides"] == overrides]
+def aggregate(records: dict[str, list[dict]]) -> dict:
     out: dict = {}
-    for model in models:
-        mine = [r for r in runs if r["model"] == model]
-        if not mine:
-            continue
-        out[model] = {metric: mean_std([r["test"][metric] for r in mine]) for metric in METRIC_NAMES}
-        out[model]["runs"] = len(mine)
-        out[model]["train_seconds"] = mean_std([r["seconds"] for r in mine])
+    for model, runs in records.items():
+        out[model] = {metric: mean_std([r["test"][metric] for r in runs]) for metric in METRIC_NAMES}
+        out[model]["runs"] = len(runs)
+        out[model]["train_seconds"] = mean_std([r["seconds"] for r in runs])
     # The baselines are deterministic: the same in every run.
-    first = [r for r in runs if r["model"] in models]
+    first = next(iter(records.values()))[0]
     for baseline in BASELINES:
-        if first:
-            out[baseline] = {metric: mean_std([r["baselines"][baseline][metric] for r in first]) for metric in METRIC_NAMES}
-            out[baseline]["runs"] = len(first)
-    if first:
-        out["evaluated_actors"], out["candidates"] = first[0]["evaluated_actors"], first[0]["candidates"]
+        out[baseline] = {metric: mean_std([first["baselines"][baseline][metric]]) for metric in METRIC_NAMES}
+    out["evaluated_actors"], out["candidates"] = first["evaluated_actors"], first["candidates"]
     return out
 
 

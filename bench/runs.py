@@ -1,8 +1,11 @@
-"""Training runs for the quality benchmarks: one config, one seed, in a scratch directory."""
+"""Training runs for the quality benchmarks: one config, one seed, in a scratch directory,
+and the run log that lets a long benchmark resume where it stopped."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -11,6 +14,12 @@ import numpy as np
 
 from configs.loading import load_config
 from trainer.main import run
+
+DATASETS = ("collegemsg", "ml-100k")
+# Every benchmark training run, whichever benchmark asked for it: the quality benchmark's
+# default runs are the ablation's "default" variant too.
+RUN_LOG_PATH = Path(__file__).resolve().parent / "results" / "runs.jsonl"
+BASELINES = ("most_popular", "recency_frequency")
 
 
 def train_and_test(config_path: Path, overrides: list[str], seed: int) -> tuple[dict, float]:
@@ -22,11 +31,57 @@ def train_and_test(config_path: Path, overrides: list[str], seed: int) -> tuple[
         return results, time.perf_counter() - start
 
 
+class RunLog:
+    """One JSON line per finished run, appended as soon as the run ends, so a benchmark of
+    hours that is interrupted (or spread over several sessions) loses at most the run in
+    progress. A run is identified by data set, model (or variant), seed, overrides and a
+    hash of the config file's text: editing a shipped config retires its earlier runs.
+    Code changes do not; delete the log to start afresh after one that changes results."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def records(self, data: str | None = None) -> list[dict]:
+        if not self.path.exists():
+            return []
+        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [r for r in records if data is None or r["data"] == data]
+
+    def find(self, data: str, model: str, seed: int, config_path: Path, overrides: list[str]) -> dict | None:
+        key = (data, model, seed, config_hash(config_path), overrides)
+        for record in self.records():
+            if (record["data"], record["model"], record["seed"], record.get("config_sha"), record["overrides"]) == key:
+                return record
+        return None
+
+    def run(self, data: str, model: str, seed: int, config_path: Path, overrides: list[str]) -> dict:
+        """The logged record of this run, training it first if it is not there yet.
+        `overrides` identify the run; they are applied after the config file."""
+        record = self.find(data, model, seed, config_path, overrides)
+        if record is not None:
+            return record
+        results, run_seconds = train_and_test(config_path, overrides, seed)
+        test = results["metrics"]["test"]
+        record = {
+            "data": data, "model": model, "seed": seed, "overrides": overrides,
+            "config": config_path.name, "config_sha": config_hash(config_path), "seconds": run_seconds,
+            "steps": results["training"]["steps"], "best_step": results["training"]["best_step"],
+            "valid": results["metrics"]["valid"]["model"],
+            "test": test["model"], "baselines": {b: test[b] for b in BASELINES if b in test},
+            "evaluated_actors": results["data"]["evaluated_actors"], "candidates": results["data"]["candidates"],
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        return record
+
+
+def config_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "std": float(np.std(values))}
-
-
-DATASETS = ("collegemsg", "ml-100k")
 
 
 def quality_arguments(description: str | None) -> argparse.ArgumentParser:

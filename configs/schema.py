@@ -364,12 +364,19 @@ class EvalConfig:
     """Exclude the actor's past targets from the candidates. Benchmark numbers are
     reported without it."""
 
+    max_queries: int = 0
+    """Evaluate a fixed random sample of this many evaluated actors (0: all of them, as
+    the benchmark protocol asks). Every candidate is still ranked for each; for logs of
+    millions of actors, where one exact validation over all of them costs hours. The
+    results report how many actors were evaluated."""
+
     def __post_init__(self) -> None:
         _require(self.query_chunk_size >= 1, f"eval.query_chunk_size: expected >= 1, got {self.query_chunk_size}")
         _require(
             self.candidate_chunk_size >= 1,
             f"eval.candidate_chunk_size: expected >= 1, got {self.candidate_chunk_size}",
         )
+        _require(self.max_queries >= 0, f"eval.max_queries: expected >= 0 (0 = every actor), got {self.max_queries}")
 
 
 SHARDING_TYPES = ("row_wise", "table_wise", "column_wise", "table_row_wise")

@@ -18,7 +18,7 @@ from configs.schema import DataConfig
 from data.events import EventLog, load_events, save_event_log
 from data.features import TargetFeatures, load_target_features
 from data.incoming import Incoming
-from data.readers import DataError
+from data.readers import SYNTHETIC_PREFIX, DataError
 from data.sequences import Sequences, Split, TargetStats
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,11 @@ EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 EMBEDDED_LOGS = {"collegemsg": "CollegeMsg.txt", "ml-100k": "ml-100k.inter"}
 
 
-def resolve_data_path(path: str) -> Path:
-    """`embedded:NAME` -> a log shipped with the package; anything else is a filesystem path."""
+def resolve_data_path(path: str) -> Path | str:
+    """`embedded:NAME` -> a log shipped with the package; `synthetic:SPEC` stays as it is
+    (the reader generates it); anything else is a filesystem path."""
+    if path.startswith(SYNTHETIC_PREFIX):
+        return path
     if path.startswith("embedded:"):
         name = path.split(":", 1)[1]
         if name not in EMBEDDED_LOGS:

@@ -75,8 +75,14 @@ def detect_format(path: Path) -> str:
     return "snap"
 
 
+SYNTHETIC_PREFIX = "synthetic:"
+
+
 def read_log(path: str | Path, config: DataConfig) -> RawLog:
-    """Open `path` with the reader for `config.format` (or the one its extension implies)."""
+    """Open `path` with the reader for `config.format` (or the one its extension implies);
+    `synthetic:SPEC` generates a log in memory instead (data/synthetic.py)."""
+    if str(path).startswith(SYNTHETIC_PREFIX):
+        return read_synthetic(str(path)[len(SYNTHETIC_PREFIX):])
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory (data.path)")
@@ -273,3 +279,20 @@ def read_parquet(path: Path, config: DataConfig) -> RawLog:
     labels = {name: f"column '{col}'" for name, col in columns.items()}
     return RawLog(str(path), frame, tuple(columns), labels, location="row")
 
+
+
+def read_synthetic(spec_text: str) -> RawLog:
+    """A synthetic log generated from its spec, typed like a parquet file's columns."""
+    from data.synthetic import generate, parse_spec  # numpy-heavy; only when asked for
+
+    try:
+        spec = parse_spec(spec_text)
+    except ValueError as e:
+        raise DataError(f"data.path: {SYNTHETIC_PREFIX}{spec_text}: {e}") from None
+    fields = ("actor", "target", "action", "timestamp")
+    frame = generate(spec).lazy().with_row_index("line", offset=1)
+    frame = frame.with_columns(pl.col("line").cast(pl.Int64), _wrong_field_count=pl.lit(False))
+    labels = {name: f"column '{name}'" for name in fields}
+    return RawLog(
+        f"{SYNTHETIC_PREFIX}{spec_text}", frame, fields, labels, location="row", actors_are_targets=spec.shared_id_space
+    )

@@ -115,10 +115,18 @@ class Split:
         train_end[evaluated] -= 2
         return cls(evaluated=evaluated, train_end=train_end)
 
-    def queries(self, seqs: Sequences, split: Literal["valid", "test"]) -> Queries:
-        ends = seqs.offsets[1:][self.evaluated]
+    def queries(self, seqs: Sequences, split: Literal["valid", "test"], max_queries: int = 0) -> Queries:
+        """One query per evaluated actor: its second-to-last event (valid) or last (test).
+        `max_queries` > 0 evaluates a fixed random sample of that many actors instead (the
+        same actors for both splits and every call), for vocabularies where exact full
+        ranking of every actor costs more than a validation is worth."""
+        evaluated = self.evaluated
+        if 0 < max_queries < len(evaluated):
+            chosen = np.random.default_rng(0).choice(len(evaluated), size=max_queries, replace=False)
+            evaluated = evaluated[np.sort(chosen)]
+        ends = seqs.offsets[1:][evaluated]
         position = ends - (1 if split == "test" else 2)
-        return Queries(sequence=self.evaluated, position=position, history_start=seqs.offsets[:-1][self.evaluated])
+        return Queries(sequence=evaluated, position=position, history_start=seqs.offsets[:-1][evaluated])
 
     def train_queries(self, seqs: Sequences, min_history: int = 1) -> Queries:
         """Every training event with at least `min_history` earlier events of its actor."""

@@ -11,6 +11,11 @@ so 1e7 events over a 1e7-ID vocabulary take seconds):
 
 Usage:
     python -m data.synthetic --events 1e7 --actors 1e6 --targets 1e7 --out synthetic.parquet
+
+or, with no file at all, as a config's data source (generated in memory, identically on
+every rank, from the seed):
+
+    data.path: "synthetic:events=2e7,actors=1e6,targets=1e7,cover_targets=true"
 """
 
 from __future__ import annotations
@@ -43,7 +48,22 @@ class SyntheticLogSpec:
     burst_prob: float = 0.7
     """Chance that the gap to an actor's next event is a short in-session gap."""
     start_time: int = 1_600_000_000
+    cover_targets: bool = False
+    """Every one of the `num_targets` IDs is the target of at least one event (needs
+    num_events >= num_targets), so the ID table has exactly `num_targets` rows: for
+    scale runs that must size the table, not just the log."""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_events", "num_actors", "num_targets", "num_actions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        if self.cover_targets and self.shared_id_space:
+            raise ValueError("cover_targets: only for separate actor and target IDs (shared_id_space false)")
+        if self.cover_targets and self.num_events < self.num_targets:
+            raise ValueError(
+                f"cover_targets needs num_events >= num_targets, got {self.num_events:,} < {self.num_targets:,}"
+            )
 
 
 def _power_law_ids(rng: np.random.Generator, n: int, size: int, skew: float) -> np.ndarray:
@@ -69,8 +89,16 @@ def generate(spec: SyntheticLogSpec) -> pl.DataFrame:
     # Fresh targets by popularity; repeats point k >= 1 events back in the same sequence.
     target_label = rng.permutation(id_space)
     fresh = target_label[_power_law_ids(rng, id_space, n, spec.popularity_skew)]
+    covering = np.zeros(n, dtype=bool)
+    if spec.cover_targets:
+        # Fresh draws at random positions take every ID once (and are never repeats);
+        # the rest stay power-law.
+        cover_at = rng.choice(n, size=spec.num_targets, replace=False)
+        fresh[cover_at] = rng.permutation(spec.num_targets)
+        covering[cover_at] = True
     back = rng.geometric(spec.repeat_recency, size=n)
     repeats = (rng.random(n) < spec.repeat_prob) & (position >= 1)
+    repeats &= ~covering
     source = np.where(repeats, np.arange(n) - np.minimum(back, position), np.arange(n))
     # Resolve chains (a repeat of a repeat) by pointer jumping: O(log chain length) passes.
     while True:
@@ -95,6 +123,42 @@ def generate(spec: SyntheticLogSpec) -> pl.DataFrame:
     return pl.DataFrame(
         {"actor": actor[order], "target": target[order], "action": action[order], "timestamp": timestamp[order]}
     )
+
+
+SPEC_KEYS = {
+    "events": "num_events", "actors": "num_actors", "targets": "num_targets", "actions": "num_actions",
+    "shared_ids": "shared_id_space", "cover_targets": "cover_targets", "repeat_prob": "repeat_prob",
+    "seed": "seed",
+}
+
+
+def parse_spec(text: str) -> SyntheticLogSpec:
+    """`events=2e7,actors=1e6,targets=1e7[,actions=3,shared_ids=false,cover_targets=true,
+    repeat_prob=0.6,seed=0]` -> a spec; counts accept `2e7` and `20_000_000`."""
+    values: dict[str, object] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or key not in SPEC_KEYS:
+            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(SPEC_KEYS)}")
+        field_name = SPEC_KEYS[key]
+        try:
+            if field_name in ("shared_id_space", "cover_targets"):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                values[field_name] = value.lower() in ("true", "1")
+            elif field_name == "repeat_prob":
+                values[field_name] = float(value)
+            else:
+                number = float(value)
+                if number != int(number):
+                    raise ValueError
+                values[field_name] = int(number)
+        except ValueError:
+            raise ValueError(f"{key}={value!r}: expected {'true or false' if field_name in ('shared_id_space', 'cover_targets') else 'a number'}") from None
+    missing = [key for key in ("events", "actors", "targets") if SPEC_KEYS[key] not in values]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (e.g. events=1e6,actors=1e5,targets=1e6)")
+    return SyntheticLogSpec(**values)
 
 
 def write_log(frame: pl.DataFrame, path: str | Path) -> Path:

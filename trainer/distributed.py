@@ -251,3 +251,29 @@ def owned_candidates(model: nn.Module, candidates: np.ndarray, dist: Distributed
             continue  # column-wise pieces: the rank holding column 0 owns the row
         keep |= (candidates >= start) & (candidates < start + rows)
     return candidates[keep]
+
+
+def rank_resources(model: nn.Module, dist: Distributed) -> dict:
+    """Per rank (lists in rank order): peak resident memory so far, in GB, and how many
+    rows of each ID table the rank holds, which shows that no rank holds a whole sharded
+    table. Collective: every rank must call it."""
+    import resource
+
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+    rows: dict[str, int] = {}
+    for key, value in model.state_dict().items():
+        if not (key.endswith(".weight") and ".embeddings." in key):
+            continue
+        table = key.removesuffix(".weight").rsplit(".", 1)[-1]
+        if isinstance(value, ShardedTensor):  # column-wise pieces count once, at column 0
+            rows[table] = sum(s.tensor.shape[0] for s in value.local_shards() if s.metadata.shard_offsets[1] == 0)
+        else:
+            rows[table] = value.shape[0]
+    local = torch.tensor([peak_gb, *rows.values()], dtype=torch.float64)
+    every = dist.gather(local[None]) if dist.world_size > 1 else local[None]
+    return {
+        "peak_rss_gb_per_rank": [round(float(v), 3) for v in every[:, 0]],
+        "table_rows_per_rank": {name: [int(v) for v in every[:, 1 + i]] for i, name in enumerate(rows)},
+    }

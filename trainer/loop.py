@@ -32,7 +32,7 @@ from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.distributed import Distributed, owned_candidates, shard_model
 from trainer.evaluation import METRIC_NAMES, full_ranking_ranks, metrics_from_ranks
 from trainer.metrics import MetricsLogger
-from trainer.results import seen_targets
+from trainer.results import evaluation_queries, seen_targets
 from trainer.scoring import ModelScorer
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,8 @@ class TrainSummary:
     best_valid: dict[str, float]
     stopped_early: bool
     train_seconds: float
+    examples_per_s: float
+    """Global examples trained per second, validation and checkpoints not counted."""
 
 
 class Trainer:
@@ -201,7 +203,7 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict[str, float]:
         prepared, config = self.prepared, self.config
-        queries = prepared.split.queries(prepared.seqs, split)
+        queries = evaluation_queries(prepared, split, config.eval)
         self.model.eval()
         try:
             # On several ranks each scores the candidates whose rows it holds; counts are summed.
@@ -216,7 +218,7 @@ class Trainer:
                 candidates,
                 query_chunk_size=min(config.eval.query_chunk_size, 256),
                 candidate_chunk_size=config.eval.candidate_chunk_size,
-                seen=seen_targets(prepared, split) if config.eval.exclude_seen else None,
+                seen=seen_targets(prepared, queries) if config.eval.exclude_seen else None,
                 count_sum=self.dist.sum if self.dist.world_size > 1 else None,
             )
         finally:
@@ -229,6 +231,7 @@ class Trainer:
         interactive = sys.stderr.isatty() and self.dist.is_main
         progress = tqdm(total=self.total_steps, disable=not interactive, desc="train", dynamic_ncols=True)
         window_start, window_examples = time.perf_counter(), 0
+        examples, validation_seconds = 0, 0.0  # for the run's training throughput
         stopped_early = False
         self.model.train()
         for batch in self.loader:
@@ -236,6 +239,7 @@ class Trainer:
                 break
             scalars = self.train_step(batch)
             window_examples += batch.batch_size * self.dist.world_size  # the global batch
+            examples += batch.batch_size * self.dist.world_size
             progress.update(1)
             if self.step % config.train.log_every_steps == 0 or self.step == 1:
                 elapsed = time.perf_counter() - window_start
@@ -250,6 +254,7 @@ class Trainer:
                         self.step, self.total_steps, scalars["loss/total"], scalars["lr"], scalars["examples_per_s"], eta,
                     )
             if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                validation_start = time.perf_counter()
                 valid = self.evaluate("valid")
                 self.metrics.log({f"valid/{k}": v for k, v in valid.items()}, self.step)
                 improved = valid["ndcg@10"] > self.best_ndcg
@@ -267,12 +272,15 @@ class Trainer:
                     save_checkpoint(
                         self.checkpoint_dir, self.step, self.state_dict(), self.dist, config.train.keep_checkpoints
                     )
+                validation_seconds += time.perf_counter() - validation_start
                 if self.evals_without_gain >= config.train.patience:
                     log.info("early stop: %d validations without a better NDCG@10", self.evals_without_gain)
                     stopped_early = True
                     break
         progress.close()
-        return TrainSummary(self.step, self.best_step, self.best_valid, stopped_early, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        examples_per_s = examples / max(seconds - validation_seconds, 1e-9)
+        return TrainSummary(self.step, self.best_step, self.best_valid, stopped_early, seconds, examples_per_s)
 
     # ------------------------------------------------------------- checkpoints
 

@@ -25,10 +25,10 @@ from configs.schema import ExperimentConfig
 from data.prepare import prepare
 from data.readers import DataError
 from trainer.checkpoint import latest_checkpoint
-from trainer.distributed import Distributed, close_distributed, init_distributed, unsharded_state_dict
+from trainer.distributed import Distributed, close_distributed, init_distributed, rank_resources
 from trainer.loop import Trainer
 from trainer.metrics import MetricsLogger
-from trainer.predict import save_model
+from trainer.export import export_model
 from trainer.results import evaluate_baselines, markdown_table, write_results
 
 log = logging.getLogger("trainer")
@@ -68,6 +68,8 @@ def run(config: ExperimentConfig, dist: Distributed = Distributed()) -> dict:
     start = time.perf_counter()
     prepared = prepare(config.data, out_dir=run_dir / "prepared" if dist.is_main else None)
     summary = prepared.summary()
+    if 0 < config.eval.max_queries < summary["evaluated_actors"]:  # a sample of them (eval.max_queries)
+        summary["evaluable_actors"], summary["evaluated_actors"] = summary["evaluated_actors"], config.eval.max_queries
     log.info(
         "data: %s events, %s actors, %s targets, %s evaluated actors, %s candidates (%.1fs)",
         f"{summary['events']:,}", f"{summary['actors']:,}", f"{summary['targets']:,}",
@@ -86,10 +88,10 @@ def run(config: ExperimentConfig, dist: Distributed = Distributed()) -> dict:
     try:
         summary_train = trainer.train()
         test = trainer.test()
-        state = unsharded_state_dict(trainer.model, dist)
+        export_model(trainer.model, run_dir, dist)
+        resources = rank_resources(trainer.model, dist)
         if not dist.is_main:
             return {}
-        save_model(state, run_dir)
         metrics.log({f"test/{k}": v for k, v in test.items()}, trainer.step)
         metrics.log_hparams(config_to_dict(config), {f"valid_{k}": v for k, v in summary_train.best_valid.items()})
     finally:
@@ -98,7 +100,8 @@ def run(config: ExperimentConfig, dist: Distributed = Distributed()) -> dict:
     baselines = {split: evaluate_baselines(prepared, split, config.baselines, config.eval) for split in ("valid", "test")}
     rows = {"model": test, **baselines["test"]}
     title = (
-        f"{config.name}: test split, {summary['evaluated_actors']:,} evaluated actors, "
+        f"{config.name}: test split, {summary['evaluated_actors']:,} evaluated actors"
+        + (f" (a sample of {summary['evaluable_actors']:,})" if "evaluable_actors" in summary else "") + ", "
         f"{summary['candidates']:,} candidates; model from step {summary_train.best_step} of {summary_train.steps}"
     )
     table = markdown_table(rows, title)
@@ -110,7 +113,9 @@ def run(config: ExperimentConfig, dist: Distributed = Distributed()) -> dict:
             "best_step": summary_train.best_step,
             "stopped_early": summary_train.stopped_early,
             "train_seconds": summary_train.train_seconds,
+            "examples_per_s": summary_train.examples_per_s,
         },
+        "resources": resources,
         "metrics": {
             "test": rows,
             "valid": {"model": summary_train.best_valid, **baselines["valid"]},

@@ -17,7 +17,8 @@ Behaviour on odd requests: an actor ID the model never saw, or one that only eve
 target (no events of its own), is reported and skipped; an action type the model never
 saw is an error naming it; an empty actor list writes an empty result.
 
-The model loads with `torch.load(weights_only=True)`: no pickled code is ever executed.
+The model (`runs/<name>/model/`, see trainer/export.py) loads with
+`torch.load(weights_only=True)`: no pickled code is ever executed.
 """
 
 from __future__ import annotations
@@ -37,46 +38,55 @@ from data.events import load_event_log
 from data.prepare import prepare_from_event_log
 from data.readers import DataError
 from data.sequences import Queries, Sequences
+from trainer.distributed import Distributed
+from trainer.export import EXPORT_DIR, load_exported
 from trainer.loop import build_model, incoming_inputs
 from trainer.scoring import ModelScorer
 
 log = logging.getLogger(__name__)
-MODEL_FILE = "model.pt"
 
 
-def top_k(scorer: ModelScorer, num_queries: int, candidates: np.ndarray, k: int, seen: list[np.ndarray] | None,
-          chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k per query over all candidates, merged chunk by chunk. ([Q, k] ids, scores)."""
+def top_k(
+    scorer: ModelScorer, num_queries: int, candidates: np.ndarray, k: int, seen: list[np.ndarray] | None,
+    chunk: int = 65536, dist: Distributed = Distributed(),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k per query over `candidates`, merged chunk by chunk: ([Q, k] ids, scores),
+    ids -1 and scores -inf where fewer than k candidates exist.
+
+    On several ranks each rank passes the candidates it owns (a scorer built on them);
+    every rank's top-k of each query chunk is gathered and merged, so every rank returns
+    the top-k over the whole vocabulary without any rank holding it. Collective then:
+    every rank must call it with the same queries."""
     candidates_t = torch.from_numpy(np.sort(candidates))
     ids_out = np.empty((num_queries, k), dtype=np.int64)
     scores_out = np.empty((num_queries, k), dtype=np.float32)
     for q0 in range(0, num_queries, 256):
         rows = slice(q0, min(q0 + 256, num_queries))
         state = scorer.query_state(rows)
-        best_scores = torch.full((rows.stop - rows.start, 0), float("-inf"))
-        best_ids = torch.zeros((rows.stop - rows.start, 0), dtype=torch.int64)
+        # Start from k empty slots, so every rank's result has k columns to gather.
+        best_scores = torch.full((rows.stop - rows.start, k), float("-inf"))
+        best_ids = torch.full((rows.stop - rows.start, k), -1, dtype=torch.int64)
         for c0 in range(0, len(candidates_t), chunk):
             ids = candidates_t[c0 : c0 + chunk]
             scores = scorer.score(state, ids)
             if seen is not None:
                 for i, past in enumerate(seen[rows]):
                     scores[i, torch.from_numpy(np.isin(ids.numpy(), past))] = float("-inf")
-            merged_scores = torch.cat([best_scores, scores], dim=1)
-            merged_ids = torch.cat([best_ids, ids.expand(scores.shape[0], -1)], dim=1)
-            keep = merged_scores.topk(min(k, merged_scores.shape[1]), dim=1)
-            best_scores, best_ids = keep.values, merged_ids.gather(1, keep.indices)
+            best_scores, best_ids = _merge(best_scores, best_ids, scores, ids.expand(scores.shape[0], -1), k)
+        if dist.world_size > 1:
+            every_scores = dist.gather(best_scores[None]).permute(1, 0, 2).flatten(1)  # [Q, ranks * k]
+            every_ids = dist.gather(best_ids[None]).permute(1, 0, 2).flatten(1)
+            best_scores, best_ids = _merge(best_scores[:, :0], best_ids[:, :0], every_scores, every_ids, k)
         ids_out[rows] = best_ids.numpy()
         scores_out[rows] = best_scores.numpy()
     return ids_out, scores_out
 
 
-def save_model(state: dict[str, torch.Tensor], run_dir: Path) -> Path:
-    """A model's state as plain tensors (loadable with weights_only=True), written atomically."""
-    path = run_dir / MODEL_FILE
-    tmp = run_dir / f".{MODEL_FILE}.tmp"
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
-    tmp.replace(path)
-    return path
+def _merge(scores_a, ids_a, scores_b, ids_b, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of two scored ID sets, per row."""
+    scores, ids = torch.cat([scores_a, scores_b], dim=1), torch.cat([ids_a, ids_b], dim=1)
+    keep = scores.topk(min(k, scores.shape[1]), dim=1)
+    return keep.values, ids.gather(1, keep.indices)
 
 
 def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, exclude_seen: bool) -> pl.DataFrame:
@@ -85,7 +95,7 @@ def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, ex
     prepared = prepare_from_event_log(event_log, config.data)
     seqs, stats = prepared.seqs, prepared.stats
     model = build_model(config, prepared)
-    model.load_state_dict(torch.load(run_dir / MODEL_FILE, weights_only=True))
+    model.load_state_dict(load_exported(run_dir))
     model.eval()
 
     # Which sequences to query: raw actor IDs -> sequence index.
@@ -112,7 +122,7 @@ def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, ex
     )
     seen = [seqs.targets[seqs.offsets[s] : seqs.offsets[s + 1]] for s in sequence] if exclude_seen else None
     ids, scores = top_k(scorer, len(sequence), stats.candidates, k, seen)
-    kept = min(k, ids.shape[1])
+    kept = min(k, len(stats.candidates))
     return pl.DataFrame(
         {
             "actor": np.repeat(event_log.actor_ids.to_raw(seqs.actor[sequence]), kept),
@@ -156,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         run_dir = Path(args.run)
-        if not (run_dir / MODEL_FILE).exists():
-            raise DataError(f"{run_dir}: no {MODEL_FILE}; train first with python -m trainer.main")
+        if not (run_dir / EXPORT_DIR).is_dir():
+            raise DataError(f"{run_dir}: no exported model ({EXPORT_DIR}/); train first with python -m trainer.main")
         config = load_config(run_dir / "config.yaml")
         actors = None
         if args.actors:

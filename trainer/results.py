@@ -11,13 +11,18 @@ import numpy as np
 
 from configs.schema import BaselineConfig, EvalConfig
 from data.prepare import PreparedData
+from data.sequences import Queries
 from models.baselines import MostPopularScorer, RecencyFrequencyScorer
 from trainer.evaluation import METRIC_NAMES, SeenTargets, full_ranking_ranks, metrics_from_ranks
 
 
-def seen_targets(prepared: PreparedData, split: Literal["valid", "test"]) -> SeenTargets:
-    """Each evaluated actor's past targets before the split's query (exclude-seen mode)."""
-    queries = prepared.split.queries(prepared.seqs, split)
+def evaluation_queries(prepared: PreparedData, split: Literal["valid", "test"], eval_config: EvalConfig) -> Queries:
+    """The split's queries, every evaluated actor or the configured sample of them."""
+    return prepared.split.queries(prepared.seqs, split, eval_config.max_queries)
+
+
+def seen_targets(prepared: PreparedData, queries: Queries) -> SeenTargets:
+    """Each queried actor's past targets before the query (exclude-seen mode)."""
     lengths = queries.position - queries.history_start
     offsets = np.r_[0, np.cumsum(lengths)]
     flat = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths) + np.repeat(queries.history_start, lengths)
@@ -28,10 +33,10 @@ def evaluate_baselines(
     prepared: PreparedData, split: Literal["valid", "test"], baselines: BaselineConfig, eval_config: EvalConfig
 ) -> dict[str, dict[str, float]]:
     """Metrics of most-popular and recency-frequency on the split's queries."""
-    seqs, queries = prepared.seqs, prepared.split.queries(prepared.seqs, split)
+    seqs, queries = prepared.seqs, evaluation_queries(prepared, split, eval_config)
     counts = prepared.split.known_counts(seqs, split)
     true_targets = seqs.targets[queries.position]
-    seen = seen_targets(prepared, split) if eval_config.exclude_seen else None
+    seen = seen_targets(prepared, queries) if eval_config.exclude_seen else None
     scorers = {
         "most_popular": MostPopularScorer(counts),
         "recency_frequency": RecencyFrequencyScorer(

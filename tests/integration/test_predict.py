@@ -71,10 +71,11 @@ def test_a_crafted_checkpoint_that_runs_code_fails_safely(run_dir, tmp_path):
     for name in ("config.yaml",):
         (crafted / name).write_text((run_dir / name).read_text())
     (crafted / "prepared").symlink_to(run_dir / "prepared")
-    (crafted / "model.pt").write_bytes(pickle.dumps({"weights": _Exploit()}))
+    (crafted / "model").mkdir()
+    (crafted / "model" / "rank-00000.pt").write_bytes(pickle.dumps({"weights": _Exploit()}))
     marker = Path("/tmp/pwned-by-checkpoint")
     marker.unlink(missing_ok=True)
     with pytest.raises(pickle.UnpicklingError):
         predict(crafted, k=3, actors=[1], actions=None, exclude_seen=False)
     assert not marker.exists()
-    assert torch.load(run_dir / "model.pt", weights_only=True)  # the real one loads
+    assert torch.load(run_dir / "model" / "rank-00000.pt", weights_only=True)  # the real one loads

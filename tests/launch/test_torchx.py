@@ -29,7 +29,8 @@ def test_torchx_dist_ddp_runs_two_cpu_ranks_with_the_script_path_as_typed(tmp_pa
     results = json.loads((tmp_path / "smoke" / "results.json").read_text())
     assert results["training"]["steps"] == 4
     assert results["metrics"]["test"]["model"]["hr@10"] > 0
-    assert (tmp_path / "smoke" / "model.pt").exists()
+    # Each rank exported the rows of the sharded tables it holds.
+    assert sorted(p.name for p in (tmp_path / "smoke" / "model").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
     # Only rank 0 reports: one results table in the output.
     assert (done.stdout + done.stderr).count("| model | HR@1") == 1
     # The exported model serves without sharding.

@@ -26,8 +26,10 @@ from trainer.distributed import (
     shard_model,
     unsharded_state_dict,
 )
-from trainer.loop import Trainer, build_model
+from trainer.loop import Trainer, build_model, incoming_inputs
 from trainer.metrics import MetricsLogger
+from trainer.predict import top_k
+from trainer.scoring import ModelScorer
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 WORLD = 2
@@ -175,6 +177,51 @@ def test_evaluation_over_a_sharded_vocabulary_equals_the_single_process_one(tmp_
     assert got["owned_total"] == len(prepared.stats.candidates)
     assert 0 < got["owned"] < len(prepared.stats.candidates)
     assert got["valid"] == pytest.approx(expected, abs=1e-9)
+
+
+def _top_k_of(trainer, prepared, dist, k: int = 5):
+    """Top-k over every candidate for the validation queries; on several ranks each
+    scores the candidates it owns and the per-rank lists are merged."""
+    config = trainer.config
+    queries = prepared.split.queries(prepared.seqs, "valid")
+    owned = owned_candidates(trainer.model, prepared.stats.candidates, dist)
+    trainer.model.eval()
+    with torch.no_grad():
+        scorer = ModelScorer(
+            trainer.model, prepared.seqs, queries, config.history_window, owned, dist=dist,
+            **incoming_inputs(config, prepared, "valid"),
+        )
+        return top_k(scorer, len(queries), owned, k, seen=None, chunk=7, dist=dist)
+
+
+def _top_k_worker(rank, port, out, state):
+    _join(rank, port)
+    config = _config()
+    prepared = prepare(config.data)
+    dist = init_distributed(config.distributed)
+    trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False), dist)
+    load_unsharded_state(trainer.model, state)
+    ids, scores = _top_k_of(trainer, prepared, dist)
+    torch.save({"ids": torch.from_numpy(ids), "scores": torch.from_numpy(scores)}, out / f"rank{rank}.pt")
+    close_distributed(dist)
+
+
+@pytest.mark.slow
+def test_top_k_over_a_sharded_vocabulary_merges_to_the_single_process_top_k(tmp_path):
+    config = _config()
+    prepared = prepare(config.data)
+    trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False))
+    expected_ids, expected_scores = _top_k_of(trainer, prepared, trainer.dist)
+
+    _spawn(_top_k_worker, tmp_path, trainer.model.state_dict())
+    for rank in range(WORLD):  # every rank ends with the merged lists
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["scores"].numpy(), expected_scores, atol=1e-5, rtol=0)
+        # Where the order differs, it is between candidates of exactly equal score.
+        differ = got["ids"].numpy() != expected_ids
+        assert differ.mean() < 0.01
+        rows, columns = np.nonzero(differ)
+        assert all(expected_scores[r, c] in expected_scores[r, np.arange(len(expected_scores[r])) != c] for r, c in zip(rows, columns))
 
 
 def _checkpoint_worker(rank, port, out, run_dir, world, resume_from):
