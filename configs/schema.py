@@ -324,6 +324,11 @@ class TrainConfig:
     resume: bool = False
     """Continue from the newest complete checkpoint of the run directory, if any (same as
     `trainer/main.py --resume`); written by any number of ranks, read by any number."""
+    max_nonfinite_steps: int = 10
+    """A step whose loss (on any rank) or dense gradient norm is NaN or inf is skipped: no
+    parameter moves, a warning is logged and TensorBoard counts it (`nonfinite_steps`).
+    After this many such steps in a row training stops with an error; the checkpoints
+    written before stay as they are."""
 
     def __post_init__(self) -> None:
         _require(self.max_epochs > 0, f"train.max_epochs: expected > 0, got {self.max_epochs}")
@@ -333,6 +338,9 @@ class TrainConfig:
         _require(self.log_every_steps >= 1, f"train.log_every_steps: expected >= 1, got {self.log_every_steps}")
         _require(self.num_threads >= 0, f"train.num_threads: expected >= 0, got {self.num_threads}")
         _require(self.keep_checkpoints >= 0, f"train.keep_checkpoints: expected >= 0, got {self.keep_checkpoints}")
+        _require(
+            self.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps: expected >= 1, got {self.max_nonfinite_steps}"
+        )
 
 
 @dataclass(kw_only=True)

@@ -118,6 +118,10 @@ def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * shape
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """Too many steps in a row with a NaN or inf loss or gradient."""
+
+
 @dataclass
 class TrainSummary:
     steps: int
@@ -179,6 +183,7 @@ class Trainer:
         self.best_ndcg, self.best_step, self.evals_without_gain = -1.0, 0, 0
         self.best_valid: dict[str, float] = {}
         self.best_state = copy.deepcopy(self.model.state_dict())
+        self.nonfinite_steps, self.nonfinite_in_a_row = 0, 0
 
     def train_step(self, batch) -> dict[str, float]:
         factor = lr_factor(self.step, self.total_steps, self.config.optim)
@@ -187,11 +192,20 @@ class Trainer:
         # Backward from the loss DDP returned (its graph ends in DDP's reduction hook).
         loss, output = self.task(batch.to(self.dist.device))
         self.optimizer.zero_grad(set_to_none=True)
+        # Checked before backward: the ID tables update inside backward (fused optimizer),
+        # so a NaN loss must never reach it. Every rank skips together (a skipped backward
+        # on one rank alone would leave the others waiting in its collectives).
+        if self.dist.max(torch.tensor(float(not torch.isfinite(loss).item()))).item() > 0:
+            return self._skip_nonfinite_step("loss")
         loss.backward()
         clip = self.config.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.dense_parameters, clip if clip > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):  # the norm is of the DDP-reduced gradients: alike on every rank
+            # The ID tables have already moved (in backward); only the dense step is skipped.
+            return self._skip_nonfinite_step("dense gradient norm")
         self.optimizer.step()
         self.step += 1
+        self.nonfinite_in_a_row = 0
         # On several ranks each loss is this rank's share of the global mean: sum the shares.
         names = [*output.losses, "total"]
         values = self.dist.sum(torch.stack([*output.losses.values(), output.loss]).detach()).tolist()
@@ -200,6 +214,23 @@ class Trainer:
         scalars["grad_norm"] = float(grad_norm)
         scalars.update({f"retrieval/{k}": v for k, v in output.telemetry.items()})
         return scalars
+
+    def _skip_nonfinite_step(self, what: str) -> dict[str, float]:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1  # the batch is consumed: a resumed run skips it too
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        limit = self.config.train.max_nonfinite_steps
+        log.warning("step %d: non-finite %s; step skipped (%d in a row, stop at %d)",
+                    self.step, what, self.nonfinite_in_a_row, limit)
+        self.metrics.log({"nonfinite_steps": self.nonfinite_steps}, self.step)
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteTrainingError(
+                f"step {self.step}: {self.nonfinite_in_a_row} steps in a row had a non-finite {what}; stopping "
+                f"(train.max_nonfinite_steps = {limit}). Lower optim.lr / optim.sparse_lr or raise "
+                "loss.temperature; the checkpoints written before are intact"
+            )
+        return {}
 
     def evaluate(self, split: str) -> dict[str, float]:
         prepared, config = self.prepared, self.config
@@ -241,7 +272,7 @@ class Trainer:
             window_examples += batch.batch_size * self.dist.world_size  # the global batch
             examples += batch.batch_size * self.dist.world_size
             progress.update(1)
-            if self.step % config.train.log_every_steps == 0 or self.step == 1:
+            if scalars and (self.step % config.train.log_every_steps == 0 or self.step == 1):
                 elapsed = time.perf_counter() - window_start
                 scalars["examples_per_s"] = window_examples / max(elapsed, 1e-9)
                 window_start, window_examples = time.perf_counter(), 0

@@ -26,7 +26,7 @@ from data.prepare import prepare
 from data.readers import DataError
 from trainer.checkpoint import latest_checkpoint
 from trainer.distributed import Distributed, close_distributed, init_distributed, rank_resources
-from trainer.loop import Trainer
+from trainer.loop import NonFiniteTrainingError, Trainer
 from trainer.metrics import MetricsLogger
 from trainer.export import export_model
 from trainer.results import evaluate_baselines, markdown_table, write_results
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         if dist.enabled:
             _configure_logging(dist)
         run(config, dist)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, NonFiniteTrainingError) as e:
         where = f" (rank {dist.rank})" if dist.enabled else ""
         print(f"error{where}: {e}", file=sys.stderr)
         return 2

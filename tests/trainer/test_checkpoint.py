@@ -11,7 +11,7 @@ from configs.loading import load_config
 from data.prepare import prepare
 from trainer.checkpoint import complete_checkpoints, latest_checkpoint, save_checkpoint
 from trainer.distributed import Distributed
-from trainer.loop import Trainer
+from trainer.loop import NonFiniteTrainingError, Trainer
 from trainer.metrics import MetricsLogger
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
@@ -66,3 +66,46 @@ def test_a_failing_write_leaves_the_previous_checkpoint_and_raises(tmp_path, mon
     with pytest.raises(OSError, match="No space"):
         save_checkpoint(directory, 2, {"x": torch.zeros(3)}, Distributed(), keep=2)
     assert [p.name for p in complete_checkpoints(directory)] == ["step-00000001"]
+
+
+class _NaNAtSteps:
+    """Wraps the train task: the loss is NaN at the given steps (counted from 1)."""
+
+    def __init__(self, trainer: Trainer, steps: set[int]) -> None:
+        self.trainer, self.task, self.steps = trainer, trainer.task, steps
+
+    def __call__(self, batch):
+        loss, output = self.task(batch)
+        if self.trainer.step + 1 in self.steps:
+            loss = loss * float("nan")
+        return loss, output
+
+
+def test_a_nan_loss_skips_the_step_and_moves_no_parameter(tmp_path):
+    trainer = _trainer(tmp_path, **{"train.max_steps": "6", "train.eval_every_steps": "6"})
+    trainer.task = _NaNAtSteps(trainer, {3, 4})
+    batches = iter(trainer.loader)
+    for _ in range(2):
+        trainer.train_step(next(batches))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for _ in range(2):
+        assert trainer.train_step(next(batches)) == {}
+    after = trainer.model.state_dict()
+    # Only the step counter of the curriculum moves (the batch is consumed); the tables
+    # too stay put: no backward ran.
+    assert [k for k, v in before.items() if not torch.equal(after[k], v)] == ["training_step"]
+    assert trainer.step == 4 and trainer.nonfinite_steps == 2
+    trainer.train_step(next(batches))
+    assert trainer.nonfinite_in_a_row == 0
+    assert not all(torch.equal(trainer.model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_too_many_nan_steps_in_a_row_stop_with_a_clear_error_and_keep_the_checkpoint(tmp_path):
+    trainer = _trainer(tmp_path, **{"train.max_nonfinite_steps": "3"})
+    trainer.task = _NaNAtSteps(trainer, set(range(6, 100)))
+    with pytest.raises(NonFiniteTrainingError, match=r"step 8: 3 steps in a row had a non-finite loss"):
+        trainer.train()
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step-00000004"]
+    restored = _trainer(tmp_path / "again")
+    restored.load_state_dict(tmp_path / "checkpoints" / "step-00000004")
+    assert restored.step == 4
