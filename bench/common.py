@@ -29,3 +29,27 @@ def write_result(name: str, result: dict) -> Path:
     tmp.write_text(json.dumps({**result, "machine": machine()}, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float = 1.0) -> float:
+    """Measured GFLOP/s of an [m, k] @ [k, n] matmul (best of repeated timings)."""
+    import time
+
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    out = torch.empty(m, n, dtype=dtype)
+    torch.matmul(a, b, out=out)  # warm-up
+    best, spent = float("inf"), 0.0
+    while spent < min_seconds:
+        start = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        elapsed = time.perf_counter() - start
+        best, spent = min(best, elapsed), spent + elapsed
+    return 2.0 * m * k * n / best / 1e9
+
+
+def peak_gflops(dtype: str = "fp32") -> float:
+    """The peak that bench/peak.py measured (run it first), in GFLOP/s."""
+    path = RESULTS_DIR / "peak.json"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run .venv/bin/python bench/peak.py first")
+    return json.loads(path.read_text())[f"{dtype}_gflops"]
