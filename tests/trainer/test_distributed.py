@@ -148,13 +148,25 @@ def test_training_steps_on_two_ranks_match_one_process_with_the_global_batch(tmp
     assert two["valid"] == pytest.approx(one["valid"], abs=1e-9)  # measured: identical
 
 
-def _evaluation_worker(rank, port, out, state):
+def _single_process_trainer():
+    config = _config()
+    prepared = prepare(config.data)
+    return Trainer(config, prepared, MetricsLogger(None, enabled=False)), prepared
+
+
+def _sharded_trainer(rank, port, state):
+    """This rank's trainer of the smoke config, its tables sharded and set to `state`."""
     _join(rank, port)
     config = _config()
     prepared = prepare(config.data)
     dist = init_distributed(config.distributed)
     trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False), dist)
     load_unsharded_state(trainer.model, state)
+    return trainer, prepared, dist
+
+
+def _evaluation_worker(rank, port, out, state):
+    trainer, prepared, dist = _sharded_trainer(rank, port, state)
     valid = trainer.evaluate("valid")
     owned = len(owned_candidates(trainer.model, prepared.stats.candidates, dist))
     owned_total = int(dist.sum(torch.tensor(owned)))
@@ -165,9 +177,7 @@ def _evaluation_worker(rank, port, out, state):
 
 @pytest.mark.slow
 def test_evaluation_over_a_sharded_vocabulary_equals_the_single_process_one(tmp_path):
-    config = _config()
-    prepared = prepare(config.data)
-    trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False))
+    trainer, prepared = _single_process_trainer()
     state = trainer.model.state_dict()
     expected = trainer.evaluate("valid")
 
@@ -195,12 +205,7 @@ def _top_k_of(trainer, prepared, dist, k: int = 5):
 
 
 def _top_k_worker(rank, port, out, state):
-    _join(rank, port)
-    config = _config()
-    prepared = prepare(config.data)
-    dist = init_distributed(config.distributed)
-    trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False), dist)
-    load_unsharded_state(trainer.model, state)
+    trainer, prepared, dist = _sharded_trainer(rank, port, state)
     ids, scores = _top_k_of(trainer, prepared, dist)
     torch.save({"ids": torch.from_numpy(ids), "scores": torch.from_numpy(scores)}, out / f"rank{rank}.pt")
     close_distributed(dist)
@@ -208,9 +213,7 @@ def _top_k_worker(rank, port, out, state):
 
 @pytest.mark.slow
 def test_top_k_over_a_sharded_vocabulary_merges_to_the_single_process_top_k(tmp_path):
-    config = _config()
-    prepared = prepare(config.data)
-    trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False))
+    trainer, prepared = _single_process_trainer()
     expected_ids, expected_scores = _top_k_of(trainer, prepared, trainer.dist)
 
     _spawn(_top_k_worker, tmp_path, trainer.model.state_dict())
