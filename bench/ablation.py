@@ -5,8 +5,10 @@ on both embedded logs, under ../shared/BENCHMARK.md's protocol (test split).
     .venv/bin/python bench/ablation.py --seeds 1 --data collegemsg --variants default,no_film
     .venv/bin/python bench/ablation.py --seeds 1 train.max_epochs=1   # a shorter schedule
 
-Writes bench/results/ablation.json as {dataset: {variant: {"overrides": [...], metric:
-{"mean", "std"}, "delta_ndcg@10": ...}}} and bench/results/ablation.md.
+Writes bench/results/ablation.json as {"seeds", "overrides", "results": {dataset: {variant:
+{"overrides": [...], "runs", metric: {"mean", "std"}, "delta_ndcg@10"}}}} and
+bench/results/ablation.md. Runs are kept in bench/results/runs.jsonl (bench/runs.py
+RunLog), so an interrupted ablation resumes.
 """
 
 from __future__ import annotations
@@ -56,7 +58,6 @@ def run_variants(data: str, variants: list[str], seeds: list[int], overrides: li
     for name in variants:
         if name in SKIP.get(data, ()):
             continue
-        # The default variant is logged as the quality benchmark's "default" model.
         runs = [
             run_log.run(data, name, seed, config_path, [*overrides, *VARIANTS[name]])["test"]
             for seed in seeds

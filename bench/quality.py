@@ -98,8 +98,7 @@ def main() -> None:
     }
     previous_file = RESULTS_DIR / "quality.json"
     previous = json.loads(previous_file.read_text()) if previous_file.exists() else {}
-    results = {data: previous[data] for data in DATASETS if data in previous and data not in new} | new
-    results = {data: results[data] for data in DATASETS if data in results}
+    results = {data: new.get(data, previous.get(data)) for data in DATASETS if data in new or data in previous}
     table = markdown(results)
     path = write_result("quality", results)
     (RESULTS_DIR / "quality.md").write_text(table)

@@ -41,14 +41,13 @@ class RunLog:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def records(self, data: str | None = None) -> list[dict]:
+    def records(self) -> list[dict]:
         if not self.path.exists():
             return []
-        records = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        return [r for r in records if data is None or r["data"] == data]
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-    def find(self, data: str, model: str, seed: int, config_path: Path, overrides: list[str]) -> dict | None:
-        key = (data, model, seed, config_hash(config_path), overrides)
+    def find(self, data: str, model: str, seed: int, config_sha: str, overrides: list[str]) -> dict | None:
+        key = (data, model, seed, config_sha, overrides)
         for record in self.records():
             if (record["data"], record["model"], record["seed"], record.get("config_sha"), record["overrides"]) == key:
                 return record
@@ -57,17 +56,18 @@ class RunLog:
     def run(self, data: str, model: str, seed: int, config_path: Path, overrides: list[str]) -> dict:
         """The logged record of this run, training it first if it is not there yet.
         `overrides` identify the run; they are applied after the config file."""
-        record = self.find(data, model, seed, config_path, overrides)
+        config_sha = config_hash(config_path)
+        record = self.find(data, model, seed, config_sha, overrides)
         if record is not None:
             return record
         results, run_seconds = train_and_test(config_path, overrides, seed)
         test = results["metrics"]["test"]
         record = {
             "data": data, "model": model, "seed": seed, "overrides": overrides,
-            "config": config_path.name, "config_sha": config_hash(config_path), "seconds": run_seconds,
+            "config": config_path.name, "config_sha": config_sha, "seconds": run_seconds,
             "steps": results["training"]["steps"], "best_step": results["training"]["best_step"],
             "valid": results["metrics"]["valid"]["model"],
-            "test": test["model"], "baselines": {b: test[b] for b in BASELINES if b in test},
+            "test": test["model"], "baselines": {b: test[b] for b in BASELINES},
             "evaluated_actors": results["data"]["evaluated_actors"], "candidates": results["data"]["candidates"],
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -280,7 +280,6 @@ def read_parquet(path: Path, config: DataConfig) -> RawLog:
     return RawLog(str(path), frame, tuple(columns), labels, location="row")
 
 
-
 def read_synthetic(spec_text: str) -> RawLog:
     """A synthetic log generated from its spec, typed like a parquet file's columns."""
     from data.synthetic import generate, parse_spec  # numpy-heavy; only when asked for

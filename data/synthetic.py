@@ -130,6 +130,21 @@ SPEC_KEYS = {
     "shared_ids": "shared_id_space", "cover_targets": "cover_targets", "repeat_prob": "repeat_prob",
     "seed": "seed",
 }
+_FLAGS = ("shared_id_space", "cover_targets")
+
+
+def _spec_value(field_name: str, value: str) -> bool | float | int:
+    """One spec value, typed as its field; ValueError when it is not."""
+    if field_name in _FLAGS:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError
+        return value.lower() in ("true", "1")
+    if field_name == "repeat_prob":
+        return float(value)
+    number = float(value)  # counts as 2e7 or 20_000_000
+    if number != int(number):
+        raise ValueError
+    return int(number)
 
 
 def parse_spec(text: str) -> SyntheticLogSpec:
@@ -142,19 +157,10 @@ def parse_spec(text: str) -> SyntheticLogSpec:
             raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(SPEC_KEYS)}")
         field_name = SPEC_KEYS[key]
         try:
-            if field_name in ("shared_id_space", "cover_targets"):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                values[field_name] = value.lower() in ("true", "1")
-            elif field_name == "repeat_prob":
-                values[field_name] = float(value)
-            else:
-                number = float(value)
-                if number != int(number):
-                    raise ValueError
-                values[field_name] = int(number)
+            values[field_name] = _spec_value(field_name, value)
         except ValueError:
-            raise ValueError(f"{key}={value!r}: expected {'true or false' if field_name in ('shared_id_space', 'cover_targets') else 'a number'}") from None
+            expected = "true or false" if field_name in _FLAGS else "a number"
+            raise ValueError(f"{key}={value!r}: expected {expected}") from None
     missing = [key for key in ("events", "actors", "targets") if SPEC_KEYS[key] not in values]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (e.g. events=1e6,actors=1e5,targets=1e6)")

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
@@ -36,6 +37,28 @@ def _single_process_quiet():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         yield
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path, dist: Distributed) -> Iterator[Path]:
+    """A temporary directory beside `final` for every rank to write into; once every rank
+    is done, rank 0 puts it in the place of `final` (the previous one moved aside first,
+    then removed). A rename is atomic, so `final` is always either the old directory or
+    the complete new one. If the write raises, nothing is renamed. Collective."""
+    tmp, old = final.parent / f".{final.name}.tmp", final.parent / f".{final.name}.old"
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    yield tmp
+    dist.barrier()
+    if dist.is_main:
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.replace(old)
+        tmp.replace(final)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
 
 
 def checkpoint_name(step: int) -> str:
@@ -60,23 +83,16 @@ def save_checkpoint(directory: Path, step: int, state: dict, dist: Distributed, 
     Collective: every rank calls it. Raises OSError (after leaving every complete
     checkpoint in place) when the write fails."""
     final = directory / checkpoint_name(step)
-    tmp = directory / f".{final.name}.tmp"
     if dist.is_main:
         directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob(f".{PREFIX}*.tmp"):
+        for stale in directory.glob(f".{PREFIX}*.tmp"):  # left by a killed write
             shutil.rmtree(stale, ignore_errors=True)
-    dist.barrier()
-    with _single_process_quiet():
+    with atomic_directory(final, dist) as tmp, _single_process_quiet():
         dcp.save(state, checkpoint_id=tmp, no_dist=not dist.enabled)
-    dist.barrier()
     if dist.is_main:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
         for old in complete_checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint: %s", final)
-    dist.barrier()
     return final
 
 

@@ -192,9 +192,10 @@ def shard_model(model: nn.Module, dist: Distributed, config: DistributedConfig) 
 
 
 def unsharded_state_dict(model: nn.Module, dist: Distributed) -> dict[str, torch.Tensor]:
-    """The model's state as plain tensors, sharded tables gathered whole on rank 0 (the
-    export for serving without TorchRec sharding). Collective: every rank must call it;
-    only rank 0's result holds the tables."""
+    """The model's state as plain tensors, sharded tables gathered whole on rank 0, for
+    comparing a sharded model with a single-process one (the serving export,
+    trainer/export.py, never gathers a table). Collective: every rank must call it; only
+    rank 0's result holds the tables."""
     state = model.state_dict()
     if not dist.enabled:
         return state
@@ -245,12 +246,19 @@ def owned_candidates(model: nn.Module, candidates: np.ndarray, dist: Distributed
     if len(weights) != 1 or not isinstance(weights[0], ShardedTensor):
         raise ValueError(f"owned_candidates: expected one sharded {table!r} table in the model")
     keep = np.zeros(len(candidates), dtype=bool)
-    for shard in weights[0].local_shards():
-        start, rows = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
-        if shard.metadata.shard_offsets[1] != 0:
-            continue  # column-wise pieces: the rank holding column 0 owns the row
+    for start, rows in _local_row_ranges(weights[0]):
         keep |= (candidates >= start) & (candidates < start + rows)
     return candidates[keep]
+
+
+def _local_row_ranges(table) -> list[tuple[int, int]]:
+    """(first row, number of rows) of each shard of a sharded table this rank holds.
+    Column-wise pieces of a row count once: the rank holding column 0 owns the row."""
+    return [
+        (shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0])
+        for shard in table.local_shards()
+        if shard.metadata.shard_offsets[1] == 0
+    ]
 
 
 def rank_resources(model: nn.Module, dist: Distributed) -> dict:
@@ -267,12 +275,11 @@ def rank_resources(model: nn.Module, dist: Distributed) -> dict:
         if not (key.endswith(".weight") and ".embeddings." in key):
             continue
         table = key.removesuffix(".weight").rsplit(".", 1)[-1]
-        if isinstance(value, ShardedTensor):  # column-wise pieces count once, at column 0
-            rows[table] = sum(s.tensor.shape[0] for s in value.local_shards() if s.metadata.shard_offsets[1] == 0)
+        if isinstance(value, ShardedTensor):
+            rows[table] = sum(count for _, count in _local_row_ranges(value))
         else:
             rows[table] = value.shape[0]
-    local = torch.tensor([peak_gb, *rows.values()], dtype=torch.float64)
-    every = dist.gather(local[None]) if dist.world_size > 1 else local[None]
+    every = dist.gather(torch.tensor([[peak_gb, *rows.values()]], dtype=torch.float64))
     return {
         "peak_rss_gb_per_rank": [round(float(v), 3) for v in every[:, 0]],
         "table_rows_per_rank": {name: [int(v) for v in every[:, 1 + i]] for i, name in enumerate(rows)},

@@ -6,21 +6,21 @@
 
 Every rank writes the pieces of the sharded tables it holds, so no rank ever gathers a
 whole table (a 1e7-row table stays split while it is exported). The loader stitches the
-pieces into whole tensors and checks that every element was written exactly once. The
+pieces into whole tensors and checks that they add up to every table's size. The
 directory is written under a temporary name and renamed by rank 0 once every rank has
-finished, so a crash leaves the previous export intact, never a partial one. Files hold
-tensors, ints and strings only, and load with `torch.load(weights_only=True)`: no
-pickled code is ever executed.
+finished (trainer/checkpoint.py `atomic_directory`), so a crash leaves the previous
+export intact, never a partial one. Files hold tensors, ints and strings only, and load
+with `torch.load(weights_only=True)`: no pickled code is ever executed.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from trainer.checkpoint import atomic_directory
 from trainer.distributed import Distributed
 
 EXPORT_DIR = "model"
@@ -30,11 +30,6 @@ def export_model(model: nn.Module, run_dir: Path, dist: Distributed) -> Path:
     """Write `run_dir/model/`. Collective: every rank must call it."""
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    final, tmp = run_dir / EXPORT_DIR, run_dir / f".{EXPORT_DIR}.tmp"
-    if dist.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
     whole: dict[str, torch.Tensor] = {}
     pieces: list[dict] = []
     for key, value in model.state_dict().items():
@@ -46,16 +41,9 @@ def export_model(model: nn.Module, run_dir: Path, dist: Distributed) -> Path:
                 })
         elif dist.is_main:  # replicated on every rank: rank 0 writes it
             whole[key] = value.detach().cpu()
-    torch.save({"tensors": whole, "pieces": pieces}, tmp / f"rank-{dist.rank:05d}.pt")
-    dist.barrier()
-    if dist.is_main:
-        old = run_dir / f".{EXPORT_DIR}.old"
-        if final.exists():
-            final.replace(old)
-        tmp.replace(final)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-    return final
+    with atomic_directory(run_dir / EXPORT_DIR, dist) as tmp:
+        torch.save({"tensors": whole, "pieces": pieces}, tmp / f"rank-{dist.rank:05d}.pt")
+    return run_dir / EXPORT_DIR
 
 
 def load_exported(run_dir: Path) -> dict[str, torch.Tensor]:

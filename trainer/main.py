@@ -29,7 +29,7 @@ from trainer.distributed import Distributed, close_distributed, init_distributed
 from trainer.loop import NonFiniteTrainingError, Trainer
 from trainer.metrics import MetricsLogger
 from trainer.export import export_model
-from trainer.results import evaluate_baselines, markdown_table, write_results
+from trainer.results import evaluate_baselines, evaluation_queries, markdown_table, write_results
 
 log = logging.getLogger("trainer")
 OWN_PACKAGES = ("trainer", "data", "models", "configs", "bench", "launch")
@@ -68,8 +68,9 @@ def run(config: ExperimentConfig, dist: Distributed = Distributed()) -> dict:
     start = time.perf_counter()
     prepared = prepare(config.data, out_dir=run_dir / "prepared" if dist.is_main else None)
     summary = prepared.summary()
-    if 0 < config.eval.max_queries < summary["evaluated_actors"]:  # a sample of them (eval.max_queries)
-        summary["evaluable_actors"], summary["evaluated_actors"] = summary["evaluated_actors"], config.eval.max_queries
+    sampled = len(evaluation_queries(prepared, "test", config.eval))  # eval.max_queries may sample the actors
+    if sampled < summary["evaluated_actors"]:
+        summary["evaluable_actors"], summary["evaluated_actors"] = summary["evaluated_actors"], sampled
     log.info(
         "data: %s events, %s actors, %s targets, %s evaluated actors, %s candidates (%.1fs)",
         f"{summary['events']:,}", f"{summary['actors']:,}", f"{summary['targets']:,}",

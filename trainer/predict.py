@@ -72,19 +72,20 @@ def top_k(
             if seen is not None:
                 for i, past in enumerate(seen[rows]):
                     scores[i, torch.from_numpy(np.isin(ids.numpy(), past))] = float("-inf")
-            best_scores, best_ids = _merge(best_scores, best_ids, scores, ids.expand(scores.shape[0], -1), k)
-        if dist.world_size > 1:
-            every_scores = dist.gather(best_scores[None]).permute(1, 0, 2).flatten(1)  # [Q, ranks * k]
+            best_scores, best_ids = _best_k(
+                torch.cat([best_scores, scores], dim=1), torch.cat([best_ids, ids.expand(scores.shape[0], -1)], dim=1), k
+            )
+        if dist.world_size > 1:  # every rank's k best of each query, [Q, ranks * k], merged
+            every_scores = dist.gather(best_scores[None]).permute(1, 0, 2).flatten(1)
             every_ids = dist.gather(best_ids[None]).permute(1, 0, 2).flatten(1)
-            best_scores, best_ids = _merge(best_scores[:, :0], best_ids[:, :0], every_scores, every_ids, k)
+            best_scores, best_ids = _best_k(every_scores, every_ids, k)
         ids_out[rows] = best_ids.numpy()
         scores_out[rows] = best_scores.numpy()
     return ids_out, scores_out
 
 
-def _merge(scores_a, ids_a, scores_b, ids_b, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best of two scored ID sets, per row."""
-    scores, ids = torch.cat([scores_a, scores_b], dim=1), torch.cat([ids_a, ids_b], dim=1)
+def _best_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the k highest scores and their IDs."""
     keep = scores.topk(min(k, scores.shape[1]), dim=1)
     return keep.values, ids.gather(1, keep.indices)
 

@@ -5,7 +5,9 @@ score(x, c) = cos(q(x), c) / tau + bonus(x, c)   (bonus: repeat re-scoring, 0 of
 Candidate vectors are computed once per evaluation, in chunks; query vectors once per
 query chunk. On several ranks each rank holds and scores the candidates whose table
 rows it owns (trainer/distributed.py `owned_candidates`), and the per-query counts are
-summed across ranks: no rank holds every candidate vector. Shape suffixes: Q queries, C candidates, D width, U history pairs.
+summed across ranks: no rank holds every candidate vector.
+
+Shape suffixes: Q queries, C candidates, D width, U history pairs.
 """
 
 from __future__ import annotations
