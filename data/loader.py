@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.batches import Batch, BatchBuilder
+from data.readers import DataError
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,14 @@ class TrainLoader:
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.epoch, self.step = 0, 0
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            # A user error (a tiny or degenerate log, or a batch too large for it), so a
+            # DataError: the entry point prints it in one line.
+            if len(builder.queries) == 0:
+                raise DataError(
+                    "no training examples: no actor has an event with loader.min_history earlier events "
+                    "left after the validation and test events are held out; the log is too small"
+                )
+            raise DataError(
                 f"{len(builder.queries)} training examples cannot fill one global batch of "
                 f"{batch_size} x {world_size} ranks; lower loader.batch_size"
             )

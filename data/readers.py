@@ -215,17 +215,20 @@ def _csv_line_of_row(path: Path, row: int) -> int:
     return line
 
 
-def _csv_find_ragged_row(path: Path, num_columns: int) -> tuple[int, int] | None:
-    """(line, number of fields) of the first row whose field count is not the header's."""
+def _csv_ragged_rows(path: Path, num_columns: int) -> list[tuple[int, int, int]]:
+    """(data row index, line, number of fields) of every row whose field count is not the
+    header's. Blank lines are rows too (polars reads them as empty fields, which fail
+    typing and are named there), so they are counted but not listed."""
+    ragged = []
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         reader = csv.reader(f)
         next(reader, None)
         line = reader.line_num + 1
-        for fields in reader:
+        for row, fields in enumerate(reader):
             if fields and len(fields) != num_columns:
-                return line, len(fields)
+                ragged.append((row, line, len(fields)))
             line = reader.line_num + 1
-    return None
+    return ragged
 
 
 def read_csv(path: Path, config: DataConfig) -> RawLog:
@@ -236,9 +239,11 @@ def read_csv(path: Path, config: DataConfig) -> RawLog:
         raise DataError(f"{path}:1: expected a header row of column names")
     defaults = {"actor": "actor", "target": "target", "action": "action", "timestamp": "timestamp"}
     columns = _resolve_columns(path, header, config, defaults)
-    ragged = _csv_find_ragged_row(path, len(header))
-    if ragged is not None and config.on_bad_rows == "error":
-        raise _field_count_error(path, ragged[0], ragged[1], f"{len(header)} comma-separated fields ({', '.join(header)})", -1)
+    _check_utf8(path, _read_lines(path))
+    ragged = _csv_ragged_rows(path, len(header))
+    if ragged and config.on_bad_rows == "error":
+        _, line, found = ragged[0]
+        raise _field_count_error(path, line, found, f"{len(header)} comma-separated fields ({', '.join(header)})", -1)
     frame = pl.scan_csv(
         path,
         infer_schema=False,
@@ -249,7 +254,10 @@ def read_csv(path: Path, config: DataConfig) -> RawLog:
     frame = frame.select(
         pl.col("row").cast(pl.Int64),
         *[pl.col(col).alias(name) for name, col in columns.items()],
-    ).with_columns(_wrong_field_count=pl.lit(False))
+    ).with_columns(
+        # polars pads short rows and truncates long ones; drop mode must still drop them.
+        _wrong_field_count=pl.col("row").is_in(pl.Series([r for r, _, _ in ragged], dtype=pl.Int64))
+    )
     labels = {name: f"column '{col}'" for name, col in columns.items()}
     # Rows map to lines one-to-one unless quoted fields hold newlines; the exact line of
     # a bad row is recomputed on the error path (see `line_of`).
