@@ -29,6 +29,7 @@ from trainer.distributed import Distributed, close_distributed, init_distributed
 from trainer.loop import NonFiniteTrainingError, Trainer
 from trainer.metrics import MetricsLogger
 from trainer.export import export_model
+from trainer.run_directory import open_run_directory
 from trainer.results import evaluate_baselines, evaluation_queries, markdown_table, write_results
 
 log = logging.getLogger("trainer")
@@ -60,9 +61,8 @@ def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
 def run(config: ExperimentConfig, dist: Distributed = Distributed()) -> dict:
     """Prepare, train, evaluate; returns the results written to the run directory.
     On several ranks every rank trains and evaluates; rank 0 alone writes files."""
-    run_dir = Path(config.output_dir) / config.name
+    run_dir = open_run_directory(config.output_dir, config.name, create=dist.is_main)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
     start = time.perf_counter()

@@ -1,5 +1,6 @@
-"""Degenerate logs end to end: each either trains and reports, or stops with one clear
-line (exit status 2) before any training, never with a stack trace."""
+"""User errors end to end: a degenerate log either trains and reports, or stops with one
+clear line (exit status 2) before any training, never with a stack trace; so does a run
+directory with a link leading out of it."""
 
 from __future__ import annotations
 
@@ -41,3 +42,15 @@ def test_a_log_too_small_to_train_on_is_one_clear_line(tmp_path, capsys, log_tex
     err = capsys.readouterr().err
     assert "\nerror: " in "\n" + err and expected in err.splitlines()[-1] and "Traceback" not in err
     assert not (tmp_path / "smoke" / "results.json").exists()
+
+
+def test_a_link_out_of_the_run_directory_is_refused_before_any_work(tmp_path, capsys):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run_dir = tmp_path / "runs" / "smoke"
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoints").symlink_to(outside, target_is_directory=True)
+    assert main(["--config", SMOKE, f"output_dir={tmp_path / 'runs'}", *FAST]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "checkpoints" in err and "outside the run directory" in err
+    assert list(outside.iterdir()) == [] and not (run_dir / "config.yaml").exists()
