@@ -22,12 +22,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trainer.distributed import Distributed
 
 log = logging.getLogger(__name__)
 
 PREFIX = "step-"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permission denied, ...). Every
+    complete checkpoint is still in place; the message names the newest."""
 
 
 @contextlib.contextmanager
@@ -87,13 +93,28 @@ def save_checkpoint(directory: Path, step: int, state: dict, dist: Distributed, 
         directory.mkdir(parents=True, exist_ok=True)
         for stale in directory.glob(f".{PREFIX}*.tmp"):  # left by a killed write
             shutil.rmtree(stale, ignore_errors=True)
-    with atomic_directory(final, dist) as tmp, _single_process_quiet():
-        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.enabled)
+    try:
+        with atomic_directory(final, dist) as tmp, _single_process_quiet():
+            dcp.save(state, checkpoint_id=tmp, no_dist=not dist.enabled)
+    # DCP reports a failed write on any rank to every rank as a CheckpointException
+    # (a BaseException, not an OSError); a single process may see the OSError itself.
+    except (OSError, CheckpointException) as e:
+        previous = latest_checkpoint(directory)
+        raise CheckpointWriteError(
+            f"{final}: writing the checkpoint failed ({_first_line(e)}); "
+            + (f"the previous checkpoint {previous} is intact, " if previous else "no earlier checkpoint exists, ")
+            + "rerun with --resume once the cause is fixed"
+        ) from e
     if dist.is_main:
         for old in complete_checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint: %s", final)
     return final
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def load_checkpoint(path: Path, state: dict, dist: Distributed) -> None:

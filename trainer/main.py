@@ -6,8 +6,10 @@
 torchx may pass the script path itself as the first argument (a `.torchxconfig`
 that sets `script = trainer/main.py`); it is accepted and ignored.
 
-A user error (bad config, bad log) prints one clear line and exits with status 2;
-no stack trace from deep inside a library.
+A user error (bad config, bad log, training that diverged) prints one clear line and
+exits with status 2; a checkpoint that cannot be written (disk full) prints one line and
+exits with status 1, the previous checkpoint intact. No stack trace from deep inside a
+library.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from configs.loading import ConfigError, config_to_dict, load_config
 from configs.schema import ExperimentConfig
 from data.prepare import prepare
 from data.readers import DataError
-from trainer.checkpoint import latest_checkpoint
+from trainer.checkpoint import CheckpointWriteError, latest_checkpoint
 from trainer.distributed import Distributed, close_distributed, init_distributed, rank_resources
 from trainer.loop import NonFiniteTrainingError, Trainer
 from trainer.metrics import MetricsLogger
@@ -141,6 +143,11 @@ def _configure_logging(dist: Distributed) -> None:
         logging.getLogger(package).setLevel(logging.INFO if dist.is_main else logging.WARNING)
 
 
+def _print_error(error: Exception, dist: Distributed) -> None:
+    where = f" (rank {dist.rank})" if dist.enabled else ""
+    print(f"error{where}: {error}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     _configure_logging(Distributed())
 
@@ -153,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
             _configure_logging(dist)
         run(config, dist)
     except (ConfigError, DataError, NonFiniteTrainingError) as e:
-        where = f" (rank {dist.rank})" if dist.enabled else ""
-        print(f"error{where}: {e}", file=sys.stderr)
+        _print_error(e, dist)
         return 2
+    except CheckpointWriteError as e:  # the machine's fault, not the user's input: status 1
+        _print_error(e, dist)
+        return 1
     finally:
         close_distributed(dist)
     return 0

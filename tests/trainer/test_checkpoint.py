@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from configs.loading import load_config
 from data.prepare import prepare
@@ -66,6 +67,33 @@ def test_a_failing_write_leaves_the_previous_checkpoint_and_raises(tmp_path, mon
     with pytest.raises(OSError, match="No space"):
         save_checkpoint(directory, 2, {"x": torch.zeros(3)}, Distributed(), keep=2)
     assert [p.name for p in complete_checkpoints(directory)] == ["step-00000001"]
+
+
+def test_a_disk_full_run_stops_with_one_line_keeps_its_checkpoint_and_resumes(tmp_path, monkeypatch, capsys):
+    from trainer.main import main
+
+    real_save, calls = dcp.save, []
+
+    def full_at_second_checkpoint(state, checkpoint_id, **kwargs):
+        calls.append(checkpoint_id)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+
+    monkeypatch.setattr("trainer.checkpoint.dcp.save", full_at_second_checkpoint)
+    args = ["--config", str(CONFIG), f"output_dir={tmp_path}", "train.max_steps=12", "train.eval_every_steps=4",
+            "train.patience=10"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "No space left on device" in err and "step-00000004 is intact" in err and "--resume" in err
+    checkpoints = tmp_path / "smoke" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(checkpoints)] == ["step-00000004"]
+    assert not (tmp_path / "smoke" / "results.json").exists()
+
+    monkeypatch.setattr("trainer.checkpoint.dcp.save", real_save)
+    assert main([*args, "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().err
+    assert (tmp_path / "smoke" / "results.json").exists()
 
 
 class _NaNAtSteps:
