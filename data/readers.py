@@ -134,9 +134,15 @@ def read_snap(path: Path, config: DataConfig) -> RawLog:
     )
     if data.height == 0:
         raise DataError(f"{path}: no events (only blank or comment lines); expected lines of `SRC DST [TS]`")
-    num_fields = int(data["num_fields"][0])
-    if num_fields not in (2, 3):
-        raise DataError(f"{path}:{data['line'][0]}: expected 2 or 3 fields (SRC DST [TS]), found {num_fields}")
+    # The log's layout (2 or 3 fields) is that of its first line with 2 or 3 fields, so a
+    # corrupted first line is one bad row (dropped in drop mode), not a wrong layout.
+    layout = data.filter(pl.col("num_fields").is_in([2, 3]))
+    if layout.height == 0:
+        found = f"expected 2 or 3 fields (SRC DST [TS]), found {data['num_fields'][0]}"
+        if config.on_bad_rows == "drop":
+            raise DataError(f"{path}: every row was bad (the first, line {data['line'][0]}: {found}); nothing left to train on")
+        raise DataError(f"{path}:{data['line'][0]}: {found}")
+    num_fields = int(layout["num_fields"][0])
     expected = "3 fields (SRC DST TS)" if num_fields == 3 else "2 fields (SRC DST)"
     bad = data.filter(pl.col("num_fields") != num_fields)
     if bad.height and config.on_bad_rows == "error":

@@ -1,11 +1,19 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from configs.schema import DataConfig
+
+# Property tests draw the same examples on every run (CI must not pass or fail by luck);
+# `HYPOTHESIS_PROFILE=explore` draws fresh, and many more, to hunt for new failures.
+settings.register_profile("default", derandomize=True)
+settings.register_profile("explore", max_examples=1000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture

@@ -75,6 +75,8 @@ def test_parquet_datetime_timestamps_become_seconds(tmp_path):
         ("g.txt", "1 2 3\n1 2 noon\n", {}, r"g\.txt:2: field 3 \(TS\).*got 'noon'"),
         ("g.txt", "1 2 3\n1 2 3 4\n2 3 4\n", {}, r"g\.txt:2: expected 3 fields \(SRC DST TS\), found 4"),
         ("g.txt", "1 2 3\n4 5 6\n7 8", {}, r"g\.txt:3: expected 3 fields.*found 2.*truncated"),
+        ("g.txt", "1 2 3 4\n4 5 6\n", {}, r"g\.txt:1: expected 3 fields \(SRC DST TS\), found 4"),
+        ("g.txt", "1\n2 3 4 5\n", {}, r"g\.txt:1: expected 2 or 3 fields \(SRC DST \[TS\]\), found 1"),
         ("g.txt", "", {}, r"g\.txt: the file is empty"),
         ("g.txt", "# only a comment\n", {}, r"g\.txt: no events"),
         ("g.txt", b"1 2 3\n\xff\xfe 2 3\n", {}, r"g\.txt:2: the line is not valid UTF-8"),
@@ -103,6 +105,13 @@ def test_drop_mode_skips_bad_rows_and_reports_the_count(write):
     assert log.num_events == 2
     assert log.report["rows_dropped"] == 3
     assert log.report["dropped_by_reason"] == {"wrong number of fields": 1, "bad actor": 1, "bad timestamp": 1}
+
+
+def test_drop_mode_drops_a_corrupted_first_line(write):
+    # The layout comes from the first line with 2 or 3 fields, not from a bad first line.
+    log = _events(write("g.txt", "1 2 3 4\n4 5 6\n5 4 7\n"), on_bad_rows="drop")
+    assert log.num_events == 2
+    assert log.report["dropped_by_reason"] == {"wrong number of fields": 1}
 
 
 def test_duplicates_are_kept_unless_asked(write):
