@@ -119,11 +119,32 @@ def init_distributed(config: DistributedConfig) -> Distributed:
     else:
         device = torch.device("cpu")
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group(backend=backend)
+        torch_dist.init_process_group(backend=backend, **_restart_scoped_store(rank, world_size))
     return Distributed(
         rank=rank, world_size=world_size, local_rank=local_rank, device=device, launched=True,
         gather_group=torch_dist.new_group(backend=backend),
     )
+
+
+def _restart_scoped_store(rank: int, world_size: int) -> dict:
+    """init_process_group arguments that keep each elastic restart's keys apart.
+
+    torchrun (torch >= 2.5) shares its agent's rendezvous TCPStore with the workers, and
+    init_process_group adds no per-attempt prefix to it: after a rank dies and torchrun
+    restarts the workers, they can read the addresses the killed attempt left under the
+    same keys and fail in "Gloo connectFullMesh ... Connection refused", or hang
+    (pytorch/pytorch#135712). Measured here: both elastic-restart fault scenarios of
+    bench/faults.py failed that way. Every agent restarts its workers together and counts
+    the restarts alike (TORCHELASTIC_RESTART_COUNT), so the count names the attempt.
+    Without the shared store (or outside torchrun) the default env:// rendezvous is kept."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent_store = torch_dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+    )
+    store = torch_dist.PrefixStore(f"nextrec/attempt-{attempt}/", agent_store)
+    return {"store": store, "rank": rank, "world_size": world_size}
 
 
 def close_distributed(dist: Distributed) -> None:
