@@ -36,7 +36,8 @@ class MostPopularScorer:
         return queries.stop - queries.start
 
     def score(self, num_queries: int, candidate_ids: torch.Tensor) -> torch.Tensor:
-        return self._score_T[candidate_ids].expand(num_queries, -1)
+        # A tensor of its own (the evaluation writes into it), not an expanded view.
+        return self._score_T[candidate_ids].expand(num_queries, -1).clone()
 
     def score_pairs(self, num_queries: int, target_ids: torch.Tensor) -> torch.Tensor:
         return self._score_T[target_ids]

@@ -10,7 +10,8 @@ count, so the rank never depends on which chunk holds the target.
 
 A scorer is anything with:
     query_state(query_slice) -> state           # e.g. the query vectors of the chunk
-    score(state, candidate_ids [C] int64) -> [Q, C] float
+    score(state, candidate_ids [C] int64) -> [Q, C] float, a tensor of its own: the
+                                                evaluation overwrites excluded entries
     score_pairs(state, target_ids [Q] int64) -> [Q] float
 """
 
@@ -43,27 +44,33 @@ class SeenTargets:
     targets: np.ndarray  # [sum of lengths]
 
 
-def count_at_least(scores_QC: torch.Tensor, true_Q: torch.Tensor, exclude_QC: torch.Tensor) -> torch.Tensor:
-    """Per query, how many candidates score >= the true score, ignoring `exclude` columns."""
-    return ((scores_QC >= true_Q[:, None]) & ~exclude_QC).sum(dim=1)
+def count_at_least(scores_QC: torch.Tensor, true_Q: torch.Tensor) -> torch.Tensor:
+    """Per query, how many candidates score >= the true score. Excluded columns hold NaN,
+    which compares False. A NaN true score counts as -inf: every candidate beats it (a
+    broken model ranks last, never first)."""
+    true_Q = torch.nan_to_num(true_Q, nan=float("-inf"))
+    return (scores_QC >= true_Q[:, None]).sum(dim=1)
 
 
-def _exclusion_mask(
-    rows: slice, candidate_ids: torch.Tensor, true_Q: torch.Tensor, seen: SeenTargets | None
+def exclude_in_place(
+    scores_QC: torch.Tensor, rows: slice, candidate_ids: torch.Tensor, true_Q: torch.Tensor, seen: SeenTargets | None
 ) -> torch.Tensor:
-    """[Q, C] bool: the true target itself, plus (exclude-seen mode) the query's past targets."""
-    exclude = candidate_ids[None, :] == true_Q[:, None]
+    """Set to NaN, in place, the columns that must not count: the true target itself, plus
+    (exclude-seen mode) the query's past targets. A scatter of at most Q + seen entries
+    instead of a [Q, C] mask: the chunk's scores are the only [Q, C] array touched."""
+    query_rows, targets = torch.arange(len(true_Q)), true_Q
     if seen is not None:
         start, stop = seen.offsets[rows.start], seen.offsets[rows.stop]
-        seen_targets = torch.from_numpy(seen.targets[start:stop])
         seen_rows = torch.repeat_interleave(
             torch.arange(rows.stop - rows.start), torch.from_numpy(np.diff(seen.offsets[rows.start : rows.stop + 1]))
         )
-        # candidate_ids is sorted: locate each seen target's column in this chunk, if any.
-        column = torch.searchsorted(candidate_ids, seen_targets).clamp(max=len(candidate_ids) - 1)
-        hit = candidate_ids[column] == seen_targets
-        exclude[seen_rows[hit], column[hit]] = True
-    return exclude
+        query_rows = torch.cat([query_rows, seen_rows])
+        targets = torch.cat([targets, torch.from_numpy(seen.targets[start:stop])])
+    # candidate_ids is sorted: locate each target's column in this chunk, if any.
+    column = torch.searchsorted(candidate_ids, targets).clamp(max=len(candidate_ids) - 1)
+    hit = candidate_ids[column] == targets
+    scores_QC[query_rows[hit], column[hit]] = float("nan")
+    return scores_QC
 
 
 def full_ranking_ranks(
@@ -90,8 +97,8 @@ def full_ranking_ranks(
         count_Q = torch.zeros(rows.stop - rows.start, dtype=torch.int64)
         for c0 in range(0, len(candidates_t), candidate_chunk_size):
             chunk = candidates_t[c0 : c0 + candidate_chunk_size]
-            scores_QC = scorer.score(state, chunk)
-            count_Q += count_at_least(scores_QC, true_score_Q, _exclusion_mask(rows, chunk, true_Q, seen))
+            scores_QC = exclude_in_place(scorer.score(state, chunk), rows, chunk, true_Q, seen)
+            count_Q += count_at_least(scores_QC, true_score_Q)
         if count_sum is not None:
             count_Q = count_sum(count_Q)
         ranks[rows] = (count_Q + 1).numpy()

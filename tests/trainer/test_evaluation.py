@@ -77,3 +77,10 @@ def test_metrics_follow_the_benchmark_formulas():
     assert m["ndcg@10"] == pytest.approx((1 + 1 / np.log2(3) + 1 / np.log2(11)) / 5)
     assert m["mrr"] == pytest.approx(np.mean(1 / ranks))
     assert m["mean_rank"] == pytest.approx(16.8)
+
+
+def test_a_nan_true_score_ranks_last_never_first():
+    items = torch.ones(6, 1)
+    items[2] = float("nan")  # the true target's vector is broken
+    scorer = DotScorer(torch.ones(1, 1), items)
+    assert full_ranking_ranks(scorer, np.array([2]), np.arange(6)).tolist() == [6]
