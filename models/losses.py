@@ -34,6 +34,7 @@ import torch
 
 from models.samplers import SampledNegatives
 
+_MASKED_LOGIT = -1e30
 MASK_REASONS = ("accidental_hit", "in_history", "duplicate_of_history", "too_similar", "not_hard")
 
 
@@ -46,6 +47,9 @@ class LossSettings:
     similarity_mask_threshold: float = 0.99
     hard_topk: int | None = None
     """Keep the top-k highest-scoring unmasked negatives of each source (None: all)."""
+    telemetry: bool = True
+    """Compute the telemetry (masked fractions, similarities, log q means). Off on the
+    training steps whose scalars are not logged: it costs passes over every logit."""
     count_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
     """Sums a count over ranks. The loss is then this rank's share of the global mean
     (its examples' sum / the global count), so gradients summed over ranks are exactly
@@ -67,9 +71,14 @@ def hard_topk_schedule(step: int, start: int, end: int, num_steps: int, schedule
 
 
 def _column_scores(query_BPD: torch.Tensor, source: SampledNegatives) -> torch.Tensor:
+    if source.cosine is not None:
+        if query_BPD.shape[1] != 1:
+            raise ValueError(f"source {source.name!r} gives cosines for one query per example, got {query_BPD.shape[1]}")
+        return source.cosine[:, None, :]
+    # matmul / bmm, not einsum: einsum copied the [B, P, D] queries into a new layout first.
     if source.per_example:
-        return torch.einsum("bpd,bnd->bpn", query_BPD, source.embeddings)
-    return torch.einsum("bpd,nd->bpn", query_BPD, source.embeddings)
+        return torch.bmm(query_BPD, source.embeddings.transpose(1, 2))
+    return query_BPD @ source.embeddings.t()
 
 
 def _per_example(tensor: torch.Tensor | None, batch: int) -> torch.Tensor | None:
@@ -117,11 +126,12 @@ def sampled_softmax_loss(
         positive_logit_BP = positive_logit_BP - positive_log_q_BP
 
     history_source = next((s for s in sources if s.name == "history"), None)
-    logits, telemetry_counts, hardest = [positive_logit_BP[..., None]], {r: 0.0 for r in MASK_REASONS}, []
+    # log-sum-exp per source, combined at the end: no [B, P, 1 + N] copy of every logit.
+    lse_parts = [positive_logit_BP]
+    telemetry_counts, hardest = {r: 0.0 for r in MASK_REASONS}, []
     total_columns = 0.0
     telemetry: dict[str, float] = {}
     for source in sources:
-        cos_BPN = _column_scores(query_BPD, source)
         ids_B1N = _per_example(source.ids, batch)
         reasons = {"accidental_hit": ids_B1N == positive_ids_BP[..., None]}
         if history_contains is not None and source is not history_source:
@@ -129,36 +139,54 @@ def sampled_softmax_loss(
                 reasons["in_history"] = history_contains(ids_B1N[:, 0])[:, None, :]
             elif history_source is not None:
                 reasons["duplicate_of_history"] = history_contains(ids_B1N[:, 0])[:, None, :]
-        if source.name == "in_batch" and source.embeddings.dim() == 2:
-            similarity_BPN = _column_scores(positive_BPD, source)
-            reasons["too_similar"] = similarity_BPN > settings.similarity_mask_threshold
-        masked_BPN = torch.zeros_like(cos_BPN, dtype=torch.bool)
+        if source.name == "in_batch" and not source.per_example:
+            reasons["too_similar"] = _column_scores(positive_BPD, source) > settings.similarity_mask_threshold
+        masked_BPN = None
         for reason, mask in reasons.items():
-            mask = mask.expand_as(masked_BPN)
-            telemetry_counts[reason] += float((mask & ~masked_BPN).sum())
-            masked_BPN = masked_BPN | mask
-        padding = _per_example(source.valid, batch)
-        real_columns_BPN = torch.ones_like(masked_BPN) if padding is None else padding.expand_as(masked_BPN)
-        masked_BPN = masked_BPN | ~real_columns_BPN
-        total_columns += float(real_columns_BPN.sum())
+            if settings.telemetry:
+                new = mask if masked_BPN is None else mask & ~masked_BPN
+                telemetry_counts[reason] += int(torch.count_nonzero(new)) * (positions // new.shape[1])
+            masked_BPN = mask if masked_BPN is None else masked_BPN | mask
+        real_B1N = _per_example(source.valid, batch)  # None: every column is real
+        if real_B1N is not None:
+            masked_BPN = masked_BPN | ~real_B1N
+        num_columns = ids_B1N.numel() if real_B1N is None else int(torch.count_nonzero(real_B1N))
+        total_columns += num_columns * positions
 
-        logit_BPN = cos_BPN / tau
+        # cos / tau + bonus - log q, built in place on the matmul's own output.
+        logit_BPN = _column_scores(query_BPD, source)
+        if source.cosine is not None:
+            logit_BPN = logit_BPN.clone()
+        logit_BPN.div_(tau)
         if source.bonus is not None:
-            logit_BPN = logit_BPN + source.bonus[:, None, :]
+            logit_BPN.add_(source.bonus[:, None, :])
         log_q_B1N = _per_example(source.log_q, batch)
         if settings.logq_correction:
-            logit_BPN = logit_BPN - log_q_B1N
+            logit_BPN.sub_(log_q_B1N)
+        masked_BPN = masked_BPN.expand_as(logit_BPN)
         if settings.hard_topk is not None and source.name != "history":
             not_hard = _top_k_mask(logit_BPN.detach(), masked_BPN, settings.hard_topk)
-            telemetry_counts["not_hard"] += float(not_hard.sum())
+            telemetry_counts["not_hard"] += int(torch.count_nonzero(not_hard))
             masked_BPN = masked_BPN | not_hard
-        logits.append(logit_BPN.masked_fill(masked_BPN, float("-inf")))
-        hardest.append(cos_BPN.detach().masked_fill(masked_BPN, float("-inf")).amax(dim=-1))
-        valid_log_q = log_q_B1N.expand_as(masked_BPN)[real_columns_BPN]
-        telemetry[f"logq/{source.name}"] = float(valid_log_q.mean()) if valid_log_q.numel() else 0.0
+        # A large finite value, not -inf: a source whose every column is masked then has a
+        # finite log-sum-exp (with zero weight in the total) and finite gradients.
+        logit_BPN = logit_BPN.masked_fill(masked_BPN, _MASKED_LOGIT)
+        lse_parts.append(torch.logsumexp(logit_BPN, dim=-1))
+        if settings.telemetry:
+            logit = logit_BPN.detach()
+            if settings.logq_correction:
+                logit = logit + log_q_B1N
+            if source.bonus is not None:
+                logit = logit - source.bonus.detach()[:, None, :]
+            hardest.append((logit * tau).masked_fill(masked_BPN, float("-inf")).amax(dim=-1))
+            # Mean log q over the real columns (the same for every position P).
+            log_q = log_q_B1N.detach()
+            if real_B1N is None:
+                telemetry[f"logq/{source.name}"] = float(log_q.mean()) if log_q.numel() else 0.0
+            else:
+                telemetry[f"logq/{source.name}"] = float(torch.where(real_B1N, log_q, 0.0).sum()) / max(num_columns, 1)
 
-    all_logits_BPC = torch.cat(logits, dim=-1)
-    loss_BP = torch.logsumexp(all_logits_BPC, dim=-1) - positive_logit_BP
+    loss_BP = torch.logsumexp(torch.stack(lse_parts, dim=-1), dim=-1) - positive_logit_BP
     weights_BP = torch.ones_like(loss_BP) if valid_BP is None else valid_BP.to(loss_BP.dtype)
     num_valid = weights_BP.sum()
     if settings.count_sum is not None:
@@ -166,6 +194,8 @@ def sampled_softmax_loss(
     num_valid = num_valid.clamp(min=1.0)
     loss = (loss_BP * weights_BP).sum() / num_valid
 
+    if not settings.telemetry:
+        return LossOutput(loss=loss)
     for reason, count in telemetry_counts.items():
         telemetry[f"masked_frac/{reason}"] = count / max(total_columns, 1.0)
     valid_mask = weights_BP > 0

@@ -110,6 +110,8 @@ class TwoTowerRetrieval(nn.Module):
         if self.has_features:
             self.register_buffer("feature_offsets", target_feature_offsets.to(torch.int64), persistent=False)
             self.register_buffer("feature_tokens", target_feature_tokens.to(torch.int64), persistent=False)
+        # Telemetry costs passes over every logit: the trainer turns it on for the steps it logs.
+        self.collect_telemetry = True
         # The curriculum's position; a buffer so checkpoints carry it.
         self.register_buffer("training_step", torch.zeros((), dtype=torch.int64))
 
@@ -245,17 +247,18 @@ class TwoTowerRetrieval(nn.Module):
         if items is None:
             return QueryEncoding(query, None, None)
         contact_vectors_UD = self._candidates(looked_up, CONTACT_TARGET, CONTACT_FEATURE)
-        return QueryEncoding(query, items, self._bonus(items, query, contact_vectors_UD, looked_up[NEXT_ACTION]))
+        _, bonus_U = self._bonus(items, query, contact_vectors_UD, looked_up[NEXT_ACTION])
+        return QueryEncoding(query, items, bonus_U)
 
     def _bonus(
         self, items: HistoryItems, query_BD: torch.Tensor, contact_vectors_UD: torch.Tensor, next_action_BD: torch.Tensor
-    ) -> torch.Tensor:
-        """Repeat bonus per history pair, in logit units. The scorer's output is in cosine
-        units and divided by tau like the similarity: with tau = 0.05 a bonus that must
-        outweigh the similarity needs only O(1) weights, which Adam reaches in hundreds of
-        steps (at lr 1e-3 it would need tens of thousands to reach O(1/tau))."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cosine, repeat bonus) per history pair, the bonus in logit units. The scorer's
+        output is in cosine units and divided by tau like the similarity: with tau = 0.05 a
+        bonus that must outweigh the similarity needs only O(1) weights, which Adam reaches
+        in hundreds of steps (at lr 1e-3 it would need tens of thousands to reach O(1/tau))."""
         cosine_U = (query_BD[items.row_U] * contact_vectors_UD).sum(-1)
-        return self.repeat(items, cosine_U, next_action_BD) / self.loss_config.temperature
+        return cosine_U, self.repeat(items, cosine_U, next_action_BD) / self.loss_config.temperature
 
     def forward(
         self,
@@ -322,21 +325,23 @@ class TwoTowerRetrieval(nn.Module):
             mask_history=self.loss_config.mask_history,
             similarity_mask_threshold=self.loss_config.similarity_mask_threshold,
             hard_topk=self.current_hard_topk(),
+            telemetry=self.collect_telemetry,
             count_sum=self.count_sum,
         )
         positive_bonus_B = None
         if self.repeat is not None:
             contact_vectors_UD = self._candidates(looked_up, CONTACT_TARGET, CONTACT_FEATURE)
-            bonus_U = self._bonus(items, query.query_BD, contact_vectors_UD, looked_up[NEXT_ACTION])
+            cosine_U, bonus_U = self._bonus(items, query.query_BD, contact_vectors_UD, looked_up[NEXT_ACTION])
             ids_BH, index_BH, valid_BH = items.padded()
             sources.append(
                 SampledNegatives(
                     "history",
                     ids_BH,
-                    contact_vectors_UD[index_BH],
+                    None,
                     torch.zeros(ids_BH.shape, device=ids_BH.device),
                     valid=valid_BH,
                     bonus=torch.where(valid_BH, bonus_U[index_BH], 0.0),
+                    cosine=torch.where(valid_BH, cosine_U[index_BH], 0.0),
                 )
             )
             index_B, found_B = items.find(torch.arange(batch_size, device=actor.device), batch.target)

@@ -43,10 +43,14 @@ class SampledNegatives:
 
     name: str
     ids: torch.Tensor
-    embeddings: torch.Tensor  # [N, D] or [B, N, D]
+    embeddings: torch.Tensor | None  # [N, D] or [B, N, D]; None when `cosine` is given
     log_q: torch.Tensor  # same shape as ids
     valid: torch.Tensor | None = None  # same shape as ids; False marks padding columns
     bonus: torch.Tensor | None = None  # [B, N] added to the logits (repeat scoring)
+    cosine: torch.Tensor | None = None
+    """[B, N] query-column cosines computed by the caller (one query per example): the
+    history source has them from the re-scorer already, per (row, contact) pair, so the
+    loss need not gather a padded [B, N, D] block of contact vectors to recompute them."""
 
     @property
     def per_example(self) -> bool:

@@ -79,6 +79,9 @@ class QueryTower(nn.Module):
             self.combine = MLP(3 * dim, 2 * dim, dim, config.activation)
 
     def forward(self, inputs: QueryInputs, all_positions: bool = False) -> QueryOutput:
+        # The heads run only where a vector is wanted (every real position, or the query's),
+        # so their cost follows real tokens; the rest of [B, L, D] stays zero.
+        index = _real_positions(inputs.mask_BL) if all_positions else _query_positions(inputs.mask_BL)
         if self.encoder_kind == "hstu":
             encoded_BLD = self.hstu(
                 inputs.history_target_BLD,
@@ -89,28 +92,43 @@ class QueryTower(nn.Module):
                 inputs.next_action_BD,
                 inputs.next_timestamp_B,
             )
-            vectors_BLD = F.normalize(self.head(encoded_BLD if all_positions else encoded_BLD[:, -1:]), dim=-1)
+            vectors_ND = F.normalize(self.head(encoded_BLD[index]), dim=-1)
         else:
-            vectors_BLD = self._transformer_vectors(inputs, all_positions)
-        return QueryOutput(query_BD=vectors_BLD[:, -1], positions_BLD=vectors_BLD if all_positions else None)
+            vectors_ND = self._transformer_vectors(inputs, index)
+        if not all_positions:
+            return QueryOutput(query_BD=vectors_ND, positions_BLD=None)
+        vectors_BLD = vectors_ND.new_zeros(inputs.mask_BL.shape + (vectors_ND.shape[-1],)).index_put(index, vectors_ND)
+        return QueryOutput(query_BD=vectors_BLD[:, -1], positions_BLD=vectors_BLD)
 
-    def _transformer_vectors(self, inputs: QueryInputs, all_positions: bool) -> torch.Tensor:
+    def _transformer_vectors(self, inputs: QueryInputs, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         pooled_BLW = self.transformer(
             inputs.history_target_BLD, inputs.history_action_BLD, inputs.history_timestamp_BL, inputs.mask_BL
         )
-        if not all_positions:
-            pooled_BLW = pooled_BLW[:, -1:]
+        rows_N = index[0]
         # An empty history contributes nothing (its pooled entries are padding).
-        has_history_B11 = inputs.mask_BL.any(dim=1)[:, None, None]
-        history_BLD = self.projection(torch.where(has_history_B11, pooled_BLW, 0.0))
+        has_history_N1 = inputs.mask_BL.any(dim=1)[rows_N, None]
+        history_ND = self.projection(torch.where(has_history_N1, pooled_BLW[index], 0.0))
         # The event after position j: its action and time (the query's for the last entry).
-        length = history_BLD.shape[1]
-        next_action_BLD = torch.cat([inputs.history_action_BLD[:, 1:], inputs.next_action_BD[:, None]], dim=1)[:, -length:]
-        next_time_BL = torch.cat([inputs.history_timestamp_BL[:, 1:], inputs.next_timestamp_B[:, None]], dim=1)[:, -length:]
+        next_action_BLD = torch.cat([inputs.history_action_BLD[:, 1:], inputs.next_action_BD[:, None]], dim=1)
+        next_time_BL = torch.cat([inputs.history_timestamp_BL[:, 1:], inputs.next_timestamp_B[:, None]], dim=1)
+        next_ND = next_action_BLD[index]
         if self.next_time is not None:
-            next_action_BLD = next_action_BLD + self.next_time(cyclic_time_features(next_time_BL))
-        actor_BLD = inputs.actor_BD[:, None].expand_as(history_BLD)
-        return F.normalize(self.combine(torch.cat([history_BLD, actor_BLD, next_action_BLD], dim=-1)), dim=-1)
+            next_ND = next_ND + self.next_time(cyclic_time_features(next_time_BL[index]))
+        actor_ND = inputs.actor_BD[rows_N]
+        return F.normalize(self.combine(torch.cat([history_ND, actor_ND, next_ND], dim=-1)), dim=-1)
+
+
+def _real_positions(mask_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of every history position and of each row's query position (the
+    last column, real even for an empty history), in row-major order."""
+    real_BL = mask_BL.clone()
+    real_BL[:, -1] = True
+    return real_BL.nonzero(as_tuple=True)
+
+
+def _query_positions(mask_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(mask_BL.shape[0], device=mask_BL.device)
+    return rows, torch.full_like(rows, mask_BL.shape[1] - 1)
 
 
 class CandidateTower(nn.Module):

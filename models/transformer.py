@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.layers import MLP, NUM_CYCLIC_FEATURES, cyclic_time_features
+from models.layers import MLP, NUM_CYCLIC_FEATURES, Dropout, cyclic_time_features
+from models.length_groups import encode_in_length_groups
 
 
 class TransformerLayer(nn.Module):
@@ -34,16 +35,21 @@ class TransformerLayer(nn.Module):
         self.attention_output = nn.Linear(width, width)
         self.feed_forward_norm = nn.LayerNorm(width)
         self.feed_forward = MLP(width, 2 * width, width, activation)
-        self.dropout = nn.Dropout(dropout)
-        self.dropout_p = dropout
+        self.dropout = Dropout(dropout)
+        self.attention_dropout = Dropout(dropout)
 
-    def forward(self, x_BLW: torch.Tensor, attention_mask_BLL: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BLW: torch.Tensor, attention_bias_B1LL: torch.Tensor) -> torch.Tensor:
+        """`attention_bias_B1LL`: 0 where a token may attend, -inf where not."""
         batch, length, width = x_BLW.shape
         q, k, v = self.qkv(self.attention_norm(x_BLW)).chunk(3, dim=-1)
         q, k, v = (t.reshape(batch, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
-        attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask_BLL[:, None], dropout_p=self.dropout_p if self.training else 0.0
-        )
+        if self.training and self.attention_dropout.p > 0:
+            # Spelled out so the attention weights go through the cheap dropout mask
+            # (scaled_dot_product_attention's own dropout draws a Bernoulli per weight).
+            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + attention_bias_B1LL
+            attended = self.attention_dropout(torch.softmax(scores, dim=-1)) @ v
+        else:
+            attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias_B1LL)
         x_BLW = x_BLW + self.dropout(self.attention_output(attended.transpose(1, 2).reshape(batch, length, width)))
         return x_BLW + self.dropout(self.feed_forward(self.feed_forward_norm(x_BLW)))
 
@@ -63,6 +69,7 @@ class TransformerEncoder(nn.Module):
         causal: bool = False,
         pooling: str = "mean",
         time_features: bool = True,
+        length_grouping: bool = True,
     ) -> None:
         super().__init__()
         width = 2 * dim
@@ -72,9 +79,26 @@ class TransformerEncoder(nn.Module):
         self.time = nn.Linear(NUM_CYCLIC_FEATURES, width) if time_features else None
         self.layers = nn.ModuleList(TransformerLayer(width, num_heads, dropout, activation) for _ in range(num_layers))
         self.final_norm = nn.LayerNorm(width)
-        self.input_dropout = nn.Dropout(dropout)
+        self.input_dropout = Dropout(dropout)
+        # Length groups (models/length_groups.py): width W = 2D, a token's linear maps are
+        # 16 W^2 multiply-adds, an attention pair ~4 W plus its element-wise work.
+        self.length_grouping = length_grouping
+        self.quadratic_weight = 1.0 / (2 * width)
+        self.group_overhead = num_layers * 3.0e7 / (16 * width * width)
 
     def forward(
+        self,
+        history_target_BLD: torch.Tensor,
+        history_action_BLD: torch.Tensor,
+        history_timestamp_BL: torch.Tensor,
+        mask_BL: torch.Tensor,
+    ) -> torch.Tensor:
+        inputs = (history_target_BLD, history_action_BLD, history_timestamp_BL, mask_BL)
+        if not self.length_grouping:
+            return self._encode(*inputs)
+        return encode_in_length_groups(self._encode, inputs, (), mask_BL, self.quadratic_weight, self.group_overhead)
+
+    def _encode(
         self,
         history_target_BLD: torch.Tensor,
         history_action_BLD: torch.Tensor,
@@ -94,12 +118,15 @@ class TransformerEncoder(nn.Module):
         if self.causal:
             allowed_BLL = allowed_BLL & torch.ones(length, length, dtype=torch.bool, device=x_BLW.device).tril()
         allowed_BLL = allowed_BLL | torch.eye(length, dtype=torch.bool, device=x_BLW.device)
+        attention_bias_B1LL = torch.zeros(allowed_BLL.shape, dtype=x_BLW.dtype, device=x_BLW.device).masked_fill_(
+            ~allowed_BLL, float("-inf")
+        )[:, None]
         for layer in self.layers:
-            x_BLW = layer(x_BLW, allowed_BLL)
+            x_BLW = layer(x_BLW, attention_bias_B1LL)
         x_BLW = self.final_norm(x_BLW)
 
         if self.pooling == "last":
-            return x_BLW
+            return torch.where(mask_BL[..., None], x_BLW, 0.0)
         # Mean over valid tokens up to each position; padding contributes exact zeros.
         valid_BL1 = mask_BL[..., None].to(x_BLW.dtype)
         summed_BLW = torch.cumsum(torch.where(mask_BL[..., None], x_BLW, 0.0), dim=1)
