@@ -19,12 +19,9 @@ RAB = learned bias from log-bucketed time gaps plus relative positions; n = numb
 valid tokens of the row (so padding never changes a row's output).
 
 Cost follows real tokens (models/length_groups.py): rows of similar length are encoded
-together, each group padded only to its own longest row. On CPU the [B, H, T, T] work is
-memory-bound, so it is done in as few passes as the eager ops allow: the bias add and the
-1/sqrt(E) scale happen inside the Q K^T matmul (baddbmm), the causal/padding mask and 1/n
-are one multiplier per row, SiLU and the multiplier are one autograd function with a
-two-pass backward, and the bias's own backward is a bincount instead of an embedding
-backward (measured 5x faster).
+together, each group padded only to its own longest row. The attention itself is one
+blocked, causal autograd function (models/hstu_attention.py): the upper triangle of the
+T x T square is never computed and nothing T x T is kept for backward.
 
 Shape suffixes: B batch, T = L + 1 positions, D width, H heads, E head dim.
 """
@@ -37,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.hstu_attention import causal_silu_attention
 from models.layers import NUM_CYCLIC_FEATURES, Dropout, cyclic_time_features, log_time_bucket
 from models.length_groups import encode_in_length_groups
 
@@ -47,29 +45,10 @@ from models.length_groups import encode_in_length_groups
 GROUP_OVERHEAD_MACS = 3.0e6 * 10
 
 
-class _BiasLookup(torch.autograd.Function):
-    """bias[b, h, i, j] = table[h, index[b, i, j]], contiguous [B, H, T, T]. Backward is a
-    bincount per head: an embedding backward of B x T x T rows was 5x slower (measured)."""
-
-    @staticmethod
-    def forward(ctx, table_HN: torch.Tensor, index_BTT: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(index_BTT)
-        ctx.num_entries = table_HN.shape[1]
-        return F.embedding(index_BTT, table_HN.t()).permute(0, 3, 1, 2).contiguous()
-
-    @staticmethod
-    def backward(ctx, grad_BHTT: torch.Tensor):
-        (index_BTT,) = ctx.saved_tensors
-        flat = index_BTT.reshape(-1)
-        grads = [
-            torch.bincount(flat, weights=grad_BHTT[:, h].reshape(-1), minlength=ctx.num_entries)
-            for h in range(grad_BHTT.shape[1])
-        ]
-        return torch.stack(grads).to(grad_BHTT.dtype), None
-
-
 class RelativeAttentionBias(nn.Module):
-    """Per-head bias from relative position (i - j) and log-bucketed |t_i - t_j|."""
+    """Per-head bias from relative position (i - j) and log-bucketed |t_i - t_j|, as a
+    table of every (time bucket, position) sum and each pair's index into it (the attention
+    looks the bias up block by block, models/hstu_attention.py)."""
 
     def __init__(self, num_heads: int, max_positions: int, num_time_buckets: int) -> None:
         super().__init__()
@@ -79,32 +58,21 @@ class RelativeAttentionBias(nn.Module):
         nn.init.zeros_(self.position_bias.weight)
         nn.init.zeros_(self.time_bias.weight)
 
-    def forward(self, timestamps_BT: torch.Tensor) -> torch.Tensor:
-        """[B, T] int64 seconds -> [B, H, T, T] bias."""
-        num_positions = timestamps_BT.shape[1]
-        index = torch.arange(num_positions, device=timestamps_BT.device)
-        relative_TT = (index[:, None] - index[None, :]).clamp(0, self.max_positions - 1)
-        time_bucket_BTT = log_time_bucket(timestamps_BT[:, :, None] - timestamps_BT[:, None, :], self.num_time_buckets)
-        # One table of every (time bucket, position) sum, so one lookup gives the bias.
+    def table(self) -> torch.Tensor:
+        """[H, K x P]: entry k x P + r is time bucket k's bias plus relative position r's."""
         table_HKP = self.time_bias.weight.t()[:, :, None] + self.position_bias.weight.t()[:, None, :]
-        combined_BTT = time_bucket_BTT * self.max_positions + relative_TT
-        return _BiasLookup.apply(table_HKP.reshape(table_HKP.shape[0], -1), combined_BTT)
+        return table_HKP.reshape(table_HKP.shape[0], -1)
 
+    def index(self, timestamps_BT: torch.Tensor) -> torch.Tensor:
+        """[B, T] int64 seconds -> [B, T, T] int64 index of each pair into `table()`."""
+        positions = torch.arange(timestamps_BT.shape[1], device=timestamps_BT.device)
+        relative_TT = (positions[:, None] - positions[None, :]).clamp(0, self.max_positions - 1)
+        time_bucket_BTT = log_time_bucket(timestamps_BT[:, :, None] - timestamps_BT[:, None, :], self.num_time_buckets)
+        return time_bucket_BTT * self.max_positions + relative_TT
 
-class _SiLUAttentionWeights(torch.autograd.Function):
-    """weights = SiLU(pre) * multiplier in two passes forward and two back (eager SiLU, mask
-    multiply and divide by n took five and four). `multiplier` [B, 1, T, T] (causal and
-    padding mask over n) takes no gradient."""
-
-    @staticmethod
-    def forward(ctx, pre_BHTT, multiplier_B1TT):
-        ctx.save_for_backward(pre_BHTT, multiplier_B1TT)
-        return F.silu(pre_BHTT).mul_(multiplier_B1TT)
-
-    @staticmethod
-    def backward(ctx, grad_BHTT):
-        pre_BHTT, multiplier_B1TT = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad_BHTT * multiplier_B1TT, pre_BHTT), None
+    def forward(self, timestamps_BT: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> [B, H, T, T] bias, materialised (a reference; training never builds it)."""
+        return F.embedding(self.index(timestamps_BT), self.table().t()).permute(0, 3, 1, 2)
 
 
 class HSTULayer(nn.Module):
@@ -128,9 +96,11 @@ class HSTULayer(nn.Module):
         next_BTD: torch.Tensor,
         actor_BD: torch.Tensor,
         multiplier_B1TT: torch.Tensor,
-        bias_BHTT: torch.Tensor | None,
+        bias_table_HN: torch.Tensor | None,
+        bias_index_BTT: torch.Tensor | None,
     ) -> torch.Tensor:
-        """`multiplier_B1TT`: causal and padding mask over the row's number of valid tokens."""
+        """`multiplier_B1TT`: causal and padding mask over the row's number of valid tokens;
+        the relative attention bias as a table and each pair's index into it (or None)."""
         batch, num_positions, dim = x_BTD.shape
         h_BTD = x_BTD + next_BTD  # the next event's action (and time) enters every layer
         if self.film is not None:
@@ -142,18 +112,12 @@ class HSTULayer(nn.Module):
             t.reshape(shape).transpose(1, 2).reshape(batch * self.num_heads, num_positions, self.head_dim)
             for t in (q, k, v)
         )
-        # bias + Q K^T / sqrt(E) in the matmul itself (Z = B x H): no [B, H, T, T] pass for
-        # the scale or the bias add.
-        scale = 1.0 / math.sqrt(self.head_dim)
-        if bias_BHTT is None:
-            pre_ZTT = torch.bmm(q_ZTE, k_ZTE.transpose(1, 2)).mul_(scale)
-        else:
-            pre_ZTT = torch.baddbmm(bias_BHTT.reshape(-1, num_positions, num_positions), q_ZTE, k_ZTE.transpose(1, 2),
-                                    alpha=scale)
-        pre_BHTT = pre_ZTT.reshape(batch, self.num_heads, num_positions, num_positions)
-        weights_ZTT = _SiLUAttentionWeights.apply(pre_BHTT, multiplier_B1TT).reshape_as(pre_ZTT)
-        y_BTD = torch.bmm(weights_ZTT, v_ZTE).reshape(shape[0], shape[2], shape[1], shape[3])
-        y_BTD = y_BTD.transpose(1, 2).reshape(batch, num_positions, dim)
+        y_ZTE = causal_silu_attention(
+            q_ZTE, k_ZTE, v_ZTE, bias_table_HN, bias_index_BTT, multiplier_B1TT, self.num_heads,
+            1.0 / math.sqrt(self.head_dim),
+        )
+        y_BTD = y_ZTE.reshape(batch, self.num_heads, num_positions, self.head_dim).transpose(1, 2)
+        y_BTD = y_BTD.reshape(batch, num_positions, dim)
         return x_BTD + self.dropout(self.output(self.output_norm(y_BTD) * u))
 
 
@@ -257,8 +221,10 @@ class HSTUEncoder(nn.Module):
         causal_TT = torch.ones(max_len + 1, max_len + 1, dtype=torch.bool, device=x_BTD.device).tril()
         attention_BTT = causal_TT[None] & valid_BT[:, None, :] & valid_BT[:, :, None]
         multiplier_B1TT = (attention_BTT.to(x_BTD.dtype) / (lengths_B + 1).to(x_BTD.dtype)[:, None, None])[:, None]
-        bias_BHTT = self.bias(current_time_BT) if self.bias is not None else None
+        # Shared by every layer: the bias table (differentiable) and each pair's index.
+        bias_table_HN = self.bias.table() if self.bias is not None else None
+        bias_index_BTT = self.bias.index(current_time_BT) if self.bias is not None else None
         for layer in self.layers:
-            x_BTD = layer(x_BTD, next_BTD, actor_BD, multiplier_B1TT, bias_BHTT)
+            x_BTD = layer(x_BTD, next_BTD, actor_BD, multiplier_B1TT, bias_table_HN, bias_index_BTT)
         # Real outputs: the history positions and BOS (the query position of an empty history).
         return torch.where(valid_BT[:, 1:, None], self.final_norm(x_BTD[:, 1:]), 0.0)

@@ -1,6 +1,6 @@
-"""Length groups and the HSTU's hand-written kernels: the split is the cheapest one, a
+"""Length groups and the HSTU's hand-written attention: the split is the cheapest one, a
 grouped encoder computes what the ungrouped one computes (outputs and gradients), and the
-custom autograd functions have the gradients of the ops they replace."""
+blocked causal attention computes, and differentiates, what the eager ops it replaces do."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.hstu import HSTUEncoder, _BiasLookup, _SiLUAttentionWeights
+import models.hstu_attention as hstu_attention
+from models.hstu import HSTUEncoder, RelativeAttentionBias
 from models.layers import Dropout
 from models.length_groups import length_groups, plan_groups
 from models.transformer import TransformerEncoder
@@ -82,18 +83,44 @@ def test_a_grouped_encoder_gives_the_ungrouped_outputs_and_gradients(encoder_kin
         torch.testing.assert_close(grouped, ungrouped, atol=1e-5, rtol=1e-5)
 
 
-def test_bias_lookup_and_silu_weights_have_the_gradients_of_the_plain_ops():
+@pytest.mark.parametrize("block", [3, 64])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_blocked_causal_attention_equals_the_materialised_eager_attention(monkeypatch, block, with_bias):
+    monkeypatch.setattr(hstu_attention, "BLOCK", block)  # several blocks, a ragged last one
     gen = torch.Generator().manual_seed(0)
-    table = torch.randn(3, 10, dtype=torch.float64, generator=gen, requires_grad=True)
-    index = torch.randint(0, 10, (2, 4, 4), generator=gen)
-    assert torch.autograd.gradcheck(lambda t: _BiasLookup.apply(t, index), (table,))
-    reference = torch.nn.functional.embedding(index, table.t()).permute(0, 3, 1, 2)
-    torch.testing.assert_close(_BiasLookup.apply(table, index), reference)
+    batch, heads, positions, width = 2, 3, 8, 4
+    q, k, v = (torch.randn(batch * heads, positions, width, dtype=torch.float64, generator=gen) for _ in range(3))
+    valid = torch.arange(positions)[None] >= torch.tensor([[0], [3]])  # row 1 left-padded
+    mask = torch.ones(positions, positions, dtype=torch.bool).tril()[None] & valid[:, None] & valid[:, :, None]
+    multiplier = (mask / valid.sum(1)[:, None, None]).to(torch.float64)[:, None]
+    rab = RelativeAttentionBias(heads, positions, 16).double()
+    torch.nn.init.normal_(rab.time_bias.weight, generator=gen)
+    torch.nn.init.normal_(rab.position_bias.weight, generator=gen)
+    timestamps = torch.cumsum(torch.randint(0, 10_000, (batch, positions), generator=gen), 1)
+    scale = width**-0.5
 
-    pre = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=gen, requires_grad=True)
-    multiplier = torch.rand(2, 1, 4, 4, dtype=torch.float64, generator=gen)
-    assert torch.autograd.gradcheck(lambda p: _SiLUAttentionWeights.apply(p, multiplier), (pre,))
-    torch.testing.assert_close(_SiLUAttentionWeights.apply(pre, multiplier), torch.nn.functional.silu(pre) * multiplier)
+    def run(blocked: bool):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        rab.zero_grad()
+        if blocked:
+            table, index = (rab.table(), rab.index(timestamps)) if with_bias else (None, None)
+            y = hstu_attention.causal_silu_attention(*leaves, table, index, multiplier, heads, scale)
+        else:
+            pre = leaves[0] @ leaves[1].transpose(1, 2) * scale
+            if with_bias:
+                pre = pre + rab(timestamps).reshape(pre.shape)
+            weights = torch.nn.functional.silu(pre.reshape(batch, heads, positions, positions)) * multiplier
+            y = weights.reshape(pre.shape) @ leaves[2]
+        (y * torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape)).sum().backward()
+        grads = [t.grad for t in leaves]
+        if with_bias:
+            grads += [rab.time_bias.weight.grad.clone(), rab.position_bias.weight.grad.clone()]
+        return y.detach(), grads
+
+    (y_blocked, grads_blocked), (y_eager, grads_eager) = run(True), run(False)
+    torch.testing.assert_close(y_blocked, y_eager)
+    for blocked, eager in zip(grads_blocked, grads_eager):
+        torch.testing.assert_close(blocked, eager)
 
 
 def test_dropout_keeps_the_mean_drops_at_rate_p_and_passes_its_mask_to_the_gradient():
