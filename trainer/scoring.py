@@ -21,12 +21,17 @@ from data.batches import BatchBuilder
 from data.incoming import Incoming
 from data.sequences import Queries, Sequences
 from trainer.distributed import Distributed
+from trainer.evaluation import ColumnPairs
 from models.retrieval import QueryEncoding, TwoTowerRetrieval
 
 
 @dataclass
 class _QueryChunk:
     encoding: QueryEncoding
+    bonus: ColumnPairs | None
+    """The repeat bonus of each (query, history target) pair, located in the candidates."""
+    query_over_tau_BD: torch.Tensor
+    """Query vectors / tau: the [Q, D] side scaled once, not every [Q, C] chunk of scores."""
 
 
 class ModelScorer:
@@ -38,13 +43,14 @@ class ModelScorer:
         max_len: int,
         candidate_ids: np.ndarray,
         *,
-        chunk_size: int = 65536,
+        vector_chunk_size: int = 65536,
         incoming: Incoming | None = None,
         incoming_window: int = 0,
         dist: Distributed = Distributed(),
     ) -> None:
         """`candidate_ids`: the candidates this scorer scores (on several ranks, the ones
-        this rank owns); their vectors are computed once, in chunks. `incoming`: the
+        this rank owns); their vectors are computed once, `vector_chunk_size` per table
+        lookup (a collective call on several ranks, so few and large). `incoming`: the
         incoming events the queries may read (their last `incoming_window` before each
         query's time go to the repeat re-scorer)."""
         self.model = model
@@ -55,6 +61,7 @@ class ModelScorer:
         )
         self.candidate_ids = torch.from_numpy(np.sort(np.asarray(candidate_ids, dtype=np.int64)))
         # Table lookups are collective on several ranks: every rank makes as many calls.
+        chunk_size = vector_chunk_size
         num_chunks = -(-len(self.candidate_ids) // chunk_size)
         num_chunks = int(dist.max(torch.tensor(num_chunks)))
         with torch.no_grad():
@@ -65,17 +72,14 @@ class ModelScorer:
         dim = model.model_config.embedding_dim
         self.candidate_vectors = torch.cat(vectors) if vectors else torch.zeros(0, dim)
 
-    def _vectors(self, ids: torch.Tensor) -> torch.Tensor:
-        """Vectors of candidates this scorer holds. The evaluation walks the scorer's own
-        sorted candidates chunk by chunk, so a chunk is usually a contiguous run of them:
-        then a view, not a copy of [C, D] (measured: the copy cost more than the check)."""
+    def _run_start(self, ids: torch.Tensor) -> int | None:
+        """Where `ids` starts among the scorer's sorted candidates, when it is a contiguous
+        run of them (the evaluation walks them chunk by chunk, so it usually is); else None."""
         if len(ids) == 0:
-            return self.candidate_vectors[:0]
+            return None
         start = int(torch.searchsorted(self.candidate_ids, ids[:1]))
         run = self.candidate_ids[start : start + len(ids)]
-        if len(run) == len(ids) and torch.equal(run, ids):
-            return self.candidate_vectors[start : start + len(ids)]
-        return self.candidate_vectors[torch.searchsorted(self.candidate_ids, ids)]
+        return start if len(run) == len(ids) and torch.equal(run, ids) else None
 
     @torch.no_grad()
     def query_state(self, rows: slice) -> _QueryChunk:
@@ -87,28 +91,38 @@ class ModelScorer:
             batch.query_values("next_timestamp"),
             batch.incoming,
         )
-        return _QueryChunk(encoding)
-
-    def _add_bonus(self, scores_QC: torch.Tensor, encoding: QueryEncoding, candidate_ids: torch.Tensor) -> torch.Tensor:
-        if encoding.history is None:
-            return scores_QC
-        items = encoding.history
-        column = torch.searchsorted(candidate_ids, items.target_U).clamp(max=len(candidate_ids) - 1)
-        hit = candidate_ids[column] == items.target_U
-        # In place: scores_QC is this call's own matmul output (a copy would be one more [Q, C] pass).
-        return scores_QC.index_put_((items.row_U[hit], column[hit]), encoding.bonus_U[hit], accumulate=True)
+        bonus = None
+        if encoding.history is not None:
+            items = encoding.history
+            bonus = ColumnPairs.locate(self.candidate_ids, items.row_U, items.target_U, encoding.bonus_U)
+        return _QueryChunk(encoding, bonus, encoding.query_BD / self.temperature)
 
     @torch.no_grad()
     def score(self, state: _QueryChunk, candidate_ids: torch.Tensor) -> torch.Tensor:
-        # Scale the [Q, D] queries, not the [Q, C] scores: one pass less over the chunk.
-        scores_QC = (state.encoding.query_BD / self.temperature) @ self._vectors(candidate_ids).T
-        return self._add_bonus(scores_QC, state.encoding, candidate_ids)
+        start = self._run_start(candidate_ids)
+        # A contiguous run: a view of the vectors and the bonus pairs found by two binary
+        # searches; otherwise (any other candidate list) looked up one by one.
+        if start is not None:
+            vectors = self.candidate_vectors[start : start + len(candidate_ids)]
+        else:
+            vectors = self.candidate_vectors[torch.searchsorted(self.candidate_ids, candidate_ids)]
+        scores_QC = state.query_over_tau_BD @ vectors.T
+        if state.bonus is None:
+            return scores_QC
+        if start is not None:
+            rows, columns, bonus = state.bonus.in_range(start, start + len(candidate_ids))
+        else:
+            items = state.encoding.history
+            located = ColumnPairs.locate(candidate_ids, items.row_U, items.target_U, state.encoding.bonus_U)
+            rows, columns, bonus = located.rows, located.columns, located.values
+        # In place: scores_QC is this call's own matmul output (a copy would be one more [Q, C] pass).
+        return scores_QC.index_put_((rows, columns), bonus, accumulate=True)
 
     @torch.no_grad()
     def score_pairs(self, state: _QueryChunk, target_ids: torch.Tensor) -> torch.Tensor:
         encoding = state.encoding
         # The true targets may live on any rank: looked up (collectively), not held.
-        scores_Q = ((encoding.query_BD / self.temperature) * self.model.candidate_vectors(target_ids)).sum(-1)
+        scores_Q = (state.query_over_tau_BD * self.model.candidate_vectors(target_ids)).sum(-1)
         if encoding.history is not None:
             index, found = encoding.history.find(torch.arange(len(target_ids)), target_ids)
             scores_Q = scores_Q + torch.where(found, encoding.bonus_U[index], 0.0)
