@@ -10,7 +10,7 @@ import torch.distributed.checkpoint as dcp
 
 from configs.loading import load_config
 from data.prepare import prepare
-from trainer.checkpoint import complete_checkpoints, latest_checkpoint, save_checkpoint
+from trainer.checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.distributed import Distributed
 from trainer.loop import NonFiniteTrainingError, Trainer
 from trainer.metrics import MetricsLogger
@@ -56,17 +56,24 @@ def test_only_the_newest_checkpoints_are_kept_and_a_half_written_one_is_never_re
     assert not (directory / ".step-00000004.tmp").exists()
 
 
-def test_a_failing_write_leaves_the_previous_checkpoint_and_raises(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "error", [OSError(28, "No space left on device"), PermissionError(13, "Permission denied")], ids=["ENOSPC", "EACCES"]
+)
+def test_a_failing_write_leaves_the_previous_checkpoint_and_raises(tmp_path, monkeypatch, error):
+    # Simulated: chmod cannot make a directory unwritable for root, which CI may be.
     directory = tmp_path / "checkpoints"
     save_checkpoint(directory, 1, {"x": torch.ones(3)}, Distributed(), keep=2)
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+    def failing_write(*args, **kwargs):
+        raise error
 
-    monkeypatch.setattr("trainer.checkpoint.dcp.save", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    monkeypatch.setattr("trainer.checkpoint.dcp.save", failing_write)
+    with pytest.raises(OSError, match=error.strerror):
         save_checkpoint(directory, 2, {"x": torch.zeros(3)}, Distributed(), keep=2)
     assert [p.name for p in complete_checkpoints(directory)] == ["step-00000001"]
+    state = {"x": torch.zeros(3)}
+    load_checkpoint(directory / "step-00000001", state, Distributed())
+    assert torch.equal(state["x"], torch.ones(3))  # the previous checkpoint still reads back whole
 
 
 def test_a_disk_full_run_stops_with_one_line_keeps_its_checkpoint_and_resumes(tmp_path, monkeypatch, capsys):
