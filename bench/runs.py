@@ -20,6 +20,9 @@ DATASETS = ("collegemsg", "ml-100k")
 # default runs are the ablation's "default" variant too.
 RUN_LOG_PATH = Path(__file__).resolve().parent / "results" / "runs.jsonl"
 BASELINES = ("most_popular", "recency_frequency")
+# Part of every run's identity: bump it with a code change that changes results, so the
+# runs logged before it are retired (kept in the log, no longer matched).
+CODE_VERSION = "2026-12-01 length groups, blocked HSTU attention, 16-bit dropout"
 
 
 def train_and_test(config_path: Path, overrides: list[str], seed: int) -> tuple[dict, float]:
@@ -35,8 +38,8 @@ class RunLog:
     """One JSON line per finished run, appended as soon as the run ends, so a benchmark of
     hours that is interrupted (or spread over several sessions) loses at most the run in
     progress. A run is identified by data set, model (or variant), seed, overrides and a
-    hash of the config file's text: editing a shipped config retires its earlier runs.
-    Code changes do not; delete the log to start afresh after one that changes results."""
+    hash of the config file's text: editing a shipped config retires its earlier runs, and
+    so does a new CODE_VERSION (records carry theirs as `code`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -47,9 +50,11 @@ class RunLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def find(self, data: str, model: str, seed: int, config_sha: str, overrides: list[str]) -> dict | None:
-        key = (data, model, seed, config_sha, overrides)
+        key = (data, model, seed, config_sha, overrides, CODE_VERSION)
         for record in self.records():
-            if (record["data"], record["model"], record["seed"], record.get("config_sha"), record["overrides"]) == key:
+            found = (record["data"], record["model"], record["seed"], record.get("config_sha"), record["overrides"],
+                     record.get("code"))
+            if found == key:
                 return record
         return None
 
@@ -63,7 +68,7 @@ class RunLog:
         results, run_seconds = train_and_test(config_path, overrides, seed)
         test = results["metrics"]["test"]
         record = {
-            "data": data, "model": model, "seed": seed, "overrides": overrides,
+            "data": data, "model": model, "seed": seed, "overrides": overrides, "code": CODE_VERSION,
             "config": config_path.name, "config_sha": config_sha, "seconds": run_seconds,
             "steps": results["training"]["steps"], "best_step": results["training"]["best_step"],
             "valid": results["metrics"]["valid"]["model"],
