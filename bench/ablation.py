@@ -6,7 +6,7 @@ on both embedded logs, under ../shared/BENCHMARK.md's protocol (test split).
     .venv/bin/python bench/ablation.py --seeds 1 train.max_epochs=1   # a shorter schedule
 
 Writes bench/results/ablation.json as {"seeds", "overrides", "results": {dataset: {variant:
-{"overrides": [...], "runs", metric: {"mean", "std"}, "delta_ndcg@10"}}}} and
+{"overrides": [...], "runs", metric: {"mean", "std"}, "delta_ndcg@10", "compared_with"}}}} and
 bench/results/ablation.md. Runs are kept in bench/results/runs.jsonl (bench/runs.py
 RunLog), so an interrupted ablation resumes.
 """
@@ -31,7 +31,8 @@ VARIANTS: dict[str, list[str]] = {
     "default": [],
     "transformer": ["model.encoder=transformer", "model.causal=true"],
     "swiglu": ["model.activation=swiglu"],
-    "no_history_projection": ["model.history_projection=false"],
+    # The 2D -> D history projection exists only in the transformer's query tower.
+    "transformer_no_projection": ["model.encoder=transformer", "model.causal=true", "model.history_projection=false"],
     "no_temporal": ["loss.temporal_weight=0"],
     "rand_negs_4": ["loader.num_rand_negs=4"],
     "rand_negs_32": ["loader.num_rand_negs=32"],
@@ -43,6 +44,9 @@ VARIANTS: dict[str, list[str]] = {
     "no_repeat_scoring": ["model.repeat_scoring=false"],
     "no_incoming": ["model.incoming_window=0"],
 }
+
+# What a variant is compared with (Δ NDCG@10), when not the default.
+COMPARED_WITH = {"transformer_no_projection": "transformer"}
 
 # Variants that change nothing on some logs: ml-100k has separate actor and target IDs,
 # so it has no incoming events to turn off.
@@ -66,10 +70,11 @@ def run_variants(data: str, variants: list[str], seeds: list[int], overrides: li
             logging.getLogger("ablation").warning("%s %s seed %d: ndcg@10 %.4f", data, name, seed, run["ndcg@10"])
         out[name] = {"overrides": VARIANTS[name], "runs": len(runs)}
         out[name].update({metric: mean_std([r[metric] for r in runs]) for metric in METRICS})
-    if "default" in out:
-        base = out["default"]["ndcg@10"]["mean"]
-        for result in out.values():
-            result["delta_ndcg@10"] = result["ndcg@10"]["mean"] - base
+    for name, result in out.items():
+        base = COMPARED_WITH.get(name, "default")
+        if base in out:
+            result["compared_with"] = base
+            result["delta_ndcg@10"] = result["ndcg@10"]["mean"] - out[base]["ndcg@10"]["mean"]
     return out
 
 
@@ -80,14 +85,17 @@ def markdown(results: dict, seeds: int, overrides: list[str]) -> str:
         lines += [
             f"**{data}** (test split, mean ± std over {seeds} seed(s){extra})",
             "",
-            "| variant | change | " + " | ".join(METRICS) + " | Δ NDCG@10 |",
-            "|---|---|" + "---:|" * (len(METRICS) + 1),
+            "| variant | change | " + " | ".join(METRICS) + " | Δ NDCG@10 | against |",
+            "|---|---|" + "---:|" * (len(METRICS) + 1) + "---|",
         ]
         for name, result in variants.items():
             cells = [f"{result[m]['mean']:.4f} ± {result[m]['std']:.4f}" for m in METRICS]
             delta = result.get("delta_ndcg@10")
             change = " ".join(result["overrides"]) or "-"
-            lines.append(f"| {name} | {change} | " + " | ".join(cells) + f" | {'' if delta is None else f'{delta:+.4f}'} |")
+            against = result.get("compared_with", "") if name != "default" else ""
+            lines.append(
+                f"| {name} | {change} | " + " | ".join(cells) + f" | {'' if delta is None else f'{delta:+.4f}'} | {against} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
