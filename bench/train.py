@@ -60,7 +60,6 @@ from configs.loading import config_to_dict, load_config  # noqa: E402
 from configs.schema import ExperimentConfig  # noqa: E402
 from data.batches import Batch  # noqa: E402
 from data.prepare import PreparedData, prepare  # noqa: E402
-from models.length_groups import plan_groups  # noqa: E402
 from models.repeat import NUM_REPEAT_FEATURES  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 from trainer.metrics import MetricsLogger  # noqa: E402
@@ -121,10 +120,7 @@ def batch_shape(trainer: Trainer, batch: Batch) -> BatchShape:
     width = min(max(int(encoder.max()) if encoder.size else 1, 1), config.data.max_len)
     tower = trainer.model.query_tower
     module = tower.hstu if config.model.encoder == "hstu" else tower.transformer
-    groups = plan_groups(encoder, module.quadratic_weight, module.group_overhead) if module.length_grouping else [
-        (np.arange(len(encoder)), width)
-    ]
-    encoded = sum(len(rows) * group_width for rows, group_width in groups)
+    encoded = sum(len(g.rows) * g.width for g in module.grouping.groups(torch.from_numpy(encoder)))
     shape = BatchShape(encoder, width, encoded, int(batch.random_negatives.shape[1]))
     if config.model.repeat_scoring:
         # As models/repeat.history_items: distinct (row, target) over the whole carried

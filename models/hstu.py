@@ -36,7 +36,7 @@ from torch import nn
 
 from models.hstu_attention import causal_silu_attention
 from models.layers import NUM_CYCLIC_FEATURES, Dropout, cyclic_time_features, log_time_bucket
-from models.length_groups import encode_in_length_groups
+from models.length_groups import JaggedHistory, LengthGrouping, encode_jagged
 
 # Length-group cost model (models/length_groups.py), in units of one token through a
 # layer's linear maps (10 D^2 multiply-adds): an attention pair costs ~4 D of them plus its
@@ -146,9 +146,7 @@ class HSTUEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.max_len, self.num_time_buckets = max_len, num_time_buckets
-        self.length_grouping = length_grouping
-        self.quadratic_weight = 1.0 / dim
-        self.group_overhead = num_layers * GROUP_OVERHEAD_MACS / (10 * dim * dim)
+        self.grouping = LengthGrouping(1.0 / dim, num_layers * GROUP_OVERHEAD_MACS / (10 * dim * dim), length_grouping)
         self.position = nn.Embedding(max_len + 1, dim)  # BOS is position 0
         nn.init.normal_(self.position.weight, std=0.02)
         self.gap = nn.Embedding(num_time_buckets, dim)  # time from this event to the next
@@ -162,23 +160,16 @@ class HSTUEncoder(nn.Module):
 
     def forward(
         self,
-        history_target_BLD: torch.Tensor,
-        history_action_BLD: torch.Tensor,
-        history_timestamp_BL: torch.Tensor,
-        mask_BL: torch.Tensor,
+        history: JaggedHistory,
         actor_BD: torch.Tensor,
         query_action_BD: torch.Tensor,
         query_timestamp_B: torch.Tensor,
     ) -> torch.Tensor:
-        """Histories left-padded to [B, L]; `query_*` describe the event to predict (its
-        action type and time, known at request time). Returns [B, L, D] (zeros at padding)."""
-        per_position = (history_target_BLD, history_action_BLD, history_timestamp_BL, mask_BL)
-        per_row = (actor_BD, query_action_BD, query_timestamp_B)
-        if not self.length_grouping:
-            return self._encode(*per_position, *per_row)
-        return encode_in_length_groups(
-            self._encode, per_position, per_row, mask_BL, self.quadratic_weight, self.group_overhead
-        )
+        """Jagged histories; `query_*` describe the event to predict (its action type and
+        time, known at request time). Returns one output per `history.positions` entry,
+        flat [P, D]: output j predicts the event after history event j; each row's last is
+        the query's (the BOS output for an empty history)."""
+        return encode_jagged(self._encode, history, (actor_BD, query_action_BD, query_timestamp_B), self.grouping)
 
     def _encode(
         self,
@@ -190,7 +181,8 @@ class HSTUEncoder(nn.Module):
         query_action_BD: torch.Tensor,
         query_timestamp_B: torch.Tensor,
     ) -> torch.Tensor:
-        """One block of rows padded to a common width L: [B, L, D], zeros at padding."""
+        """One block of rows, left-padded to a common width L: [B, L, D], zeros at padding
+        (the last column of an empty row holds its BOS output)."""
         batch, max_len, dim = history_target_BLD.shape
         lengths_B = mask_BL.sum(1)
         bos_index_B = max_len - lengths_B  # position of BOS in the L + 1 layout

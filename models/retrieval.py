@@ -23,7 +23,7 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from configs.schema import LossConfig, ModelConfig
-from data.batches import Batch, left_padded
+from data.batches import Batch
 from models.embeddings import (
     ACTOR,
     CANDIDATE_FEATURE,
@@ -37,6 +37,7 @@ from models.embeddings import (
     IdEmbeddings,
     VocabularySizes,
 )
+from models.length_groups import Jagged, JaggedHistory, from_blocks, length_groups, to_block
 from models.losses import LossSettings, hard_topk_schedule, sampled_softmax_loss
 from models.repeat import ContactEvents, HistoryItems, RepeatScorer, history_items
 from models.samplers import (
@@ -175,21 +176,14 @@ class TwoTowerRetrieval(nn.Module):
     def _query_inputs(
         self, looked_up: dict[str, torch.Tensor], history: KeyedJaggedTensor, next_timestamp: torch.Tensor
     ) -> QueryInputs:
-        lengths = history[HISTORY_TARGET].lengths()
-        # At least one column, so empty histories have a query position.
-        width = min(max(int(lengths.max()), 1) if lengths.numel() else 1, self.max_len)
-        target_BLD, mask_BL = left_padded(looked_up[HISTORY_TARGET], lengths, width)
-        action_BLD, _ = left_padded(looked_up[HISTORY_ACTION], lengths, width)
-        timestamp_BL, _ = left_padded(history["history_timestamp"].values(), lengths, width)
-        return QueryInputs(
-            history_target_BLD=target_BLD,
-            history_action_BLD=action_BLD,
-            history_timestamp_BL=timestamp_BL,
-            mask_BL=mask_BL,
-            actor_BD=looked_up[ACTOR],
-            next_action_BD=looked_up[NEXT_ACTION],
-            next_timestamp_B=next_timestamp,
+        """`history` is the encoder window (`_encoder_window`), kept jagged."""
+        jagged_history = JaggedHistory(
+            target_ND=looked_up[HISTORY_TARGET],
+            action_ND=looked_up[HISTORY_ACTION],
+            timestamp_N=history["history_timestamp"].values(),
+            jagged=Jagged(history[HISTORY_TARGET].lengths().to(torch.int64)),
         )
+        return QueryInputs(jagged_history, looked_up[ACTOR], looked_up[NEXT_ACTION], next_timestamp)
 
     def _history_items(
         self, history: KeyedJaggedTensor, next_timestamp: torch.Tensor, incoming: KeyedJaggedTensor | None
@@ -360,9 +354,7 @@ class TwoTowerRetrieval(nn.Module):
         telemetry = dict(main.telemetry)
         total = main.loss
         if self.temporal:
-            temporal = self._temporal_loss(
-                query.positions_BLD, inputs.mask_BL, looked_up, encoder_history, sources, settings
-            )
+            temporal = self._temporal_loss(query.positions_PD, inputs.history, looked_up, encoder_history, sources, settings)
             losses["temporal"] = temporal.loss
             telemetry.update({f"temporal/{k}": v for k, v in temporal.telemetry.items() if k.startswith("sim/")})
             total = total + self.loss_config.temporal_weight * temporal.loss
@@ -372,32 +364,52 @@ class TwoTowerRetrieval(nn.Module):
 
     def _temporal_loss(
         self,
-        positions_BLD: torch.Tensor,
-        mask_BL: torch.Tensor,
+        positions_PD: torch.Tensor,
+        jagged_history: JaggedHistory,
         looked_up: dict[str, torch.Tensor],
         history: KeyedJaggedTensor,
         sources: list[SampledNegatives],
         settings: LossSettings,
     ):
-        """Every history position j predicts the history event j + 1, in one pass. The last
-        position predicts the batch's target and is the main loss's job."""
-        lengths, width = history[HISTORY_TARGET].lengths(), mask_BL.shape[1]
-        target_ids_BL, _ = left_padded(history[HISTORY_TARGET].values(), lengths, width)
-        history_vectors_BLD, _ = left_padded(self._candidates(looked_up, HISTORY_TARGET, HISTORY_FEATURE), lengths, width)
-        # Position j (0..L-2) predicts entry j + 1; both must be real history events.
-        valid_BP = mask_BL[:, :-1] & mask_BL[:, 1:]
-        last_k = self.loss_config.temporal_last_k
-        if last_k:
-            valid_BP = valid_BP & (torch.arange(valid_BP.shape[1], device=valid_BP.device) >= valid_BP.shape[1] - last_k)
-        shared_sources = [s for s in sources if s.name != "history"]
+        """Every history position j predicts the history event j + 1, in one pass over the
+        flat positions (no padding). The last position predicts the batch's target and is
+        the main loss's job. `loss.temporal_last_k` keeps each row's last k pairs."""
+        events = jagged_history.jagged
+        pairs_B = (events.lengths - 1).clamp(min=0)
+        if self.loss_config.temporal_last_k:
+            pairs_B = pairs_B.clamp(max=self.loss_config.temporal_last_k)
+        pairs = Jagged(pairs_B)
+        row_M = pairs.rows()
+        # Pair m of row b is its position j = length - 1 - pairs + (m's index in the row).
+        j_M = torch.arange(pairs.total, device=row_M.device) - pairs.offsets[row_M] + (events.lengths - 1 - pairs_B)[row_M]
+        query_MD = positions_PD[jagged_history.positions.offsets[row_M] + j_M]
+        next_event_M = events.offsets[row_M] + j_M + 1
+        positive_MD = self._candidates(looked_up, HISTORY_TARGET, HISTORY_FEATURE)[next_event_M]
+        positive_ids_M = history[HISTORY_TARGET].values()[next_event_M]
+        temporal_sources = [
+            _per_pair(source, query_MD, row_M, pairs) for source in sources if source.name != "history"
+        ]
         return sampled_softmax_loss(
-            positions_BLD[:, :-1],
-            history_vectors_BLD[:, 1:],
-            target_ids_BL[:, 1:],
-            shared_sources,
-            settings,
-            valid_BP=valid_BP,
+            query_MD[:, None], positive_MD[:, None], positive_ids_M[:, None], temporal_sources, settings
         )
+
+
+def _per_pair(source: SampledNegatives, query_MD: torch.Tensor, row_M: torch.Tensor, pairs: Jagged) -> SampledNegatives:
+    """A negative source of the main loss, for the temporal pairs: shared columns as they
+    are; per-example columns become each pair's row's, with the pair-column cosines
+    computed per length group of pairs (one bmm per group, no [pairs, N, D] gather)."""
+    if not source.per_example:
+        return source
+    groups = length_groups(pairs.lengths, 0.0, 64.0)
+    blocks, entries = [], []
+    for group in groups:
+        group_entries = group.entries(pairs)
+        block_MD = to_block(query_MD, group_entries, len(group.rows), group.width)
+        blocks.append(torch.bmm(block_MD, source.embeddings[group.rows].transpose(1, 2)))
+        entries.append(group_entries)
+    cosine_MN = from_blocks(blocks, entries, pairs.total)
+    valid = None if source.valid is None else source.valid[row_M]
+    return SampledNegatives(source.name, source.ids[row_M], None, source.log_q[row_M], valid=valid, cosine=cosine_MN)
 
 
 def _mean_per_id(token_embeddings_MD: torch.Tensor, counts_N: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@
   same for every history position (for temporal pretraining).
 - `CandidateTower`: target ID embedding (+ sparse target features) -> item MLP -> vector.
 
-Shape suffixes: B batch, L history positions, D width.
+Shape suffixes: B batch, P flat history positions (`JaggedHistory.positions`), W the
+positions a head runs at, D width.
 """
 
 from __future__ import annotations
@@ -18,17 +19,15 @@ from torch import nn
 from configs.schema import ModelConfig
 from models.hstu import HSTUEncoder
 from models.layers import MLP, NUM_CYCLIC_FEATURES, cyclic_time_features
+from models.length_groups import JaggedHistory
 from models.transformer import TransformerEncoder
 
 
 @dataclass
 class QueryInputs:
-    """Dense, left-padded query-side inputs (valid history entries at the end of each row)."""
+    """Query-side inputs, the history jagged (each row's encoder window, oldest first)."""
 
-    history_target_BLD: torch.Tensor
-    history_action_BLD: torch.Tensor
-    history_timestamp_BL: torch.Tensor
-    mask_BL: torch.Tensor
+    history: JaggedHistory
     actor_BD: torch.Tensor
     next_action_BD: torch.Tensor
     next_timestamp_B: torch.Tensor
@@ -38,9 +37,10 @@ class QueryInputs:
 class QueryOutput:
     query_BD: torch.Tensor
     """The query vector (unit norm)."""
-    positions_BLD: torch.Tensor | None
-    """Unit-norm query vector of every history position j, predicting the event after j
-    (None unless asked for). Entry L-1 equals `query_BD` when the row has history."""
+    positions_PD: torch.Tensor | None
+    """Unit-norm query vector of every history position, flat over `history.positions`
+    (entry j of a row predicts the event after its event j; a row's last entry equals its
+    `query_BD`), or None unless asked for."""
 
 
 class QueryTower(nn.Module):
@@ -79,56 +79,41 @@ class QueryTower(nn.Module):
             self.combine = MLP(3 * dim, 2 * dim, dim, config.activation)
 
     def forward(self, inputs: QueryInputs, all_positions: bool = False) -> QueryOutput:
-        # The heads run only where a vector is wanted (every real position, or the query's),
-        # so their cost follows real tokens; the rest of [B, L, D] stays zero.
-        index = _real_positions(inputs.mask_BL) if all_positions else _query_positions(inputs.mask_BL)
+        # The heads run only where a vector is wanted (every position, or each row's query
+        # position): there is no padding outside the encoders' length-group blocks.
+        positions = inputs.history.positions
+        wanted = torch.arange(positions.total, device=positions.lengths.device) if all_positions else positions.last()
         if self.encoder_kind == "hstu":
-            encoded_BLD = self.hstu(
-                inputs.history_target_BLD,
-                inputs.history_action_BLD,
-                inputs.history_timestamp_BL,
-                inputs.mask_BL,
-                inputs.actor_BD,
-                inputs.next_action_BD,
-                inputs.next_timestamp_B,
-            )
-            vectors_ND = F.normalize(self.head(encoded_BLD[index]), dim=-1)
+            encoded_PD = self.hstu(inputs.history, inputs.actor_BD, inputs.next_action_BD, inputs.next_timestamp_B)
+            vectors_WD = F.normalize(self.head(encoded_PD[wanted]), dim=-1)
         else:
-            vectors_ND = self._transformer_vectors(inputs, index)
+            vectors_WD = self._transformer_vectors(inputs, wanted)
         if not all_positions:
-            return QueryOutput(query_BD=vectors_ND, positions_BLD=None)
-        vectors_BLD = vectors_ND.new_zeros(inputs.mask_BL.shape + (vectors_ND.shape[-1],)).index_put(index, vectors_ND)
-        return QueryOutput(query_BD=vectors_BLD[:, -1], positions_BLD=vectors_BLD)
+            return QueryOutput(query_BD=vectors_WD, positions_PD=None)
+        return QueryOutput(query_BD=vectors_WD[positions.last()], positions_PD=vectors_WD)
 
-    def _transformer_vectors(self, inputs: QueryInputs, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        pooled_BLW = self.transformer(
-            inputs.history_target_BLD, inputs.history_action_BLD, inputs.history_timestamp_BL, inputs.mask_BL
-        )
-        rows_N = index[0]
-        # An empty history contributes nothing (its pooled entries are padding).
-        has_history_N1 = inputs.mask_BL.any(dim=1)[rows_N, None]
-        history_ND = self.projection(torch.where(has_history_N1, pooled_BLW[index], 0.0))
-        # The event after position j: its action and time (the query's for the last entry).
-        next_action_BLD = torch.cat([inputs.history_action_BLD[:, 1:], inputs.next_action_BD[:, None]], dim=1)
-        next_time_BL = torch.cat([inputs.history_timestamp_BL[:, 1:], inputs.next_timestamp_B[:, None]], dim=1)
-        next_ND = next_action_BLD[index]
+    def _transformer_vectors(self, inputs: QueryInputs, wanted: torch.Tensor) -> torch.Tensor:
+        """Vectors at the `wanted` flat positions."""
+        history = inputs.history
+        pooled_PW = self.transformer(history)
+        positions = history.positions
+        rows = positions.rows()[wanted]
+        within = wanted - positions.offsets[rows]
+        lengths = history.jagged.lengths[rows]
+        # An empty history contributes nothing (its one position is padding).
+        history_WD = self.projection(torch.where((lengths > 0)[:, None], pooled_PW[wanted], 0.0))
+        # The event after position j: history event j + 1, or the query's for the last one.
+        is_last = within == positions.lengths[rows] - 1
+        following = (history.jagged.offsets[rows] + within + 1).clamp(max=max(history.jagged.total - 1, 0))
+        if history.jagged.total:
+            next_action_WD = torch.where(is_last[:, None], inputs.next_action_BD[rows], history.action_ND[following])
+            next_time_W = torch.where(is_last, inputs.next_timestamp_B[rows], history.timestamp_N[following])
+        else:
+            next_action_WD, next_time_W = inputs.next_action_BD[rows], inputs.next_timestamp_B[rows]
         if self.next_time is not None:
-            next_ND = next_ND + self.next_time(cyclic_time_features(next_time_BL[index]))
-        actor_ND = inputs.actor_BD[rows_N]
-        return F.normalize(self.combine(torch.cat([history_ND, actor_ND, next_ND], dim=-1)), dim=-1)
-
-
-def _real_positions(mask_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, columns) of every history position and of each row's query position (the
-    last column, real even for an empty history), in row-major order."""
-    real_BL = mask_BL.clone()
-    real_BL[:, -1] = True
-    return real_BL.nonzero(as_tuple=True)
-
-
-def _query_positions(mask_BL: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.arange(mask_BL.shape[0], device=mask_BL.device)
-    return rows, torch.full_like(rows, mask_BL.shape[1] - 1)
+            next_action_WD = next_action_WD + self.next_time(cyclic_time_features(next_time_W))
+        actor_WD = inputs.actor_BD[rows]
+        return F.normalize(self.combine(torch.cat([history_WD, actor_WD, next_action_WD], dim=-1)), dim=-1)
 
 
 class CandidateTower(nn.Module):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers import MLP, NUM_CYCLIC_FEATURES, Dropout, cyclic_time_features
-from models.length_groups import encode_in_length_groups
+from models.length_groups import JaggedHistory, LengthGrouping, encode_jagged
 
 
 class TransformerLayer(nn.Module):
@@ -55,7 +55,7 @@ class TransformerLayer(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """History -> [B, L, 2D] prefix-pooled history vectors (see module doc)."""
+    """Jagged history -> prefix-pooled history vectors, one per position (see module doc)."""
 
     def __init__(
         self,
@@ -82,21 +82,12 @@ class TransformerEncoder(nn.Module):
         self.input_dropout = Dropout(dropout)
         # Length groups (models/length_groups.py): width W = 2D, a token's linear maps are
         # 16 W^2 multiply-adds, an attention pair ~4 W plus its element-wise work.
-        self.length_grouping = length_grouping
-        self.quadratic_weight = 1.0 / (2 * width)
-        self.group_overhead = num_layers * 3.0e7 / (16 * width * width)
+        self.grouping = LengthGrouping(1.0 / (2 * width), num_layers * 3.0e7 / (16 * width * width), length_grouping)
 
-    def forward(
-        self,
-        history_target_BLD: torch.Tensor,
-        history_action_BLD: torch.Tensor,
-        history_timestamp_BL: torch.Tensor,
-        mask_BL: torch.Tensor,
-    ) -> torch.Tensor:
-        inputs = (history_target_BLD, history_action_BLD, history_timestamp_BL, mask_BL)
-        if not self.length_grouping:
-            return self._encode(*inputs)
-        return encode_in_length_groups(self._encode, inputs, (), mask_BL, self.quadratic_weight, self.group_overhead)
+    def forward(self, history: JaggedHistory) -> torch.Tensor:
+        """Jagged histories -> [P, 2D], one pooled vector per `history.positions` entry
+        (zeros for an empty history)."""
+        return encode_jagged(self._encode, history, (), self.grouping)
 
     def _encode(
         self,

@@ -13,7 +13,7 @@ import torch
 import models.hstu_attention as hstu_attention
 from models.hstu import HSTUEncoder, RelativeAttentionBias
 from models.layers import Dropout
-from models.length_groups import length_groups, plan_groups
+from models.length_groups import Jagged, JaggedHistory, plan_groups
 from models.transformer import TransformerEncoder
 
 
@@ -46,47 +46,40 @@ def test_one_group_when_splitting_does_not_pay():
     assert len(plan_groups(np.array([1, 100]), 0.01, 0.0)) == 2
 
 
-def _left_padded_inputs(lengths, width, dim, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    batch = len(lengths)
-    mask = torch.arange(width)[None] >= (width - torch.tensor(lengths))[:, None]
-    target = torch.randn(batch, width, dim, generator=gen) * mask[..., None]
-    action = torch.randn(batch, width, dim, generator=gen) * mask[..., None]
-    timestamp = torch.cumsum(torch.randint(0, 5000, (batch, width), generator=gen), 1) * mask
-    return target, action, timestamp, mask
-
-
 @pytest.mark.parametrize("encoder_kind", ["hstu", "transformer"])
 def test_a_grouped_encoder_gives_the_ungrouped_outputs_and_gradients(encoder_kind):
     torch.manual_seed(0)
-    lengths, width, dim = [0, 1, 3, 12, 5, 12, 2, 9], 12, 16
+    lengths, dim = torch.tensor([0, 1, 3, 12, 5, 12, 2, 9]), 16
     if encoder_kind == "hstu":
-        encoder = HSTUEncoder(dim, width, num_layers=2, num_heads=2, dropout=0.0).eval()
+        encoder = HSTUEncoder(dim, 12, num_layers=2, num_heads=2, dropout=0.0).eval()
     else:
-        encoder = TransformerEncoder(dim, width, num_layers=2, num_heads=2, dropout=0.0, causal=True).eval()
-    encoder.group_overhead = 0.0  # split as finely as the cost model likes
+        encoder = TransformerEncoder(dim, 12, num_layers=2, num_heads=2, dropout=0.0, causal=True).eval()
+    encoder.grouping.group_overhead = 0.0  # split as finely as the cost model likes
+    assert len(encoder.grouping.groups(lengths)) > 1
+    gen = torch.Generator().manual_seed(1)
+    total, batch = int(lengths.sum()), len(lengths)
+    target, action = torch.randn(total, dim, generator=gen), torch.randn(total, dim, generator=gen)
+    timestamp = torch.cumsum(torch.randint(0, 5000, (total,), generator=gen), 0)
+    per_row = [torch.randn(batch, dim, generator=gen), torch.randn(batch, dim, generator=gen),
+               torch.full((batch,), 10**7)] if encoder_kind == "hstu" else []
     results = {}
     for grouped in (False, True):
-        encoder.length_grouping = grouped
-        inputs = [t.clone().requires_grad_(t.is_floating_point()) for t in _left_padded_inputs(lengths, width, dim)]
-        per_row = []
-        if encoder_kind == "hstu":
-            gen = torch.Generator().manual_seed(1)
-            per_row = [torch.randn(len(lengths), dim, generator=gen).requires_grad_(),
-                       torch.randn(len(lengths), dim, generator=gen), torch.full((len(lengths),), 10**6)]
-        out = encoder(*inputs, *per_row)
-        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
-        (out * weights * inputs[3][..., None]).sum().backward()  # real positions only
-        results[grouped] = (out * inputs[3][..., None], inputs[0].grad, inputs[1].grad)
-    assert len(length_groups(torch.tensor(lengths), encoder.quadratic_weight, 0.0)) > 1
+        encoder.grouping.enabled = grouped
+        leaves = [target.clone().requires_grad_(), action.clone().requires_grad_()]
+        out = encoder(JaggedHistory(*leaves, timestamp, Jagged(lengths)), *per_row)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(2))).sum().backward()
+        results[grouped] = (out, leaves[0].grad, leaves[1].grad)
+    assert results[True][0].shape[0] == int(lengths.clamp(min=1).sum())  # one output per position
     for ungrouped, grouped in zip(results[False], results[True]):
         torch.testing.assert_close(grouped, ungrouped, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("block", [3, 64])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_blocked_causal_attention_equals_the_materialised_eager_attention(monkeypatch, block, with_bias):
+@pytest.mark.parametrize("keep", [0, 2**24], ids=["recomputed", "kept"])
+def test_blocked_causal_attention_equals_the_materialised_eager_attention(monkeypatch, block, with_bias, keep):
     monkeypatch.setattr(hstu_attention, "BLOCK", block)  # several blocks, a ragged last one
+    monkeypatch.setattr(hstu_attention, "KEEP_ELEMENTS", keep)  # backward recomputes, or reuses
     gen = torch.Generator().manual_seed(0)
     batch, heads, positions, width = 2, 3, 8, 4
     q, k, v = (torch.randn(batch * heads, positions, width, dtype=torch.float64, generator=gen) for _ in range(3))

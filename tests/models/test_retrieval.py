@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from models.losses import LossSettings, sampled_softmax_loss
 from tests.models.conftest import builder, tiny_model, tiny_sequences
 
 
-def test_temporal_pretraining_equals_the_per_position_loop():
+@pytest.mark.parametrize("last_k", [0, 2])
+def test_temporal_pretraining_equals_the_per_position_loop(last_k):
     seqs = tiny_sequences()
-    model = tiny_model(seqs, encoder="hstu", repeat_scoring=False, loss={"temporal_weight": 1.0}).eval()
-    batch = builder(seqs, max_len=6, num_rand_negs=3).build(np.arange(6), np.random.default_rng(0))
+    model = tiny_model(
+        seqs, encoder="hstu", repeat_scoring=False, loss={"temporal_weight": 1.0, "temporal_last_k": last_k}
+    ).eval()
+    b = builder(seqs, max_len=8, num_rand_negs=3)
+    lengths = np.array([6, 1, 3, 8, 2, 5])  # ragged: the flat pairs must follow each row's own length
+    b.queries.history_start[:] = b.queries.position - lengths
+    batch = b.build(np.arange(6), np.random.default_rng(0))
     with torch.no_grad():
         out = model.train_forward(batch)
         # Per-position reference: for each example and history position j, the query vector
@@ -23,25 +30,27 @@ def test_temporal_pretraining_equals_the_per_position_loop():
             torch.cat([batch.target[:, None], batch.random_negatives], 1),
         )
         inputs = model._query_inputs(looked_up, batch.history, batch.query_values("next_timestamp"))
-        positions = model.query_tower(inputs, all_positions=True).positions_BLD
+        positions = model.query_tower(inputs, all_positions=True).positions_PD
         candidates = model.candidate_tower(looked_up["candidate_target"]).reshape(6, 4, -1)
         sources = [model.in_batch(batch.target, candidates[:, 0]), model.random(batch.random_negatives, candidates[:, 1:])]
         settings = LossSettings(temperature=model.loss_config.temperature)
-        history_ids = batch.history["history_target"].values().reshape(6, 6)  # every history is 6 long here
-        history_vectors = model.candidate_tower(looked_up["history_target"]).reshape(6, 6, -1)
+        history_ids = batch.history["history_target"].values()
+        history_vectors = model.candidate_tower(looked_up["history_target"])
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         losses = []
-        for b in range(6):
-            for j in range(5):
+        for row, (start, length) in enumerate(zip(starts, lengths)):
+            for j in range(max(length - 1 - last_k, 0) if last_k else 0, length - 1):
                 single = [
-                    type(s)(s.name, s.ids if s.ids.dim() == 1 else s.ids[b : b + 1], s.embeddings if s.ids.dim() == 1 else s.embeddings[b : b + 1], s.log_q if s.ids.dim() == 1 else s.log_q[b : b + 1])
+                    type(s)(s.name, s.ids if s.ids.dim() == 1 else s.ids[row : row + 1], s.embeddings if s.ids.dim() == 1 else s.embeddings[row : row + 1], s.log_q if s.ids.dim() == 1 else s.log_q[row : row + 1])
                     for s in sources
                 ]
                 losses.append(
                     sampled_softmax_loss(
-                        positions[b : b + 1, j : j + 1], history_vectors[b : b + 1, j + 1 : j + 2],
-                        history_ids[b : b + 1, j + 1 : j + 2], single, settings,
+                        positions[None, None, start + j], history_vectors[None, None, start + j + 1],
+                        history_ids[None, None, start + j + 1], single, settings,
                     ).loss
                 )
+        assert len(losses) == int(np.minimum(lengths - 1, last_k or 100).sum())
         torch.testing.assert_close(out.losses["temporal"], torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
 
 

@@ -1,4 +1,4 @@
-"""Towers and encoders: padding invariance, jagged vs padded, HSTU causality, FiLM."""
+"""Towers and encoders: padding invariance, empty histories, HSTU causality, FiLM."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.hstu import HSTUEncoder, film
-from models.towers import QueryInputs
+from models.length_groups import Jagged, JaggedHistory
 from tests.models.conftest import builder, tiny_model, tiny_sequences
 
 ENCODERS = [
@@ -17,42 +17,30 @@ ENCODERS = [
 ]
 
 
-def _inputs(model, batch, extra_padding: int = 0) -> QueryInputs:
-    looked_up = model._lookup(
-        batch.query_values("actor"), batch.query_values("next_action"), batch.history, torch.zeros((batch.batch_size, 0), dtype=torch.int64)
-    )
-    inputs = model._query_inputs(looked_up, batch.history, batch.query_values("next_timestamp"))
-    if extra_padding:
-        pad = lambda t: torch.cat([torch.zeros_like(t[:, :1]).expand(-1, extra_padding, *t.shape[2:]), t], dim=1)  # noqa: E731
-        inputs = QueryInputs(
-            pad(inputs.history_target_BLD), pad(inputs.history_action_BLD), pad(inputs.history_timestamp_BL),
-            pad(inputs.mask_BL), inputs.actor_BD, inputs.next_action_BD, inputs.next_timestamp_B,
-        )
-    return inputs
+def _query_vectors(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(batch.query_values("actor"), batch.query_values("next_action"), batch.history,
+                     batch.query_values("next_timestamp"))
+
+
+def _encoder(model):
+    return model.query_tower.hstu if model.model_config.encoder == "hstu" else model.query_tower.transformer
 
 
 @pytest.mark.parametrize("overrides", ENCODERS)
-def test_query_vector_does_not_change_with_padding_length(overrides):
+def test_a_rows_query_vector_does_not_depend_on_how_far_it_is_padded(overrides):
+    # Histories of 1 to 6 events; in one block (no length groups) the short rows are
+    # padded to the longest; alone, no row is padded at all.
     seqs = tiny_sequences()
     model = tiny_model(seqs, **dict(overrides)).eval()
-    batch = builder(seqs, max_len=8).build(np.arange(6))
-    with torch.no_grad():
-        short = model.query_tower(_inputs(model, batch)).query_BD
-        long = model.query_tower(_inputs(model, batch, extra_padding=5)).query_BD
-    torch.testing.assert_close(short, long, atol=1e-5, rtol=1e-5)
-    norms = short.norm(dim=-1)
+    b = builder(seqs, max_len=8)
+    b.queries.history_start[:] = b.queries.position - np.arange(1, 7)
+    _encoder(model).grouping.enabled = False
+    together = _query_vectors(model, b.build(np.arange(6)))
+    alone = torch.cat([_query_vectors(model, b.build(np.array([i]))) for i in range(6)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    norms = together.norm(dim=-1)
     torch.testing.assert_close(norms, torch.ones_like(norms))
-
-
-@pytest.mark.parametrize("overrides", ENCODERS)
-def test_jagged_forward_agrees_with_the_padded_tower(overrides):
-    seqs = tiny_sequences()
-    model = tiny_model(seqs, **dict(overrides)).eval()
-    batch = builder(seqs, max_len=8).build(np.arange(6))
-    with torch.no_grad():
-        jagged = model(batch.query_values("actor"), batch.query_values("next_action"), batch.history, batch.query_values("next_timestamp"))
-        padded = model.query_tower(_inputs(model, batch, extra_padding=3)).query_BD
-    torch.testing.assert_close(jagged, padded, atol=1e-5, rtol=1e-5)
 
 
 def test_empty_history_gives_a_finite_query_vector():
@@ -71,18 +59,20 @@ def test_hstu_is_causal_a_later_token_never_changes_an_earlier_output():
     torch.manual_seed(0)
     encoder = HSTUEncoder(16, 10, num_layers=2, num_heads=2, dropout=0.0).eval()
     batch, length = 2, 10
-    target = torch.randn(batch, length, 16)
-    action = torch.randn(batch, length, 16)
-    times = torch.arange(length)[None].expand(batch, -1) * 3600 + 1_000_000
-    mask = torch.ones(batch, length, dtype=torch.bool)
-    actor, query_action, query_time = torch.randn(batch, 16), torch.randn(batch, 16), times[:, -1] + 60
+    target = torch.randn(batch * length, 16)
+    action = torch.randn(batch * length, 16)
+    times = (torch.arange(length)[None].expand(batch, -1) * 3600 + 1_000_000).reshape(-1)
+    jagged = Jagged(torch.full((batch,), length))
+    actor, query_action, query_time = torch.randn(batch, 16), torch.randn(batch, 16), times[length - 1 :: length] + 60
     with torch.no_grad():
-        before = encoder(target, action, times, mask, actor, query_action, query_time)
+        before = encoder(JaggedHistory(target, action, times, jagged), actor, query_action, query_time)
         changed_target = target.clone()
-        changed_target[:, 7] += 5.0
-        changed_times = times.clone()
+        changed_target[[7, length + 7]] += 5.0
+        changed_times = times.reshape(batch, length).clone()
         changed_times[:, 8:] += 10**6
-        after = encoder(changed_target, action, changed_times, mask, actor, query_action, query_time)
+        after = encoder(JaggedHistory(changed_target, action, changed_times.reshape(-1), jagged), actor, query_action,
+                        query_time)
+    before, after = before.reshape(batch, length, -1), after.reshape(batch, length, -1)
     # Positions 0..6 see neither the changed token 7 nor the changed times of 8, 9.
     # (Position 6's "next event" is token 7: its action/time, not its target, condition it.)
     torch.testing.assert_close(before[:, :7], after[:, :7])
