@@ -26,10 +26,10 @@ Two epochs are timed, because the product and the peer mean different things by 
   product's BatchBuilder / TrainLoader over those queries.
 
 Each encoder: a fresh Trainer, `--warmup` untimed steps (reported apart), then the
-product's epoch timed (no validation inside), then the model is validated once (full
-ranking, NDCG@10 / HR@10 on the validation split; not timed into the epoch; `--no-eval`
-skips it, and it is skipped when the epoch was extrapolated) to put a quality figure beside
-the time, then the sequence epoch timed.
+product's epoch timed (no validation inside), then the model is evaluated once on the
+validation and the test split (full ranking; not timed into the epoch; `--no-eval` skips
+it, and it is skipped when the epoch was extrapolated) to put a quality figure beside the
+time (the peers' test figures on ml-100k: the trainer issue), then the sequence epoch timed.
 `--steps N` times at most N steps of each and extrapolates to the epoch (`extrapolated`).
 
 Reference on this kind of machine, 2 threads: the generative-recommenders research code
@@ -123,6 +123,8 @@ def measure(encoder: str, overrides: list[str], steps: int | None, warmup: int, 
         start = time.perf_counter()
         result["valid"] = trainer.evaluate("valid")
         result["eval_s"] = time.perf_counter() - start
+        # The test split too, for the quality beside the peers' (../shared/BENCHMARK.md).
+        result["test"] = trainer.evaluate("test")
     loader = sequence_loader(trainer)
     sequence_steps = loader.steps_per_epoch
     timing = timed_steps(trainer, iter(loader), sequence_steps if steps is None else min(steps, sequence_steps))
@@ -158,13 +160,18 @@ def main() -> None:
 
     print(
         "| encoder | epoch | epoch s | s at peak | steps | step ms | examples/s | data wait | padding | GFLOP/s | MFU "
-        "| CPU busy | valid NDCG@10 | valid HR@10 |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| CPU busy | valid NDCG@10 | test NDCG@10 | test HR@10 |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     for encoder in args.encoders:
         f = results[encoder]
-        valid = f.get("valid", {})
+        valid, test = f.get("valid", {}), f.get("test", {})
         for name, e in (("product (every event)", f), ("peer (every actor)", f["sequence_epoch"])):
-            quality = f"{valid.get('ndcg@10', float('nan')):.4f} | {valid.get('hr@10', float('nan')):.4f}" if e is f else " | "
+            nan = float("nan")
+            quality = (
+                f"{valid.get('ndcg@10', nan):.4f} | {test.get('ndcg@10', nan):.4f} | {test.get('hr@10', nan):.4f}"
+                if e is f else " | | "
+            )
             print(
                 f"| {encoder} | {name} | {e['epoch_s']:.1f}{' (extrapolated)' if e['extrapolated'] else ''} "
                 f"| {e['epoch_s_at_peak']:.1f} | {e['steps_per_epoch']} | {e['step_ms']:.0f} | {e['examples_per_s']:.0f} "

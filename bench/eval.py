@@ -121,7 +121,7 @@ def main() -> None:
         print(
             f"1e7 candidates, D 64: peak RSS {memory['peak_rss_gb']:.2f} GB (table {memory['table_gb']:.2f} GB, "
             f"candidate vectors {memory['candidate_vectors_gb']:.2f} GB); the ranking itself added "
-            f"{memory['ranking_peak_over_before_gb'] * 1e3:.0f} MB over the {memory['rss_before_ranking_gb']:.2f} GB "
+            f"{max(memory['ranking_peak_over_before_gb'], 0.0) * 1e3:.0f} MB over the {memory['rss_before_ranking_gb']:.2f} GB "
             "held before it"
         )
     print(f"wrote {write_result('eval', figures)}")
