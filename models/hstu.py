@@ -122,8 +122,9 @@ class HSTULayer(nn.Module):
 
 
 def film(x_BTD: torch.Tensor, gamma_BD: torch.Tensor, beta_BD: torch.Tensor) -> torch.Tensor:
-    """Feature-wise linear modulation: x * (1 + gamma) + beta, the same for every token."""
-    return x_BTD * (1.0 + gamma_BD[:, None]) + beta_BD[:, None]
+    """Feature-wise linear modulation: x * (1 + gamma) + beta, the same for every token
+    (one fused pass over x)."""
+    return torch.addcmul(beta_BD[:, None], x_BTD, 1.0 + gamma_BD[:, None])
 
 
 class HSTUEncoder(nn.Module):
