@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 LogFormat = Literal["auto", "snap", "inter", "csv", "parquet"]
+Precision = Literal["fp32", "bf16"]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -324,6 +325,10 @@ class TrainConfig:
     resume: bool = False
     """Continue from the newest complete checkpoint of the run directory, if any (same as
     `trainer/main.py --resume`); written by any number of ranks, read by any number."""
+    precision: Precision = "fp32"
+    """"fp32", or "bf16": the towers' matmuls under bf16 autocast in training (GPUs with
+    bf16, CPUs with AMX or AVX512-BF16; elsewhere bf16 is emulated and slow). Each tower's
+    output vector, the similarities, the losses, the optimizers and evaluation stay fp32."""
     max_nonfinite_steps: int = 10
     """A step whose loss (on any rank) or dense gradient norm is NaN or inf is skipped: no
     parameter moves, a warning is logged and TensorBoard counts it (`nonfinite_steps`).

@@ -42,7 +42,9 @@ def _block_pre(q_ZTE, k_ZTE, table_HN, index_BTT, start: int, end: int, num_head
     if table_HN is None:
         return torch.bmm(q_block, k_block).mul_(scale)
     index = index_BTT[:, start:end, :end]
-    bias = F.embedding(index, table_HN.t()).permute(0, 3, 1, 2).reshape(-1, end - start, end)
+    # In q's dtype: under bf16 autocast the whole block is bf16 (baddbmm of mixed dtypes
+    # fails outside autocast, in backward).
+    bias = F.embedding(index, table_HN.t().to(q_ZTE.dtype)).permute(0, 3, 1, 2).reshape(-1, end - start, end)
     return torch.baddbmm(bias, q_block, k_block, alpha=scale)
 
 
@@ -57,6 +59,7 @@ class CausalSiLUAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_ZTE, k_ZTE, v_ZTE, table_HN, index_BTT, multiplier_B1TT, num_heads: int, scale: float):
         positions = q_ZTE.shape[1]
+        multiplier_B1TT = multiplier_B1TT.to(q_ZTE.dtype)
         y_ZTE = torch.empty_like(v_ZTE)
         # Keep each block's pre-activation and weights for backward while they are small;
         # past the budget, backward recomputes them (memory stays O(T x BLOCK)).
@@ -79,7 +82,7 @@ class CausalSiLUAttention(torch.autograd.Function):
         q_ZTE, k_ZTE, v_ZTE, table_HN, index_BTT, multiplier_B1TT = ctx.saved_tensors
         num_heads, scale = ctx.num_heads, ctx.scale
         positions = q_ZTE.shape[1]
-        grad_y_ZTE = grad_y_ZTE.contiguous()
+        grad_y_ZTE = grad_y_ZTE.contiguous().to(q_ZTE.dtype)
         grad_q, grad_k, grad_v = torch.zeros_like(q_ZTE), torch.zeros_like(k_ZTE), torch.zeros_like(v_ZTE)
         grad_table = None if table_HN is None else torch.zeros_like(table_HN)
         if grad_table is not None:
@@ -103,7 +106,7 @@ class CausalSiLUAttention(torch.autograd.Function):
                 entries = table_HN.shape[1]
                 index = index_BTT[:, None, start:end, :end] + head_offsets_1H11
                 grad_table += torch.bincount(
-                    index.reshape(-1), weights=grad_pre.reshape(-1), minlength=num_heads * entries
+                    index.reshape(-1), weights=grad_pre.reshape(-1).float(), minlength=num_heads * entries
                 ).view(num_heads, entries)
         return grad_q, grad_k, grad_v, grad_table, None, None, None, None
 

@@ -113,6 +113,8 @@ class TwoTowerRetrieval(nn.Module):
             self.register_buffer("feature_tokens", target_feature_tokens.to(torch.int64), persistent=False)
         # Telemetry costs passes over every logit: the trainer turns it on for the steps it logs.
         self.collect_telemetry = True
+        # train.precision = "bf16": the towers run under bf16 autocast while training.
+        self.bf16_towers = False
         # The curriculum's position; a buffer so checkpoints carry it.
         self.register_buffer("training_step", torch.zeros((), dtype=torch.int64))
 
@@ -171,7 +173,16 @@ class TwoTowerRetrieval(nn.Module):
         return looked_up
 
     def _candidates(self, looked_up: dict[str, torch.Tensor], target_key: str, feature_key: str) -> torch.Tensor:
-        return self.candidate_tower(looked_up[target_key], looked_up.get(feature_key))
+        target = looked_up[target_key]
+        with self._tower_autocast(target.device):
+            return self.candidate_tower(target, looked_up.get(feature_key))
+
+    def _tower_autocast(self, device: torch.device) -> torch.autocast:
+        """bf16 autocast around a tower in training when `bf16_towers` (train.precision).
+        Only the towers: their outputs are fp32 unit vectors, so the similarities and the
+        losses (logits up to 1 / tau = 20, where bf16 keeps 2-3 digits) stay fp32, and
+        evaluation always runs in fp32."""
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16_towers and self.training)
 
     def _query_inputs(
         self, looked_up: dict[str, torch.Tensor], history: KeyedJaggedTensor, next_timestamp: torch.Tensor
@@ -302,7 +313,8 @@ class TwoTowerRetrieval(nn.Module):
             actor, next_action, encoder_history, candidates_BC, items if self.repeat is not None else None
         )
         inputs = self._query_inputs(looked_up, encoder_history, next_timestamp)
-        query = self.query_tower(inputs, all_positions=self.temporal)
+        with self._tower_autocast(actor.device):
+            query = self.query_tower(inputs, all_positions=self.temporal)
 
         candidate_BCD = self._candidates(looked_up, CANDIDATE_TARGET, CANDIDATE_FEATURE).reshape(
             batch_size, 1 + num_random, -1

@@ -85,7 +85,7 @@ class QueryTower(nn.Module):
         wanted = torch.arange(positions.total, device=positions.lengths.device) if all_positions else positions.last()
         if self.encoder_kind == "hstu":
             encoded_PD = self.hstu(inputs.history, inputs.actor_BD, inputs.next_action_BD, inputs.next_timestamp_B)
-            vectors_WD = F.normalize(self.head(encoded_PD[wanted]), dim=-1)
+            vectors_WD = F.normalize(self.head(encoded_PD[wanted]).float(), dim=-1)
         else:
             vectors_WD = self._transformer_vectors(inputs, wanted)
         if not all_positions:
@@ -113,7 +113,7 @@ class QueryTower(nn.Module):
         if self.next_time is not None:
             next_action_WD = next_action_WD + self.next_time(cyclic_time_features(next_time_W))
         actor_WD = inputs.actor_BD[rows]
-        return F.normalize(self.combine(torch.cat([history_WD, actor_WD, next_action_WD], dim=-1)), dim=-1)
+        return F.normalize(self.combine(torch.cat([history_WD, actor_WD, next_action_WD], dim=-1)).float(), dim=-1)
 
 
 class CandidateTower(nn.Module):
@@ -126,4 +126,5 @@ class CandidateTower(nn.Module):
 
     def forward(self, target_ND: torch.Tensor, features_ND: torch.Tensor | None = None) -> torch.Tensor:
         x_ND = target_ND if features_ND is None else target_ND + features_ND
-        return F.normalize(x_ND + self.mlp(x_ND), dim=-1)
+        # fp32 out, also under bf16 autocast (models/retrieval.py _tower_autocast).
+        return F.normalize((x_ND + self.mlp(x_ND)).float(), dim=-1)

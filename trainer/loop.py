@@ -156,6 +156,7 @@ class Trainer:
             # quarter of the HSTU step. Every op here writes its outputs before reading them.
             torch.utils.deterministic.fill_uninitialized_memory = False
         self.model = build_model(config, prepared, dist=dist)
+        self.model.bf16_towers = config.train.precision == "bf16"
         sparse_class, sparse_kwargs = _sparse_optimizer(config.optim)
         apply_optimizer_in_backward(sparse_class, self.model.embeddings.parameters(), sparse_kwargs)
         # On several ranks: ID tables sharded, towers under DDP (trainer/distributed.py).

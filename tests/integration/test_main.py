@@ -45,12 +45,16 @@ def test_early_stopping_ends_training_after_patience_validations_without_gain(tm
     assert training["steps"] == 12 and training["best_step"] == 4
 
 
-def test_same_config_and_seed_give_identical_metrics(tmp_path):
+def test_same_config_and_seed_give_identical_metrics_and_bf16_towers_train(tmp_path):
     results = []
-    for name in ("a", "b"):
-        assert main(["--config", SMOKE, f"output_dir={tmp_path}", f"name={name}", "train.max_steps=8"]) == 0
+    for name, precision in (("a", "fp32"), ("b", "fp32"), ("c", "bf16")):
+        overrides = [f"output_dir={tmp_path}", f"name={name}", "train.max_steps=8", f"train.precision={precision}"]
+        assert main(["--config", SMOKE, *overrides]) == 0
         results.append(json.loads((tmp_path / name / "results.json").read_text())["metrics"])
     assert results[0] == results[1]
+    # bf16 reached the towers (other rounding, other metrics) and still learned something.
+    assert results[2] != results[0]
+    assert results[2]["valid"]["model"]["ndcg@10"] > results[2]["valid"]["most_popular"]["ndcg@10"]
 
 
 def test_main_runs_as_a_script_path_and_reports_user_errors_in_one_line(tmp_path):

@@ -130,3 +130,38 @@ def test_dropout_keeps_the_mean_drops_at_rate_p_and_passes_its_mask_to_the_gradi
     assert layer.eval()(x) is x
     with pytest.raises(ValueError, match="0 <= p < 1"):
         Dropout(1.0)
+
+
+@pytest.mark.parametrize("keep", [0, 2**24], ids=["recomputed", "kept"])
+def test_blocked_attention_under_bf16_autocast_stays_within_bf16_rounding_of_fp64(monkeypatch, keep):
+    """train.precision=bf16: q, k, v arrive in bf16 (from the autocast projections), the bias
+    table and the multiplier in fp32; the function must run, give bf16 outputs and q/k/v
+    gradients, an fp32 table gradient, and values within bf16 rounding of fp64."""
+    monkeypatch.setattr(hstu_attention, "BLOCK", 3)
+    monkeypatch.setattr(hstu_attention, "KEEP_ELEMENTS", keep)
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, positions, width = 2, 2, 7, 8
+    q, k, v = (torch.randn(batch * heads, positions, width, dtype=torch.float64, generator=gen) for _ in range(3))
+    mask = torch.ones(positions, positions, dtype=torch.bool).tril()[None].expand(batch, -1, -1)
+    multiplier = (mask / positions)[:, None].float()
+    rab = RelativeAttentionBias(heads, positions, 16)
+    timestamps = torch.cumsum(torch.randint(0, 10_000, (batch, positions), generator=gen), 1)
+    upstream = torch.randn(batch * heads, positions, width, generator=gen, dtype=torch.float64)
+
+    def run(dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        table = rab.table().detach().to(torch.float32 if dtype == torch.bfloat16 else dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = hstu_attention.causal_silu_attention(
+                *leaves, table, rab.index(timestamps), multiplier.to(table.dtype), heads, width**-0.5
+            )
+        (y.double() * upstream).sum().backward()
+        return y, [t.grad for t in leaves], table.grad
+
+    y16, grads16, table16 = run(torch.bfloat16)
+    y64, grads64, table64 = run(torch.float64)
+    assert y16.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads16)
+    assert table16.dtype == torch.float32
+    for low, exact in [(y16, y64), *zip(grads16, grads64), (table16, table64)]:
+        error = (low.double() - exact).norm() / exact.norm()
+        assert error < 2e-2, error  # bf16 keeps 8 bits: ~0.4% per rounding

@@ -107,3 +107,36 @@ def test_sparse_target_features_feed_the_candidate_tower():
     out = featured.train_forward(builder(seqs, num_rand_negs=2).build(np.arange(6), np.random.default_rng(0)))
     out.loss.backward()
     assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("encoder", ["hstu", "transformer"])
+def test_bf16_towers_run_their_matmuls_in_bf16_and_keep_the_loss_near_fp32(encoder):
+    """train.precision=bf16: the towers' linear layers compute in bf16 (autocast), their
+    output vectors and the loss stay fp32, and loss and gradients stay within bf16 rounding
+    of the fp32 step; evaluation (eval mode) is not affected."""
+    seqs = tiny_sequences()
+    model = tiny_model(seqs, encoder=encoder, causal=True)
+    batch = builder(seqs, num_rand_negs=4).build(np.arange(6), np.random.default_rng(0))
+    linear_dtypes: set[torch.dtype] = set()
+    for module in [*model.query_tower.modules(), *model.candidate_tower.modules()]:
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda _m, _i, out: linear_dtypes.add(out.dtype))
+    steps = {}
+    for bf16 in (False, True):
+        model.bf16_towers = bf16
+        model.zero_grad()
+        linear_dtypes.clear()
+        out = model.train_forward(batch)
+        out.loss.backward()
+        gradient = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        steps[bf16] = (out.loss.detach(), gradient, set(linear_dtypes))
+    (loss32, grad32, dtypes32), (loss16, grad16, dtypes16) = steps[False], steps[True]
+    assert dtypes32 == {torch.float32} and dtypes16 == {torch.bfloat16}
+    assert loss16.dtype == torch.float32
+    torch.testing.assert_close(loss16, loss32, rtol=1e-2, atol=0.0)
+    assert ((grad16 - grad32).norm() / grad32.norm()).item() < 5e-2
+
+    model.eval()
+    linear_dtypes.clear()
+    model.candidate_vectors(torch.arange(seqs.num_targets))
+    assert linear_dtypes == {torch.float32}
