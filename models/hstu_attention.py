@@ -83,7 +83,11 @@ class CausalSiLUAttention(torch.autograd.Function):
         num_heads, scale = ctx.num_heads, ctx.scale
         positions = q_ZTE.shape[1]
         grad_y_ZTE = grad_y_ZTE.contiguous().to(q_ZTE.dtype)
-        grad_q, grad_k, grad_v = torch.zeros_like(q_ZTE), torch.zeros_like(k_ZTE), torch.zeros_like(v_ZTE)
+        # K and V gradients sum over query blocks: in fp32 when the inputs are bf16 (each
+        # block's product rounded once, the sum not). Q's get one product per block.
+        accumulate = torch.promote_types(q_ZTE.dtype, torch.float32)
+        grad_q = torch.zeros_like(q_ZTE)
+        grad_k, grad_v = torch.zeros_like(k_ZTE, dtype=accumulate), torch.zeros_like(v_ZTE, dtype=accumulate)
         grad_table = None if table_HN is None else torch.zeros_like(table_HN)
         if grad_table is not None:
             head_offsets_1H11 = (torch.arange(num_heads, device=q_ZTE.device) * table_HN.shape[1]).view(1, -1, 1, 1)
@@ -96,11 +100,11 @@ class CausalSiLUAttention(torch.autograd.Function):
                 pre = _block_pre(q_ZTE, k_ZTE, table_HN, index_BTT, start, end, num_heads, scale)
                 weights = _times_multiplier_(F.silu(pre), multiplier_B1TT, start, end)
             grad_block = grad_y_ZTE[:, start:end]
-            grad_v[:, :end].baddbmm_(weights.transpose(1, 2), grad_block)
+            _add_bmm_(grad_v[:, :end], weights.transpose(1, 2), grad_block)
             grad_weights = torch.bmm(grad_block, v_ZTE[:, :end].transpose(1, 2))
             grad_pre = torch.ops.aten.silu_backward(_times_multiplier_(grad_weights, multiplier_B1TT, start, end), pre)
             grad_q[:, start:end].baddbmm_(grad_pre, k_ZTE[:, :end], alpha=scale)
-            grad_k[:, :end].baddbmm_(grad_pre.transpose(1, 2), q_ZTE[:, start:end], alpha=scale)
+            _add_bmm_(grad_k[:, :end], grad_pre.transpose(1, 2), q_ZTE[:, start:end], alpha=scale)
             if grad_table is not None:
                 # One bincount for every head: head h's entries are offset by h x N.
                 entries = table_HN.shape[1]
@@ -108,7 +112,16 @@ class CausalSiLUAttention(torch.autograd.Function):
                 grad_table += torch.bincount(
                     index.reshape(-1), weights=grad_pre.reshape(-1).float(), minlength=num_heads * entries
                 ).view(num_heads, entries)
-        return grad_q, grad_k, grad_v, grad_table, None, None, None, None
+        return grad_q, grad_k.to(k_ZTE.dtype), grad_v.to(v_ZTE.dtype), grad_table, None, None, None, None
+
+
+def _add_bmm_(out_ZMN, a_ZMK, b_ZKN, alpha: float = 1.0) -> None:
+    """out += alpha a b, in place: one baddbmm_ when the dtypes agree, else the product in
+    the operands' dtype added into the (fp32) accumulator."""
+    if out_ZMN.dtype == a_ZMK.dtype:
+        out_ZMN.baddbmm_(a_ZMK, b_ZKN, alpha=alpha)
+    else:
+        out_ZMN.add_(torch.bmm(a_ZMK, b_ZKN), alpha=alpha)
 
 
 def causal_silu_attention(q_ZTE, k_ZTE, v_ZTE, table_HN, index_BTT, multiplier_B1TT, num_heads: int, scale: float):

@@ -32,12 +32,14 @@ class _DropoutFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
         mask = _keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(mask)
-        return x * mask.to(x.dtype)
+        # Times the fp32 mask, then back to x's dtype: a bf16 mask would round the scale
+        # 1 / (1 - p) and bias the mean.
+        return (x * mask).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mask,) = ctx.saved_tensors
-        return grad * mask.to(grad.dtype), None
+        return (grad * mask).to(grad.dtype), None
 
 
 class Dropout(nn.Module):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.layers import Dropout
 from models.losses import LossSettings, sampled_softmax_loss
 from tests.models.conftest import builder, tiny_model, tiny_sequences
 
@@ -116,6 +117,9 @@ def test_bf16_towers_run_their_matmuls_in_bf16_and_keep_the_loss_near_fp32(encod
     of the fp32 step; evaluation (eval mode) is not affected."""
     seqs = tiny_sequences()
     model = tiny_model(seqs, encoder=encoder, causal=True)
+    for module in model.modules():  # dropout on: its bf16 path too (same masks in both runs)
+        if isinstance(module, Dropout):
+            module.p = 0.1
     batch = builder(seqs, num_rand_negs=4).build(np.arange(6), np.random.default_rng(0))
     linear_dtypes: set[torch.dtype] = set()
     for module in [*model.query_tower.modules(), *model.candidate_tower.modules()]:
@@ -126,6 +130,7 @@ def test_bf16_towers_run_their_matmuls_in_bf16_and_keep_the_loss_near_fp32(encod
         model.bf16_towers = bf16
         model.zero_grad()
         linear_dtypes.clear()
+        torch.manual_seed(1)
         out = model.train_forward(batch)
         out.loss.backward()
         gradient = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
@@ -136,7 +141,8 @@ def test_bf16_towers_run_their_matmuls_in_bf16_and_keep_the_loss_near_fp32(encod
     torch.testing.assert_close(loss16, loss32, rtol=1e-2, atol=0.0)
     assert ((grad16 - grad32).norm() / grad32.norm()).item() < 5e-2
 
-    model.eval()
+    # Request-time encoding and evaluation stay fp32, in train mode too.
     linear_dtypes.clear()
     model.candidate_vectors(torch.arange(seqs.num_targets))
+    model(batch.query_values("actor"), batch.query_values("next_action"), batch.history)
     assert linear_dtypes == {torch.float32}
