@@ -10,6 +10,7 @@ a quiet machine: anything else running lowers the peak and inflates every MFU.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -29,6 +30,8 @@ SHAPES = {
 
 
 def main() -> None:
+    # No options; --help must not overwrite peak.json with a measurement.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     figures: dict = {"shapes": {}}
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
