@@ -173,18 +173,18 @@ class TwoTowerRetrieval(nn.Module):
         return looked_up
 
     def _candidates(
-        self, looked_up: dict[str, torch.Tensor], target_key: str, feature_key: str, training_step: bool = False
+        self, looked_up: dict[str, torch.Tensor], target_key: str, feature_key: str, in_train_forward: bool = False
     ) -> torch.Tensor:
         target = looked_up[target_key]
-        with self._tower_autocast(target.device, training_step):
+        with self._tower_autocast(target.device, in_train_forward):
             return self.candidate_tower(target, looked_up.get(feature_key))
 
-    def _tower_autocast(self, device: torch.device, training_step: bool) -> torch.autocast:
+    def _tower_autocast(self, device: torch.device, in_train_forward: bool) -> torch.autocast:
         """bf16 autocast around a tower inside `train_forward` when `bf16_towers`
         (train.precision). Only the towers: their outputs are fp32 unit vectors, so the
         similarities and the losses (logits up to 1 / tau = 20, where bf16 keeps 2-3
         digits) stay fp32; request-time encoding and evaluation always run in fp32."""
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16_towers and training_step)
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16_towers and in_train_forward)
 
     def _query_inputs(
         self, looked_up: dict[str, torch.Tensor], history: KeyedJaggedTensor, next_timestamp: torch.Tensor
@@ -315,10 +315,10 @@ class TwoTowerRetrieval(nn.Module):
             actor, next_action, encoder_history, candidates_BC, items if self.repeat is not None else None
         )
         inputs = self._query_inputs(looked_up, encoder_history, next_timestamp)
-        with self._tower_autocast(actor.device, training_step=True):
+        with self._tower_autocast(actor.device, in_train_forward=True):
             query = self.query_tower(inputs, all_positions=self.temporal)
 
-        candidate_BCD = self._candidates(looked_up, CANDIDATE_TARGET, CANDIDATE_FEATURE, training_step=True).reshape(
+        candidate_BCD = self._candidates(looked_up, CANDIDATE_TARGET, CANDIDATE_FEATURE, in_train_forward=True).reshape(
             batch_size, 1 + num_random, -1
         )
         positive_BD, random_BRD = candidate_BCD[:, 0], candidate_BCD[:, 1:]
@@ -338,7 +338,7 @@ class TwoTowerRetrieval(nn.Module):
         )
         positive_bonus_B = None
         if self.repeat is not None:
-            contact_vectors_UD = self._candidates(looked_up, CONTACT_TARGET, CONTACT_FEATURE, training_step=True)
+            contact_vectors_UD = self._candidates(looked_up, CONTACT_TARGET, CONTACT_FEATURE, in_train_forward=True)
             cosine_U, bonus_U = self._bonus(items, query.query_BD, contact_vectors_UD, looked_up[NEXT_ACTION])
             ids_BH, index_BH, valid_BH = items.padded()
             sources.append(
@@ -398,7 +398,7 @@ class TwoTowerRetrieval(nn.Module):
         j_M = torch.arange(pairs.total, device=row_M.device) - pairs.offsets[row_M] + (events.lengths - 1 - pairs_B)[row_M]
         query_MD = positions_PD[jagged_history.positions.offsets[row_M] + j_M]
         next_event_M = events.offsets[row_M] + j_M + 1
-        positive_MD = self._candidates(looked_up, HISTORY_TARGET, HISTORY_FEATURE, training_step=True)[next_event_M]
+        positive_MD = self._candidates(looked_up, HISTORY_TARGET, HISTORY_FEATURE, in_train_forward=True)[next_event_M]
         positive_ids_M = history[HISTORY_TARGET].values()[next_event_M]
         temporal_sources = [
             _per_pair(source, query_MD, row_M, pairs) for source in sources if source.name != "history"
