@@ -39,7 +39,8 @@ VARIANTS: dict[str, list[str]] = {
     "no_logq": ["loss.logq_correction=false"],
     "hard_negatives": ["loss.hard_negatives.enabled=true"],
     "no_film": ["model.film=false"],
-    "no_time_features": ["model.time_features=false"],
+    # Off by default (configs/schema.py ModelConfig.time_features says why): the variant turns them on.
+    "time_features": ["model.time_features=true"],
     "no_rab": ["model.relative_attention_bias=false"],
     "no_repeat_scoring": ["model.repeat_scoring=false"],
     "no_incoming": ["model.incoming_window=0"],

@@ -22,7 +22,7 @@ RUN_LOG_PATH = Path(__file__).resolve().parent / "results" / "runs.jsonl"
 BASELINES = ("most_popular", "recency_frequency")
 # Part of every run's identity: bump it with a code change that changes results, so the
 # runs logged before it are retired (kept in the log, no longer matched).
-CODE_VERSION = "2026-12-01 length groups, blocked HSTU attention, 16-bit dropout"
+CODE_VERSION = "2026-12-01 cyclic time features off by default"
 
 
 def train_and_test(config_path: Path, overrides: list[str], seed: int) -> tuple[dict, float]:

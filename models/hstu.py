@@ -140,7 +140,7 @@ class HSTUEncoder(nn.Module):
         dropout: float,
         *,
         film: bool = True,
-        time_features: bool = True,
+        time_features: bool = False,
         relative_attention_bias: bool = True,
         num_time_buckets: int = 64,
         length_grouping: bool = True,

@@ -68,7 +68,7 @@ class TransformerEncoder(nn.Module):
         activation: str = "gelu",
         causal: bool = False,
         pooling: str = "mean",
-        time_features: bool = True,
+        time_features: bool = False,
         length_grouping: bool = True,
     ) -> None:
         super().__init__()

@@ -51,9 +51,10 @@ def test_a_grouped_encoder_gives_the_ungrouped_outputs_and_gradients(encoder_kin
     torch.manual_seed(0)
     lengths, dim = torch.tensor([0, 1, 3, 12, 5, 12, 2, 9]), 16
     if encoder_kind == "hstu":
-        encoder = HSTUEncoder(dim, 12, num_layers=2, num_heads=2, dropout=0.0).eval()
+        encoder = HSTUEncoder(dim, 12, num_layers=2, num_heads=2, dropout=0.0, time_features=True).eval()
     else:
-        encoder = TransformerEncoder(dim, 12, num_layers=2, num_heads=2, dropout=0.0, causal=True).eval()
+        encoder = TransformerEncoder(dim, 12, num_layers=2, num_heads=2, dropout=0.0, causal=True,
+                                     time_features=True).eval()
     encoder.grouping.group_overhead = 0.0  # split as finely as the cost model likes
     assert len(encoder.grouping.groups(lengths)) > 1
     gen = torch.Generator().manual_seed(1)

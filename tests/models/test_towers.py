@@ -1,6 +1,9 @@
-"""Towers and encoders: padding invariance, empty histories, HSTU causality, FiLM."""
+"""Towers and encoders: padding invariance, empty histories, HSTU causality, FiLM, what the
+query vector reads from the clock."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -12,8 +15,9 @@ from tests.models.conftest import builder, tiny_model, tiny_sequences
 
 ENCODERS = [
     {"encoder": "hstu"},
+    {"encoder": "hstu", "time_features": True},
     {"encoder": "transformer", "loss": {"temporal_weight": 0.0}},
-    {"encoder": "transformer", "causal": True, "pooling": "last", "activation": "swiglu"},
+    {"encoder": "transformer", "causal": True, "pooling": "last", "activation": "swiglu", "time_features": True},
 ]
 
 
@@ -57,7 +61,7 @@ def test_empty_history_gives_a_finite_query_vector():
 
 def test_hstu_is_causal_a_later_token_never_changes_an_earlier_output():
     torch.manual_seed(0)
-    encoder = HSTUEncoder(16, 10, num_layers=2, num_heads=2, dropout=0.0).eval()
+    encoder = HSTUEncoder(16, 10, num_layers=2, num_heads=2, dropout=0.0, time_features=True).eval()
     batch, length = 2, 10
     target = torch.randn(batch * length, 16)
     action = torch.randn(batch * length, 16)
@@ -83,3 +87,25 @@ def test_film_with_zero_gamma_and_beta_is_the_identity():
     x = torch.randn(2, 5, 8)
     torch.testing.assert_close(film(x, torch.zeros(2, 8), torch.zeros(2, 8)), x)
     assert not torch.allclose(film(x, torch.ones(2, 8), torch.zeros(2, 8)), x)
+
+
+@pytest.mark.parametrize("encoder", ["hstu", "transformer"])
+@pytest.mark.parametrize("time_features", [False, True])
+def test_the_query_vector_reads_the_clock_only_through_the_cyclic_time_features(encoder, time_features):
+    # Shifting every timestamp by a constant keeps every time gap. Without the cyclic
+    # features the query vector sees only gaps; with them it also sees hour and weekday,
+    # which a whole week's shift keeps and a six hours' shift does not.
+    seqs = tiny_sequences()
+    model = tiny_model(seqs, encoder=encoder, causal=True, time_features=time_features).eval()
+
+    def vectors(shift_seconds: int) -> torch.Tensor:
+        shifted = dataclasses.replace(seqs, timestamps=seqs.timestamps + shift_seconds)
+        return _query_vectors(model, builder(shifted).build(np.arange(seqs.num_sequences)))
+
+    base = vectors(0)
+    torch.testing.assert_close(vectors(7 * 24 * 3600), base, atol=1e-5, rtol=1e-5)
+    six_hours_later = vectors(6 * 3600)
+    if time_features:
+        assert (six_hours_later - base).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(six_hours_later, base, atol=1e-5, rtol=1e-5)
