@@ -4,10 +4,15 @@ on both embedded logs, under ../shared/BENCHMARK.md's protocol (test split).
     .venv/bin/python bench/ablation.py                          # every variant, 3 seeds
     .venv/bin/python bench/ablation.py --seeds 1 --data collegemsg --variants default,no_film
     .venv/bin/python bench/ablation.py --seeds 1 train.max_epochs=1   # a shorter schedule
+    .venv/bin/python bench/ablation.py --logged-only    # tables from the runs logged so far
+
+With --logged-only nothing is trained: a variant whose seeds are not all in the run log
+is listed under "missing" instead (how a benchmark spread over sessions reports midway).
 
 Writes bench/results/ablation.json as {"seeds", "overrides", "results": {dataset: {variant:
 {"overrides": [...], "runs", metric: {"mean", "std"}, "delta_ndcg@10", "compared_with"}}}} and
-bench/results/ablation.md. Runs are kept in bench/results/runs.jsonl (bench/runs.py
+bench/results/ablation.md, plus {"missing": {dataset: [variant, ...]}} with --logged-only.
+Runs are kept in bench/results/runs.jsonl (bench/runs.py
 RunLog), so an interrupted ablation resumes.
 """
 
@@ -56,19 +61,27 @@ COMPARED_WITH = {"transformer_no_projection": "transformer"}
 SKIP = {"ml-100k": {"no_incoming"}}
 
 
-def run_variants(data: str, variants: list[str], seeds: list[int], overrides: list[str]) -> dict:
+def run_variants(
+    data: str, variants: list[str], seeds: list[int], overrides: list[str], missing: list[str] | None = None
+) -> dict:
     """Train what the run log lacks (the default variant is the quality benchmark's
-    default run), then aggregate each variant over seeds."""
+    default run), then aggregate each variant over seeds. Given a `missing` list, train
+    nothing: variants without all their seeds logged are appended to it instead."""
     run_log = RunLog(RUN_LOG_PATH)
     config_path = CONFIG_DIR / f"{data}.yaml"
     out: dict[str, dict] = {}
     for name in variants:
         if name in SKIP.get(data, ()):
             continue
-        runs = [
-            run_log.run(data, name, seed, config_path, [*overrides, *VARIANTS[name]])["test"]
-            for seed in seeds
-        ]
+        variant_overrides = [*overrides, *VARIANTS[name]]
+        if missing is not None:
+            records = [run_log.logged(data, name, seed, config_path, variant_overrides) for seed in seeds]
+            if any(record is None for record in records):
+                missing.append(name)
+                continue
+        else:
+            records = [run_log.run(data, name, seed, config_path, variant_overrides) for seed in seeds]
+        runs = [record["test"] for record in records]
         for seed, run in zip(seeds, runs):
             logging.getLogger("ablation").warning("%s %s seed %d: ndcg@10 %.4f", data, name, seed, run["ndcg@10"])
         out[name] = {"overrides": VARIANTS[name], "runs": len(runs)}
@@ -81,7 +94,7 @@ def run_variants(data: str, variants: list[str], seeds: list[int], overrides: li
     return out
 
 
-def markdown(results: dict, seeds: int, overrides: list[str]) -> str:
+def markdown(results: dict, seeds: int, overrides: list[str], missing: dict[str, list[str]] | None = None) -> str:
     lines = []
     for data, variants in results.items():
         extra = f", overrides {' '.join(overrides)}" if overrides else ""
@@ -99,6 +112,8 @@ def markdown(results: dict, seeds: int, overrides: list[str]) -> str:
             lines.append(
                 f"| {name} | {change} | " + " | ".join(cells) + f" | {'' if delta is None else f'{delta:+.4f}'} | {against} |"
             )
+        if missing and missing.get(data):
+            lines += ["", f"Not yet run at this code and seed count: {', '.join(missing[data])}."]
         lines.append("")
     return "\n".join(lines)
 
@@ -106,17 +121,24 @@ def markdown(results: dict, seeds: int, overrides: list[str]) -> str:
 def main() -> None:
     parser = quality_arguments(__doc__)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ",".join(VARIANTS))
+    parser.add_argument("--logged-only", action="store_true", help="train nothing: tables from the runs logged so far")
     args = parser.parse_args()
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     logging.basicConfig(level=logging.WARNING, force=True)
+    datasets = args.data or DATASETS
+    missing: dict[str, list[str]] | None = {data: [] for data in datasets} if args.logged_only else None
     results = {
-        data: run_variants(data, variants, list(range(args.seeds)), args.overrides) for data in (args.data or DATASETS)
+        data: run_variants(data, variants, list(range(args.seeds)), args.overrides, None if missing is None else missing[data])
+        for data in datasets
     }
-    table = markdown(results, args.seeds, args.overrides)
-    path = write_result("ablation", {"seeds": args.seeds, "overrides": args.overrides, "results": results})
+    table = markdown(results, args.seeds, args.overrides, missing)
+    summary = {"seeds": args.seeds, "overrides": args.overrides, "results": results}
+    if missing is not None:
+        summary["missing"] = missing
+    path = write_result("ablation", summary)
     (RESULTS_DIR / "ablation.md").write_text(table)
     print(table)
     print(f"wrote {path}")

@@ -58,6 +58,10 @@ class RunLog:
                 return record
         return None
 
+    def logged(self, data: str, model: str, seed: int, config_path: Path, overrides: list[str]) -> dict | None:
+        """The logged record of this run at the current config file and code, or None."""
+        return self.find(data, model, seed, config_hash(config_path), overrides)
+
     def run(self, data: str, model: str, seed: int, config_path: Path, overrides: list[str]) -> dict:
         """The logged record of this run, training it first if it is not there yet.
         `overrides` identify the run; they are applied after the config file."""

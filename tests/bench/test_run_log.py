@@ -1,0 +1,61 @@
+"""The benchmarks' run log: a run is found again only under the same identity, and the
+ablation can report midway (--logged-only) without training anything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import bench.ablation as ablation
+import bench.runs as runs
+from trainer.main import CONFIG_DIR
+
+METRICS = {"ndcg@10": 0.5, "hr@10": 0.6, "hr@1": 0.3, "mrr": 0.4}
+
+
+def _record(data: str, model: str, seed: int, overrides: list[str], ndcg: float) -> dict:
+    return {
+        "data": data, "model": model, "seed": seed, "overrides": overrides, "code": runs.CODE_VERSION,
+        "config": f"{data}.yaml", "config_sha": runs.config_hash(CONFIG_DIR / f"{data}.yaml"),
+        "test": {**METRICS, "ndcg@10": ndcg},
+    }
+
+
+@pytest.fixture
+def run_log(tmp_path, monkeypatch):
+    path = tmp_path / "runs.jsonl"
+    monkeypatch.setattr(ablation, "RUN_LOG_PATH", path)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a --logged-only report must not train")
+
+    monkeypatch.setattr(runs, "train_and_test", no_training)
+    return path
+
+
+def test_a_logged_run_is_found_only_under_its_own_identity(run_log):
+    record = _record("collegemsg", "no_film", 0, ["model.film=false"], 0.5)
+    run_log.write_text(json.dumps(record) + "\n" + json.dumps({**record, "code": "an older code version"}) + "\n")
+    log = runs.RunLog(run_log)
+    config = CONFIG_DIR / "collegemsg.yaml"
+    assert log.logged("collegemsg", "no_film", 0, config, ["model.film=false"]) == record
+    assert log.logged("collegemsg", "no_film", 1, config, ["model.film=false"]) is None
+    assert log.logged("collegemsg", "no_film", 0, config, []) is None
+    assert log.logged("collegemsg", "no_film", 0, CONFIG_DIR / "ml-100k.yaml", ["model.film=false"]) is None
+
+
+def test_logged_only_reports_complete_variants_and_lists_the_rest_as_missing(run_log):
+    records = [
+        _record("collegemsg", "default", 0, [], 0.60),
+        _record("collegemsg", "default", 1, [], 0.62),
+        _record("collegemsg", "no_film", 0, ["model.film=false"], 0.55),  # seed 1 not run yet
+    ]
+    run_log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    missing: list[str] = []
+    results = ablation.run_variants("collegemsg", ["default", "no_film", "no_rab"], [0, 1], [], missing)
+    assert list(results) == ["default"]
+    assert results["default"]["ndcg@10"]["mean"] == pytest.approx(0.61)
+    assert missing == ["no_film", "no_rab"]
+    table = ablation.markdown({"collegemsg": results}, 2, [], {"collegemsg": missing})
+    assert "Not yet run at this code and seed count: no_film, no_rab." in table
