@@ -169,10 +169,11 @@ class ModelConfig:
 
     time_features: bool = False
     """Cyclic time features (sin/cos of hour of day and weekday) on every token and on
-    the query (when the next event happens). Off by default: they cost ml-100k 0.014
-    NDCG@10 (15%, all 3 seeds lower) and buy CollegeMsg 0.004 (0.6%, seed 0), so across
-    logs they lose more than they win; the time gaps (gap-to-next-event feature, RAB)
-    carry the timing either way. Turn them on for a log with a daily or weekly rhythm."""
+    the query (when the next event happens). Off by default: over 3 seeds they cost
+    ml-100k 0.014 NDCG@10 (15%, every seed lower) and the SASRec-style baseline 0.12 on
+    CollegeMsg, and buy the default 0.002 there (0.3%); the time gaps (gap-to-next-event
+    feature, RAB) carry the timing either way. Turn them on for a log with a daily or
+    weekly rhythm worth learning."""
 
     relative_attention_bias: bool = True
     """HSTU: learned relative attention bias from log-bucketed time gaps plus relative
