@@ -6,12 +6,15 @@ on both embedded logs, under ../shared/BENCHMARK.md's protocol (test split).
     .venv/bin/python bench/ablation.py --seeds 1 train.max_epochs=1   # a shorter schedule
     .venv/bin/python bench/ablation.py --logged-only    # tables from the runs logged so far
 
-With --logged-only nothing is trained: a variant whose seeds are not all in the run log
-is listed under "missing" instead (how a benchmark spread over sessions reports midway).
+With --logged-only nothing is trained, and a log left out of --data is not trained either:
+their variants are reported over the seeds the run log has so far (seed counts shown), those
+with none listed under "missing" (how a benchmark spread over sessions reports midway). Δ
+NDCG@10 is paired over the seeds both runs have.
 
-Writes bench/results/ablation.json as {"seeds", "overrides", "results": {dataset: {variant:
-{"overrides": [...], "runs", metric: {"mean", "std"}, "delta_ndcg@10", "compared_with"}}}} and
-bench/results/ablation.md, plus {"missing": {dataset: [variant, ...]}} with --logged-only.
+Writes bench/results/ablation.json as {"seeds", "overrides", "trained", "results": {dataset:
+{variant: {"overrides": [...], "runs", "seeds", metric: {"mean", "std"}, "delta_ndcg@10",
+"delta_seeds", "compared_with"}}}} and bench/results/ablation.md (both logs side by side,
+then one table per log), plus {"missing": {dataset: [variant, ...]}} for logs not trained.
 Runs are kept in bench/results/runs.jsonl (bench/runs.py
 RunLog), so an interrupted ablation resumes.
 """
@@ -66,54 +69,94 @@ def run_variants(
 ) -> dict:
     """Train what the run log lacks (the default variant is the quality benchmark's
     default run), then aggregate each variant over seeds. Given a `missing` list, train
-    nothing: variants without all their seeds logged are appended to it instead."""
+    nothing: a variant is reported over the seeds logged so far, and one with none of
+    them is appended to `missing`. Δ NDCG@10 is paired: the mean, over the seeds both
+    runs have, of variant minus baseline, so a midway report compares like with like."""
     run_log = RunLog(RUN_LOG_PATH)
     config_path = CONFIG_DIR / f"{data}.yaml"
     out: dict[str, dict] = {}
+    ndcg_by_seed: dict[str, dict[int, float]] = {}
     for name in variants:
         if name in SKIP.get(data, ()):
             continue
         variant_overrides = [*overrides, *VARIANTS[name]]
         if missing is not None:
-            records = [run_log.logged(data, name, seed, config_path, variant_overrides) for seed in seeds]
-            if any(record is None for record in records):
+            logged = {seed: run_log.logged(data, name, seed, config_path, variant_overrides) for seed in seeds}
+            records = {seed: record for seed, record in logged.items() if record is not None}
+            if not records:
                 missing.append(name)
                 continue
         else:
-            records = [run_log.run(data, name, seed, config_path, variant_overrides) for seed in seeds]
-        runs = [record["test"] for record in records]
-        for seed, run in zip(seeds, runs):
+            records = {seed: run_log.run(data, name, seed, config_path, variant_overrides) for seed in seeds}
+        runs = [record["test"] for record in records.values()]
+        for seed, run in zip(records, runs):
             logging.getLogger("ablation").warning("%s %s seed %d: ndcg@10 %.4f", data, name, seed, run["ndcg@10"])
-        out[name] = {"overrides": VARIANTS[name], "runs": len(runs)}
+        ndcg_by_seed[name] = {seed: run["ndcg@10"] for seed, run in zip(records, runs)}
+        out[name] = {"overrides": VARIANTS[name], "runs": len(runs), "seeds": list(records)}
         out[name].update({metric: mean_std([r[metric] for r in runs]) for metric in METRICS})
     for name, result in out.items():
         base = COMPARED_WITH.get(name, "default")
-        if base in out:
+        common = [seed for seed in ndcg_by_seed[name] if seed in ndcg_by_seed.get(base, {})]
+        if common:
             result["compared_with"] = base
-            result["delta_ndcg@10"] = result["ndcg@10"]["mean"] - out[base]["ndcg@10"]["mean"]
+            result["delta_seeds"] = len(common)
+            result["delta_ndcg@10"] = sum(ndcg_by_seed[name][s] - ndcg_by_seed[base][s] for s in common) / len(common)
     return out
 
 
+def _mean_std(stat: dict, runs: int) -> str:
+    # One run has no spread to show: a "± 0.0000" would read as a measured one.
+    return f"{stat['mean']:.4f}" if runs == 1 else f"{stat['mean']:.4f} ± {stat['std']:.4f}"
+
+
+def _ndcg_cell(result: dict) -> str:
+    return f"{_mean_std(result['ndcg@10'], result['runs'])} ({result['runs']})"
+
+
+def _delta_cell(result: dict | None) -> str:
+    if result is None or "delta_ndcg@10" not in result:
+        return ""
+    return f"{result['delta_ndcg@10']:+.4f}"
+
+
+def overview(results: dict) -> list[str]:
+    """One row per variant, NDCG@10 and its paired Δ on every log side by side (the
+    README's table); seed counts in parentheses."""
+    names = list(dict.fromkeys(name for variants in results.values() for name in variants))
+    lines = [
+        "| variant | change | " + " | ".join(f"{data} NDCG@10 (seeds) | Δ" for data in results) + " |",
+        "|---|---|" + "---:|---:|" * len(results),
+    ]
+    for name in names:
+        cells = []
+        for variants in results.values():
+            result = variants.get(name)
+            cells += ["-" if result is None else _ndcg_cell(result), "" if name == "default" else _delta_cell(result)]
+        change = " ".join(VARIANTS[name]) or "-"
+        lines.append(f"| {name} | {change} | " + " | ".join(cells) + " |")
+    against = sorted({f"{name} against {base}" for name, base in COMPARED_WITH.items() if name in names})
+    lines += ["", "Δ: paired mean over the seeds both runs have, against the default" + (f" ({', '.join(against)})" if against else "") + "."]
+    return lines
+
+
 def markdown(results: dict, seeds: int, overrides: list[str], missing: dict[str, list[str]] | None = None) -> str:
-    lines = []
+    extra = f", overrides {' '.join(overrides)}" if overrides else ""
+    lines = [f"**NDCG@10 on the test split, mean ± std over up to {seeds} seed(s){extra}**", "", *overview(results), ""]
     for data, variants in results.items():
-        extra = f", overrides {' '.join(overrides)}" if overrides else ""
         lines += [
-            f"**{data}** (test split, mean ± std over {seeds} seed(s){extra})",
+            f"**{data}** (test split, mean ± std over the seeds run, of {seeds}{extra})",
             "",
-            "| variant | change | " + " | ".join(METRICS) + " | Δ NDCG@10 | against |",
-            "|---|---|" + "---:|" * (len(METRICS) + 1) + "---|",
+            "| variant | change | seeds | " + " | ".join(METRICS) + " | Δ NDCG@10 | against |",
+            "|---|---|---:|" + "---:|" * (len(METRICS) + 1) + "---|",
         ]
         for name, result in variants.items():
-            cells = [f"{result[m]['mean']:.4f} ± {result[m]['std']:.4f}" for m in METRICS]
-            delta = result.get("delta_ndcg@10")
+            cells = [_mean_std(result[m], result["runs"]) for m in METRICS]
             change = " ".join(result["overrides"]) or "-"
             against = result.get("compared_with", "") if name != "default" else ""
-            lines.append(
-                f"| {name} | {change} | " + " | ".join(cells) + f" | {'' if delta is None else f'{delta:+.4f}'} | {against} |"
-            )
+            delta = "" if name == "default" else _delta_cell(result)
+            lines.append(f"| {name} | {change} | {result['runs']} | " + " | ".join(cells) + f" | {delta} | {against} |")
         if missing and missing.get(data):
-            lines += ["", f"Not yet run at this code and seed count: {', '.join(missing[data])}."]
+            lines += ["", f"Not yet run at this code: {', '.join(missing[data])}."]
         lines.append("")
     return "\n".join(lines)
 
@@ -128,15 +171,17 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     logging.basicConfig(level=logging.WARNING, force=True)
-    datasets = args.data or DATASETS
-    missing: dict[str, list[str]] | None = {data: [] for data in datasets} if args.logged_only else None
+    # The logs not asked for are reported from the run log, never trained, so the
+    # results file always covers both logs however a long ablation was split up.
+    to_train = set() if args.logged_only else set(args.data or DATASETS)
+    missing: dict[str, list[str]] = {data: [] for data in DATASETS if data not in to_train}
     results = {
-        data: run_variants(data, variants, list(range(args.seeds)), args.overrides, None if missing is None else missing[data])
-        for data in datasets
+        data: run_variants(data, variants, list(range(args.seeds)), args.overrides, missing.get(data))
+        for data in DATASETS
     }
     table = markdown(results, args.seeds, args.overrides, missing)
-    summary = {"seeds": args.seeds, "overrides": args.overrides, "results": results}
-    if missing is not None:
+    summary = {"seeds": args.seeds, "overrides": args.overrides, "results": results, "trained": sorted(to_train)}
+    if missing:
         summary["missing"] = missing
     path = write_result("ablation", summary)
     (RESULTS_DIR / "ablation.md").write_text(table)

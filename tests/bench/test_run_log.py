@@ -45,7 +45,7 @@ def test_a_logged_run_is_found_only_under_its_own_identity(run_log):
     assert log.logged("collegemsg", "no_film", 0, CONFIG_DIR / "ml-100k.yaml", ["model.film=false"]) is None
 
 
-def test_logged_only_reports_complete_variants_and_lists_the_rest_as_missing(run_log):
+def test_logged_only_reports_the_seeds_logged_so_far_with_paired_deltas(run_log):
     records = [
         _record("collegemsg", "default", 0, [], 0.60),
         _record("collegemsg", "default", 1, [], 0.62),
@@ -54,8 +54,38 @@ def test_logged_only_reports_complete_variants_and_lists_the_rest_as_missing(run
     run_log.write_text("".join(json.dumps(r) + "\n" for r in records))
     missing: list[str] = []
     results = ablation.run_variants("collegemsg", ["default", "no_film", "no_rab"], [0, 1], [], missing)
-    assert list(results) == ["default"]
+    assert list(results) == ["default", "no_film"]
     assert results["default"]["ndcg@10"]["mean"] == pytest.approx(0.61)
-    assert missing == ["no_film", "no_rab"]
+    assert (results["no_film"]["runs"], results["no_film"]["seeds"]) == (1, [0])
+    # Paired with the default's seed 0 (0.60), not its two-seed mean (0.61).
+    assert results["no_film"]["delta_ndcg@10"] == pytest.approx(-0.05)
+    assert results["no_film"]["delta_seeds"] == 1
+    assert missing == ["no_rab"]
     table = ablation.markdown({"collegemsg": results}, 2, [], {"collegemsg": missing})
-    assert "Not yet run at this code and seed count: no_film, no_rab." in table
+    assert "| no_film | model.film=false | 0.5500 (1) | -0.0500 |" in table
+    assert "Not yet run at this code: no_rab." in table
+
+
+def test_a_log_left_out_of_data_is_reported_from_the_run_log_not_trained(run_log, monkeypatch):
+    records = [
+        _record("ml-100k", "default", 0, [], 0.11),
+        _record("collegemsg", "default", 0, [], 0.60),
+        _record("collegemsg", "no_film", 0, ["model.film=false"], 0.55),
+    ]
+    run_log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    written = {}
+    monkeypatch.setattr(ablation, "write_result", lambda name, summary: written.setdefault(name, summary))
+    monkeypatch.setattr(ablation, "RESULTS_DIR", run_log.parent)
+    arguments = ["ablation.py", "--seeds", "1", "--variants", "default,no_film", "--data"]
+    # ml-100k's no_film is not logged: training collegemsg must leave it missing, not train it.
+    monkeypatch.setattr("sys.argv", [*arguments, "collegemsg"])
+    ablation.main()
+    summary = written["ablation"]
+    assert summary["trained"] == ["collegemsg"]
+    assert summary["results"]["ml-100k"]["default"]["ndcg@10"]["mean"] == pytest.approx(0.11)
+    assert summary["missing"] == {"ml-100k": ["no_film"]}
+    assert "Not yet run at this code: no_film." in (run_log.parent / "ablation.md").read_text()
+    # Asked for, it is trained.
+    monkeypatch.setattr("sys.argv", [*arguments, "ml-100k"])
+    with pytest.raises(AssertionError, match="must not train"):
+        ablation.main()
