@@ -88,12 +88,12 @@ def run_variants(
                 continue
         else:
             records = {seed: run_log.run(data, name, seed, config_path, variant_overrides) for seed in seeds}
-        runs = [record["test"] for record in records.values()]
-        for seed, run in zip(records, runs):
-            logging.getLogger("ablation").warning("%s %s seed %d: ndcg@10 %.4f", data, name, seed, run["ndcg@10"])
-        ndcg_by_seed[name] = {seed: run["ndcg@10"] for seed, run in zip(records, runs)}
-        out[name] = {"overrides": VARIANTS[name], "runs": len(runs), "seeds": list(records)}
-        out[name].update({metric: mean_std([r[metric] for r in runs]) for metric in METRICS})
+        tests = {seed: record["test"] for seed, record in records.items()}
+        for seed, test in tests.items():
+            logging.getLogger("ablation").warning("%s %s seed %d: ndcg@10 %.4f", data, name, seed, test["ndcg@10"])
+        ndcg_by_seed[name] = {seed: test["ndcg@10"] for seed, test in tests.items()}
+        out[name] = {"overrides": VARIANTS[name], "runs": len(tests), "seeds": list(tests)}
+        out[name].update({metric: mean_std([test[metric] for test in tests.values()]) for metric in METRICS})
     for name, result in out.items():
         base = COMPARED_WITH.get(name, "default")
         common = [seed for seed in ndcg_by_seed[name] if seed in ndcg_by_seed.get(base, {})]
@@ -113,8 +113,9 @@ def _ndcg_cell(result: dict) -> str:
     return f"{_mean_std(result['ndcg@10'], result['runs'])} ({result['runs']})"
 
 
-def _delta_cell(result: dict | None) -> str:
-    if result is None or "delta_ndcg@10" not in result:
+def _delta_cell(name: str, result: dict | None) -> str:
+    # The default's Δ against itself is blank, as is a variant with no baseline seeds.
+    if name == "default" or result is None or "delta_ndcg@10" not in result:
         return ""
     return f"{result['delta_ndcg@10']:+.4f}"
 
@@ -131,7 +132,7 @@ def overview(results: dict) -> list[str]:
         cells = []
         for variants in results.values():
             result = variants.get(name)
-            cells += ["-" if result is None else _ndcg_cell(result), "" if name == "default" else _delta_cell(result)]
+            cells += ["-" if result is None else _ndcg_cell(result), _delta_cell(name, result)]
         change = " ".join(VARIANTS[name]) or "-"
         lines.append(f"| {name} | {change} | " + " | ".join(cells) + " |")
     against = sorted({f"{name} against {base}" for name, base in COMPARED_WITH.items() if name in names})
@@ -153,8 +154,9 @@ def markdown(results: dict, seeds: int, overrides: list[str], missing: dict[str,
             cells = [_mean_std(result[m], result["runs"]) for m in METRICS]
             change = " ".join(result["overrides"]) or "-"
             against = result.get("compared_with", "") if name != "default" else ""
-            delta = "" if name == "default" else _delta_cell(result)
-            lines.append(f"| {name} | {change} | {result['runs']} | " + " | ".join(cells) + f" | {delta} | {against} |")
+            lines.append(
+                f"| {name} | {change} | {result['runs']} | " + " | ".join(cells) + f" | {_delta_cell(name, result)} | {against} |"
+            )
         if missing and missing.get(data):
             lines += ["", f"Not yet run at this code: {', '.join(missing[data])}."]
         lines.append("")
