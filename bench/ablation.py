@@ -42,6 +42,8 @@ VARIANTS: dict[str, list[str]] = {
     # The 2D -> D history projection exists only in the transformer's query tower.
     "transformer_no_projection": ["model.encoder=transformer", "model.causal=true", "model.history_projection=false"],
     "no_temporal": ["loss.temporal_weight=0"],
+    # Between the default 0.5 and none: the logs disagree on temporal pretraining (README Ablation).
+    "temporal_weight_0.25": ["loss.temporal_weight=0.25"],
     "rand_negs_4": ["loader.num_rand_negs=4"],
     "rand_negs_32": ["loader.num_rand_negs=32"],
     "no_logq": ["loss.logq_correction=false"],
