@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from configs.loading import load_config
 from trainer.main import run
@@ -38,8 +39,9 @@ class RunLog:
     """One JSON line per finished run, appended as soon as the run ends, so a benchmark of
     hours that is interrupted (or spread over several sessions) loses at most the run in
     progress. A run is identified by data set, model (or variant), seed, overrides and a
-    hash of the config file's text: editing a shipped config retires its earlier runs, and
-    so does a new CODE_VERSION (records carry theirs as `code`)."""
+    hash of the config file's values: changing a value in a shipped config retires its
+    earlier runs (editing its comments does not), and so does a new CODE_VERSION (records
+    carry theirs as `code`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -86,7 +88,10 @@ class RunLog:
 
 
 def config_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    """Hash of what the config file sets, not of its text: comments, blank lines and key
+    order don't change a run, so correcting a config's comment keeps its logged runs."""
+    values = yaml.safe_load(path.read_text()) or {}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def mean_std(values: list[float]) -> dict[str, float]:

@@ -45,6 +45,17 @@ def test_a_logged_run_is_found_only_under_its_own_identity(run_log):
     assert log.logged("collegemsg", "no_film", 0, CONFIG_DIR / "ml-100k.yaml", ["model.film=false"]) is None
 
 
+def test_a_config_is_identified_by_its_values_not_its_comments(tmp_path):
+    shipped = (CONFIG_DIR / "ml-100k.yaml").read_text()
+    commented = tmp_path / "commented.yaml"
+    commented.write_text("# a corrected comment\n" + shipped.replace("\n\n", "\n"))
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(shipped.replace("patience: 3", "patience: 4"))
+    assert changed.read_text() != shipped  # the edit took
+    assert runs.config_hash(commented) == runs.config_hash(CONFIG_DIR / "ml-100k.yaml")
+    assert runs.config_hash(changed) != runs.config_hash(CONFIG_DIR / "ml-100k.yaml")
+
+
 def test_logged_only_reports_the_seeds_logged_so_far_with_paired_deltas(run_log):
     records = [
         _record("collegemsg", "default", 0, [], 0.60),
