@@ -4,15 +4,20 @@ rank r = 1 + number of candidates other than the true target whose score is >= t
 true target's score (ties count against the model: a constant scorer ranks last).
 
 Scores are computed in chunks of `query_chunk_size x candidate_chunk_size`, so memory
-is bounded by the chunk sizes whatever the vocabulary size. The true target's score
-comes from `score_pairs` and the true target's own column is masked out of the
-count, so the rank never depends on which chunk holds the target.
+is bounded by the chunk sizes whatever the vocabulary size. The true target's score is
+read from the score chunk that holds its column, the very numbers it is compared with:
+a score computed another way (a multiply-and-sum instead of the chunk's matrix product,
+or a matrix product of another shape) differs in the last bits, and a model that gives
+every candidate the same vector would then rank first for a share of its queries
+instead of last. So a query chunk's true scores are computed first, in a chunk of the
+count's width (see `_true_scores`), then every chunk is counted. Only a target that is
+no candidate (it can't be tied with one) is scored by `score_pairs`.
 
 A scorer is anything with:
     query_state(query_slice) -> state           # e.g. the query vectors of the chunk
     score(state, candidate_ids [C] int64) -> [Q, C] float, a tensor of its own: the
                                                 evaluation overwrites excluded entries
-    score_pairs(state, target_ids [Q] int64) -> [Q] float
+    score_pairs(state, target_ids [Q] int64) -> [Q] float, for targets that are no candidate
 """
 
 from __future__ import annotations
@@ -102,6 +107,36 @@ def excluded_pairs(sorted_candidates: torch.Tensor, rows: slice, true_Q: torch.T
     return ColumnPairs.locate(sorted_candidates, query_rows, targets)
 
 
+@dataclass(frozen=True)
+class CandidateChunks:
+    """The column ranges of the sorted candidates scored at once. Every chunk has the same
+    width, min(size, number of candidates): the last one starts `size` before the end and
+    its first `overlap` columns (the previous chunk's) don't count. A matrix product
+    rounds differently for another shape (a chunk of a few columns takes another BLAS
+    path), and a tie must stay a tie whichever chunks its two sides fall in."""
+
+    num_candidates: int
+    size: int
+
+    @property
+    def width(self) -> int:
+        return min(self.size, self.num_candidates)
+
+    def starts(self) -> list[int]:
+        return [self.start_of(c) for c in range(0, self.num_candidates, self.size)]
+
+    def start_of(self, column: int | torch.Tensor):
+        """Start of the chunk whose counted columns hold `column`."""
+        last = self.num_candidates - self.width
+        if isinstance(column, torch.Tensor):
+            return torch.clamp((column // self.size) * self.size, max=last)
+        return min((column // self.size) * self.size, last)
+
+    def overlap(self, start: int) -> int:
+        """Leading columns of the chunk at `start` that an earlier chunk counts."""
+        return (-start) % self.size if start == self.num_candidates - self.width else 0
+
+
 def full_ranking_ranks(
     scorer: RankingScorer,
     true_targets: np.ndarray,
@@ -111,32 +146,102 @@ def full_ranking_ranks(
     candidate_chunk_size: int = 65536,
     seen: SeenTargets | None = None,
     count_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    score_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Rank of each query's true target among `candidates` (sorted target IDs). [Q] int64.
-    `count_sum`: on several ranks, each scoring its own share of the candidates, sums the
-    per-query counts over ranks (every rank then returns the global ranks)."""
+    On several ranks, each scoring its own share of the candidates, `count_sum` sums the
+    per-query counts over ranks and `score_max` takes the true scores from the rank whose
+    share holds the target (the others give -inf); every rank then returns the global
+    ranks. Both are needed together."""
+    if (count_sum is None) != (score_max is None):
+        raise ValueError("full_ranking_ranks: count_sum and score_max go together (several ranks) or not at all")
     candidates_t = torch.from_numpy(np.sort(np.asarray(candidates, dtype=np.int64)))
+    chunks = CandidateChunks(len(candidates_t), candidate_chunk_size)
     num_queries = len(true_targets)
     ranks = np.empty(num_queries, dtype=np.int64)
     for q0 in range(0, num_queries, query_chunk_size):
         rows = slice(q0, min(q0 + query_chunk_size, num_queries))
         state = scorer.query_state(rows)
         true_Q = torch.from_numpy(np.asarray(true_targets[rows], dtype=np.int64))
-        true_score_Q = scorer.score_pairs(state, true_Q)
+        true_score_Q, kept = _true_scores(scorer, state, candidates_t, chunks, true_Q, score_max)
         count_Q = torch.zeros(rows.stop - rows.start, dtype=torch.int64)
         excluded = excluded_pairs(candidates_t, rows, true_Q, seen)
-        for c0 in range(0, len(candidates_t), candidate_chunk_size):
-            chunk = candidates_t[c0 : c0 + candidate_chunk_size]
-            scores_QC = scorer.score(state, chunk)
+        # The kept chunk first, so at most one [Q, C] chunk besides it is ever alive.
+        starts = chunks.starts()
+        if kept is not None:
+            starts.remove(kept[0])
+            starts.insert(0, kept[0])
+        for c0 in starts:
+            chunk = candidates_t[c0 : c0 + chunks.width]
+            if kept is not None and kept[0] == c0:
+                scores_QC, kept = kept[1], None
+            else:
+                scores_QC = scorer.score(state, chunk)
             # Excluded columns set to NaN in the chunk's own scores (NaN never counts): a
             # scatter of a few entries, not a [Q, C] mask.
             excluded_rows, excluded_columns, _ = excluded.in_range(c0, c0 + len(chunk))
             scores_QC[excluded_rows, excluded_columns] = float("nan")
+            scores_QC[:, : chunks.overlap(c0)] = float("nan")
             count_Q += count_at_least(scores_QC, true_score_Q)
         if count_sum is not None:
             count_Q = count_sum(count_Q)
         ranks[rows] = (count_Q + 1).numpy()
     return ranks
+
+
+def _true_scores(
+    scorer: RankingScorer,
+    state: Any,
+    candidates_t: torch.Tensor,
+    chunks: CandidateChunks,
+    true_Q: torch.Tensor,
+    score_max: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[torch.Tensor, tuple[int, torch.Tensor] | None]:
+    """Each query's true score as the count's chunks compute it (-inf where this scorer's
+    candidates don't hold it: another rank's share), and the chunk scored for it,
+    (start, scores), when it is one of the count's chunks, for the count to reuse. A NaN
+    true score becomes -inf: every candidate then beats it (a broken model ranks last).
+
+    When every held target lies in one chunk (a vocabulary of one or two chunks), that
+    chunk is scored and kept: the true scores are the count's own numbers. Otherwise the
+    targets are scored as a chunk of their own, padded to the same width: the same
+    matrix-product shape computes each entry alike wherever its column sits (tested),
+    while scoring every chunk that holds a target instead made the ranking 1.45x slower
+    (bench/eval.py's 1e6 candidates, 1,024 queries; this way 1.04-1.08x, in one run)."""
+    true_score_Q = torch.full((len(true_Q),), float("-inf"))
+    held_Q = torch.zeros(len(true_Q), dtype=torch.bool)
+    kept = None
+    if len(candidates_t) > 0:
+        column_Q = torch.searchsorted(candidates_t, true_Q).clamp(max=len(candidates_t) - 1)
+        held_Q = candidates_t[column_Q] == true_Q
+        start_Q = chunks.start_of(column_Q)
+        starts = torch.unique(start_Q[held_Q]).tolist()
+        if len(starts) == 1:
+            c0 = starts[0]
+            scores_QC = scorer.score(state, candidates_t[c0 : c0 + chunks.width])
+            true_score_Q = true_score_Q.to(scores_QC.dtype)  # the dtype the count compares in
+            true_score_Q[held_Q] = scores_QC[held_Q, column_Q[held_Q] - c0]
+            kept = (c0, scores_QC)
+        elif starts:
+            targets = torch.unique(true_Q[held_Q])  # sorted
+            for t0 in range(0, len(targets), chunks.width):
+                ids = targets[t0 : t0 + chunks.width]
+                # Padded with its last ID: sorted still, and a repeat is never read.
+                ids = torch.cat([ids, ids[-1:].expand(chunks.width - len(ids))])
+                scores_QT = scorer.score(state, ids)
+                true_score_Q = true_score_Q.to(scores_QT.dtype)
+                rows = torch.nonzero(held_Q & (true_Q >= ids[0]) & (true_Q <= ids[-1])).squeeze(1)
+                true_score_Q[rows] = scores_QT[rows, torch.searchsorted(ids, true_Q[rows])]
+    true_score_Q = torch.nan_to_num(true_score_Q, nan=float("-inf"))
+    if score_max is not None:
+        true_score_Q = score_max(true_score_Q)
+        held_Q = score_max(held_Q.to(torch.int32)).bool()
+    if not bool(held_Q.all()):
+        # Targets that are no candidate (the same decision on every rank, as score_pairs
+        # may look up vectors collectively).
+        pairs_Q = torch.nan_to_num(scorer.score_pairs(state, true_Q), nan=float("-inf"))
+        true_score_Q = torch.where(held_Q, true_score_Q.to(pairs_Q.dtype), pairs_Q)
+    return true_score_Q, kept
 
 
 def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:

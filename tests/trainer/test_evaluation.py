@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from configs.loading import load_config
+from data.prepare import prepare
 from trainer.evaluation import SeenTargets, full_ranking_ranks, metrics_from_ranks
+from trainer.loop import Trainer, incoming_inputs
+from trainer.metrics import MetricsLogger
+from trainer.scoring import ModelScorer
 
 
 class DotScorer:
@@ -84,3 +91,62 @@ def test_a_nan_true_score_ranks_last_never_first():
     items[2] = float("nan")  # the true target's vector is broken
     scorer = DotScorer(torch.ones(1, 1), items)
     assert full_ranking_ranks(scorer, np.array([2]), np.arange(6)).tolist() == [6]
+
+
+# ---------------------------------------------------------------- through the real model
+
+SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
+
+
+def _smoke_trainer(*overrides: str) -> Trainer:
+    config = load_config(SMOKE, ["eval.max_queries=200", *overrides])
+    return Trainer(config, prepare(config.data), MetricsLogger(None, enabled=False))
+
+
+@pytest.mark.parametrize("candidate_chunk", [1, 100, 1024, 1 << 20])
+def test_a_model_giving_every_candidate_the_same_vector_ranks_last(monkeypatch, candidate_chunk):
+    # The true score must be computed as the candidates' scores are (the same matrix
+    # product): a multiply-and-sum differs from it in the last bits and ranked a share of
+    # these queries first.
+    trainer = _smoke_trainer("model.repeat_scoring=false", f"eval.candidate_chunk_size={candidate_chunk}")
+    dim = trainer.config.model.embedding_dim
+    gen = torch.Generator().manual_seed(0)
+    vector = torch.nn.functional.normalize(torch.randn(dim, generator=gen), dim=0)
+    monkeypatch.setattr(trainer.model, "candidate_vectors", lambda ids: vector.expand(len(ids), dim).clone())
+    metrics = trainer.evaluate("test")
+    assert metrics["mean_rank"] == len(trainer.prepared.stats.candidates)
+    assert metrics["hr@50"] == 0.0
+
+
+def test_the_models_ranks_do_not_depend_on_the_candidate_chunks():
+    trainer = _smoke_trainer()  # the repeat re-scorer on: its bonus is added chunk by chunk
+    prepared, config = trainer.prepared, trainer.config
+    queries = prepared.split.queries(prepared.seqs, "test", config.eval.max_queries)
+    scorer = ModelScorer(
+        trainer.model.eval(), prepared.seqs, queries, config.history_window, prepared.stats.candidates,
+        **incoming_inputs(config, prepared, "test"),
+    )
+    true = prepared.seqs.targets[queries.position]
+    candidates = prepared.stats.candidates
+    # One query chunk, one candidate chunk: the whole score matrix, ranked by the definition.
+    state = scorer.query_state(slice(0, len(true)))
+    scores = scorer.score(state, torch.from_numpy(np.sort(candidates))).numpy()
+    column = {c: i for i, c in enumerate(np.sort(candidates))}
+    expected = np.array([
+        1 + int(np.sum(np.delete(scores[i], column[t]) >= scores[i, column[t]])) for i, t in enumerate(true)
+    ])
+    # Widths of a few columns (1, 2, 7 here) take another BLAS path than the whole matrix
+    # and round differently; within one evaluation every chunk has the same width, so a
+    # tie stays a tie (the constant-vector test above runs one-column chunks).
+    for chunk in (16, 37, 1000, 1024):
+        ranks = full_ranking_ranks(scorer, true, candidates, query_chunk_size=len(true), candidate_chunk_size=chunk)
+        np.testing.assert_array_equal(ranks, expected)
+
+
+def test_a_target_that_is_no_candidate_is_ranked_among_the_candidates():
+    items = torch.arange(10, dtype=torch.float64)[:, None]  # item i scores i
+    scorer = DotScorer(torch.ones(2, 1, dtype=torch.float64), items)
+    candidates = np.array([0, 2, 4, 6, 8])
+    # 5 scores 5: beaten by 6 and 8; 8 is a candidate, so its own column doesn't count.
+    ranks = full_ranking_ranks(scorer, np.array([5, 8]), candidates, candidate_chunk_size=2)
+    assert ranks.tolist() == [3, 1]
