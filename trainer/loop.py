@@ -7,6 +7,7 @@ validates on a schedule, keeping the best model by validation NDCG@10.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -20,6 +21,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from configs.schema import ExperimentConfig, OptimConfig
 from data.batches import BatchBuilder
@@ -98,12 +100,17 @@ def _materialise_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def _sparse_optimizer(config: OptimConfig) -> tuple[type, dict]:
+    """The optimizer class applied in backward to the ID tables. DMP turns each into the
+    matching fused FBGEMM kernel when it shards the tables; unsharded, the class itself
+    runs. So Adagrad and Adam are torch's own: torchrec.optim.Adagrad / Adam are only
+    placeholders for the fused kernels and raise NotImplementedError on an unsharded
+    table, while its RowWiseAdagrad has a Python step of its own."""
     import torchrec.optim as sparse
 
     return {
         "rowwise_adagrad": (sparse.RowWiseAdagrad, {"lr": config.sparse_lr}),
-        "adagrad": (sparse.Adagrad, {"lr": config.sparse_lr}),
-        "adam": (sparse.Adam, {"lr": config.sparse_lr}),
+        "adagrad": (torch.optim.Adagrad, {"lr": config.sparse_lr}),
+        "adam": (torch.optim.Adam, {"lr": config.sparse_lr}),
     }[config.sparse_optimizer]
 
 
@@ -261,6 +268,7 @@ class Trainer:
                 candidate_chunk_size=config.eval.candidate_chunk_size,
                 seen=seen_targets(prepared, queries) if config.eval.exclude_seen else None,
                 count_sum=self.dist.sum if self.dist.world_size > 1 else None,
+                score_max=self.dist.max if self.dist.world_size > 1 else None,
             )
         finally:
             self.model.train()
@@ -275,49 +283,53 @@ class Trainer:
         examples, validation_seconds = 0, 0.0  # for the run's training throughput
         stopped_early = False
         self.model.train()
-        for batch in self.loader:
-            if self.step >= self.total_steps:
-                break
-            scalars = self.train_step(batch)
-            window_examples += batch.batch_size * self.dist.world_size  # the global batch
-            examples += batch.batch_size * self.dist.world_size
-            progress.update(1)
-            if scalars and self._logs_step(self.step):
-                elapsed = time.perf_counter() - window_start
-                scalars["examples_per_s"] = window_examples / max(elapsed, 1e-9)
-                window_start, window_examples = time.perf_counter(), 0
-                self.metrics.log(scalars, self.step)
-                progress.set_postfix(loss=f"{scalars['loss/total']:.3f}", ex_s=f"{scalars['examples_per_s']:.0f}")
-                if not interactive:
-                    eta = (time.perf_counter() - start) / self.step * (self.total_steps - self.step)
-                    log.info(
-                        "step %d/%d loss %.4f lr %.2e %.0f examples/s eta %.0fs",
-                        self.step, self.total_steps, scalars["loss/total"], scalars["lr"], scalars["examples_per_s"], eta,
-                    )
-            if self.step % self.eval_every == 0 or self.step == self.total_steps:
-                validation_start = time.perf_counter()
-                valid = self.evaluate("valid")
-                self.metrics.log({f"valid/{k}": v for k, v in valid.items()}, self.step)
-                improved = valid["ndcg@10"] > self.best_ndcg
-                log.info(
-                    "step %d valid ndcg@10 %.4f hr@10 %.4f%s",
-                    self.step, valid["ndcg@10"], valid["hr@10"], " (best)" if improved else "",
-                )
-                if improved:
-                    self.best_ndcg, self.best_step, self.best_valid = valid["ndcg@10"], self.step, valid
-                    self.evals_without_gain = 0
-                    self.best_state = copy.deepcopy(self.model.state_dict())
-                else:
-                    self.evals_without_gain += 1
-                if self.checkpoint_dir is not None:
-                    save_checkpoint(
-                        self.checkpoint_dir, self.step, self.state_dict(), self.dist, config.train.keep_checkpoints
-                    )
-                validation_seconds += time.perf_counter() - validation_start
-                if self.evals_without_gain >= config.train.patience:
-                    log.info("early stop: %d validations without a better NDCG@10", self.evals_without_gain)
-                    stopped_early = True
+        # On a terminal, log lines (validation, early stop) print above the bar, not through it.
+        with logging_redirect_tqdm() if interactive else contextlib.nullcontext():
+            for batch in self.loader:
+                if self.step >= self.total_steps:
                     break
+                scalars = self.train_step(batch)
+                window_examples += batch.batch_size * self.dist.world_size  # the global batch
+                examples += batch.batch_size * self.dist.world_size
+                progress.update(1)
+                if scalars and self._logs_step(self.step):
+                    elapsed = time.perf_counter() - window_start
+                    scalars["examples_per_s"] = window_examples / max(elapsed, 1e-9)
+                    window_start, window_examples = time.perf_counter(), 0
+                    self.metrics.log(scalars, self.step)
+                    progress.set_postfix(loss=f"{scalars['loss/total']:.3f}", ex_s=f"{scalars['examples_per_s']:.0f}")
+                    if not interactive:
+                        eta = (time.perf_counter() - start) / self.step * (self.total_steps - self.step)
+                        log.info(
+                            "step %d/%d loss %.4f lr %.2e %.0f examples/s eta %.0fs",
+                            self.step, self.total_steps, scalars["loss/total"], scalars["lr"], scalars["examples_per_s"], eta,
+                        )
+                if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                    validation_start = time.perf_counter()
+                    valid = self.evaluate("valid")
+                    self.metrics.log({f"valid/{k}": v for k, v in valid.items()}, self.step)
+                    improved = valid["ndcg@10"] > self.best_ndcg
+                    log.info(
+                        "step %d valid ndcg@10 %.4f hr@10 %.4f%s",
+                        self.step, valid["ndcg@10"], valid["hr@10"], " (best)" if improved else "",
+                    )
+                    if improved:
+                        self.best_ndcg, self.best_step, self.best_valid = valid["ndcg@10"], self.step, valid
+                        self.evals_without_gain = 0
+                        self.best_state = copy.deepcopy(self.model.state_dict())
+                    else:
+                        self.evals_without_gain += 1
+                    if self.checkpoint_dir is not None:
+                        save_checkpoint(
+                            self.checkpoint_dir, self.step, self.state_dict(), self.dist, config.train.keep_checkpoints
+                        )
+                    validation_seconds += time.perf_counter() - validation_start
+                    # The throughput window leaves the validation (and checkpoint) out.
+                    window_start += time.perf_counter() - validation_start
+                    if self.evals_without_gain >= config.train.patience:
+                        log.info("early stop: %d validations without a better NDCG@10", self.evals_without_gain)
+                        stopped_early = True
+                        break
         progress.close()
         seconds = time.perf_counter() - start
         examples_per_s = examples / max(seconds - validation_seconds, 1e-9)
