@@ -16,11 +16,17 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from configs.schema import ExperimentConfig
+from configs.schema import ExperimentConfig, did_you_mean
 
 
 class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key and what was expected."""
+    """A config that cannot be used; the message names the key and what was expected.
+    `key`: the dotted key at fault, when one is (to say whether it came from the file or
+    from a command-line override)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _type_name(tp: Any) -> str:
@@ -42,18 +48,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as e:
                 errors.append(e)
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}", key)
     if origin is Literal:
         if value in get_args(tp):
             return value
-        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}{did_you_mean(value, get_args(tp))}", key)
     if tp is type(None):
         if value is None:
             return None
-        raise ConfigError(f"{key}: expected null, got {value!r}")
+        raise ConfigError(f"{key}: expected null, got {value!r}", key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}", key)
         return build_dataclass(tp, value, prefix=f"{key}.")
     if tp is bool:
         if isinstance(value, bool):
@@ -82,7 +88,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return dict(value)
     elif tp is Any:
         return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})", key)
 
 
 def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
@@ -94,7 +100,7 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
-            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}", prefix + key)
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     missing = [
         name
@@ -108,7 +114,10 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(str(e)) from None
+        # The schema's checks start with the key they are about: "loader.batch_size: ...".
+        message = str(e)
+        head = message.split(":", 1)[0]
+        raise ConfigError(message, head if ":" in message and " " not in head else None) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -150,7 +159,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     try:
         return build_dataclass(ExperimentConfig, values)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        # Name where the bad key was set: the last override of it wins, as it did in values.
+        source = str(path)
+        for text in reversed(overrides or []):
+            key = text.split("=", 1)[0]
+            if e.key is not None and (e.key == key or e.key.startswith(key + ".") or key.startswith(e.key + ".")):
+                source = f"override {text!r}"
+                break
+        raise ConfigError(f"{source}: {e}", e.key) from None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -8,6 +8,8 @@ Loading YAML into these classes (unknown keys, wrong types) lives in `configs/lo
 
 from __future__ import annotations
 
+import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,12 +22,19 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def did_you_mean(value: object, options: typing.Iterable[object]) -> str:
+    """'; did you mean X?' naming the option closest to a mistyped key or value, or ''."""
+    by_text = {str(o): o for o in options}
+    close = difflib.get_close_matches(str(value), list(by_text), n=1)
+    return f"; did you mean {by_text[close[0]]!r}?" if close else ""
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     """Where the interaction log is and how to read, split and batch it."""
 
     path: str
-    """Log file, or a directory of parquet files. Relative paths are resolved from
+    """Required (no default). Log file, or a directory of parquet files. Relative paths are resolved from
     the directory you run in; `embedded:collegemsg` names the log shipped in the package."""
 
     format: LogFormat = "auto"
@@ -145,10 +154,15 @@ class ModelConfig:
     """History encoder of the query tower."""
 
     num_layers: int = 2
+    """Encoder blocks (HSTU or transformer layers)."""
+
     num_heads: int = 2
+    """Attention heads per block; embedding_dim must be divisible by it."""
+
     dropout: float = 0.3
     """Dropout in the encoders and towers. The public logs are small (tens of thousands of
-    events); 0.3 beat 0.1 on CollegeMsg validation (0.467 vs 0.465 NDCG@10)."""
+    events), so the rate is on the high side; an early CollegeMsg comparison of 0.3 and
+    0.1 was within noise and it has not been re-measured at the current default."""
 
     activation: Literal["gelu", "swiglu"] = "gelu"
     """Activation of the towers' MLPs (and the transformer's feed-forward): GELU, or
@@ -225,8 +239,14 @@ class HardNegativesConfig:
     """Off by default until it is shown to help (see bench/ablation.py)."""
 
     topk_start: int = 64
+    """k at step 0: the hardest this many negatives of each source are kept (easy start)."""
+
     topk_end: int = 8
+    """k after num_steps: fewer, harder negatives."""
+
     schedule: Literal["linear", "cosine"] = "linear"
+    """How k moves from topk_start to topk_end over num_steps."""
+
     num_steps: int = 1000
     """Steps over which k goes from topk_start to topk_end (then stays at topk_end)."""
 
@@ -250,7 +270,10 @@ class LossConfig:
     streaming estimator of Yi et al. 2019 (hashed last-seen step and EMA of gaps)."""
 
     streaming_num_buckets: int = 1 << 20
+    """Streaming estimator: hash buckets of the last-seen step (collisions share a bucket)."""
+
     streaming_ema: float = 0.01
+    """Streaming estimator: EMA rate of each bucket's gap between appearances."""
 
     mask_history: bool = False
     """Mask negatives that are targets in the actor's own history."""
@@ -259,6 +282,7 @@ class LossConfig:
     """Mask in-batch negatives whose similarity to the positive exceeds this."""
 
     hard_negatives: HardNegativesConfig = field(default_factory=HardNegativesConfig)
+    """Top-k hard negative mining per negative source with a curriculum (off by default)."""
 
     temporal_weight: float = 0.5
     """Weight of temporal pretraining: every history position predicts the next event
@@ -283,11 +307,15 @@ class OptimConfig:
     optimizer, applied in backward (the same code path once the tables are sharded)."""
 
     lr: float = 1e-3
+    """Peak learning rate of the dense parameters (AdamW), reached after warm-up."""
     weight_decay: float = 0.01
+    """AdamW's decoupled weight decay of the dense parameters."""
     warmup_steps: int = 100
+    """Linear warm-up of the dense learning rates from lr / warmup_steps to lr."""
     decay: Literal["cosine", "linear", "none"] = "cosine"
     """Decay after warm-up, down to `min_lr_ratio * lr` at the end of training."""
     min_lr_ratio: float = 0.1
+    """Dense learning rate at the end of training, as a fraction of lr."""
     grad_clip: float = 1.0
     """Clip the dense gradients' global norm (0 turns clipping off)."""
     repeat_lr: float = 1e-2
@@ -295,7 +323,13 @@ class OptimConfig:
     outweigh the similarity (tens of logits) before the ID tables overfit; at the dense
     rate it gets there too late (measured on CollegeMsg, see the notes)."""
     sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "adam"] = "rowwise_adagrad"
+    """Optimizer of the ID tables, run in backward (TorchRec's fused kernels once the tables
+    are sharded): row-wise Adagrad keeps one accumulator per row, so its state is D times
+    smaller than Adagrad's or Adam's, which matters for tables of millions of rows."""
     sparse_lr: float = 0.02
+    """Learning rate of the ID tables, constant (no warm-up or decay): the optimizer runs
+    inside backward, and (row-wise) Adagrad's accumulators already shrink a row's steps
+    as it is updated."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"optim.lr: expected > 0, got {self.lr}")
@@ -374,10 +408,15 @@ class EvalConfig:
     """Full-ranking evaluation (../shared/BENCHMARK.md)."""
 
     query_chunk_size: int = 1024
-    """Queries scored at once; memory is bounded by query_chunk_size x candidate_chunk_size."""
+    """Queries scored at once; memory is bounded by query_chunk_size x candidate_chunk_size.
+    The query vectors are encoded a chunk at a time, and a batch of another size rounds
+    the encoder's matrix products differently: another size can move a candidate that
+    sits within rounding of the target by a rank (measured: 1 rank of 1,077 with chunks
+    of 1 or 3), so compare runs at the same size. Ties themselves stay exact."""
 
     candidate_chunk_size: int = 1024
-    """Candidates scored at once. Small on purpose: a 1024 x 1024 block of scores (4 MB)
+    """Candidates scored at once (every chunk this wide; the last overlaps the one before,
+    see trainer/evaluation.py). Small on purpose: a 1024 x 1024 block of scores (4 MB)
     is still in cache when the ranking counts over it, and the matmul keeps most of its
     speed (bench/eval.py, 1e6 candidates, D 256, 2 cores: 1024 x 1024 reached 2.7x the
     scores per second of 256 x 65536)."""
@@ -429,11 +468,13 @@ class DistributedConfig:
         for table, kind in self.sharding.items():
             _require(
                 table in TABLE_NAMES,
-                f"distributed.sharding: unknown table {table!r}; tables are {', '.join(TABLE_NAMES)}",
+                f"distributed.sharding.{table}: unknown table{did_you_mean(table, TABLE_NAMES)} "
+                f"(tables: {', '.join(TABLE_NAMES)})",
             )
             _require(
                 kind in SHARDING_TYPES,
-                f"distributed.sharding.{table}: expected one of {', '.join(SHARDING_TYPES)}, got {kind!r}",
+                f"distributed.sharding.{table}: expected one of {', '.join(SHARDING_TYPES)}, got {kind!r}"
+                f"{did_you_mean(kind, SHARDING_TYPES)}",
             )
 
 
@@ -442,17 +483,26 @@ class ExperimentConfig:
     """A complete, named run."""
 
     name: str
-    """Run name: outputs go to `<output_dir>/<name>/`."""
+    """Required (no default). Run name: outputs go to `<output_dir>/<name>/`."""
 
     data: DataConfig
+    """Required (no default): at least `data.path`."""
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    """Batching and random negatives (LoaderConfig's defaults)."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The towers and the history encoder (ModelConfig's defaults)."""
     loss: LossConfig = field(default_factory=LossConfig)
+    """Sampled softmax, logQ, masks, hard negatives, temporal loss (LossConfig's defaults)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Dense and sparse optimizers, schedule, clipping (OptimConfig's defaults)."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Length, validation, early stopping, checkpoints (TrainConfig's defaults)."""
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    """The baselines beside the model in every results table (BaselineConfig's defaults)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Full-ranking evaluation (EvalConfig's defaults)."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Sharding and backend on several ranks (DistributedConfig's defaults)."""
 
     seed: int = 0
     """Seed for shuffling, sampling and initialisation."""

@@ -21,7 +21,8 @@ class MetricsLogger:
             self.writer.add_scalar(name, value, step)
 
     def log_config(self, config: dict) -> None:
-        """The resolved config as text, and its flat scalar fields as hparams."""
+        """The resolved config as text (log_hparams writes its fields as hparams, with
+        the final metrics)."""
         if self.writer is None:
             return
         self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```", 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -34,11 +35,58 @@ def _load(write, text, overrides=()):
         ("[1, 2]\n", [], r"expected a mapping"),
         ("name: x\ndata: {path: a}\n", ["nonsense"], r"expected key=value"),
         ("name: ../x\ndata: {path: a}\n", [], r"name: expected a plain run name"),
+        ("name: x\ndata: {path: a, format: snp}\n", [], r"data\.format: expected one of .*; did you mean 'snap'\?"),
+        ("name: x\ndata: {path: a}\ndistributed: {sharding: {target_idz: row_wise}}\n", [],
+         r"distributed\.sharding\.target_idz: unknown table; did you mean 'target_ids'\?"),
+        ("name: x\ndata: {path: a}\ndistributed: {sharding: {target_ids: rowwise}}\n", [],
+         r"distributed\.sharding\.target_ids: expected one of .*; did you mean 'row_wise'\?"),
     ],
 )
 def test_bad_configs_fail_with_the_key_named(write, text, overrides, expected):
     with pytest.raises(ConfigError, match=expected):
         _load(write, text, overrides)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("loader.batch_sise=3", r"^override 'loader.batch_sise=3': unknown config key 'loader\.batch_sise'; "
+                                r"did you mean 'loader\.batch_size'\?"),
+        ("lodaer.batch_size=3", r"^override 'lodaer.batch_size=3': unknown config key 'lodaer'; did you mean 'loader'"),
+        ("loader.batch_size=many", r"^override 'loader.batch_size=many': loader\.batch_size: expected int, got 'many'"),
+        ("loader.batch_size=0", r"^override 'loader.batch_size=0': loader\.batch_size: expected >= 1, got 0"),
+        ("loss.hard_negatives.enabld=true", r"^override .*: unknown config key 'loss\.hard_negatives\.enabld'; "
+                                            r"did you mean 'loss\.hard_negatives\.enabled'"),
+    ],
+)
+def test_a_bad_override_is_named_as_the_override_not_the_file(write, override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        _load(write, "name: x\ndata: {path: a}\n", [override])
+
+
+def test_a_bad_key_in_the_file_is_named_with_the_file(write):
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown config key 'loader\.batch_sise'"):
+        _load(write, "name: x\ndata: {path: a}\nloader: {batch_sise: 3}\n", ["seed=1"])
+
+
+def test_every_schema_field_is_documented():
+    """Every field of every config dataclass has a docstring right below it (the schema is
+    the reference users read: README points there)."""
+    tree = ast.parse((CONFIG_DIR / "schema.py").read_text())
+    undocumented = []
+    for cls in (node for node in tree.body if isinstance(node, ast.ClassDef)):
+        body = cls.body
+        for i, statement in enumerate(body):
+            if isinstance(statement, ast.AnnAssign):
+                following = body[i + 1] if i + 1 < len(body) else None
+                documented = (
+                    isinstance(following, ast.Expr)
+                    and isinstance(following.value, ast.Constant)
+                    and isinstance(following.value.value, str)
+                )
+                if not documented:
+                    undocumented.append(f"{cls.name}.{statement.target.id}")
+    assert not undocumented
 
 
 def test_overrides_are_typed_and_nested(write):
@@ -49,6 +97,8 @@ def test_overrides_are_typed_and_nested(write):
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "none.yaml")
+
+
 def test_exponent_floats_without_a_dot_are_numbers(write):
     assert _load(write, "name: x\ndata: {path: a}\noptim: {lr: 1e-4}\n").optim.lr == 1e-4
 
