@@ -20,7 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
+if __package__ in (None, ""):
+    # Run by path (`python trainer/main.py`, as torchx launches it): Python puts trainer/
+    # on the path, not the repository root the packages live in. Without this the script
+    # only ran where the project was pip-installed.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import yaml  # noqa: E402
 
 from configs.loading import ConfigError, config_to_dict, load_config
 from configs.schema import ExperimentConfig

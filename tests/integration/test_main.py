@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import site
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+from trainer.evaluation import METRIC_NAMES
 from trainer.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,10 +34,25 @@ def test_smoke_run_trains_validates_tests_and_writes_results_and_tensorboard(tmp
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    for tag in ("loss/main", "loss/temporal", "lr", "grad_norm", "examples_per_s", "valid/ndcg@10",
-                "retrieval/masked_frac/accidental_hit", "retrieval/logq/in_batch", "retrieval/sim/positive"):
-        assert tag in tags, tag
+    expected = [
+        "loss/main", "loss/temporal", "lr", "grad_norm", "examples_per_s",
+        *(f"retrieval/masked_frac/{reason}" for reason in ("accidental_hit", "in_history", "duplicate_of_history")),
+        *(f"retrieval/logq/{source}" for source in ("in_batch", "random", "history")),
+        "retrieval/sim/positive", "retrieval/sim/hardest_negative",
+        *(f"{split}/{metric}" for split in ("valid", "test") for metric in METRIC_NAMES),
+    ]
+    assert not [tag for tag in expected if tag not in tags]
     assert len(events.Scalars("valid/ndcg@10")) == 3  # every 8 of 24 steps
+    assert len(events.Scalars("test/ndcg@10")) == 1  # the test split once, at the best model
+    assert events.Scalars("test/ndcg@10")[0].value == pytest.approx(results["metrics"]["test"]["model"]["ndcg@10"])
+    assert "config/text_summary" in events.Tags()["tensors"]
+    plugins = {
+        value.metadata.plugin_data.plugin_name
+        for path in (run_dir / "tensorboard").glob("events.out.tfevents.*")
+        for event in EventFileLoader(str(path)).Load()
+        for value in event.summary.value
+    }
+    assert "hparams" in plugins  # the config as hparams, beside the final metrics
 
 
 def test_early_stopping_ends_training_after_patience_validations_without_gain(tmp_path):
@@ -58,11 +78,16 @@ def test_same_config_and_seed_give_identical_metrics_and_bf16_towers_train(tmp_p
 
 
 def test_main_runs_as_a_script_path_and_reports_user_errors_in_one_line(tmp_path):
+    # As on a torchx image without `pip install -e .`: -S skips site-packages' .pth files
+    # (the editable install), PYTHONPATH still finds torch and the other libraries.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(site.getsitepackages())}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "trainer" / "main.py"), "trainer/main.py", "--config", "smoke", "loader.batch_sise=3"],
+        [sys.executable, "-S", str(ROOT / "trainer" / "main.py"), "trainer/main.py", "--config", "smoke",
+         "loader.batch_sise=3"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=env,
     )
     assert result.returncode == 2
     assert "did you mean 'loader.batch_size'" in result.stderr
