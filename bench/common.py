@@ -21,12 +21,13 @@ def machine() -> dict:
     }
 
 
-def write_result(name: str, result: dict) -> Path:
-    """bench/results/<name>.json, written atomically, with the machine it ran on."""
+def write_result(name: str, result: dict, with_machine: bool = True) -> Path:
+    """bench/results/<name>.json, written atomically, with the machine it ran on (unless
+    the file has a fixed schema that leaves no room for it)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**result, "machine": machine()}, indent=2) + "\n")
+    tmp.write_text(json.dumps({**result, "machine": machine()} if with_machine else result, indent=2) + "\n")
     tmp.replace(path)
     return path
 

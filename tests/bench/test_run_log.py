@@ -8,17 +8,21 @@ import json
 import pytest
 
 import bench.ablation as ablation
+import bench.quality as quality
 import bench.runs as runs
 from trainer.main import CONFIG_DIR
 
-METRICS = {"ndcg@10": 0.5, "hr@10": 0.6, "hr@1": 0.3, "mrr": 0.4}
+METRICS = {"ndcg@10": 0.5, "hr@10": 0.6, "hr@1": 0.3, "hr@50": 0.7, "mrr": 0.4, "mean_rank": 50.0}
 
 
-def _record(data: str, model: str, seed: int, overrides: list[str], ndcg: float) -> dict:
+def _record(data: str, model: str, seed: int, overrides: list[str], ndcg: float, config: str | None = None) -> dict:
+    config = config or f"{data}.yaml"
     return {
         "data": data, "model": model, "seed": seed, "overrides": overrides, "code": runs.CODE_VERSION,
-        "config": f"{data}.yaml", "config_sha": runs.config_hash(CONFIG_DIR / f"{data}.yaml"),
-        "test": {**METRICS, "ndcg@10": ndcg},
+        "config": config, "config_sha": runs.config_hash(CONFIG_DIR / config),
+        "test": {**METRICS, "ndcg@10": ndcg}, "seconds": 100.0 + seed,
+        "evaluated_actors": 1077, "candidates": 1862,
+        "baselines": {b: dict(METRICS) for b in runs.BASELINES},
     }
 
 
@@ -26,6 +30,7 @@ def _record(data: str, model: str, seed: int, overrides: list[str], ndcg: float)
 def run_log(tmp_path, monkeypatch):
     path = tmp_path / "runs.jsonl"
     monkeypatch.setattr(ablation, "RUN_LOG_PATH", path)
+    monkeypatch.setattr(quality, "RUN_LOG_PATH", path)
 
     def no_training(*args, **kwargs):
         raise AssertionError("a --logged-only report must not train")
@@ -100,3 +105,36 @@ def test_a_log_left_out_of_data_is_reported_from_the_run_log_not_trained(run_log
     monkeypatch.setattr("sys.argv", [*arguments, "ml-100k"])
     with pytest.raises(AssertionError, match="must not train"):
         ablation.main()
+
+
+def _quality_main(run_log, monkeypatch, *arguments: str) -> tuple[dict, str]:
+    written = {}
+    monkeypatch.setattr(quality, "write_result", lambda name, result, **kw: written.setdefault(name, result))
+    monkeypatch.setattr(quality, "RESULTS_DIR", run_log.parent)
+    monkeypatch.setattr("sys.argv", ["quality.py", *arguments])
+    quality.main()
+    return written["quality"], (run_log.parent / "quality.md").read_text()
+
+
+def test_a_quality_subset_run_never_turns_a_three_seed_figure_into_a_one_seed_one(run_log, monkeypatch):
+    records = [_record("collegemsg", "default", seed, [], 0.60 + 0.01 * seed) for seed in range(3)]
+    records.append(_record("collegemsg", "sasrec", 0, [], 0.38, config="collegemsg-sasrec.yaml"))
+    run_log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    results, table = _quality_main(run_log, monkeypatch, "--data", "collegemsg", "--seeds", "1")
+    # {dataset: {model: {name: {"mean", "std"}}}}, nothing else at any level.
+    assert list(results) == ["collegemsg"]
+    assert set(results["collegemsg"]) == {"default", "sasrec", "most_popular", "recency_frequency"}
+    for model in results["collegemsg"].values():
+        assert all({"mean", "std"} <= set(value) for value in model.values())
+    assert results["collegemsg"]["default"]["ndcg@10"]["mean"] == pytest.approx(0.61)  # all 3 seeds
+    assert results["collegemsg"]["default"]["run_seconds"]["max"] == 102.0
+    assert "| CollegeMsg | default (HSTU + contact re-scoring) | 3 |" in table
+    assert "| CollegeMsg | SASRec-style (causal transformer, same loss) | 1 |" in table
+    assert "CollegeMsg: ndcg@10 0.6100 >= 0.476" in table
+
+
+def test_the_bar_is_not_judged_on_fewer_than_three_seeds(run_log, monkeypatch):
+    run_log.write_text(json.dumps(_record("collegemsg", "default", 0, [], 0.60)) + "\n")
+    _, table = _quality_main(run_log, monkeypatch, "--data", "collegemsg", "--seeds", "1", "--models", "default")
+    assert "CollegeMsg: bar not judged, 1 seed(s) logged of the 3 it takes" in table
+    assert ">= 0.476 (mean of" not in table
