@@ -8,7 +8,6 @@ what was given. Overrides use dotted keys: `loader.batch_size=256`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from pathlib import Path
@@ -98,8 +97,7 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(fields)}"
+            hint = did_you_mean(key, fields, prefix) or f"; valid keys: {', '.join(fields)}"
             raise ConfigError(f"unknown config key '{prefix}{key}'{hint}", prefix + key)
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     missing = [
@@ -163,7 +161,13 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         source = str(path)
         for text in reversed(overrides or []):
             key = text.split("=", 1)[0]
-            if e.key is not None and (e.key == key or e.key.startswith(key + ".") or key.startswith(e.key + ".")):
+            if e.key is None:
+                # A rule over several keys ("model.embedding_dim (16) must be divisible by
+                # model.num_heads (3)"): the override of a key it names.
+                named = key in str(e)
+            else:
+                named = e.key == key or e.key.startswith(key + ".") or key.startswith(e.key + ".")
+            if named:
                 source = f"override {text!r}"
                 break
         raise ConfigError(f"{source}: {e}", e.key) from None

@@ -22,11 +22,15 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def did_you_mean(value: object, options: typing.Iterable[object]) -> str:
-    """'; did you mean X?' naming the option closest to a mistyped key or value, or ''."""
+def did_you_mean(value: object, options: typing.Iterable[object], prefix: str = "") -> str:
+    """'; did you mean X?' naming the option closest to a mistyped key or value (a key
+    shown with its section `prefix`), or ''."""
     by_text = {str(o): o for o in options}
     close = difflib.get_close_matches(str(value), list(by_text), n=1)
-    return f"; did you mean {by_text[close[0]]!r}?" if close else ""
+    if not close:
+        return ""
+    shown = prefix + close[0] if prefix else by_text[close[0]]
+    return f"; did you mean {shown!r}?"
 
 
 @dataclass(kw_only=True)
@@ -323,9 +327,14 @@ class OptimConfig:
     outweigh the similarity (tens of logits) before the ID tables overfit; at the dense
     rate it gets there too late (measured on CollegeMsg, see the notes)."""
     sparse_optimizer: Literal["rowwise_adagrad", "adagrad", "adam"] = "rowwise_adagrad"
-    """Optimizer of the ID tables, run in backward (TorchRec's fused kernels once the tables
-    are sharded): row-wise Adagrad keeps one accumulator per row, so its state is D times
-    smaller than Adagrad's or Adam's, which matters for tables of millions of rows."""
+    """Optimizer of the ID tables, run in backward: row-wise Adagrad keeps one accumulator
+    per row, so its state is D times smaller than Adagrad's or Adam's, which matters for
+    tables of millions of rows. Sharded (under torchrun / torchx, even one rank) it is
+    TorchRec's fused FBGEMM kernel, which updates only the rows a batch looked up. In a
+    plain single process the optimizer steps the table's dense gradient: every row each
+    step, and Adam's momentum then keeps moving rows the batch did not touch, so `adam`
+    there is not the sharded `adam` (the Adagrads are, up to float rounding: a zero
+    gradient moves no row)."""
     sparse_lr: float = 0.02
     """Learning rate of the ID tables, constant (no warm-up or decay): the optimizer runs
     inside backward, and (row-wise) Adagrad's accumulators already shrink a row's steps
@@ -412,11 +421,12 @@ class EvalConfig:
     The query vectors are encoded a chunk at a time, and a batch of another size rounds
     the encoder's matrix products differently: another size can move a candidate that
     sits within rounding of the target by a rank (measured: 1 rank of 1,077 with chunks
-    of 1 or 3), so compare runs at the same size. Ties themselves stay exact."""
+    of 1 or 3), so compare runs at the same size. An exact tie with the target still
+    counts against the model at any size."""
 
     candidate_chunk_size: int = 1024
-    """Candidates scored at once (every chunk this wide; the last overlaps the one before,
-    see trainer/evaluation.py). Small on purpose: a 1024 x 1024 block of scores (4 MB)
+    """Candidates scored at once, rounded up to a multiple of 16; every chunk on every rank
+    is this wide, so a tie stays a tie (trainer/evaluation.py CandidateChunks). Small on purpose: a 1024 x 1024 block of scores (4 MB)
     is still in cache when the ranking counts over it, and the matmul keeps most of its
     speed (bench/eval.py, 1e6 candidates, D 256, 2 cores: 1024 x 1024 reached 2.7x the
     scores per second of 256 x 65536)."""

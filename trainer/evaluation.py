@@ -107,34 +107,61 @@ def excluded_pairs(sorted_candidates: torch.Tensor, rows: slice, true_Q: torch.T
     return ColumnPairs.locate(sorted_candidates, query_rows, targets)
 
 
+# Chunk widths are a multiple of this: a matrix product rounds the columns past the last
+# full SIMD block differently from the others (measured on this CPU: within one product of
+# width 5-7 or 9-11, the tail columns of identical vectors scored differently).
+WIDTH_MULTIPLE = 16
+
+
 @dataclass(frozen=True)
 class CandidateChunks:
-    """The column ranges of the sorted candidates scored at once. Every chunk has the same
-    width, min(size, number of candidates): the last one starts `size` before the end and
-    its first `overlap` columns (the previous chunk's) don't count. A matrix product
-    rounds differently for another shape (a chunk of a few columns takes another BLAS
-    path), and a tie must stay a tie whichever chunks its two sides fall in."""
+    """The column ranges of the sorted candidates scored at once. Every chunk, on every
+    rank, has the same width, a multiple of WIDTH_MULTIPLE: a matrix product of another
+    shape takes another BLAS path and rounds differently, and a tie must stay a tie
+    whichever chunks (and ranks) its two sides fall in. Chunks are `width` apart; the last
+    one starts `width` before the end, its first `overlap` columns (the previous chunk's)
+    not counted; fewer candidates than `width` make one chunk padded with the last ID, the
+    padding not counted."""
 
     num_candidates: int
-    size: int
+    width: int
+
+    @staticmethod
+    def agreed(
+        num_candidates: int, size: int, width_max: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> CandidateChunks:
+        """Width min(size, candidates), the largest over ranks (`width_max`), rounded up."""
+        width = min(size, num_candidates)
+        if width_max is not None:
+            width = int(width_max(torch.tensor(float(width))))
+        return CandidateChunks(num_candidates, max(-(-width // WIDTH_MULTIPLE), 1) * WIDTH_MULTIPLE)
 
     @property
-    def width(self) -> int:
-        return min(self.size, self.num_candidates)
+    def _last(self) -> int:
+        return max(self.num_candidates - self.width, 0)
 
     def starts(self) -> list[int]:
-        return [self.start_of(c) for c in range(0, self.num_candidates, self.size)]
+        return [self.start_of(c) for c in range(0, self.num_candidates, self.width)]
 
     def start_of(self, column: int | torch.Tensor):
         """Start of the chunk whose counted columns hold `column`."""
-        last = self.num_candidates - self.width
         if isinstance(column, torch.Tensor):
-            return torch.clamp((column // self.size) * self.size, max=last)
-        return min((column // self.size) * self.size, last)
+            return torch.clamp((column // self.width) * self.width, max=self._last)
+        return min((column // self.width) * self.width, self._last)
 
-    def overlap(self, start: int) -> int:
-        """Leading columns of the chunk at `start` that an earlier chunk counts."""
-        return (-start) % self.size if start == self.num_candidates - self.width else 0
+    def uncounted(self, start: int) -> tuple[int, int]:
+        """(leading columns an earlier chunk counts, first padding column) of a chunk."""
+        overlap = (-start) % self.width if self.num_candidates > self.width and start == self._last else 0
+        return overlap, min(self.width, self.num_candidates - start)
+
+    def ids(self, sorted_ids: torch.Tensor, start: int) -> torch.Tensor:
+        return pad_to_width(sorted_ids[start : start + self.width], self.width)
+
+
+def pad_to_width(ids: torch.Tensor, width: int) -> torch.Tensor:
+    """Sorted `ids` padded to `width` with its last ID: sorted still (a scorer can locate
+    them), and a repeat is never read or counted."""
+    return torch.cat([ids, ids[-1:].expand(width - len(ids))])
 
 
 def full_ranking_ranks(
@@ -151,12 +178,12 @@ def full_ranking_ranks(
     """Rank of each query's true target among `candidates` (sorted target IDs). [Q] int64.
     On several ranks, each scoring its own share of the candidates, `count_sum` sums the
     per-query counts over ranks and `score_max` takes the true scores from the rank whose
-    share holds the target (the others give -inf); every rank then returns the global
-    ranks. Both are needed together."""
+    share holds the target (the others give -inf) and agrees the chunk width; every rank
+    then returns the global ranks. Both are needed together."""
     if (count_sum is None) != (score_max is None):
         raise ValueError("full_ranking_ranks: count_sum and score_max go together (several ranks) or not at all")
     candidates_t = torch.from_numpy(np.sort(np.asarray(candidates, dtype=np.int64)))
-    chunks = CandidateChunks(len(candidates_t), candidate_chunk_size)
+    chunks = CandidateChunks.agreed(len(candidates_t), candidate_chunk_size, score_max)
     num_queries = len(true_targets)
     ranks = np.empty(num_queries, dtype=np.int64)
     for q0 in range(0, num_queries, query_chunk_size):
@@ -172,17 +199,19 @@ def full_ranking_ranks(
             starts.remove(kept[0])
             starts.insert(0, kept[0])
         for c0 in starts:
-            chunk = candidates_t[c0 : c0 + chunks.width]
             if kept is not None and kept[0] == c0:
                 scores_QC, kept = kept[1], None
             else:
-                scores_QC = scorer.score(state, chunk)
+                scores_QC = scorer.score(state, chunks.ids(candidates_t, c0))
             # Excluded columns set to NaN in the chunk's own scores (NaN never counts): a
             # scatter of a few entries, not a [Q, C] mask.
-            excluded_rows, excluded_columns, _ = excluded.in_range(c0, c0 + len(chunk))
+            excluded_rows, excluded_columns, _ = excluded.in_range(c0, c0 + chunks.width)
             scores_QC[excluded_rows, excluded_columns] = float("nan")
-            scores_QC[:, : chunks.overlap(c0)] = float("nan")
-            count_Q += count_at_least(scores_QC, true_score_Q)
+            overlap, padding = chunks.uncounted(c0)
+            scores_QC[:, :overlap] = float("nan")
+            scores_QC[:, padding:] = float("nan")
+            # The true scores were read from scores of this dtype: the cast back is exact.
+            count_Q += count_at_least(scores_QC, true_score_Q.to(scores_QC.dtype))
         if count_sum is not None:
             count_Q = count_sum(count_Q)
         ranks[rows] = (count_Q + 1).numpy()
@@ -197,18 +226,19 @@ def _true_scores(
     true_Q: torch.Tensor,
     score_max: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> tuple[torch.Tensor, tuple[int, torch.Tensor] | None]:
-    """Each query's true score as the count's chunks compute it (-inf where this scorer's
-    candidates don't hold it: another rank's share), and the chunk scored for it,
+    """Each query's true score as the count's chunks compute it, in float64 (exact for any
+    score dtype, and one dtype on every rank for `score_max`; -inf where this scorer's
+    candidates don't hold the target: another rank's share), and the chunk scored for it,
     (start, scores), when it is one of the count's chunks, for the count to reuse. A NaN
     true score becomes -inf: every candidate then beats it (a broken model ranks last).
 
-    When every held target lies in one chunk (a vocabulary of one or two chunks), that
-    chunk is scored and kept: the true scores are the count's own numbers. Otherwise the
-    targets are scored as a chunk of their own, padded to the same width: the same
+    When every held target lies in one chunk (always so for a vocabulary of one chunk),
+    that chunk is scored and kept: the true scores are the count's own numbers. Otherwise
+    the targets are scored as a chunk of their own, padded to the same width: the same
     matrix-product shape computes each entry alike wherever its column sits (tested),
     while scoring every chunk that holds a target instead made the ranking 1.45x slower
     (bench/eval.py's 1e6 candidates, 1,024 queries; this way 1.04-1.08x, in one run)."""
-    true_score_Q = torch.full((len(true_Q),), float("-inf"))
+    true_score_Q = torch.full((len(true_Q),), float("-inf"), dtype=torch.float64)
     held_Q = torch.zeros(len(true_Q), dtype=torch.bool)
     kept = None
     if len(candidates_t) > 0:
@@ -218,20 +248,16 @@ def _true_scores(
         starts = torch.unique(start_Q[held_Q]).tolist()
         if len(starts) == 1:
             c0 = starts[0]
-            scores_QC = scorer.score(state, candidates_t[c0 : c0 + chunks.width])
-            true_score_Q = true_score_Q.to(scores_QC.dtype)  # the dtype the count compares in
-            true_score_Q[held_Q] = scores_QC[held_Q, column_Q[held_Q] - c0]
+            scores_QC = scorer.score(state, chunks.ids(candidates_t, c0))
+            true_score_Q[held_Q] = scores_QC[held_Q, column_Q[held_Q] - c0].double()
             kept = (c0, scores_QC)
         elif starts:
             targets = torch.unique(true_Q[held_Q])  # sorted
             for t0 in range(0, len(targets), chunks.width):
-                ids = targets[t0 : t0 + chunks.width]
-                # Padded with its last ID: sorted still, and a repeat is never read.
-                ids = torch.cat([ids, ids[-1:].expand(chunks.width - len(ids))])
+                ids = pad_to_width(targets[t0 : t0 + chunks.width], chunks.width)
                 scores_QT = scorer.score(state, ids)
-                true_score_Q = true_score_Q.to(scores_QT.dtype)
                 rows = torch.nonzero(held_Q & (true_Q >= ids[0]) & (true_Q <= ids[-1])).squeeze(1)
-                true_score_Q[rows] = scores_QT[rows, torch.searchsorted(ids, true_Q[rows])]
+                true_score_Q[rows] = scores_QT[rows, torch.searchsorted(ids, true_Q[rows])].double()
     true_score_Q = torch.nan_to_num(true_score_Q, nan=float("-inf"))
     if score_max is not None:
         true_score_Q = score_max(true_score_Q)
@@ -239,8 +265,8 @@ def _true_scores(
     if not bool(held_Q.all()):
         # Targets that are no candidate (the same decision on every rank, as score_pairs
         # may look up vectors collectively).
-        pairs_Q = torch.nan_to_num(scorer.score_pairs(state, true_Q), nan=float("-inf"))
-        true_score_Q = torch.where(held_Q, true_score_Q.to(pairs_Q.dtype), pairs_Q)
+        pairs_Q = torch.nan_to_num(scorer.score_pairs(state, true_Q).double(), nan=float("-inf"))
+        true_score_Q = torch.where(held_Q, true_score_Q, pairs_Q)
     return true_score_Q, kept
 
 

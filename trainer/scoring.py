@@ -4,8 +4,9 @@ score(x, c) = cos(q(x), c) / tau + bonus(x, c)   (bonus: repeat re-scoring, 0 of
 
 Candidate vectors are computed once per evaluation, in chunks; query vectors once per
 query chunk. On several ranks each rank holds and scores the candidates whose table
-rows it owns (trainer/distributed.py `owned_candidates`), and the per-query counts are
-summed across ranks: no rank holds every candidate vector.
+rows it owns (trainer/distributed.py `owned_candidates`); the true scores come from the
+owning rank and the per-query counts are summed across ranks (trainer/evaluation.py):
+no rank holds every candidate vector.
 
 Shape suffixes: Q queries, C candidates, D width, U history pairs.
 """
@@ -121,7 +122,8 @@ class ModelScorer:
     @torch.no_grad()
     def score_pairs(self, state: _QueryChunk, target_ids: torch.Tensor) -> torch.Tensor:
         encoding = state.encoding
-        # The true targets may live on any rank: looked up (collectively), not held.
+        # Only for true targets that are no candidate (the evaluation reads the others from
+        # its score chunks); looked up collectively, as such a target is held by no rank.
         scores_Q = (state.query_over_tau_BD * self.model.candidate_vectors(target_ids)).sum(-1)
         if encoding.history is not None:
             index, found = encoding.history.find(torch.arange(len(target_ids)), target_ids)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import threading
 
 import numpy as np
 import pytest
 import torch
 
-from configs.loading import load_config
-from data.prepare import prepare
+from tests.trainer.smoke import smoke_trainer
 from trainer.evaluation import SeenTargets, full_ranking_ranks, metrics_from_ranks
-from trainer.loop import Trainer, incoming_inputs
-from trainer.metrics import MetricsLogger
+from trainer.loop import incoming_inputs
 from trainer.scoring import ModelScorer
 
 
@@ -75,6 +73,83 @@ def test_exclude_seen_removes_past_targets_but_never_the_true_one():
     assert excluded.tolist() == [3, 7]
 
 
+def _identical_items(num_queries: int, num_items: int, dim: int = 64) -> DotScorer:
+    """float32, random queries, every item the same random vector: every score is a tie."""
+    gen = torch.Generator().manual_seed(0)
+    return DotScorer(torch.randn(num_queries, dim, generator=gen), torch.randn(1, dim, generator=gen).expand(num_items, dim))
+
+
+@pytest.mark.parametrize("num_candidates", [5, 16, 37, 64, 100])
+def test_ties_stay_ties_at_every_chunk_width(num_candidates):
+    # Within one product of width 5-7 or 9-11 this CPU rounds the tail columns differently:
+    # chunk widths are rounded up to a multiple of 16 and the padding is not counted.
+    scorer = _identical_items(40, num_candidates)
+    true = np.arange(40) % num_candidates
+    for chunk in range(1, 41):
+        ranks = full_ranking_ranks(scorer, true, np.arange(num_candidates), candidate_chunk_size=chunk, query_chunk_size=13)
+        assert ranks.tolist() == [num_candidates] * 40, chunk
+
+
+def test_no_candidates_ranks_every_target_first():
+    scorer = DotScorer(torch.ones(3, 1), torch.ones(5, 1))
+    assert full_ranking_ranks(scorer, np.array([1, 2, 3]), np.array([], dtype=np.int64)).tolist() == [1, 1, 1]
+
+
+class _ThreadRanks:
+    """count_sum / score_max across ranks run as threads (what all_reduce does)."""
+
+    def __init__(self, world_size: int) -> None:
+        self.slots: list = [None] * world_size
+        self.barrier = threading.Barrier(world_size)
+
+    def reducer(self, rank: int, op):
+        def reduce(tensor: torch.Tensor) -> torch.Tensor:
+            self.slots[rank] = tensor.clone()
+            self.barrier.wait()
+            dtypes = {t.dtype for t in self.slots}
+            assert len(dtypes) == 1, f"ranks reduce different dtypes: {dtypes}"  # gloo / NCCL would not
+            result = op(torch.stack(self.slots))
+            self.barrier.wait()
+            return result
+
+        return reduce
+
+
+@pytest.mark.parametrize("chunk", [8, 40])
+@pytest.mark.parametrize("shares", [(5, 40), (0, 45), (23, 22)])
+@pytest.mark.parametrize("items", ["identical", "integer"])
+def test_ranks_over_candidate_shares_equal_the_single_process_ranks(shares, items, chunk):
+    num_candidates = sum(shares)
+    if items == "identical":
+        scorer = _identical_items(30, num_candidates)
+    else:
+        gen = torch.Generator().manual_seed(1)
+        scorer = DotScorer(torch.randint(-3, 4, (30, 3), generator=gen).float(),
+                           torch.randint(-3, 4, (num_candidates, 3), generator=gen).float())
+    true = np.random.default_rng(0).integers(0, num_candidates, size=30)
+    expected = full_ranking_ranks(scorer, true, np.arange(num_candidates), candidate_chunk_size=chunk)
+    ranks = _ThreadRanks(2)
+    split = np.split(np.arange(num_candidates), [shares[0]])
+    results: dict[int, np.ndarray] = {}
+
+    def run(rank: int) -> None:
+        results[rank] = full_ranking_ranks(
+            scorer, true, split[rank], candidate_chunk_size=chunk, query_chunk_size=7,
+            count_sum=ranks.reducer(rank, lambda t: t.sum(0)), score_max=ranks.reducer(rank, lambda t: t.max(0).values),
+        )
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert set(results) == {0, 1}
+    np.testing.assert_array_equal(results[0], expected)
+    np.testing.assert_array_equal(results[1], expected)
+    if items == "identical":
+        assert expected.tolist() == [num_candidates] * 30
+
+
 def test_metrics_follow_the_benchmark_formulas():
     ranks = np.array([1, 2, 10, 11, 60])
     m = metrics_from_ranks(ranks)
@@ -95,12 +170,8 @@ def test_a_nan_true_score_ranks_last_never_first():
 
 # ---------------------------------------------------------------- through the real model
 
-SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
-
-
-def _smoke_trainer(*overrides: str) -> Trainer:
-    config = load_config(SMOKE, ["eval.max_queries=200", *overrides])
-    return Trainer(config, prepare(config.data), MetricsLogger(None, enabled=False))
+def _smoke_trainer(*overrides: str):
+    return smoke_trainer("eval.max_queries=200", *overrides)
 
 
 @pytest.mark.parametrize("candidate_chunk", [1, 100, 1024, 1 << 20])
@@ -135,10 +206,8 @@ def test_the_models_ranks_do_not_depend_on_the_candidate_chunks():
     expected = np.array([
         1 + int(np.sum(np.delete(scores[i], column[t]) >= scores[i, column[t]])) for i, t in enumerate(true)
     ])
-    # Widths of a few columns (1, 2, 7 here) take another BLAS path than the whole matrix
-    # and round differently; within one evaluation every chunk has the same width, so a
-    # tie stays a tie (the constant-vector test above runs one-column chunks).
-    for chunk in (16, 37, 1000, 1024):
+    # Chunk sizes of a few columns are widened to 16 (a narrower product rounds otherwise).
+    for chunk in (1, 7, 16, 37, 1000, 1024):
         ranks = full_ranking_ranks(scorer, true, candidates, query_chunk_size=len(true), candidate_chunk_size=chunk)
         np.testing.assert_array_equal(ranks, expected)
 

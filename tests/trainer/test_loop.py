@@ -6,16 +6,13 @@ import io
 import logging
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from configs.loading import load_config
 from configs.schema import OptimConfig
-from data.prepare import prepare
-from trainer.loop import Trainer, lr_factor
-from trainer.metrics import MetricsLogger
+from tests.trainer.smoke import config_trainer, smoke_trainer
+from trainer.loop import lr_factor
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear"])
@@ -34,17 +31,9 @@ def test_no_decay_keeps_the_rate_after_warmup():
     assert lr_factor(0, 10, config) == lr_factor(9, 10, config) == 1.0
 
 
-SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
-
-
-def _smoke_trainer(*overrides: str) -> Trainer:
-    config = load_config(SMOKE, list(overrides))
-    return Trainer(config, prepare(config.data), MetricsLogger(None, enabled=False))
-
-
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adagrad", "adam"])
 def test_each_sparse_optimizer_moves_the_id_tables_in_backward(optimizer):
-    trainer = _smoke_trainer(f"optim.sparse_optimizer={optimizer}")
+    trainer = smoke_trainer(f"optim.sparse_optimizer={optimizer}")
     tables = {n: p.detach().clone() for n, p in trainer.model.embeddings.named_parameters()}
     scalars = trainer.train_step(next(iter(trainer.loader)))
     assert math.isfinite(scalars["loss/total"])
@@ -56,7 +45,7 @@ def test_each_sparse_optimizer_moves_the_id_tables_in_backward(optimizer):
 
 
 def test_the_dense_gradients_are_clipped_to_the_configured_norm():
-    trainer = _smoke_trainer("optim.grad_clip=0.001")
+    trainer = smoke_trainer("optim.grad_clip=0.001")
     scalars = trainer.train_step(next(iter(trainer.loader)))
     clipped = torch.linalg.vector_norm(torch.stack([
         torch.linalg.vector_norm(p.grad) for p in trainer.dense_parameters if p.grad is not None
@@ -74,7 +63,7 @@ class _Terminal(io.StringIO):
 def test_progress_is_a_tqdm_bar_on_a_terminal_and_plain_log_lines_otherwise(terminal, monkeypatch, caplog):
     stderr = _Terminal() if terminal else io.StringIO()
     monkeypatch.setattr(sys, "stderr", stderr)
-    trainer = _smoke_trainer("train.max_steps=8", "train.log_every_steps=4", "train.eval_every_steps=8")
+    trainer = smoke_trainer("train.max_steps=8", "train.log_every_steps=4", "train.eval_every_steps=8")
     with caplog.at_level(logging.INFO, logger="trainer"):
         trainer.train()
     plain = [r.getMessage() for r in caplog.records if "examples/s eta" in r.getMessage()]
@@ -90,7 +79,6 @@ def test_progress_is_a_tqdm_bar_on_a_terminal_and_plain_log_lines_otherwise(term
 @pytest.mark.parametrize("name", ["collegemsg", "collegemsg-sasrec", "ml-100k", "ml-100k-sasrec"])
 def test_every_shipped_real_data_config_trains_a_step(name):
     # synthetic-scale (1e7 table rows) is run by bench/scale.py, not here.
-    config = load_config(SMOKE.parent / f"{name}.yaml")
-    trainer = Trainer(config, prepare(config.data), MetricsLogger(None, enabled=False))
+    trainer = config_trainer(name)
     scalars = trainer.train_step(next(iter(trainer.loader)))
     assert math.isfinite(scalars["loss/total"]) and scalars["grad_norm"] > 0
