@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
-from bench.runs import DATASETS, RUN_LOG_PATH, RunLog, mean_std, quality_arguments  # noqa: E402
+from bench.runs import DATASETS, RUN_LOG_PATH, RunLog, format_mean_std, mean_std, quality_arguments  # noqa: E402
 from trainer.main import CONFIG_DIR  # noqa: E402
 
 METRICS = ("ndcg@10", "hr@10", "hr@1", "mrr")
@@ -106,13 +106,8 @@ def run_variants(
     return out
 
 
-def _mean_std(stat: dict, runs: int) -> str:
-    # One run has no spread to show: a "± 0.0000" would read as a measured one.
-    return f"{stat['mean']:.4f}" if runs == 1 else f"{stat['mean']:.4f} ± {stat['std']:.4f}"
-
-
 def _ndcg_cell(result: dict) -> str:
-    return f"{_mean_std(result['ndcg@10'], result['runs'])} ({result['runs']})"
+    return f"{format_mean_std(result['ndcg@10'], result['runs'])} ({result['runs']})"
 
 
 def _delta_cell(name: str, result: dict | None) -> str:
@@ -153,7 +148,7 @@ def markdown(results: dict, seeds: int, overrides: list[str], missing: dict[str,
             "|---|---|---:|" + "---:|" * (len(METRICS) + 1) + "---|",
         ]
         for name, result in variants.items():
-            cells = [_mean_std(result[m], result["runs"]) for m in METRICS]
+            cells = [format_mean_std(result[m], result["runs"]) for m in METRICS]
             change = " ".join(result["overrides"]) or "-"
             against = result.get("compared_with", "") if name != "default" else ""
             lines.append(

@@ -25,7 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
-from bench.runs import BASELINES, DATASETS, RUN_LOG_PATH, RunLog, mean_std, quality_arguments  # noqa: E402
+from bench.runs import (  # noqa: E402
+    BASELINES, DATASETS, RUN_LOG_PATH, RunLog, format_mean_std, mean_std, quality_arguments,
+)
 from trainer.evaluation import METRIC_NAMES  # noqa: E402
 from trainer.main import CONFIG_DIR  # noqa: E402
 
@@ -89,12 +91,6 @@ def report(run_log: RunLog, overrides: list[str]) -> tuple[dict, dict]:
     return results, seeds
 
 
-def _cell(metric: str, stats: dict, runs: int) -> str:
-    if metric == "mean_rank":
-        return f"{stats['mean']:.1f} ± {stats['std']:.1f}" if runs > 1 else f"{stats['mean']:.1f}"
-    return f"{stats['mean']:.4f} ± {stats['std']:.4f}" if runs > 1 else f"{stats['mean']:.4f}"
-
-
 def markdown(results: dict, seeds: dict) -> str:
     """One table, both logs (the README's), then the bar where it can be judged."""
     metric_names = {"mean_rank": "mean rank"}
@@ -110,7 +106,7 @@ def markdown(results: dict, seeds: dict) -> str:
                 continue
             stats = models[model]
             runs = len(seeds[data].get(model, [None]))  # a baseline: one deterministic figure
-            cells = [_cell(metric, stats[metric], runs) for metric in METRIC_NAMES]
+            cells = [format_mean_std(stats[m], runs, 1 if m == "mean_rank" else 4) for m in METRIC_NAMES]
             if model == "default":
                 cells[METRIC_NAMES.index("ndcg@10")] = f"**{cells[METRIC_NAMES.index('ndcg@10')]}**"
             trained = model in MODELS

@@ -91,11 +91,19 @@ def config_hash(path: Path) -> str:
     """Hash of what the config file sets, not of its text: comments, blank lines and key
     order don't change a run, so correcting a config's comment keeps its logged runs."""
     values = yaml.safe_load(path.read_text()) or {}
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    # default=str: YAML dates and the like have no JSON form.
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def format_mean_std(stat: dict, runs: int, decimals: int = 4) -> str:
+    """'m ± s' for a table cell; one run has no spread to show: a '± 0.0000' would read
+    as a measured one."""
+    mean = f"{stat['mean']:.{decimals}f}"
+    return mean if runs == 1 else f"{mean} ± {stat['std']:.{decimals}f}"
 
 
 def quality_arguments(description: str | None) -> argparse.ArgumentParser:

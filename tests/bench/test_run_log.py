@@ -10,6 +10,7 @@ import pytest
 import bench.ablation as ablation
 import bench.quality as quality
 import bench.runs as runs
+from trainer.evaluation import METRIC_NAMES
 from trainer.main import CONFIG_DIR
 
 METRICS = {"ndcg@10": 0.5, "hr@10": 0.6, "hr@1": 0.3, "hr@50": 0.7, "mrr": 0.4, "mean_rank": 50.0}
@@ -109,7 +110,12 @@ def test_a_log_left_out_of_data_is_reported_from_the_run_log_not_trained(run_log
 
 def _quality_main(run_log, monkeypatch, *arguments: str) -> tuple[dict, str]:
     written = {}
-    monkeypatch.setattr(quality, "write_result", lambda name, result, **kw: written.setdefault(name, result))
+    def write_result(name: str, result: dict, with_machine: bool = True) -> None:
+        # quality.json has a fixed schema: the machine goes to quality_meta.json.
+        assert with_machine == (name != "quality")
+        written[name] = result
+
+    monkeypatch.setattr(quality, "write_result", write_result)
     monkeypatch.setattr(quality, "RESULTS_DIR", run_log.parent)
     monkeypatch.setattr("sys.argv", ["quality.py", *arguments])
     quality.main()
@@ -121,11 +127,15 @@ def test_a_quality_subset_run_never_turns_a_three_seed_figure_into_a_one_seed_on
     records.append(_record("collegemsg", "sasrec", 0, [], 0.38, config="collegemsg-sasrec.yaml"))
     run_log.write_text("".join(json.dumps(r) + "\n" for r in records))
     results, table = _quality_main(run_log, monkeypatch, "--data", "collegemsg", "--seeds", "1")
-    # {dataset: {model: {name: {"mean", "std"}}}}, nothing else at any level.
+    # {dataset: {model: {name: {"mean", "std"}}}}, nothing else at any level (run_seconds
+    # also has its "max").
     assert list(results) == ["collegemsg"]
     assert set(results["collegemsg"]) == {"default", "sasrec", "most_popular", "recency_frequency"}
-    for model in results["collegemsg"].values():
-        assert all({"mean", "std"} <= set(value) for value in model.values())
+    counts = {"evaluated_actors", "candidates"}
+    for name, model in results["collegemsg"].items():
+        trained = name in ("default", "sasrec")
+        assert set(model) == {*METRIC_NAMES, *counts, *(["run_seconds"] if trained else [])}
+        assert all(set(v) == ({"mean", "std", "max"} if k == "run_seconds" else {"mean", "std"}) for k, v in model.items())
     assert results["collegemsg"]["default"]["ndcg@10"]["mean"] == pytest.approx(0.61)  # all 3 seeds
     assert results["collegemsg"]["default"]["run_seconds"]["max"] == 102.0
     assert "| CollegeMsg | default (HSTU + contact re-scoring) | 3 |" in table

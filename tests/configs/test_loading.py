@@ -55,6 +55,7 @@ def test_bad_configs_fail_with_the_key_named(write, text, overrides, expected):
         ("lodaer.batch_size=3", r"^override 'lodaer.batch_size=3': unknown config key 'lodaer'; did you mean 'loader'"),
         ("loader.batch_size=many", r"^override 'loader.batch_size=many': loader\.batch_size: expected int, got 'many'"),
         ("loader.batch_size=0", r"^override 'loader.batch_size=0': loader\.batch_size: expected >= 1, got 0"),
+        ("model.num_heads=3", r"^override 'model.num_heads=3': model\.embedding_dim \(64\) must be divisible"),
         ("loss.hard_negatives.enabld=true", r"^override .*: unknown config key 'loss\.hard_negatives\.enabld'; "
                                             r"did you mean 'loss\.hard_negatives\.enabled'"),
     ],
