@@ -73,7 +73,7 @@ def test_progress_is_a_tqdm_bar_on_a_terminal_and_plain_log_lines_otherwise(term
         assert "train:" in bar and "8/8" in bar and "ex_s=" in bar and "loss=" in bar
     else:
         assert [line.split()[1] for line in plain] == ["1/8", "4/8", "8/8"]
-        assert bar == ""
+        assert "train:" not in bar and "ex_s=" not in bar  # no bar (other tests' log handlers may write here)
 
 
 @pytest.mark.parametrize("name", ["collegemsg", "collegemsg-sasrec", "ml-100k", "ml-100k-sasrec"])
