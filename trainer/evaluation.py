@@ -5,8 +5,9 @@ true target's score (ties count against the model: a constant scorer ranks last)
 
 Scores are computed in chunks of `query_chunk_size x candidate_chunk_size`, so memory
 is bounded by the chunk sizes whatever the vocabulary size. The true target's score is
-read from the score chunk that holds its column, the very numbers it is compared with:
-a score computed another way (a multiply-and-sum instead of the chunk's matrix product,
+computed as the candidates' scores it is compared with are: by a product of the count's
+chunk shape (the chunk that holds it, or a chunk of the targets padded to that width).
+A score computed another way (a multiply-and-sum instead of the chunk's matrix product,
 or a matrix product of another shape) differs in the last bits, and a model that gives
 every candidate the same vector would then rank first for a share of its queries
 instead of last. So a query chunk's true scores are computed first, in a chunk of the
@@ -16,7 +17,8 @@ no candidate (it can't be tied with one) is scored by `score_pairs`.
 A scorer is anything with:
     query_state(query_slice) -> state           # e.g. the query vectors of the chunk
     score(state, candidate_ids [C] int64) -> [Q, C] float, a tensor of its own: the
-                                                evaluation overwrites excluded entries
+                                                evaluation overwrites excluded entries;
+                                                the IDs are sorted, the last may repeat
     score_pairs(state, target_ids [Q] int64) -> [Q] float, for targets that are no candidate
 """
 
