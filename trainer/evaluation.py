@@ -162,7 +162,10 @@ class CandidateChunks:
 
 def pad_to_width(ids: torch.Tensor, width: int) -> torch.Tensor:
     """Sorted `ids` padded to `width` with its last ID: sorted still (a scorer can locate
-    them), and a repeat is never read or counted."""
+    them), and a repeat is never read or counted. A full chunk is returned as it is: the
+    count loop's chunks stay views, which the scorer recognises as contiguous runs."""
+    if len(ids) == width:
+        return ids
     return torch.cat([ids, ids[-1:].expand(width - len(ids))])
 
 
