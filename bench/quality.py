@@ -44,14 +44,6 @@ BAR = {"collegemsg": {"ndcg@10": 0.476, "hr@10": 0.578}, "ml-100k": {"ndcg@10": 
 BAR_SEEDS = 3
 
 
-def logged_records(run_log: RunLog, data: str, model: str, overrides: list[str]) -> list[dict]:
-    """Every seed's record of this run at the current config and code, by seed."""
-    config = CONFIG_DIR / MODELS[model].format(data=data)
-    seeds = sorted({r["seed"] for r in run_log.records() if r["data"] == data and r["model"] == model})
-    found = [run_log.logged(data, model, seed, config, overrides) for seed in seeds]
-    return [r for r in found if r is not None]
-
-
 def run_dataset(run_log: RunLog, data: str, seeds: list[int], models: list[str], overrides: list[str]) -> None:
     """Train the runs of these seeds that the run log lacks."""
     for model in models:
@@ -83,7 +75,10 @@ def report(run_log: RunLog, overrides: list[str]) -> tuple[dict, dict]:
     """(quality.json's results, {dataset: {model: seeds}}) from what the run log holds."""
     results, seeds = {}, {}
     for data in DATASETS:
-        records = {model: logged_records(run_log, data, model, overrides) for model in MODELS}
+        records = {
+            model: run_log.logged_seeds(data, model, CONFIG_DIR / config.format(data=data), overrides)
+            for model, config in MODELS.items()
+        }
         records = {model: runs for model, runs in records.items() if runs}
         if records:
             results[data] = aggregate(records)
@@ -104,12 +99,11 @@ def markdown(results: dict, seeds: dict) -> str:
         for model in (*MODELS, "recency_frequency", "most_popular"):
             if model not in models:
                 continue
-            stats = models[model]
-            runs = len(seeds[data].get(model, [None]))  # a baseline: one deterministic figure
+            stats, trained = models[model], model in MODELS
+            runs = len(seeds[data][model]) if trained else 1  # a baseline: one deterministic figure
             cells = [format_mean_std(stats[m], runs, 1 if m == "mean_rank" else 4) for m in METRIC_NAMES]
             if model == "default":
                 cells[METRIC_NAMES.index("ndcg@10")] = f"**{cells[METRIC_NAMES.index('ndcg@10')]}**"
-            trained = model in MODELS
             cells.append(f"{stats['run_seconds']['max']:.0f}" if trained else "-")
             seed_count = str(runs) if trained else "-"
             lines.append(f"| {LOG_NAMES[data]} | {LABELS[model]} | {seed_count} | " + " | ".join(cells) + " |")

@@ -51,18 +51,28 @@ class RunLog:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
+    def _matching(self, data: str, model: str, config_sha: str, overrides: list[str]) -> list[dict]:
+        """The records of this run, any seed, at this config and the current code."""
+        key = (data, model, config_sha, overrides, CODE_VERSION)
+        return [
+            record for record in self.records()
+            if (record["data"], record["model"], record.get("config_sha"), record["overrides"], record.get("code")) == key
+        ]
+
     def find(self, data: str, model: str, seed: int, config_sha: str, overrides: list[str]) -> dict | None:
-        key = (data, model, seed, config_sha, overrides, CODE_VERSION)
-        for record in self.records():
-            found = (record["data"], record["model"], record["seed"], record.get("config_sha"), record["overrides"],
-                     record.get("code"))
-            if found == key:
-                return record
-        return None
+        return next((r for r in self._matching(data, model, config_sha, overrides) if r["seed"] == seed), None)
 
     def logged(self, data: str, model: str, seed: int, config_path: Path, overrides: list[str]) -> dict | None:
         """The logged record of this run at the current config file and code, or None."""
         return self.find(data, model, seed, config_hash(config_path), overrides)
+
+    def logged_seeds(self, data: str, model: str, config_path: Path, overrides: list[str]) -> list[dict]:
+        """The logged record of every seed of this run at the current config file and code,
+        by seed (one read of the log)."""
+        by_seed = {}
+        for record in self._matching(data, model, config_hash(config_path), overrides):
+            by_seed.setdefault(record["seed"], record)  # the first, as find() takes
+        return [by_seed[seed] for seed in sorted(by_seed)]
 
     def run(self, data: str, model: str, seed: int, config_path: Path, overrides: list[str]) -> dict:
         """The logged record of this run, training it first if it is not there yet.
