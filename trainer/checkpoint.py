@@ -1,39 +1,256 @@
-"""Checkpoints: torch.distributed.checkpoint (DCP), written atomically, the last K kept.
+"""Checkpoints: torch.distributed.checkpoint (DCP), written atomically, verified, the last K kept.
 
-    <run_dir>/checkpoints/step-00000440/      complete checkpoints (DCP files + .metadata)
+    <run_dir>/checkpoints/step-00000440/      complete checkpoints:
+        __0_0.distcp ...                        DCP shards (tensors only)
+        .metadata                               DCP's index of the shards (a pickle)
+        config.yaml                             the run's config when it was written
+        manifest.json                           written last: every file's size and SHA-256
     <run_dir>/checkpoints/.step-00000440.tmp  being written; never read
 
 Every rank writes its own shards into the temporary directory; when all ranks are done
-(a barrier) rank 0 renames it. A rename is atomic, so a directory named `step-*` is
-always complete: a job killed while writing leaves only a `.tmp` directory, which the
-next save clears. DCP reshards on load, so a checkpoint written by N ranks resumes on M.
+(a barrier) the files are hashed (each rank a share), rank 0 writes the manifest and
+renames the directory. A rename is atomic, so a directory named `step-*` is always
+complete when written: a job killed while writing leaves only a `.tmp` directory, which
+the next save clears. DCP reshards on load, so a checkpoint written by N ranks resumes on M.
+
+What a checkpoint directory is trusted for, and what not:
+- Damage (a truncated, zeroed or deleted file, a garbage `.metadata`, a missing
+  manifest) is found by the manifest before anything is read; resume then falls back to
+  the newest checkpoint that verifies, with a warning naming the damaged one.
+- Code is never run from it, even when someone rewrote the manifest to match: DCP reads
+  `.metadata` with plain `pickle.load`, so it is read here through an unpickler that
+  admits only the classes DCP's metadata is made of (`SafeFileSystemReader`), shards
+  load with `torch.load(weights_only=True)` (`SafeLoadPlanner` also for non-tensor
+  entries, which DCP would load with weights_only=False), and the config is YAML read
+  with `safe_load`. A checkpoint that names anything else is refused, not skipped.
 
 What goes in is the trainer's business (`Trainer.state_dict`); this module only knows
-where checkpoints live and how to write and read them safely.
+where checkpoints live and how to write, verify and read them safely.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
+import json
 import logging
+import pickle
 import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from trainer.distributed import Distributed
 
 log = logging.getLogger(__name__)
 
 PREFIX = "step-"
+MANIFEST = "manifest.json"
+CONFIG_FILE = "config.yaml"
+MANIFEST_FORMAT = "nextrec-checkpoint/1"
 
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, permission denied, ...). Every
     complete checkpoint is still in place; the message names the newest."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: crafted (names a class a checkpoint never holds),
+    damaged with no intact one to fall back to, or written under another config. The
+    message is one line naming the file and what to do instead."""
+
+
+# ------------------------------------------------------------- reading .metadata safely
+
+# Everything DCP's metadata pickle is made of (torch.distributed.checkpoint.metadata and
+# filesystem._StorageInfo), found by recording what unpickling real checkpoints of one
+# and of several ranks looks up. Anything else in a `.metadata` was put there by hand.
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # a layout from its name
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits only the metadata classes and torch dtypes; refuses every other global
+    (os.system, builtins.eval, ...) before it is looked up, so nothing is called."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_CLASSES or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a checkpoint's metadata never holds")
+
+
+def read_metadata(path: Path) -> Metadata:
+    """DCP's `.metadata` of checkpoint `path`, read through the restricted unpickler and
+    checked: a Metadata whose shard files all lie in the checkpoint directory itself."""
+    file = Path(path) / ".metadata"
+    try:
+        with open(file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{file}: refused: {e} (crafted or damaged; nothing in it was run)") from None
+    except Exception as e:  # garbage bytes fail in many ways; all mean "not DCP metadata"
+        raise CheckpointError(f"{file}: not a DCP metadata file ({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise CheckpointError(f"{file}: refused: holds a {type(metadata).__name__}, not DCP metadata")
+    for info in metadata.storage_data.values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{file}: refused: names shard file {name!r} outside the checkpoint directory")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with `.metadata` read by `read_metadata` above instead of
+    `pickle.load`."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        if kwargs.get("rank") is not None:  # per-rank metadata files: this project never writes them
+            raise CheckpointError(f"{self.path}: refused: per-rank metadata files are not used by this trainer")
+        metadata = read_metadata(Path(self.path))
+        metadata.storage_meta = metadata.storage_meta or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner, except that non-tensor entries load with weights_only=True (DCP's
+    own uses weights_only=False, which a crafted `.metadata` could steer any entry to)."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except Exception as e:
+            raise CheckpointError(
+                f"refused entry {read_item.dest_index.fqn}: not plain data ({_first_line(e)})"
+            ) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+# ------------------------------------------------------------------- the manifest
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _describe_files(paths: list[Path], dist: Distributed) -> dict[str, dict]:
+    """{name: {size, sha256}} of `paths`; each rank hashes every N-th file, so a sharded
+    checkpoint is hashed in parallel and no rank reads all of it."""
+    mine = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in paths[dist.rank :: dist.world_size]}
+    described: dict[str, dict] = {}
+    for part in dist.gather_objects(mine):
+        described.update(part)
+    return described
+
+
+def _write_manifest(directory: Path, step: int, dist: Distributed) -> None:
+    """Hash every file of `directory` (read back from disk) and write the manifest last.
+    Collective."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    described = _describe_files(files, dist)
+    if dist.is_main:
+        manifest = {"format": MANIFEST_FORMAT, "step": step, "files": described}
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+def _verify(path: Path, dist: Distributed) -> str | None:
+    """None when checkpoint `path` is as its manifest says (every file there, of the
+    listed size and SHA-256, and no other); otherwise what is wrong, naming the file.
+    Collective: the files are verified in shares."""
+    problem = None
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        listed = manifest["files"]
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(listed, dict):
+            raise ValueError(f"not a {MANIFEST_FORMAT} manifest")
+    except FileNotFoundError:
+        problem, listed = f"{path / MANIFEST}: missing (written last, so the checkpoint is incomplete or not ours)", {}
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        problem, listed = f"{path / MANIFEST}: unreadable ({_first_line(e)})", {}
+    if problem is None:
+        present = sorted(p.name for p in path.iterdir() if p.name != MANIFEST)
+        missing = sorted(set(listed) - set(present))
+        extra = sorted(set(present) - set(listed))
+        if missing:
+            problem = f"{path / missing[0]}: missing ({len(missing)} listed file(s) not there)"
+        elif extra:
+            problem = f"{path / extra[0]}: not in the manifest (the directory was changed after it was written)"
+    names = sorted(listed) if problem is None else []
+    mine = []
+    for name in names[dist.rank :: dist.world_size]:
+        file, expected = path / name, listed[name]
+        size = file.stat().st_size
+        if size != expected.get("size"):
+            mine.append(f"{file}: {size} bytes, the manifest says {expected.get('size')}")
+        elif _sha256(file) != expected.get("sha256"):
+            mine.append(f"{file}: contents differ from the manifest (SHA-256)")
+    found = [p for part in dist.gather_objects(mine) for p in part]
+    return problem or (found[0] if found else None)
+
+
+def verified_checkpoint(directory: Path, dist: Distributed) -> Path | None:
+    """The newest checkpoint under `directory` that verifies against its manifest, with a
+    warning for every newer one that does not; None when there is none at all. Raises
+    CheckpointError when checkpoints exist but none verifies. Collective."""
+    found = complete_checkpoints(directory)
+    damaged = []
+    for path in reversed(found):
+        problem = _verify(path, dist)
+        if problem is None:
+            for bad, why in damaged:
+                log.warning("damaged checkpoint %s: %s; resuming from %s instead", bad.name, why, path.name)
+            return path
+        damaged.append((path, problem))
+    if damaged:
+        newest, why = damaged[0]
+        raise CheckpointError(
+            f"{newest}: damaged ({why}), and no older checkpoint under {directory} verifies either; "
+            "start over with --overwrite"
+        )
+    return None
+
+
+def written_config(path: Path) -> dict | None:
+    """The config a checkpoint (or a run directory) was written under: its config.yaml
+    read with safe_load, or None if it has none."""
+    file = path / CONFIG_FILE
+    if not file.exists():
+        return None
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{file}: not a readable config ({_first_line(e)})") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{file}: not a config mapping")
+    return loaded
 
 
 @contextlib.contextmanager
@@ -72,22 +289,30 @@ def checkpoint_name(step: int) -> str:
 
 
 def complete_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint directories (`step-<number>`), oldest first; whether each is intact is
+    `_verify`'s question."""
     if not directory.is_dir():
         return []
-    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / ".metadata").exists()]
+    found = [
+        p for p in directory.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
-    found = complete_checkpoints(directory)
+    """The newest checkpoint whose manifest is there (written last); not yet verified."""
+    found = [p for p in complete_checkpoints(directory) if (p / MANIFEST).is_file()]
     return found[-1] if found else None
 
 
-def save_checkpoint(directory: Path, step: int, state: dict, dist: Distributed, keep: int) -> Path:
-    """Write `state` (a DCP state dict) as checkpoint `step`; keep the newest `keep`.
-    Collective: every rank calls it. Raises OSError (after leaving every complete
-    checkpoint in place) when the write fails."""
+def save_checkpoint(
+    directory: Path, step: int, state: dict, dist: Distributed, keep: int, config: dict | None = None
+) -> Path:
+    """Write `state` (a DCP state dict) and `config` (the run's config, as a dict) as
+    checkpoint `step`, its manifest last; keep the newest `keep`. Collective: every rank
+    calls it. Raises OSError (after leaving every complete checkpoint in place) when the
+    write fails."""
     final = directory / checkpoint_name(step)
     if dist.is_main:
         directory.mkdir(parents=True, exist_ok=True)
@@ -96,6 +321,10 @@ def save_checkpoint(directory: Path, step: int, state: dict, dist: Distributed, 
     try:
         with atomic_directory(final, dist) as tmp, _single_process_quiet():
             dcp.save(state, checkpoint_id=tmp, no_dist=not dist.enabled)
+            if dist.is_main and config is not None:
+                (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+            dist.barrier()
+            _write_manifest(tmp, step, dist)
     # DCP reports a failed write on any rank to every rank as a CheckpointException
     # (a BaseException, not an OSError); a single process may see the OSError itself.
     except (OSError, CheckpointException) as e:
@@ -106,8 +335,11 @@ def save_checkpoint(directory: Path, step: int, state: dict, dist: Distributed, 
             + "rerun with --resume once the cause is fixed"
         ) from e
     if dist.is_main:
+        # The checkpoint just written (hashed from disk) is never deleted, so the last
+        # verified checkpoint survives even when newer-numbered directories are damaged.
         for old in complete_checkpoints(directory)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint: %s", final)
     return final
 
@@ -119,8 +351,22 @@ def _first_line(error: BaseException) -> str:
 
 def load_checkpoint(path: Path, state: dict, dist: Distributed) -> None:
     """Read checkpoint `path` into `state` in place (DCP: each rank reads what its own
-    tensors hold, whatever the world size that wrote it)."""
+    tensors hold, whatever the world size that wrote it), never unpickling anything but
+    DCP's metadata classes. Verify it first (`verified_checkpoint`)."""
     if not (path / ".metadata").exists():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no .metadata)")
+        raise CheckpointError(f"{path}: not a complete checkpoint (no .metadata)")
     with _single_process_quiet():
-        dcp.load(state, checkpoint_id=path, no_dist=not dist.enabled)
+        try:
+            dcp.load(
+                state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeLoadPlanner(),
+                no_dist=not dist.enabled,
+            )
+        except CheckpointException as e:
+            # DCP wraps every rank's failure; a refusal of ours inside stays a refusal.
+            refused = [exc for exc, _ in e.failures.values() if isinstance(exc, CheckpointError)]
+            if refused:
+                raise refused[0] from None
+            first = next(iter(e.failures.values()))[0]
+            raise CheckpointError(
+                f"{path}: does not load into this model ({type(first).__name__}: {_first_line(first)})"
+            ) from None

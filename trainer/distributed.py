@@ -81,6 +81,24 @@ class Distributed:
         if self.enabled:
             torch_dist.barrier()
 
+    def gather_objects(self, value: object) -> list:
+        """Every rank's `value` (picklable, small), in rank order, on every rank. The
+        values come from this job's own ranks, never from a file."""
+        if not self.enabled:
+            return [value]
+        values: list = [None] * self.world_size
+        torch_dist.all_gather_object(values, value)
+        return values
+
+    def broadcast_object(self, value: object) -> object:
+        """Rank 0's `value` on every rank (a decision only rank 0 can make, such as the
+        run directory's lock, so that every rank acts on it alike)."""
+        if not self.enabled:
+            return value
+        box = [value]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 class _GatherWithGradient(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient of the gathered tensor and

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from configs.loading import config_to_dict
 from configs.schema import ExperimentConfig, OptimConfig
 from data.batches import BatchBuilder
 from data.loader import TrainLoader
@@ -30,7 +30,7 @@ from data.prepare import PreparedData
 from models.embeddings import VocabularySizes
 from models.retrieval import TwoTowerRetrieval
 from models.samplers import identity_gather
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from trainer.distributed import Distributed, owned_candidates, shard_model
 from trainer.evaluation import METRIC_NAMES, full_ranking_ranks, metrics_from_ranks
 from trainer.metrics import MetricsLogger
@@ -321,7 +321,8 @@ class Trainer:
                         self.evals_without_gain += 1
                     if self.checkpoint_dir is not None:
                         save_checkpoint(
-                            self.checkpoint_dir, self.step, self.state_dict(), self.dist, config.train.keep_checkpoints
+                            self.checkpoint_dir, self.step, self.state_dict(), self.dist, config.train.keep_checkpoints,
+                            config=config_to_dict(config),
                         )
                     validation_seconds += time.perf_counter() - validation_start
                     # The throughput window leaves the validation (and checkpoint) out.
@@ -374,7 +375,7 @@ class Trainer:
     def load_state_dict(self, path: Path) -> None:
         """Continue from checkpoint `path` (written by any number of ranks)."""
         state = self.state_dict()
-        metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        metadata = read_metadata(path).state_dict_metadata
         rng_key = f"rng_rank{self.dist.rank}"
         if not any(key.startswith(rng_key) for key in metadata):
             # Written by fewer ranks: this rank's random stream starts afresh.

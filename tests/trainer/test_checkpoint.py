@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import logging
+import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -10,7 +16,17 @@ import torch.distributed.checkpoint as dcp
 
 from configs.loading import load_config
 from data.prepare import prepare
-from trainer.checkpoint import complete_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    CheckpointError,
+    _write_manifest,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+    verified_checkpoint,
+    written_config,
+)
 from trainer.distributed import Distributed
 from trainer.loop import NonFiniteTrainingError, Trainer
 from trainer.metrics import MetricsLogger
@@ -144,3 +160,147 @@ def test_too_many_nan_steps_in_a_row_stop_with_a_clear_error_and_keep_the_checkp
     restored = _trainer(tmp_path / "again")
     restored.load_state_dict(tmp_path / "checkpoints" / "step-00000004")
     assert restored.step == 4
+
+
+# ----------------------------------------------------- crafted and damaged checkpoints
+
+
+class _RunsCommand:
+    """A pickle that runs `touch marker` when unpickled by plain pickle.load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _two_checkpoints(directory: Path) -> None:
+    for step in (1, 2):
+        save_checkpoint(directory, step, {"x": torch.full((3,), float(step))}, Distributed(), keep=5)
+
+
+def _rewrite_manifest(path: Path) -> None:
+    """What an attacker who can write the directory can do: make the manifest match."""
+    _write_manifest(path, int(path.name.split("-")[1]), Distributed())
+
+
+def test_a_crafted_metadata_runs_nothing_even_with_a_matching_manifest(tmp_path):
+    directory, marker = tmp_path / "checkpoints", tmp_path / "marker"
+    _two_checkpoints(directory)
+    newest = directory / "step-00000002"
+    (newest / ".metadata").write_bytes(pickle.dumps(_RunsCommand(marker)))
+    _rewrite_manifest(newest)
+    assert verified_checkpoint(directory, Distributed()) == newest  # the hashes match: only the content can tell
+    with pytest.raises(CheckpointError, match=r"\.metadata: refused: it names (posix|os)\.system") as refused:
+        load_checkpoint(newest, {"x": torch.zeros(3)}, Distributed())
+    assert "\n" not in str(refused.value)
+    with pytest.raises(CheckpointError, match="refused"):
+        read_metadata(newest)  # the trainer's own look at the metadata (rank RNG keys) is guarded too
+    assert not marker.exists()
+
+
+def test_a_crafted_metadata_with_a_stale_manifest_is_damage_and_resume_falls_back(tmp_path, caplog):
+    directory, marker = tmp_path / "checkpoints", tmp_path / "marker"
+    _two_checkpoints(directory)
+    (directory / "step-00000002" / ".metadata").write_bytes(pickle.dumps(_RunsCommand(marker)))
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        chosen = verified_checkpoint(directory, Distributed())
+    assert chosen == directory / "step-00000001"
+    assert "damaged checkpoint step-00000002: " in caplog.text
+    assert "step-00000002/.metadata: " in caplog.text and "the manifest says" in caplog.text
+    state = {"x": torch.zeros(3)}
+    load_checkpoint(chosen, state, Distributed())
+    assert torch.equal(state["x"], torch.ones(3)) and not marker.exists()
+
+
+def test_metadata_that_steers_an_entry_to_pickled_bytes_is_refused(tmp_path):
+    """DCP loads entries its metadata calls bytes with torch.load(weights_only=False): a
+    crafted .metadata could point a tensor's entry at a pickle. SafeLoadPlanner refuses."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    directory, marker = tmp_path / "checkpoints", tmp_path / "marker"
+    save_checkpoint(directory, 1, {"x": torch.ones(3)}, Distributed(), keep=5)
+    path = directory / "step-00000001"
+    payload = io.BytesIO()
+    torch.save(_RunsCommand(marker), payload)
+    (path / "evil.distcp").write_bytes(payload.getvalue())
+    metadata = read_metadata(path)
+    metadata.state_dict_metadata["x"] = BytesStorageMetadata()
+    metadata.storage_data = {MetadataIndex("x"): _StorageInfo("evil.distcp", 0, len(payload.getvalue()))}
+    metadata.storage_meta = None
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    _rewrite_manifest(path)
+    with pytest.raises(CheckpointError, match="refused entry x"):
+        load_checkpoint(path, {"x": torch.zeros(3)}, Distributed())
+    assert not marker.exists()
+
+
+def test_metadata_naming_a_shard_outside_the_checkpoint_is_refused(tmp_path):
+    directory = tmp_path / "checkpoints"
+    save_checkpoint(directory, 1, {"x": torch.ones(3)}, Distributed(), keep=5)
+    path = directory / "step-00000001"
+    metadata = read_metadata(path)
+    for info in metadata.storage_data.values():
+        info.relative_path = "../../elsewhere.distcp"
+    (path / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        read_metadata(path)
+
+
+def _truncate(path: Path) -> None:
+    shard = next(path.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:10])
+
+
+def _zero(path: Path) -> None:
+    shard = next(path.glob("*.distcp"))
+    shard.write_bytes(bytes(shard.stat().st_size))
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (_truncate, "__0_0.distcp: 10 bytes"),
+        (_zero, "__0_0.distcp: contents differ"),
+        (lambda p: next(p.glob("*.distcp")).unlink(), "__0_0.distcp: missing"),
+        (lambda p: (p / ".metadata").write_bytes(b"garbage"), ".metadata: 7 bytes"),
+        (lambda p: (p / "manifest.json").unlink(), "manifest.json: missing"),
+        (lambda p: (p / "manifest.json").write_text("{"), "manifest.json: unreadable"),
+    ],
+    ids=["truncated", "zeroed", "deleted", "garbage-metadata", "no-manifest", "bad-manifest"],
+)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, caplog, damage, named):
+    directory = tmp_path / "checkpoints"
+    _two_checkpoints(directory)
+    damage(directory / "step-00000002")
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        assert verified_checkpoint(directory, Distributed()) == directory / "step-00000001"
+    assert named in caplog.text and "resuming from step-00000001 instead" in caplog.text
+    # ... and when no checkpoint verifies, one line that says what to do.
+    damage(directory / "step-00000001")
+    with pytest.raises(CheckpointError, match=r"step-00000002: damaged .* no older checkpoint .* --overwrite") as e:
+        verified_checkpoint(directory, Distributed())
+    assert "\n" not in str(e.value)
+
+
+def test_keep_checkpoints_never_deletes_the_last_verified_one(tmp_path):
+    directory = tmp_path / "checkpoints"
+    (directory / "step-99999999").mkdir(parents=True)  # a newer-numbered directory that is no checkpoint
+    save_checkpoint(directory, 3, {"x": torch.ones(3)}, Distributed(), keep=1)
+    assert (directory / "step-00000003" / "manifest.json").exists()
+    assert verified_checkpoint(directory, Distributed()) == directory / "step-00000003"
+
+
+def test_the_manifest_lists_every_file_with_its_size_and_hash(tmp_path):
+    directory = tmp_path / "checkpoints"
+    save_checkpoint(directory, 7, {"x": torch.ones(3)}, Distributed(), keep=1, config={"seed": 3})
+    path = directory / "step-00000007"
+    manifest = json.loads((path / "manifest.json").read_text())
+    files = sorted(p.name for p in path.iterdir() if p.name != "manifest.json")
+    assert sorted(manifest["files"]) == files and "config.yaml" in files and manifest["step"] == 7
+    for name, entry in manifest["files"].items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert written_config(path) == {"seed": 3}
