@@ -6,7 +6,9 @@
 torchx may pass the script path itself as the first argument (a `.torchxconfig`
 that sets `script = trainer/main.py`); it is accepted and ignored.
 
-A user error (bad config, bad log, training that diverged) prints one clear line and
+A user error (bad config, bad log, a run directory in use or holding another run, a
+checkpoint that is crafted, damaged beyond fallback or written under another config,
+training that diverged) prints one clear line and
 exits with status 2; a checkpoint that cannot be written (disk full) prints one line and
 exits with status 1, the previous checkpoint intact. No stack trace from deep inside a
 library.
@@ -18,6 +20,7 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -32,12 +35,12 @@ from configs.loading import ConfigError, config_to_dict, load_config
 from configs.schema import ExperimentConfig
 from data.prepare import prepare
 from data.readers import DataError
-from trainer.checkpoint import CheckpointWriteError, latest_checkpoint
+from trainer.checkpoint import CONFIG_FILE, CheckpointError, CheckpointWriteError, verified_checkpoint, written_config
 from trainer.distributed import Distributed, close_distributed, init_distributed, rank_resources
 from trainer.loop import NonFiniteTrainingError, Trainer
 from trainer.metrics import MetricsLogger
 from trainer.export import export_model
-from trainer.run_directory import open_run_directory
+from trainer.run_directory import RunLock, check_fresh_start, config_difference, open_run_directory
 from trainer.results import evaluate_baselines, evaluation_queries, markdown_table, write_results
 
 log = logging.getLogger("trainer")
@@ -60,22 +63,84 @@ def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
     parser.add_argument(
         "--config", default="collegemsg", help="YAML run config, or the name of one in configs/ (default: collegemsg)"
     )
-    parser.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue from the run's newest checkpoint that verifies (refused if written under another config)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier run in the run directory instead of refusing"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loader.batch_size=256")
-    args = parser.parse_args(argv)
-    return _config_path(args.config), args.overrides + (["train.resume=true"] if args.resume else [])
+    args = parser.parse_intermixed_args(argv)  # flags may come after the overrides too
+    flags = (["train.resume=true"] if args.resume else []) + (["train.overwrite=true"] if args.overwrite else [])
+    return _config_path(args.config), args.overrides + flags
 
 
 def run(config: ExperimentConfig, dist: Distributed = Distributed()) -> dict:
     """Prepare, train, evaluate; returns the results written to the run directory.
-    On several ranks every rank trains and evaluates; rank 0 alone writes files."""
+    On several ranks every rank trains and evaluates; rank 0 alone writes files, holding
+    the run directory's lock from start to end."""
     run_dir = open_run_directory(config.output_dir, config.name, create=dist.is_main)
+    lock = RunLock(run_dir)
+    _on_rank_zero(dist, lock.acquire)
+    try:
+        return _run_locked(config, dist, run_dir)
+    finally:
+        if dist.is_main:
+            lock.release()
+
+
+def _on_rank_zero(dist: Distributed, action: Callable[[], None]) -> None:
+    """Run `action` on rank 0 and raise its refusal (ConfigError, CheckpointError) on
+    every rank alike, so that no rank goes on to wait for one that stopped."""
+    refusal = None
+    if dist.is_main:
+        try:
+            action()
+        except (ConfigError, CheckpointError) as e:
+            refusal = (type(e).__name__, str(e))
+    refusal = dist.broadcast_object(refusal)
+    if refusal is not None:
+        kind, message = refusal
+        raise (CheckpointError if kind == "CheckpointError" else ConfigError)(message)
+
+
+def _resume_point(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from, or None to start afresh. A new run may not mix
+    with an earlier one in the same directory (refused, or cleared with --overwrite); a
+    resumed one must have been written under the same config, extensions aside."""
+    if not config.train.resume:
+        _on_rank_zero(dist, lambda: check_fresh_start(run_dir, config.train.overwrite))
+        return None
+    checkpoint = verified_checkpoint(run_dir / "checkpoints", dist)
+    # Without a checkpoint, a finished run's config.yaml still says what the directory holds.
+    written_in = checkpoint if checkpoint is not None else run_dir
+    written = written_config(written_in)
+    differing = config_difference(written, config_to_dict(config)) if written is not None else []
+    if differing:
+        shown = "; ".join(differing[:6]) + (f"; and {len(differing) - 6} more" if len(differing) > 6 else "")
+        raise ConfigError(
+            f"{written_in / CONFIG_FILE}: --resume refused: the run was written under another config ({shown}); "
+            "resume with its config, or start over with --overwrite or another name (name=...)"
+        )
+    if checkpoint is None:
+        log.info("resume: no complete checkpoint under %s; starting afresh", run_dir / "checkpoints")
+    return checkpoint
+
+
+def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> dict:
+    checkpoint = _resume_point(config, dist, run_dir)
     if dist.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
     start = time.perf_counter()
     prepared = prepare(config.data, out_dir=run_dir / "prepared" if dist.is_main else None)
     summary = prepared.summary()
+    if summary["evaluated_actors"] == 0:
+        raise DataError(
+            f"{summary['source']}: no evaluated actors: the protocol holds out each actor's last two events, so it "
+            f"needs actors with at least 3 events, and no actor of these {summary['events']:,} events has that"
+        )
     sampled = len(evaluation_queries(prepared, "test", config.eval))  # eval.max_queries may sample the actors
     if sampled < summary["evaluated_actors"]:
         summary["evaluable_actors"], summary["evaluated_actors"] = summary["evaluated_actors"], sampled
@@ -88,12 +153,8 @@ def run(config: ExperimentConfig, dist: Distributed = Distributed()) -> dict:
     metrics = MetricsLogger(run_dir / "tensorboard", enabled=dist.is_main)
     metrics.log_config(config_to_dict(config))
     trainer = Trainer(config, prepared, metrics, dist, run_dir=run_dir)
-    if config.train.resume:
-        latest = latest_checkpoint(trainer.checkpoint_dir) if trainer.checkpoint_dir is not None else None
-        if latest is None:
-            log.info("resume: no complete checkpoint under %s; starting afresh", trainer.checkpoint_dir)
-        else:
-            trainer.load_state_dict(latest)
+    if checkpoint is not None:
+        trainer.load_state_dict(checkpoint)
     try:
         summary_train = trainer.train()
         test = trainer.test()
@@ -165,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         if dist.enabled:
             _configure_logging(dist)
         run(config, dist)
-    except (ConfigError, DataError, NonFiniteTrainingError) as e:
+    except (ConfigError, DataError, CheckpointError, NonFiniteTrainingError) as e:
         _print_error(e, dist)
         return 2
     except CheckpointWriteError as e:  # the machine's fault, not the user's input: status 1

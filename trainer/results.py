@@ -74,9 +74,23 @@ def markdown_table(rows: dict[str, dict[str, float]], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def json_safe(value: object) -> object:
+    """`value` with every non-finite float as None: JSON has no NaN (json.dumps would
+    write a bare `NaN` most readers reject), and a metric no query produced is absent."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_results(run_dir: Path, results: dict, table: str) -> None:
-    """results.json and results.md in the run directory, each written atomically."""
-    for name, text in (("results.json", json.dumps(results, indent=2)), ("results.md", table + "\n")):
+    """results.json (strict JSON: NaN as null) and results.md in the run directory, each
+    written atomically."""
+    text = json.dumps(json_safe(results), indent=2, allow_nan=False)
+    for name, text in (("results.json", text), ("results.md", table + "\n")):
         tmp = run_dir / f".{name}.tmp"
         tmp.write_text(text)
         tmp.replace(run_dir / name)

@@ -31,8 +31,11 @@ def test_a_log_of_one_actor_trains_and_ranks_its_one_evaluated_actor(tmp_path):
 @pytest.mark.parametrize(
     ("log_text", "expected"),
     [
-        ("1 2 3\n", "no training examples"),  # one event in all
-        ("".join(f"{a} {a + 100} {a}\n" for a in range(1, 20)), "no training examples"),  # one event per actor
+        ("1 2 3\n", "no evaluated actors"),  # one event in all
+        ("".join(f"{a} {a + 100} {a}\n" for a in range(1, 20)), "no evaluated actors"),  # one event per actor
+        ("".join(f"{a} {a + 100} {a}\n{a} {a + 200} {a}\n" for a in range(1, 20)), "no evaluated actors"),  # two
+        # Three events per actor: the last two evaluate, the first has no history to train from.
+        ("".join(f"{a} {a + d} {a}\n" for a in range(1, 20) for d in (100, 200, 300)), "no training examples"),
         ("".join(f"1 {t} {t}\n" for t in range(2, 12)), "cannot fill one global batch"),  # batch too large
         ("", "the file is empty"),
     ],
