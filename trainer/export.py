@@ -11,10 +11,18 @@ directory is written under a temporary name and renamed by rank 0 once every ran
 finished (trainer/checkpoint.py `atomic_directory`), so a crash leaves the previous
 export intact, never a partial one. Files hold tensors, ints and strings only, and load
 with `torch.load(weights_only=True)`: no pickled code is ever executed.
+
+A file that does not load that way (damaged, truncated, or crafted to run code), or that
+loads but is not laid out as below, raises `ExportError` naming the file; the only fix
+offered is to train the run again, never to load it less safely.
+
+    {"tensors": {key: Tensor},                  whole tensors (rank 0 only)
+     "pieces": [{"key": str, "shape": [int], "offsets": [int], "tensor": Tensor}]}
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,6 +32,11 @@ from trainer.checkpoint import atomic_directory
 from trainer.distributed import Distributed
 
 EXPORT_DIR = "model"
+
+
+class ExportError(ValueError):
+    """The exported model is missing, unreadable, or not one this project wrote. The
+    message is one line naming the file and what to do."""
 
 
 def export_model(model: nn.Module, run_dir: Path, dist: Distributed) -> Path:
@@ -47,24 +60,76 @@ def export_model(model: nn.Module, run_dir: Path, dist: Distributed) -> Path:
 
 
 def load_exported(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The exported state as whole plain tensors, whatever number of ranks wrote it."""
+    """The exported state as whole plain tensors, whatever number of ranks wrote it.
+    Raises `ExportError` for a missing, unreadable, damaged or crafted export."""
     directory = run_dir / EXPORT_DIR
     files = sorted(directory.glob("rank-*.pt"))
     if not files:
-        raise FileNotFoundError(f"{directory}: no exported model (rank-*.pt); train first with python -m trainer.main")
+        raise ExportError(f"{directory}: no exported model (rank-*.pt); train first with python -m trainer.main")
     state: dict[str, torch.Tensor] = {}
     written: dict[str, int] = {}
     for path in files:
-        saved = torch.load(path, weights_only=True)
+        saved = _read(path, run_dir)
         state.update(saved["tensors"])
         for piece in saved["pieces"]:
             key, tensor = piece["key"], piece["tensor"]
             if key not in state:
                 state[key] = torch.empty(piece["shape"], dtype=tensor.dtype)
+            elif list(state[key].shape) != piece["shape"]:
+                raise _not_ours(path, run_dir, f"a piece of {key!r} disagrees with the others on its shape")
             window = tuple(slice(o, o + n) for o, n in zip(piece["offsets"], tensor.shape))
             state[key][window] = tensor
             written[key] = written.get(key, 0) + tensor.numel()
     incomplete = [key for key, count in written.items() if count != state[key].numel()]
     if incomplete:
-        raise ValueError(f"{directory}: the pieces of {incomplete} do not cover the tables exactly; export again")
+        raise ExportError(f"{directory}: the pieces of {incomplete} do not cover the tables exactly; export again")
     return state
+
+
+def _read(path: Path, run_dir: Path) -> dict:
+    """One rank's file, checked to be laid out as the module docstring says."""
+    try:
+        with warnings.catch_warnings():
+            # torch.save writes pickle protocol 2; another protocol means a file written some
+            # other way, about to be refused below: its warning would only add noise.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            saved = torch.load(path, weights_only=True, map_location="cpu")
+    except OSError as e:
+        raise ExportError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except Exception:
+        # weights_only=True refused the file (code or objects in the pickle: UnpicklingError),
+        # or it is not a readable torch file at all (RuntimeError, EOFError). torch's own
+        # message suggests weights_only=False, which would run whatever the file holds: it
+        # is deliberately not passed on.
+        raise _not_ours(path, run_dir, "it does not load as plain tensors") from None
+    if not (isinstance(saved, dict) and isinstance(saved.get("tensors"), dict) and isinstance(saved.get("pieces"), list)):
+        raise _not_ours(path, run_dir, "expected a dict with 'tensors' (a dict) and 'pieces' (a list)")
+    for key, tensor in saved["tensors"].items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise _not_ours(path, run_dir, f"'tensors' maps {key!r} to {type(tensor).__name__}, not a tensor")
+    for number, piece in enumerate(saved["pieces"]):
+        if not _is_piece(piece):
+            raise _not_ours(path, run_dir, f"piece {number} is not a {{key, shape, offsets, tensor}} inside its table")
+    return saved
+
+
+def _is_piece(piece: object) -> bool:
+    """A dict naming a table, its whole shape, and a tensor that lies inside it at `offsets`."""
+    if not isinstance(piece, dict):
+        return False
+    key, shape, offsets, tensor = piece.get("key"), piece.get("shape"), piece.get("offsets"), piece.get("tensor")
+    if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+        return False
+    if not all(isinstance(v, list) and all(type(n) is int and n >= 0 for n in v) for v in (shape, offsets)):
+        return False
+    return len(shape) == len(offsets) == tensor.dim() and all(
+        o + n <= s for o, n, s in zip(offsets, tensor.shape, shape)
+    )
+
+
+def _not_ours(path: Path, run_dir: Path, why: str) -> ExportError:
+    return ExportError(
+        f"{path}: not a model file this project wrote (damaged or crafted: {why}); nothing in it was run. "
+        "Write the export again by training the run: "
+        f"python -m trainer.main --config {run_dir / 'config.yaml'} --overwrite"
+    )

@@ -17,8 +17,18 @@ Behaviour on odd requests: an actor ID the model never saw, or one that only eve
 target (no events of its own), is reported and skipped; an action type the model never
 saw is an error naming it; an empty actor list writes an empty result.
 
+A user error prints one line `error: ...` on stderr and exits with status 2, no stack
+trace. That holds for argparse's own complaints too (a missing option, `--k abc`), and
+every argument is checked before any work (loading the data or the model): `--k` >= 1;
+`--out` names a file in an existing folder we may write to; `--run` is a run directory
+(config.yaml, prepared/, model/); `--actions` is a JSON object; every line of `--actors`
+is an integer when the run's log has integer IDs (`data.id_type`), else it names the
+file and line.
+
 The model (`runs/<name>/model/`, see trainer/export.py) loads with
-`torch.load(weights_only=True)`: no pickled code is ever executed.
+`torch.load(weights_only=True)`: no pickled code is ever executed. A damaged or crafted
+model file is refused in one line naming it (`ExportError`), as is an export that does
+not fit the run's config.
 """
 
 from __future__ import annotations
@@ -26,6 +36,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -39,7 +51,7 @@ from data.prepare import prepare_from_event_log
 from data.readers import DataError
 from data.sequences import Queries, Sequences
 from trainer.distributed import Distributed
-from trainer.export import EXPORT_DIR, load_exported
+from trainer.export import EXPORT_DIR, ExportError, load_exported
 from trainer.loop import build_model, incoming_inputs
 from trainer.scoring import ModelScorer
 
@@ -96,7 +108,7 @@ def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, ex
     prepared = prepare_from_event_log(event_log, config.data)
     seqs, stats = prepared.seqs, prepared.stats
     model = build_model(config, prepared)
-    model.load_state_dict(load_exported(run_dir))
+    _load_weights(model, run_dir)
     model.eval()
 
     # Which sequences to query: raw actor IDs -> sequence index.
@@ -134,6 +146,24 @@ def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, ex
     )
 
 
+def _load_weights(model: torch.nn.Module, run_dir: Path) -> None:
+    """The export into `model`, refused in one line (not load_state_dict's many) when it
+    was written for another model: config.yaml edited since, or a crafted file."""
+    state = load_exported(run_dir)
+    expected = {key: value.shape for key, value in model.state_dict().items() if isinstance(value, torch.Tensor)}
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong = sorted(key for key in expected.keys() & state.keys() if state[key].shape != expected[key])
+    if missing or unexpected or wrong:
+        problems = (("missing", missing), ("unexpected", unexpected), ("wrong shape of", wrong))
+        found = [f"{what} {keys[:3]}" for what, keys in problems if keys]
+        raise ExportError(
+            f"{run_dir / EXPORT_DIR}: does not fit the model of {run_dir / 'config.yaml'} ({'; '.join(found)}); "
+            f"train the run again: python -m trainer.main --config {run_dir / 'config.yaml'} --overwrite"
+        )
+    model.load_state_dict(state)
+
+
 def _next_actions(event_log, seqs: Sequences, sequence: np.ndarray, actions: dict | None) -> np.ndarray:
     most_frequent = int(np.bincount(seqs.actions).argmax())
     result = np.full(len(sequence), most_frequent, dtype=np.int64)
@@ -155,31 +185,125 @@ def _next_actions(event_log, seqs: Sequences, sequence: np.ndarray, actions: dic
     return result
 
 
+class UsageError(ValueError):
+    """A bad command line: one line naming the option at fault."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints a usage block and exits from inside parse_args; raising instead gives
+    # the one `error:` line every other user error here gets (`--help` still shows usage).
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (how many targets per actor), got {text!r}")
+    return int(text)
+
+
+def _check_out(out: Path) -> None:
+    """Fail now, not after all the work, when the result could not be written."""
+    folder = out.parent
+    if out.is_dir():
+        raise UsageError(f"--out: {out} is a directory; give a file name ending in .parquet or .json")
+    if not folder.is_dir():
+        raise UsageError(f"--out: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UsageError(f"--out: cannot write {out} (no write permission)")
+
+
+def _check_run(run_dir: Path) -> None:
+    if not run_dir.is_dir():
+        raise UsageError(f"--run: {run_dir} is not a directory; give a run directory written by python -m trainer.main")
+    for needed in ("config.yaml", "prepared/meta.json"):
+        if not (run_dir / needed).is_file():
+            raise UsageError(
+                f"--run: {run_dir} is not a run directory (no {needed}); give one written by python -m trainer.main"
+            )
+    if not (run_dir / EXPORT_DIR).is_dir():
+        raise UsageError(f"--run: {run_dir}: no exported model ({EXPORT_DIR}/); train first with python -m trainer.main")
+
+
+def _read_text(option: str, path: str, expected: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"{option}: {path} does not exist; {expected}") from None
+    except IsADirectoryError:
+        raise UsageError(f"{option}: {path} is a directory; {expected}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{option}: {path} is not UTF-8 text; {expected}") from None
+    except OSError as e:
+        raise UsageError(f"{option}: cannot read {path} ({e.strerror})") from None
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def _read_actors(path: str, id_type: str) -> list:
+    """Raw actor IDs, one a line (blank lines skipped), typed as the run's log types them."""
+    actors: list = []
+    text = _read_text("--actors", path, "expected a text file of raw actor IDs, one a line")
+    # split("\n"), not splitlines(): line numbers must match an editor's (splitlines also
+    # breaks at form feeds and other separators).
+    for number, line in enumerate(text.split("\n"), start=1):
+        raw = line.strip()
+        if not raw:
+            continue
+        if id_type == "str":
+            actors.append(raw)
+        elif _INTEGER.fullmatch(raw) and -(2**63) <= int(raw) < 2**63:  # the ID maps hold int64
+            actors.append(int(raw))
+        else:
+            raise UsageError(f"{path}:{number}: expected an integer actor ID, got {raw!r} (the run's log has integer IDs)")
+    return actors
+
+
+_JSON_TYPES = {list: "list", str: "string", int: "number", float: "number", bool: "true/false", type(None): "null"}
+
+
+def _read_actions(path: str) -> dict:
+    expected = "expected a JSON object {actor ID: action type}"
+    text = _read_text("--actions", path, expected)
+    try:
+        actions = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--actions: {path} is not JSON ({e.msg}, line {e.lineno}); {expected}") from None
+    if not isinstance(actions, dict):
+        raise UsageError(f"--actions: {path} holds a JSON {_JSON_TYPES.get(type(actions), 'value')}; {expected}")
+    for actor, action in actions.items():
+        if isinstance(action, bool) or not isinstance(action, (str, int, float)):
+            raise UsageError(
+                f"--actions: {path}: actor {actor!r} maps to a JSON {_JSON_TYPES.get(type(action), 'object')}; "
+                f"{expected}, each action type a string or number as in the log"
+            )
+    return actions
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="trainer.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run directory written by trainer.main")
-    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--k", type=_positive_int, default=10, help="targets per actor, >= 1 (default: 10)")
     parser.add_argument("--actors", help="text file of raw actor IDs, one a line (default: all)")
     parser.add_argument("--actions", help="JSON file: raw actor ID -> next action type")
     parser.add_argument("--exclude-seen", action="store_true", help="exclude targets the actor already interacted with")
     parser.add_argument("--out", required=True, help="output .parquet or .json")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
+        args = parser.parse_args(argv)
+        # Every check before any work: a typo must not cost a data load and a model load.
+        out = Path(args.out)
+        _check_out(out)
         run_dir = Path(args.run)
-        if not (run_dir / EXPORT_DIR).is_dir():
-            raise DataError(f"{run_dir}: no exported model ({EXPORT_DIR}/); train first with python -m trainer.main")
+        _check_run(run_dir)
         config = load_config(run_dir / "config.yaml")
-        actors = None
-        if args.actors:
-            lines = [line.strip() for line in Path(args.actors).read_text().splitlines() if line.strip()]
-            actors = [int(a) for a in lines] if config.data.id_type == "int" else lines
-        actions = json.loads(Path(args.actions).read_text()) if args.actions else None
+        actions = _read_actions(args.actions) if args.actions else None
+        actors = _read_actors(args.actors, config.data.id_type) if args.actors else None
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)
         frame = predict(run_dir, args.k, actors, actions, args.exclude_seen)
-    except (ConfigError, DataError, ValueError) as e:
+    except (UsageError, ConfigError, DataError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
     if out.suffix == ".json":
         out.write_text(json.dumps(frame.to_dicts()))
     else:

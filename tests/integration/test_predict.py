@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +16,7 @@ import torch
 
 from data.events import load_event_log
 from data.readers import DataError
+import trainer.predict as predict_module
 from trainer.main import main
 from trainer.predict import main as predict_main
 from trainer.predict import predict
@@ -60,22 +64,140 @@ def test_next_action_file_and_odd_requests(run_dir, tmp_path):
         predict(run_dir, k=3, actors=[1], actions={"1": "like"}, exclude_seen=False)
 
 
-class _Exploit:
+class _RunsCode:
+    """Pickles to a call of os.system: loading it unsafely would create `marker`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
     def __reduce__(self):
-        return (Path("/tmp/pwned-by-checkpoint").touch, ())
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
 
 
-def test_a_crafted_checkpoint_that_runs_code_fails_safely(run_dir, tmp_path):
+def _one_error_line(capsys) -> str:
+    """The single `error: ...` line a user error prints on stderr."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_a_crafted_or_damaged_model_file_is_refused_in_one_line(run_dir, tmp_path, capsys):
     crafted = tmp_path / "run"
     crafted.mkdir()
-    for name in ("config.yaml",):
-        (crafted / name).write_text((run_dir / name).read_text())
+    shutil.copy(run_dir / "config.yaml", crafted / "config.yaml")
     (crafted / "prepared").symlink_to(run_dir / "prepared")
     (crafted / "model").mkdir()
-    (crafted / "model" / "rank-00000.pt").write_bytes(pickle.dumps({"weights": _Exploit()}))
-    marker = Path("/tmp/pwned-by-checkpoint")
-    marker.unlink(missing_ok=True)
-    with pytest.raises(pickle.UnpicklingError):
-        predict(crafted, k=3, actors=[1], actions=None, exclude_seen=False)
-    assert not marker.exists()
+    rank_file = crafted / "model" / "rank-00000.pt"
+    marker = tmp_path / "ran"
+    real = (run_dir / "model" / "rank-00000.pt").read_bytes()
+    args = ["--run", str(crafted), "--actors", str(tmp_path / "actors.txt"), "--out", str(tmp_path / "p.parquet")]
+    (tmp_path / "actors.txt").write_text("1\n")
+    for content in (
+        pickle.dumps({"tensors": _RunsCode(marker), "pieces": []}),  # code in a plain pickle
+        b"not a model" * 50,  # garbage
+        real[: len(real) // 2],  # truncated
+    ):
+        rank_file.write_bytes(content)
+        assert predict_main(args) == 2
+        line = _one_error_line(capsys)
+        assert str(rank_file) in line and "not a model file this project wrote (damaged or crafted" in line
+        assert "python -m trainer.main" in line and "weights_only" not in line
+        assert not marker.exists()
+    # Loads, but is not laid out as an export, or not for this model.
+    for saved, why in (
+        ({"weights": torch.ones(2)}, "expected a dict with 'tensors'"),
+        ({"tensors": {"w": torch.ones(2)}, "pieces": []}, "does not fit the model"),
+    ):
+        torch.save(saved, rank_file)
+        assert predict_main(args) == 2
+        line = _one_error_line(capsys)
+        assert why in line and (str(rank_file) in line or str(crafted / "model") in line)
+    assert not (tmp_path / "p.parquet").exists()
     assert torch.load(run_dir / "model" / "rank-00000.pt", weights_only=True)  # the real one loads
+
+
+# ---- argument checks: each fails before any work, so none needs a trained run.
+
+
+@pytest.fixture
+def fake_run(tmp_path, monkeypatch) -> Path:
+    """Just enough of a run directory to pass the --run check; predict() itself fails
+    the test if reached, so every check below is shown to come before any work."""
+    run = tmp_path / "run"
+    (run / "prepared").mkdir(parents=True)
+    (run / "prepared" / "meta.json").write_text("{}")
+    (run / "model").mkdir()
+    shutil.copy(ROOT / "configs" / "smoke.yaml", run / "config.yaml")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("predict() ran before the arguments were checked")
+
+    monkeypatch.setattr(predict_module, "predict", no_work)
+    return run
+
+
+def test_k_must_be_at_least_one(fake_run, tmp_path, capsys):
+    for k in ("0", "-3", "abc"):
+        assert predict_main(["--run", str(fake_run), "--k", k, "--out", str(tmp_path / "p.json")]) == 2
+        assert "argument --k: expected an integer >= 1" in _one_error_line(capsys)
+    assert predict_main(["--run", str(fake_run)]) == 2  # argparse's own complaints: one line too
+    assert _one_error_line(capsys) == "error: the following arguments are required: --out"
+
+
+def test_out_must_be_writable_before_any_work(fake_run, tmp_path, capsys):
+    assert predict_main(["--run", str(fake_run), "--out", str(tmp_path / "missing" / "p.parquet")]) == 2
+    assert _one_error_line(capsys) == f"error: --out: the folder {tmp_path / 'missing'} does not exist; create it first"
+    assert predict_main(["--run", str(fake_run), "--out", str(tmp_path)]) == 2
+    assert _one_error_line(capsys).startswith(f"error: --out: {tmp_path} is a directory")
+
+
+def test_run_must_be_a_run_directory(fake_run, tmp_path, capsys):
+    out = str(tmp_path / "p.json")
+    assert predict_main(["--run", str(tmp_path / "nowhere"), "--out", out]) == 2
+    assert _one_error_line(capsys).startswith(f"error: --run: {tmp_path / 'nowhere'} is not a directory")
+    assert predict_main(["--run", str(tmp_path), "--out", out]) == 2  # a folder, but not a run
+    assert _one_error_line(capsys).startswith(f"error: --run: {tmp_path} is not a run directory (no config.yaml)")
+    shutil.rmtree(fake_run / "model")
+    assert predict_main(["--run", str(fake_run), "--out", out]) == 2
+    assert "no exported model (model/)" in _one_error_line(capsys)
+
+
+def test_actors_file_errors_name_the_file_and_line(fake_run, tmp_path, capsys):
+    actors = tmp_path / "actors.txt"
+    args = ["--run", str(fake_run), "--actors", str(actors), "--out", str(tmp_path / "p.json")]
+    assert predict_main(args) == 2
+    assert _one_error_line(capsys).startswith(f"error: --actors: {actors} does not exist")
+    actors.write_text("1\n\n abc \n5\n")  # line 3: a blank line still counts
+    assert predict_main(args) == 2
+    assert _one_error_line(capsys).startswith(f"error: {actors}:3: expected an integer actor ID, got 'abc'")
+
+
+def test_actions_must_be_a_json_object(fake_run, tmp_path, capsys):
+    actions = tmp_path / "actions.json"
+    args = ["--run", str(fake_run), "--actions", str(actions), "--out", str(tmp_path / "p.json")]
+    for content in (None, "[1, 2]", "{1: 'like'}", '{"1": ["like"]}'):
+        if content is not None:
+            actions.write_text(content)
+        assert predict_main(args) == 2
+        line = _one_error_line(capsys)
+        assert line.startswith(f"error: --actions: {actions}") and "expected a JSON object {actor ID: action type}" in line
+
+
+def test_checked_arguments_reach_predict_typed_as_the_log(fake_run, tmp_path, monkeypatch):
+    got = {}
+
+    def fake_predict(run_dir, k, actors, actions, exclude_seen):
+        got.update(k=k, actors=actors, actions=actions)
+        return pl.DataFrame(schema={"actor": pl.Int64, "rank": pl.Int64, "target": pl.Int64, "score": pl.Float32})
+
+    monkeypatch.setattr(predict_module, "predict", fake_predict)
+    (tmp_path / "actors.txt").write_text(" 1\r\n\n5\n")
+    (tmp_path / "actions.json").write_text('{"1": "<none>", "5": 2}')
+    args = ["--run", str(fake_run), "--k", "3", "--actors", str(tmp_path / "actors.txt"), "--out", str(tmp_path / "p.json")]
+    assert predict_main([*args, "--actions", str(tmp_path / "actions.json")]) == 0
+    assert got == {"k": 3, "actors": [1, 5], "actions": {"1": "<none>", "5": 2}}
+    assert json.loads((tmp_path / "p.json").read_text()) == []
+    # A log of string IDs takes every line as it is.
+    (fake_run / "config.yaml").write_text((fake_run / "config.yaml").read_text().replace("data:\n", "data:\n  id_type: str\n"))
+    (tmp_path / "actors.txt").write_text("abc\n1\n")
+    assert predict_main(args) == 0 and got["actors"] == ["abc", "1"]
