@@ -28,6 +28,24 @@ always started with --resume (which starts afresh when there is no checkpoint):
                                        train.max_nonfinite_steps=3: stops at step 12 with
                                        exit status 2 and one line; step-00000008 intact.
 
+The run directory's own promises, each on a copy of the finished 1-process reference run
+(checkpoints 8, 16, 24), then one command (two for the concurrent case):
+
+    crafted_metadata_resume            the newest checkpoint's .metadata replaced by a pickle
+                                       that would `touch` a marker file, its manifest rewritten
+                                       to match; --resume must refuse (status 2, one line),
+                                       the marker never appear, nothing change.
+    damaged_newest_checkpoint_resume   the newest checkpoint's shard truncated to half; --resume
+                                       warns naming it, resumes from step 16 and ends with the
+                                       reference's metrics (it trains steps 17-24 again).
+    rerun_without_resume               the same command without --resume: refused in one line
+                                       naming --resume and --overwrite; the run untouched.
+    resume_changed_config              --resume with model.embedding_dim=32: refused in one line
+                                       naming the key; the run untouched.
+    concurrent_run_same_directory      two fresh runs started at once on one run directory: one
+                                       trains (the reference's metrics), the other refuses in
+                                       one line; the directory holds one run.
+
 Each is compared with an uninterrupted run of the same launcher, seed and arguments (one
 2-rank and one 1-process reference). metric_diff is the largest absolute difference over
 the model's test metrics and its best validation metrics (results.json); a resumed run
@@ -246,7 +264,16 @@ SCENARIOS = {s.name: s for s in [
     Scenario("nan_loss_steps", 1, "NaN loss at steps 10, 11, 12 (max_nonfinite_steps 10)"),
     Scenario("nan_loss_too_many", 1, "NaN loss at every step from 10 (max_nonfinite_steps 3)",
              overrides=("train.max_nonfinite_steps=3",)),
+    Scenario("crafted_metadata_resume", 1, "newest .metadata runs a command when unpickled, manifest rewritten; --resume"),
+    Scenario("damaged_newest_checkpoint_resume", 1, "newest checkpoint's shard truncated to half; --resume"),
+    Scenario("rerun_without_resume", 1, "the finished run's command again, without --resume"),
+    Scenario("resume_changed_config", 1, "--resume with model.embedding_dim=32 (the checkpoints have 16)"),
+    Scenario("concurrent_run_same_directory", 1, "two fresh runs started at once on one run directory"),
 ]}
+DIRECTORY_SCENARIOS = (
+    "crafted_metadata_resume", "damaged_newest_checkpoint_resume", "rerun_without_resume", "resume_changed_config",
+    "concurrent_run_same_directory",
+)
 
 
 @dataclass
@@ -326,15 +353,21 @@ def _stop(process: subprocess.Popen, fault_dir: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def _launch(command: list[str], fault_dir: Path, log: Path) -> Launch:
-    """Run `command` to the end (or RUN_TIMEOUT_S: then it and every process it started
-    are killed), its output also written to `log`."""
+def _launch_env(fault_dir: Path) -> dict[str, str]:
+    """The environment of every launch: no inherited torchrun variables, one thread."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                           "MASTER_PORT")}
     env.update({
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "FAULT_DIR": str(fault_dir), **LAUNCHER_ENV,
     })
+    return env
+
+
+def _launch(command: list[str], fault_dir: Path, log: Path) -> Launch:
+    """Run `command` to the end (or RUN_TIMEOUT_S: then it and every process it started
+    are killed), its output also written to `log`."""
+    env = _launch_env(fault_dir)
     start = time.perf_counter()
     with open(log, "w+") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -395,8 +428,118 @@ def _last_checkpoint_before(step: int) -> int:
     return (step - 1) // EVAL_EVERY * EVAL_EVERY
 
 
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a run directory (the lock file aside), to tell whether a refused
+    command changed anything."""
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".lock"
+    }
+
+
+def run_directory_scenario(scenario: Scenario, work_dir: Path, reference: dict) -> dict:
+    """A scenario on a copy of the finished 1-process reference run (or, for the concurrent
+    case, on an empty directory): one command, then what it did to the directory."""
+    from trainer.checkpoint import _write_manifest, complete_checkpoints
+    from trainer.distributed import Distributed
+
+    start = time.perf_counter()
+    name, source = "reference_1", work_dir / "reference_1" / "output" / "reference_1"
+    out_dir, fault_dir = work_dir / scenario.name / "output", work_dir / scenario.name / "fault"
+    fault_dir.mkdir(parents=True, exist_ok=True)
+    run_dir, marker = out_dir / name, fault_dir / "crafted-metadata-ran"
+    args = ["--config", CONFIG, f"output_dir={out_dir}", f"name={name}", *TRAIN_OVERRIDES]
+    checks: dict[str, bool] = {}
+    record: dict = {"name": scenario.name, "launcher": scenario.launcher, "fault": scenario.fault, "restarts": 0}
+
+    if scenario.name == "concurrent_run_same_directory":
+        command = _command("none", 1, 0, args)
+        with contextlib.ExitStack() as stack:
+            logs = [stack.enter_context(open(work_dir / scenario.name / f"launch-{i}.log", "w+")) for i in (1, 2)]
+            env = _launch_env(fault_dir)
+            processes = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                         for log in logs]
+            statuses = [p.wait(timeout=RUN_TIMEOUT_S) for p in processes]
+            outputs = [(log.seek(0), log.read())[1] for log in logs]
+        launches = [Launch(status, output, 0.0) for status, output in zip(statuses, outputs)]
+        refused = [launch for launch in launches if launch.status == 2]
+        error = _error_line(refused[0].output) if refused else None
+        checks["one run trained, the other was refused (statuses 0 and 2)"] = sorted(statuses) == [0, 2]
+        checks["the refusal is one line naming the directory's holder or its run"] = error is not None and (
+            "another run is using" in error or "already holds a run" in error
+        ) and "Traceback" not in refused[0].output
+        results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else None
+    else:
+        shutil.copytree(source, run_dir)
+        (run_dir / ".lock").unlink(missing_ok=True)
+        newest = complete_checkpoints(run_dir / "checkpoints")[-1]
+        if scenario.name == "crafted_metadata_resume":
+            (newest / ".metadata").write_bytes(_crafted_pickle(marker))
+            _write_manifest(newest, int(newest.name.removeprefix("step-")), Distributed())
+        if scenario.name == "damaged_newest_checkpoint_resume":
+            shard = next(newest.glob("*.distcp"))
+            shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        before = _snapshot(run_dir)
+        extra = {
+            "crafted_metadata_resume": ["--resume"], "damaged_newest_checkpoint_resume": ["--resume"],
+            "rerun_without_resume": [], "resume_changed_config": ["--resume", "model.embedding_dim=32"],
+        }[scenario.name]
+        launch = _launch(_command("none", 1, 0, [*args, *extra]), fault_dir, work_dir / scenario.name / "launch-1.log")
+        launches, error = [launch], _error_line(launch.output)
+        results = json.loads((run_dir / "results.json").read_text())
+        if scenario.name == "damaged_newest_checkpoint_resume":
+            resumed = re.findall(r"resumed from (\S+) at step (\d+)", launch.output)
+            checks["exit status 0"] = launch.status == 0
+            checks["warned, naming the damaged checkpoint"] = f"damaged checkpoint {newest.name}" in launch.output
+            checks["resumed from step 16, the newest that verifies"] = [int(s) for _, s in resumed] == [16]
+            checks[f"metric_diff <= {METRIC_TOLERANCE}"] = metric_diff(results, reference)[0] <= METRIC_TOLERANCE
+            record["resumed_from_step"] = int(resumed[0][1]) if resumed else None
+        else:
+            expected = {
+                "crafted_metadata_resume": [".metadata: refused", "system"],
+                "rerun_without_resume": ["already holds a run", "--resume", "--overwrite"],
+                "resume_changed_config": ["--resume refused", "model.embedding_dim: 16 -> 32"],
+            }[scenario.name]
+            checks["exit status 2"] = launch.status == 2
+            checks[f"one line: {' ... '.join(expected)}"] = error is not None and all(t in error for t in expected)
+            checks["no traceback"] = "Traceback" not in launch.output
+            checks["the run directory is unchanged"] = _snapshot(run_dir) == before
+            record["resumed_from_step"] = None
+        if scenario.name == "crafted_metadata_resume":
+            checks["the crafted pickle ran nothing"] = not marker.exists()
+    record.update({
+        "exit_statuses": [launch.status for launch in launches], "relaunches": 0,
+        "error": error and error.replace(str(work_dir), "<scratch>"), "steps_lost": None,
+        "metric_diff": metric_diff(results, reference)[0] if results is not None else None,
+        "recovered": all(checks.values()), "tolerance": METRIC_TOLERANCE,
+        "final_checkpoints": [p.name for p in complete_checkpoints(run_dir / "checkpoints")],
+        "seconds": round(time.perf_counter() - start, 1), "checks": checks,
+    })
+    record.setdefault("resumed_from_step", None)
+    if not record["recovered"]:
+        record["output_tail"] = "\n".join(launch.output for launch in launches)[-3000:]
+    return record
+
+
+class _RunsCommand:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _crafted_pickle(marker: Path) -> bytes:
+    """A `.metadata` that runs `touch marker` under plain pickle.load."""
+    import pickle
+
+    return pickle.dumps(_RunsCommand(marker))
+
+
 def run_scenario(scenario: Scenario, work_dir: Path, reference: dict) -> dict:
     """Run one scenario; what it did, whether it recovered, and the checks behind that."""
+    if scenario.name in DIRECTORY_SCENARIOS:
+        return run_directory_scenario(scenario, work_dir, reference)
     start = time.perf_counter()
     run = execute(scenario.name, scenario.name, scenario.ranks, work_dir, scenario.max_restarts, scenario.rerun,
                   scenario.overrides)

@@ -35,7 +35,14 @@ from configs.loading import ConfigError, config_to_dict, load_config
 from configs.schema import ExperimentConfig
 from data.prepare import prepare
 from data.readers import DataError
-from trainer.checkpoint import CONFIG_FILE, CheckpointError, CheckpointWriteError, verified_checkpoint, written_config
+from trainer.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    CheckpointWriteError,
+    read_metadata,
+    verified_checkpoint,
+    written_config,
+)
 from trainer.distributed import Distributed, close_distributed, init_distributed, rank_resources
 from trainer.loop import NonFiniteTrainingError, Trainer
 from trainer.metrics import MetricsLogger
@@ -113,6 +120,8 @@ def _resume_point(config: ExperimentConfig, dist: Distributed, run_dir: Path) ->
         _on_rank_zero(dist, lambda: check_fresh_start(run_dir, config.train.overwrite))
         return None
     checkpoint = verified_checkpoint(run_dir / "checkpoints", dist)
+    if checkpoint is not None:
+        read_metadata(checkpoint)  # a crafted .metadata is refused here, before any work
     # Without a checkpoint, a finished run's config.yaml still says what the directory holds.
     written_in = checkpoint if checkpoint is not None else run_dir
     written = written_config(written_in)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.faults import SCENARIOS, reference_run, run_scenario
+from bench.faults import DIRECTORY_SCENARIOS, SCENARIOS, reference_run, run_scenario
 
 
 def _assert_recovered(result: dict) -> None:
@@ -36,3 +36,15 @@ def test_torchrun_restarts_a_job_whose_rank_was_killed_and_it_ends_like_the_unin
     _assert_recovered(result)
     assert result["exit_statuses"] == [0] and result["restarts"] == 1
     assert result["fault_step"] == 12 and result["resumed_from_step"] == 8
+
+
+@pytest.mark.slow
+def test_the_run_directory_scenarios_refuse_or_fall_back_and_run_nothing(tmp_path):
+    """bench/faults.py's crafted, damaged, rerun, changed-config and concurrent scenarios,
+    as real processes on a copy of a finished run."""
+    reference = reference_run(1, tmp_path)
+    for name in DIRECTORY_SCENARIOS:
+        result = run_scenario(SCENARIOS[name], tmp_path, reference)
+        assert result["recovered"], (name, result["checks"], result.get("output_tail", "")[-1500:])
+        assert result["final_checkpoints"] == ["step-00000008", "step-00000016", "step-00000024"], name
+        assert result["metric_diff"] == 0.0, name  # what is left in the directory is the reference run
