@@ -118,6 +118,20 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         raise ConfigError(message, head if ":" in message and " " not in head else None) from None
 
 
+def _yaml_problem(error: yaml.YAMLError, position: bool) -> str:
+    """PyYAML's error in one line (its own message spans several, quoting the text), with
+    the line and column when `position` (a file; an override is one short line)."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    text = f"{problem} ({context})" if context else problem
+    if isinstance(error, yaml.constructor.ConstructorError):
+        text += "; only plain YAML values are read (no tags that build objects)"
+    mark = getattr(error, "problem_mark", None)
+    if position and mark is not None:
+        text = f"line {mark.line + 1}, column {mark.column + 1}: {text}"
+    return text
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value parsed as YAML scalar)."""
     if "=" not in text:
@@ -125,7 +139,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, raw = text.split("=", 1)
     if not key:
         raise ConfigError(f"override {text!r}: empty key")
-    return key.split("."), yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        quoted = "'" + raw.replace("'", "''") + "'"  # YAML's single-quoted string
+        raise ConfigError(
+            f"override {text!r}: the value is not valid YAML: {_yaml_problem(e, position=False)} "
+            f"(quote it to pass it as a string: {key}={quoted})",
+            key,
+        ) from None
+    return key.split("."), value
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -147,10 +170,14 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected a YAML config") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
     try:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e, position=True)}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
     values = apply_overrides(values, overrides or [])

@@ -44,7 +44,8 @@ class DataConfig:
     format: LogFormat = "auto"
     """`snap` (whitespace `SRC DST [TS]`, `#` comments), `inter` (RecBole tab-separated
     with a `name:type` header), `csv` (header with named columns), `parquet` (file or
-    directory), or `auto` to choose from the file extension."""
+    directory), or `auto` to choose from the file extension. Text logs may be
+    gzip-compressed; `auto` looks past a `.gz` suffix (`log.csv.gz` is csv)."""
 
     actor_column: str | None = None
     """Column holding the actor (who acts). Default per format: `user_id` for .inter,
@@ -56,11 +57,19 @@ class DataConfig:
 
     action_column: str | None = None
     """Column holding the action type (event type or rating). Default: `rating` for
-    .inter, `action` for csv/parquet, when present; absent means every action is 0."""
+    .inter, `action` for csv/parquet, when present; absent means every action is 0 (a
+    warning says so, naming a column that looks like one, e.g. `rating`)."""
 
     timestamp_column: str | None = None
-    """Column holding the event time in seconds (or a parquet datetime). Default:
-    `timestamp` when present, SNAP column 3; absent means row order is time order."""
+    """Column holding the event time in seconds, in [0, 2^62) (or a parquet datetime).
+    Default: `timestamp` when present, SNAP column 3; absent means row order is time
+    order (a warning says so, naming a column that looks like one, e.g. `time`)."""
+
+    header: bool = True
+    """csv only: the first row names the columns. `false` reads the columns by position,
+    as in `source,target,rating,time` dumps: 2 columns are actor,target; 3 are
+    actor,target,timestamp (as SNAP); 4 are actor,target,action,timestamp. The
+    `*_column` options cannot be set then (there are no names)."""
 
     id_type: Literal["int", "str"] = "int"
     """Raw ID type: `int` rejects non-integer IDs with an error naming the line;
@@ -110,6 +119,15 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.path), "data.path: expected a log file or directory, got an empty string")
+        _require(
+            self.header or self.format in ("auto", "csv"),
+            f"data.header: only csv logs can be read without a header row (data.format is {self.format})",
+        )
+        named = [f"data.{n}_column" for n in ("actor", "target", "action", "timestamp") if getattr(self, f"{n}_column")]
+        _require(
+            self.header or not named,
+            f"data.header: without a header the columns are positional, so {', '.join(named)} cannot name one",
+        )
         _require(self.max_len >= 1, f"data.max_len: expected >= 1, got {self.max_len}")
         _require(self.freq_exponent >= 0, f"data.freq_exponent: expected >= 0, got {self.freq_exponent}")
         _require(self.freq_count_floor > 0, f"data.freq_count_floor: expected > 0, got {self.freq_count_floor}")
@@ -372,8 +390,13 @@ class TrainConfig:
     """A checkpoint (torch.distributed.checkpoint) is written to <run>/checkpoints at every
     validation; the newest this many are kept (0: write none)."""
     resume: bool = False
-    """Continue from the newest complete checkpoint of the run directory, if any (same as
-    `trainer/main.py --resume`); written by any number of ranks, read by any number."""
+    """Continue from the newest checkpoint of the run directory that verifies against its
+    manifest, if any (same as `trainer/main.py --resume`); written by any number of ranks,
+    read by any number. Refused when the checkpoint was written under another config
+    (keys that only extend the run, such as `train.max_steps`, may change)."""
+    overwrite: bool = False
+    """Replace an earlier run in the run directory (same as `trainer/main.py --overwrite`).
+    Without it (or `resume`) a run into a directory that holds another run is refused."""
     precision: Precision = "fp32"
     """"fp32", or "bf16": the towers' matmuls under bf16 autocast in training (GPUs with
     bf16, CPUs with AMX or AVX512-BF16; elsewhere bf16 is emulated and slow). Each tower's
@@ -392,6 +415,10 @@ class TrainConfig:
         _require(self.log_every_steps >= 1, f"train.log_every_steps: expected >= 1, got {self.log_every_steps}")
         _require(self.num_threads >= 0, f"train.num_threads: expected >= 0, got {self.num_threads}")
         _require(self.keep_checkpoints >= 0, f"train.keep_checkpoints: expected >= 0, got {self.keep_checkpoints}")
+        _require(
+            not (self.resume and self.overwrite),
+            "train.resume and train.overwrite: set at most one (--resume continues the run, --overwrite replaces it)",
+        )
         _require(
             self.max_nonfinite_steps >= 1, f"train.max_nonfinite_steps: expected >= 1, got {self.max_nonfinite_steps}"
         )

@@ -64,6 +64,9 @@ class EventLog:
     """Raw action value of each action index; `["<none>"]` when the log has no action."""
     shared_id_space: bool
     has_timestamps: bool
+    """False when the log has no time: `timestamp` then holds the row number."""
+    has_actions: bool
+    """False when the log has no action field: every action is 0 (`<none>`)."""
     source: str
     report: dict = field(default_factory=dict)
     """What preparation did to the input: rows read, dropped (by reason), duplicates."""
@@ -91,9 +94,13 @@ def _parse_id(column: str, dtype: pl.DataType, id_type: str) -> tuple[pl.Expr, p
     return value, value.is_not_null(), "an integer ID (use data.id_type=str for string IDs)"
 
 
+# The largest time a log may hold: (actor, time) sort keys pack into one int64 when they fit.
+_MAX_SECONDS = 2**62
+
+
 def _parse_timestamp(dtype: pl.DataType) -> tuple[pl.Expr, pl.Expr, str]:
     c = pl.col("timestamp")
-    expected = "a non-negative number of seconds"
+    expected = "a number of seconds in [0, 2^62)"
     if dtype == pl.Datetime or isinstance(dtype, pl.Datetime):
         value = c.dt.epoch("s")
         return value, value.is_not_null() & (value >= 0), "a datetime at or after 1970-01-01"
@@ -102,20 +109,21 @@ def _parse_timestamp(dtype: pl.DataType) -> tuple[pl.Expr, pl.Expr, str]:
         return value, value.is_not_null() & (value >= 0), "a date at or after 1970-01-01"
     if dtype in _INT_TYPES:
         value = c.cast(pl.Int64, strict=False)
-        return value, value.is_not_null() & (value >= 0), expected
+        return value, value.is_not_null() & (value >= 0) & (value < _MAX_SECONDS), expected
     if dtype in _FLOAT_TYPES:
         number = c.cast(pl.Float64)
+        exact = pl.lit(None, pl.Int64)
     else:
         # Integers first, so large second counts are parsed exactly; then decimals.
         text = c.cast(pl.String).str.strip_chars()
-        as_int = text.cast(pl.Int64, strict=False)
-        number = pl.when(as_int.is_not_null()).then(as_int.cast(pl.Float64)).otherwise(text.cast(pl.Float64, strict=False))
-        exact = as_int
-        ok = number.is_not_null() & number.is_finite() & (number >= 0) & (number < 2.0**62)
-        value = pl.when(exact.is_not_null()).then(exact).otherwise(number.floor().cast(pl.Int64, strict=False))
-        return value, ok, expected
-    ok = number.is_not_null() & number.is_finite() & (number >= 0) & (number < 2.0**62)
-    return pl.when(ok).then(number.floor()).cast(pl.Int64, strict=False), ok, expected
+        exact = text.cast(pl.Int64, strict=False)
+        number = text.cast(pl.Float64, strict=False)
+    # An integer is checked as one: 2^62 - 1 is in range, though as a float it rounds to 2^62.
+    ok = pl.when(exact.is_not_null()).then((exact >= 0) & (exact < _MAX_SECONDS)).otherwise(
+        number.is_not_null() & number.is_finite() & (number >= 0) & (number < float(_MAX_SECONDS))
+    )
+    value = pl.when(exact.is_not_null()).then(exact).otherwise(number.floor().cast(pl.Int64, strict=False))
+    return value, ok, expected
 
 
 def _parse_action(dtype: pl.DataType) -> tuple[pl.Expr, pl.Expr, str]:
@@ -127,7 +135,11 @@ def _parse_action(dtype: pl.DataType) -> tuple[pl.Expr, pl.Expr, str]:
         value = pl.col("action").cast(pl.Float64)
         return value, value.is_not_null() & value.is_finite(), expected
     value = pl.col("action").cast(pl.String).str.strip_chars()
-    return value, value.is_not_null() & (value.str.len_bytes() > 0), expected
+    # `nan` (or `inf`) is a missing rating written out by pandas and the like, not an action
+    # type: as text it would become an action named `nan`, and map_ids reads it as a number.
+    number = value.cast(pl.Float64, strict=False)
+    ok = value.is_not_null() & (value.str.len_bytes() > 0) & (number.is_null() | number.is_finite())
+    return value, ok, expected
 
 
 def _describe(raw: RawLog, line: int) -> str:
@@ -153,6 +165,10 @@ def type_events(raw: RawLog, config: DataConfig) -> tuple[pl.DataFrame, dict]:
         *[ok.alias(f"_ok_{name}") for name, (_, ok, _) in parsed.items()],
         *[value.alias(f"_value_{name}") for name, (value, _, _) in parsed.items()],
     ).collect(engine="streaming")
+    if checked.height == 0:
+        # Readers name what they can (a header without rows, comment-only files); this
+        # catches the rest (a parquet data set of no rows) before sequences index into nothing.
+        raise DataError(f"{raw.source}: no events; expected at least one {raw.location}")
     ok_columns = [f"_ok_{name}" for name in parsed]
     is_bad = pl.col("_wrong_field_count") | ~pl.all_horizontal(ok_columns)
     bad = checked.filter(is_bad)
@@ -287,6 +303,7 @@ def load_events(config: DataConfig, path: str | Path | None = None) -> EventLog:
         action_values=action_values,
         shared_id_space=shared,
         has_timestamps="timestamp" in raw.fields,
+        has_actions="action" in raw.fields,
         source=raw.source,
         report=report,
     )
@@ -311,6 +328,7 @@ def save_event_log(log_: EventLog, directory: str | Path) -> None:
         "action_values": log_.action_values,
         "shared_id_space": log_.shared_id_space,
         "has_timestamps": log_.has_timestamps,
+        "has_actions": log_.has_actions,
         "report": log_.report,
         "num_events": log_.num_events,
     }
@@ -332,6 +350,8 @@ def load_event_log(directory: str | Path) -> EventLog:
         action_values=meta["action_values"],
         shared_id_space=meta["shared_id_space"],
         has_timestamps=meta["has_timestamps"],
+        # Saved before has_actions was: a log without actions had the one action `<none>`.
+        has_actions=meta.get("has_actions", meta["action_values"] != ["<none>"]),
         source=meta["source"],
         report=meta["report"],
     )

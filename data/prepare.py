@@ -70,6 +70,8 @@ class PreparedData:
             "targets": len(self.log.target_ids),
             "action_types": len(self.log.action_values),
             "shared_id_space": self.log.shared_id_space,
+            "has_timestamps": self.log.has_timestamps,
+            "has_actions": self.log.has_actions,
             "evaluated_actors": int(len(self.split.evaluated)),
             "candidates": int(len(self.stats.candidates)),
             "active_pool": int(len(self.stats.active_pool)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,9 @@ def _load(write, text, overrides=()):
          r"distributed\.sharding\.target_idz: unknown table; did you mean 'target_ids'\?"),
         ("name: x\ndata: {path: a}\ndistributed: {sharding: {target_ids: rowwise}}\n", [],
          r"distributed\.sharding\.target_ids: expected one of .*; did you mean 'row_wise'\?"),
+        ("name: x\ndata: {path: a, header: false, timestamp_column: t}\n", [],
+         r"c\.yaml: data\.header: without a header the columns are positional, so data\.timestamp_column cannot"),
+        ("name: x\ndata: {path: a, header: false, format: parquet}\n", [], r"data\.header: only csv logs"),
     ],
 )
 def test_bad_configs_fail_with_the_key_named(write, text, overrides, expected):
@@ -63,6 +67,38 @@ def test_bad_configs_fail_with_the_key_named(write, text, overrides, expected):
 def test_a_bad_override_is_named_as_the_override_not_the_file(write, override, expected):
     with pytest.raises(ConfigError, match=expected):
         _load(write, "name: x\ndata: {path: a}\n", [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("name=...", r"expected the node content, but found '<document end>'"),
+        ("data.path=[unclosed", r"expected ',' or '\]', but got '<stream end>' \(while parsing a flow sequence\)"),
+        ("name=*alias", r"found undefined alias 'alias'"),
+        ("name=!!python/object/apply:os.system [ls]", r"could not determine a constructor .*no tags that build objects"),
+    ],
+)
+def test_an_override_that_is_not_yaml_is_one_line_naming_the_override(write, override, expected):
+    with pytest.raises(ConfigError) as error:
+        _load(write, "name: x\ndata: {path: a}\n", [override])
+    message = str(error.value)
+    assert "\n" not in message and re.search(expected, message)
+    assert message.startswith(f"override {override!r}: the value is not valid YAML: ") and "quote it" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: x\ndata: {path: [a}\n", r"c\.yaml: not valid YAML: line 2, column 16: expected ',' or '\]'"),
+        ("name: !!python/object/apply:os.system [ls]\ndata: {path: a}\n", r"c\.yaml: not valid YAML: line 1, column 7: "),
+        ("name: x\n  data: 3\n", r"c\.yaml: not valid YAML: line 2, column 7: mapping values are not allowed here"),
+        (b"name: \xff\n", r"c\.yaml: not UTF-8 text"),
+    ],
+)
+def test_a_config_file_that_is_not_yaml_is_one_line_naming_the_file(write, text, expected):
+    with pytest.raises(ConfigError) as error:
+        load_config(write("c.yaml", text))
+    assert "\n" not in str(error.value) and re.search(expected, str(error.value))
 
 
 def test_a_bad_key_in_the_file_is_named_with_the_file(write):

@@ -5,6 +5,7 @@ from deep inside polars or torch, never a row silently lost."""
 
 from __future__ import annotations
 
+import gzip
 import re
 import tempfile
 from pathlib import Path
@@ -31,20 +32,30 @@ CORRUPTIONS = {
     "not_utf8": lambda a, t, ts, sep: f"{a}\udcff{sep}{t}{sep}{ts}",
 }
 # A SNAP log takes its field count (2 or 3) from its first line, so a short line is
-# only wrong after a 3-field one; the hand-written reader tests cover it.
-NOT_CORRUPT = {"snap": {"missing_field"}, "csv": set(), "inter": set()}
+# only wrong after a 3-field one; the hand-written reader tests cover it. A CSV without
+# a header takes it (2 to 4) from its first line too.
+NOT_CORRUPT = {
+    "snap": {"missing_field"},
+    "csv": set(),
+    "inter": set(),
+    "csv_gzip": set(),
+    "csv_headerless": {"missing_field", "extra_field"},
+}
 
 
 def lines(fmt: str):
     corruptions = sorted(set(CORRUPTIONS) - NOT_CORRUPT[fmt])
     return st.lists(st.tuples(good_rows, st.one_of(st.none(), st.sampled_from(corruptions))), min_size=1, max_size=25)
 
-# name, header line (None: no header), separator
+# name, header line (None: no header), separator; a `.gz` name is written compressed
 FORMATS = {
     "snap": ("log.txt", None, " "),
     "csv": ("log.csv", "actor,target,timestamp", ","),
     "inter": ("log.inter", "user_id:token\titem_id:token\ttimestamp:float", "\t"),
+    "csv_gzip": ("log.csv.gz", "actor,target,timestamp", ","),
+    "csv_headerless": ("log.csv", None, ","),
 }
+CONFIGS = {"csv_headerless": {"header": False}}
 
 
 def _write(fmt: str, rows) -> tuple[Path, set[int], list[tuple]]:
@@ -61,7 +72,8 @@ def _write(fmt: str, rows) -> tuple[Path, set[int], list[tuple]]:
             corrupted.add(len(text_lines))  # 1-based line number of the line just added
     path = Path(tempfile.mkdtemp()) / name
     # surrogateescape writes the lone \udcff as the raw byte 0xff: not UTF-8.
-    path.write_bytes("\n".join(text_lines).encode("utf-8", "surrogateescape") + b"\n")
+    data = "\n".join(text_lines).encode("utf-8", "surrogateescape") + b"\n"
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
     return path, corrupted, good
 
 
@@ -78,7 +90,7 @@ def test_a_log_reads_exactly_its_rows_or_names_a_corrupted_line(fmt, data):
     rows = data.draw(lines(fmt))
     path, corrupted, good = _write(fmt, rows)
     try:
-        log = load_events(data_config(path))
+        log = load_events(data_config(path, **CONFIGS.get(fmt, {})))
     except DataError as error:
         assert corrupted, f"a clean log was refused: {error}"
         assert _named_line(str(error), path) in corrupted, str(error)
@@ -97,7 +109,7 @@ def test_drop_mode_keeps_exactly_the_good_rows_and_counts_the_rest(fmt, data):
     rows = data.draw(lines(fmt))
     path, corrupted, good = _write(fmt, rows)
     try:
-        log = load_events(data_config(path, on_bad_rows="drop"))
+        log = load_events(data_config(path, on_bad_rows="drop", **CONFIGS.get(fmt, {})))
     except DataError as error:
         # Text that is not UTF-8 is refused even in drop mode (the file is the wrong
         # encoding, not a bad row), as is a file with no good row left.
