@@ -200,5 +200,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{source}: {e}", e.key) from None
 
 
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+def resolve_config_path(name: str) -> Path:
+    """`configs/x.yaml`, a path anywhere, or a bare name of a shipped config (`collegemsg`)."""
+    path = Path(name)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    return CONFIG_DIR / f"{name}.yaml"
+
+
 def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)

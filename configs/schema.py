@@ -117,6 +117,18 @@ class DataConfig:
     target_features_separator: str = "|"
     """Separator of several tokens in one cell (RecBole `token_seq` uses a space)."""
 
+    partitions: int = 64
+    """P: the prepared dataset splits the events into P files by a hash of the actor (and,
+    in a shared ID space, P more by the target); each rank reads only its partitions, so P
+    should be a multiple of (or much larger than) the number of ranks. Fixed when the
+    dataset is prepared: changing it prepares the dataset again."""
+
+    prepared_path: str | None = None
+    """Where the prepared dataset lives (`python -m data.prepare` writes it; the trainer
+    prepares it when missing or stale). Default: `<output_dir>/<name>/prepared`. Runs that
+    differ only in settings applied at read time (`max_len`, the logQ exponent, features)
+    may share one by pointing here."""
+
     def __post_init__(self) -> None:
         _require(bool(self.path), "data.path: expected a log file or directory, got an empty string")
         _require(
@@ -129,6 +141,7 @@ class DataConfig:
             f"data.header: without a header the columns are positional, so {', '.join(named)} cannot name one",
         )
         _require(self.max_len >= 1, f"data.max_len: expected >= 1, got {self.max_len}")
+        _require(self.partitions >= 1, f"data.partitions: expected >= 1, got {self.partitions}")
         _require(self.freq_exponent >= 0, f"data.freq_exponent: expected >= 0, got {self.freq_exponent}")
         _require(self.freq_count_floor > 0, f"data.freq_count_floor: expected > 0, got {self.freq_count_floor}")
         _require(
@@ -426,16 +439,22 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class BaselineConfig:
-    """The simple baselines every quality table carries."""
+    """The simple baselines every quality table carries (../shared/BENCHMARK.md)."""
 
-    recency_half_life_events: float = 1.0
-    """Recency-frequency: an event's weight halves for every this many newer events of
-    the actor (1 = the benchmark's reference baseline)."""
+    recency_half_life_events: float | Literal["auto"] = "auto"
+    """Both recency-frequency baselines (the actor's own events, and two-way: its own and
+    those that reached it): an event's weight halves for every this many newer events in
+    the stream; `inf` weighs every event alike (a plain count). `auto` (the default, the
+    protocol's rule): each baseline takes, of 1, 5, 20 and inf, the half-life with the best
+    validation NDCG@10 (the shorter of equals), and the results name it. A number fixes it
+    for both and skips the four validation passes (1 = the reference figures' value); for
+    candidate sets so large that each full ranking costs minutes."""
 
     def __post_init__(self) -> None:
         _require(
-            self.recency_half_life_events > 0,
-            f"baselines.recency_half_life_events: expected > 0, got {self.recency_half_life_events}",
+            self.recency_half_life_events == "auto" or self.recency_half_life_events > 0,
+            f"baselines.recency_half_life_events: expected 'auto' or a number > 0 (inf: no decay), "
+            f"got {self.recency_half_life_events}",
         )
 
 

@@ -10,14 +10,13 @@ The canonical table (polars), sorted by `(actor, timestamp, row)`:
 
 Raw IDs map to indices in sorted order of the raw values (`rank("dense")`), one
 vocabulary for actors and targets when they share an ID space. The vocabularies
-are kept (`IdMap`) and saved beside the prepared data, so predictions map back.
+are kept (`IdMap`) and written into the prepared dataset (data/dataset.py), so
+predictions map back.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -306,52 +305,4 @@ def load_events(config: DataConfig, path: str | Path | None = None) -> EventLog:
         has_actions="action" in raw.fields,
         source=raw.source,
         report=report,
-    )
-
-
-# ---------------------------------------------------------------------- persistence
-
-
-def save_event_log(log_: EventLog, directory: str | Path) -> None:
-    """Write the event table, the ID maps and metadata to `directory` (atomically: a
-    temporary directory renamed into place, so a crash never leaves half a result)."""
-    directory = Path(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    log_.events.write_parquet(tmp / "events.parquet")
-    pl.DataFrame({"raw": log_.actor_ids.raw}).write_parquet(tmp / "actor_ids.parquet")
-    pl.DataFrame({"raw": log_.target_ids.raw}).write_parquet(tmp / "target_ids.parquet")
-    meta = {
-        "source": log_.source,
-        "action_values": log_.action_values,
-        "shared_id_space": log_.shared_id_space,
-        "has_timestamps": log_.has_timestamps,
-        "has_actions": log_.has_actions,
-        "report": log_.report,
-        "num_events": log_.num_events,
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if directory.exists():
-        shutil.rmtree(directory)
-    tmp.rename(directory)
-
-
-def load_event_log(directory: str | Path) -> EventLog:
-    directory = Path(directory)
-    meta = json.loads((directory / "meta.json").read_text())
-    actor_ids = IdMap(pl.read_parquet(directory / "actor_ids.parquet")["raw"])
-    target_ids = actor_ids if meta["shared_id_space"] else IdMap(pl.read_parquet(directory / "target_ids.parquet")["raw"])
-    return EventLog(
-        events=pl.read_parquet(directory / "events.parquet"),
-        actor_ids=actor_ids,
-        target_ids=target_ids,
-        action_values=meta["action_values"],
-        shared_id_space=meta["shared_id_space"],
-        has_timestamps=meta["has_timestamps"],
-        # Saved before has_actions was: a log without actions had the one action `<none>`.
-        has_actions=meta.get("has_actions", meta["action_values"] != ["<none>"]),
-        source=meta["source"],
-        report=meta["report"],
     )

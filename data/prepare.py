@@ -3,8 +3,9 @@
     raw file --readers--> fields --events--> canonical, ID-mapped, sorted table
              --sequences--> jagged sequences --> leave-last-out split + target statistics
 
-`prepare(config, out_dir)` also writes the event table, the ID maps and a summary
-to `out_dir`, so predictions can be mapped back to raw IDs later.
+`prepare(config, out_dir)` goes through the prepared dataset in `out_dir` (data/dataset.py:
+ID maps, split labels, per-target statistics and events partitioned by actor, written
+once and read back), which `python -m data.prepare --config CONFIG` also writes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Literal
 
 from configs.schema import DataConfig
-from data.events import EventLog, load_events, save_event_log
+from data.dataset import PreparedDataset, ensure_prepared
+from data.events import EventLog, load_events
 from data.features import TargetFeatures, load_target_features
 from data.incoming import Incoming
 from data.readers import SYNTHETIC_PREFIX, DataError
@@ -80,13 +82,26 @@ class PreparedData:
         }
 
 
+def prepared_directory(config: DataConfig, output_dir: str, name: str) -> Path:
+    """Where a run's prepared dataset lives: `data.prepared_path`, else in its run directory."""
+    if config.prepared_path:
+        return Path(config.prepared_path).expanduser()
+    return Path(output_dir) / name / "prepared"
+
+
 def prepare(config: DataConfig, out_dir: str | Path | None = None) -> PreparedData:
-    event_log = load_events(config, resolve_data_path(config.path))
-    if out_dir is not None:
-        save_event_log(event_log, out_dir)
-    prepared = prepare_from_event_log(event_log, config)
-    log.debug("prepared %s", prepared.summary())
-    return prepared
+    """The log of `config`, prepared. With `out_dir`, through the prepared dataset there
+    (written first if missing or stale; data/dataset.py), as training reads it; without,
+    in memory: the reference the prepared dataset is tested against."""
+    if out_dir is None:
+        return prepare_from_event_log(load_events(config, resolve_data_path(config.path)), config)
+    return prepare_from_dataset(ensure_prepared(config, out_dir, resolve_data_path(config.path)), config)
+
+
+def prepare_from_dataset(dataset: PreparedDataset, config: DataConfig, parts: list[int] | None = None) -> PreparedData:
+    """Sequences, split and statistics of partitions `parts` of a prepared dataset (all
+    when None)."""
+    return prepare_from_event_log(dataset.event_log(parts), config)
 
 
 def prepare_from_event_log(event_log: EventLog, config: DataConfig) -> PreparedData:
@@ -98,3 +113,34 @@ def prepare_from_event_log(event_log: EventLog, config: DataConfig) -> PreparedD
     if config.target_features_path is not None:
         features = load_target_features(config, event_log.target_ids, resolve_data_path(config.target_features_path))
     return PreparedData(event_log, seqs, split, stats, features)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from configs.loading import ConfigError, load_config, resolve_config_path
+
+    parser = argparse.ArgumentParser(
+        prog="data.prepare", description="Prepare a log once: ID maps, split, statistics, partitioned events."
+    )
+    parser.add_argument("--config", required=True, help="run config (YAML) whose data section names the log")
+    parser.add_argument("--out", help="prepared dataset directory (default: <output_dir>/<name>/prepared)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.partitions=128")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(resolve_config_path(args.config), args.overrides)
+        out = Path(args.out) if args.out else prepared_directory(config.data, config.output_dir, config.name)
+        dataset = ensure_prepared(config.data, out, resolve_data_path(config.data.path))
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = dataset.manifest["counts"]
+    print(f"{out}: {counts['events']:,} events, {counts['actors']:,} actors, {counts['targets']:,} targets, "
+          f"{dataset.partitions} partitions")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -174,12 +174,26 @@ class TargetStats:
         log_q = np.log(weights) - np.log(weights.sum())
 
         candidates = np.flatnonzero(np.bincount(seqs.targets, minlength=seqs.num_targets)).astype(np.int64)
-        cutoff = _active_cutoff(seqs.timestamps, config)
+        cutoff = active_cutoff(seqs.timestamps, config)
         active = last_seen.filter(pl.col("last_seen") >= cutoff)["target"].to_numpy()
         return cls(counts=counts, log_q=log_q, candidates=candidates, active_pool=np.sort(active).astype(np.int64))
 
 
-def _active_cutoff(timestamps: np.ndarray, config: DataConfig) -> int:
+    @classmethod
+    def from_target_table(cls, table: pl.DataFrame, config: DataConfig) -> TargetStats:
+        """The same statistics from the prepared dataset's targets.parquet (data/dataset.py),
+        which counts every event, so a rank holding a share of the log still has them whole."""
+        table = table.sort("target")
+        counts = table["train_count"].to_numpy().astype(np.int64)
+        weights = np.maximum(counts.astype(np.float64), config.freq_count_floor) ** config.freq_exponent
+        log_q = np.log(weights) - np.log(weights.sum())
+        seen = (table["train_count"] + table["valid_count"] + table["test_count"]) > 0
+        candidates = table["target"].filter(seen).to_numpy().astype(np.int64)
+        active_pool = table["target"].filter(table["active"]).to_numpy().astype(np.int64)
+        return cls(counts=counts, log_q=log_q, candidates=candidates, active_pool=active_pool)
+
+
+def active_cutoff(timestamps: np.ndarray, config: DataConfig) -> int:
     if config.active_since_date is not None:
         try:
             day = dt.datetime.fromisoformat(config.active_since_date)

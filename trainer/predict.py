@@ -46,8 +46,8 @@ import polars as pl
 import torch
 
 from configs.loading import ConfigError, load_config
-from data.events import load_event_log
-from data.prepare import prepare_from_event_log
+from data.dataset import PreparedDataset
+from data.prepare import prepare_from_dataset
 from data.readers import DataError
 from data.sequences import Queries, Sequences
 from trainer.distributed import Distributed
@@ -104,8 +104,8 @@ def _best_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tens
 
 def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, exclude_seen: bool) -> pl.DataFrame:
     config = load_config(run_dir / "config.yaml")
-    event_log = load_event_log(run_dir / "prepared")
-    prepared = prepare_from_event_log(event_log, config.data)
+    prepared = prepare_from_dataset(open_prepared(run_dir, config), config.data)
+    event_log = prepared.log
     seqs, stats = prepared.seqs, prepared.stats
     model = build_model(config, prepared)
     _load_weights(model, run_dir)
@@ -213,14 +213,20 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"--out: cannot write {out} (no write permission)")
 
 
+def open_prepared(run_dir: Path, config) -> PreparedDataset:
+    """The run's prepared dataset (`data.prepared_path`, else `<run>/prepared`): its
+    manifest read and its files' sizes checked, nothing more."""
+    return PreparedDataset.open(Path(config.data.prepared_path).expanduser() if config.data.prepared_path
+                                else run_dir / "prepared")
+
+
 def _check_run(run_dir: Path) -> None:
     if not run_dir.is_dir():
         raise UsageError(f"--run: {run_dir} is not a directory; give a run directory written by python -m trainer.main")
-    for needed in ("config.yaml", "prepared/meta.json"):
-        if not (run_dir / needed).is_file():
-            raise UsageError(
-                f"--run: {run_dir} is not a run directory (no {needed}); give one written by python -m trainer.main"
-            )
+    if not (run_dir / "config.yaml").is_file():
+        raise UsageError(
+            f"--run: {run_dir} is not a run directory (no config.yaml); give one written by python -m trainer.main"
+        )
     if not (run_dir / EXPORT_DIR).is_dir():
         raise UsageError(f"--run: {run_dir}: no exported model ({EXPORT_DIR}/); train first with python -m trainer.main")
 
@@ -297,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = Path(args.run)
         _check_run(run_dir)
         config = load_config(run_dir / "config.yaml")
+        open_prepared(run_dir, config)  # present and whole, before any work
         actions = _read_actions(args.actions) if args.actions else None
         actors = _read_actors(args.actors, config.data.id_type) if args.actors else None
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True)

@@ -10,7 +10,8 @@ import re
 import polars as pl
 import pytest
 
-from data.events import load_event_log, load_events
+from data.dataset import PreparedDataset
+from data.events import load_events
 from data.prepare import prepare
 from data.readers import DataError
 from tests.conftest import data_config
@@ -332,14 +333,8 @@ def test_a_log_with_time_and_actions_warns_of_nothing(write, caplog):
 def test_has_timestamps_and_has_actions_reach_the_summary_and_survive_saving(write, tmp_path):
     prepared = prepare(data_config(write("x.csv", "actor,target,timestamp\n1,2,3\n1,3,4\n1,4,5\n")), tmp_path / "out")
     assert prepared.summary()["has_timestamps"] is True and prepared.summary()["has_actions"] is False
-    loaded = load_event_log(tmp_path / "out")
+    loaded = PreparedDataset.open(tmp_path / "out").event_log()
     assert loaded.has_timestamps and not loaded.has_actions
-    # A meta.json written before has_actions existed: actions are known from their values.
-    meta_path = tmp_path / "out" / "meta.json"
-    old_meta = {k: v for k, v in json.loads(meta_path.read_text()).items() if k != "has_actions"}
-    for action_values, expected in ((["<none>"], False), (["1", "2"], True)):
-        meta_path.write_text(json.dumps({**old_meta, "action_values": action_values}))
-        assert load_event_log(tmp_path / "out").has_actions is expected
 
 
 @pytest.mark.parametrize("cell", ["nan", "NaN", "inf", "", "  "])

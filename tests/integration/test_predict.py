@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 import torch
 
-from data.events import load_event_log
+from data.dataset import PreparedDataset
 from data.readers import DataError
 import trainer.predict as predict_module
 from trainer.main import main
@@ -34,7 +34,7 @@ def run_dir(tmp_path_factory) -> Path:
 def test_top_k_gives_raw_ids_in_score_order_and_can_exclude_seen(run_dir):
     frame = predict(run_dir, k=7, actors=[1, 5], actions=None, exclude_seen=True)
     assert frame.height == 14 and frame["actor"].unique().sort().to_list() == [1, 5]
-    log = load_event_log(run_dir / "prepared")
+    log = PreparedDataset.open(run_dir / "prepared").event_log()
     raw = log.events.with_columns(
         actor=pl.Series(log.actor_ids.to_raw(log.events["actor"].to_numpy())),
         target=pl.Series(log.target_ids.to_raw(log.events["target"].to_numpy())),
@@ -125,7 +125,7 @@ def fake_run(tmp_path, monkeypatch) -> Path:
     the test if reached, so every check below is shown to come before any work."""
     run = tmp_path / "run"
     (run / "prepared").mkdir(parents=True)
-    (run / "prepared" / "meta.json").write_text("{}")
+    (run / "prepared" / "manifest.json").write_text('{"schema_version": 1, "files": {}}')
     (run / "model").mkdir()
     shutil.copy(ROOT / "configs" / "smoke.yaml", run / "config.yaml")
 

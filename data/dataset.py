@@ -1,0 +1,329 @@
+"""The prepared dataset: a raw log read, checked, ID-mapped, split and counted once, laid
+out on disk so that each rank reads only its share. Training and `trainer.predict` read
+this directory, never the raw log.
+
+Layout (parquet; a contract, so another engine, e.g. Spark, can write it for a log
+beyond one machine's disk):
+
+    manifest.json              written last: schema version, the data config and the source
+                               files' fingerprints it was built from, counts, P, every file's size
+    actor_ids.parquet          index int64, raw (int64 or string): raw ID of each actor index
+    target_ids.parquet         the same for targets (absent when actors and targets share
+                               one ID space: then actor_ids.parquet maps both)
+    action_types.parquet       index int32, raw string: the action type of each action index
+    targets.parquet            one row per target index: train_count, valid_count, test_count
+                               (events of each split label), last_seen (newest training event,
+                               null if none), active (in the random-negative pool)
+    events/part-00000.parquet  the events, partitioned by actor into P files:
+      ...                        actor int64, target int64, action int32, timestamp int64,
+                                 row int64, split int8 (0 train, 1 valid, 2 test);
+                                 each file sorted by (actor, timestamp, row)
+    incoming/part-00000.parquet  when actors and targets share an ID space: the same events
+      ...                        partitioned by *target* into P files, sorted by (target,
+                                 timestamp, actor, row), so the rank that owns a person reads
+                                 the events that reached them without reading the rest
+
+Partition of an ID: `((id mod 2^32) * 2654435761 mod 2^32) mod P` (Knuth's multiplicative
+hash: contiguous indices spread evenly; in Spark SQL `pmod(pmod(id, 4294967296) *
+2654435761, 4294967296) % P`). The split label is the benchmark's leave-last-out: an actor
+with n >= 3 events has its event n as test and n-1 as valid; everything else is training.
+
+The directory is written under a temporary name beside its place and renamed when
+complete (manifest last), so a half-written dataset is never read. It is stale, and
+rebuilt, when the data config or a source file (size, modification time) changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from configs.schema import DataConfig
+from data.events import EventLog, IdMap, load_events
+from data.readers import SYNTHETIC_PREFIX, DataError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SPLIT_LABELS = {"train": 0, "valid": 1, "test": 2}
+_HASH_MULTIPLIER = 2654435761
+# DataConfig fields that change what is prepared; the others (max_len, the logQ exponent,
+# target features) are applied when the dataset is read, so runs that differ only in them
+# share one prepared dataset.
+PREPARED_FIELDS = (
+    "path", "format", "header", "actor_column", "target_column", "action_column", "timestamp_column", "id_type",
+    "shared_id_space", "on_bad_rows", "drop_duplicate_events", "active_since_fraction", "active_since_date",
+    "partitions",
+)
+
+
+def partition_of(ids: np.ndarray | pl.Expr, partitions: int):
+    """The partition of each ID (numpy array or polars expression): see the module docstring."""
+    if isinstance(ids, pl.Expr):
+        low = ids.cast(pl.UInt64) % (1 << 32)
+        return ((low * _HASH_MULTIPLIER) % (1 << 32) % partitions).cast(pl.Int64)
+    low = np.asarray(ids).astype(np.uint64) % np.uint64(1 << 32)
+    return ((low * np.uint64(_HASH_MULTIPLIER)) % np.uint64(1 << 32) % np.uint64(partitions)).astype(np.int64)
+
+
+def assign_partitions(events_per_partition: list[int], world_size: int) -> list[list[int]]:
+    """Partitions of each rank, balanced by event count: the largest partition first, each
+    to the rank holding the fewest events so far (ties: the lower rank). Deterministic, so
+    every rank computes the same assignment from the manifest."""
+    held = [0] * world_size
+    owned: list[list[int]] = [[] for _ in range(world_size)]
+    for part in sorted(range(len(events_per_partition)), key=lambda p: (-events_per_partition[p], p)):
+        rank = min(range(world_size), key=lambda r: (held[r], r))
+        owned[rank].append(part)
+        held[rank] += events_per_partition[part]
+    return [sorted(parts) for parts in owned]
+
+
+def _part_name(part: int) -> str:
+    return f"part-{part:05d}.parquet"
+
+
+# ---------------------------------------------------------------- fingerprints
+
+
+def prepared_config(config: DataConfig) -> dict:
+    """The data config fields the prepared dataset depends on."""
+    values = dataclasses.asdict(config)
+    return {key: values[key] for key in PREPARED_FIELDS}
+
+
+def source_fingerprint(path: str | Path) -> list[dict]:
+    """Size and modification time of every file the log is read from (a synthetic log is
+    its spec, which is in the config)."""
+    if str(path).startswith(SYNTHETIC_PREFIX):
+        return []
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*.parquet") if p.is_file()) if path.is_dir() else [path]
+    fingerprint = []
+    for file in files:
+        stat = file.stat()
+        fingerprint.append({"path": str(file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return fingerprint
+
+
+# ------------------------------------------------------------------- writing
+
+
+def split_labels(actor: np.ndarray) -> np.ndarray:
+    """[N] int8 split label of events sorted by actor (then time): leave-last-out."""
+    n = len(actor)
+    starts = np.flatnonzero(np.r_[True, actor[1:] != actor[:-1]]) if n else np.zeros(0, dtype=np.int64)
+    lengths = np.diff(np.r_[starts, n])
+    labels = np.zeros(n, dtype=np.int8)
+    ends = starts + lengths
+    evaluated = lengths >= 3
+    labels[ends[evaluated] - 1] = SPLIT_LABELS["test"]
+    labels[ends[evaluated] - 2] = SPLIT_LABELS["valid"]
+    return labels
+
+
+def target_table(events: pl.DataFrame, num_targets: int, config: DataConfig) -> pl.DataFrame:
+    """One row per target index: counts per split label, newest training time, active."""
+    from data.sequences import active_cutoff  # the random-negative pool's rule, in one place
+
+    per_target = events.group_by("target").agg(
+        train_count=(pl.col("split") == 0).sum(),
+        valid_count=(pl.col("split") == 1).sum(),
+        test_count=(pl.col("split") == 2).sum(),
+        last_seen=pl.col("timestamp").filter(pl.col("split") == 0).max(),
+    )
+    table = pl.DataFrame({"target": np.arange(num_targets, dtype=np.int64)}).join(
+        per_target, on="target", how="left"
+    ).with_columns(pl.col(c).fill_null(0).cast(pl.Int64) for c in ("train_count", "valid_count", "test_count"))
+    cutoff = active_cutoff(events["timestamp"].to_numpy(), config) if events.height else 0
+    return table.with_columns(active=pl.col("last_seen").is_not_null() & (pl.col("last_seen") >= cutoff)).sort("target")
+
+
+def write_dataset(event_log: EventLog, config: DataConfig, directory: Path, fingerprint: list[dict]) -> None:
+    """Lay `event_log` out in `directory` (atomically: a temporary directory renamed)."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "events").mkdir(parents=True)
+    partitions = config.partitions
+
+    events = event_log.events.with_columns(split=pl.Series(split_labels(event_log.events["actor"].to_numpy())))
+    _write_ids(tmp / "actor_ids.parquet", event_log.actor_ids)
+    if not event_log.shared_id_space:
+        _write_ids(tmp / "target_ids.parquet", event_log.target_ids)
+    pl.DataFrame(
+        {"index": np.arange(len(event_log.action_values), dtype=np.int32), "raw": event_log.action_values}
+    ).write_parquet(tmp / "action_types.parquet")
+    target_table(events, len(event_log.target_ids), config).write_parquet(tmp / "targets.parquet")
+
+    events_per_partition = _write_partitions(events, "actor", ["actor", "timestamp", "row"], tmp / "events", partitions)
+    if event_log.shared_id_space:
+        (tmp / "incoming").mkdir()
+        _write_partitions(events, "target", ["target", "timestamp", "actor", "row"], tmp / "incoming", partitions)
+
+    timestamps = events["timestamp"]
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "data_config": prepared_config(config),
+        "sources": fingerprint,
+        "source": event_log.source,
+        "partitions": partitions,
+        "shared_id_space": event_log.shared_id_space,
+        "has_timestamps": event_log.has_timestamps,
+        "has_actions": event_log.has_actions,
+        "report": event_log.report,
+        "counts": {
+            "events": events.height,
+            "actors": len(event_log.actor_ids),
+            "targets": len(event_log.target_ids),
+            "action_types": len(event_log.action_values),
+            "evaluated_actors": int((events["split"] == SPLIT_LABELS["test"]).sum()),
+            "min_timestamp": int(timestamps.min()) if events.height else 0,
+            "max_timestamp": int(timestamps.max()) if events.height else 0,
+            "events_per_partition": events_per_partition,
+        },
+    }
+    manifest["files"] = {
+        str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*.parquet"))
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        directory.replace(old)
+    tmp.replace(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_ids(path: Path, ids: IdMap) -> None:
+    pl.DataFrame({"index": np.arange(len(ids), dtype=np.int64), "raw": ids.raw}).write_parquet(path)
+
+
+def _write_partitions(events: pl.DataFrame, key: str, order: list[str], folder: Path, partitions: int) -> list[int]:
+    """Every partition file (empty ones too, so a reader never guesses); events per partition."""
+    with_part = events.with_columns(_part=partition_of(pl.col(key), partitions))
+    counts = [0] * partitions
+    groups = {int(frame["_part"][0]): frame for frame in with_part.partition_by("_part", maintain_order=True)}
+    for part in range(partitions):
+        frame = groups.get(part, with_part.clear())
+        frame = frame.drop("_part").sort(order, maintain_order=True)
+        frame.write_parquet(folder / _part_name(part))
+        counts[part] = frame.height
+    return counts
+
+
+# ------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class PreparedDataset:
+    """A prepared dataset directory and its manifest; reads the whole or a rank's share."""
+
+    directory: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, directory: str | Path) -> PreparedDataset:
+        directory = Path(directory)
+        path = directory / MANIFEST
+        try:
+            manifest = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise DataError(f"{directory}: not a prepared dataset (no {MANIFEST}); run python -m data.prepare") from None
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: unreadable ({e}); delete {directory} to prepare it again") from None
+        if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
+            raise DataError(
+                f"{path}: schema version {manifest.get('schema_version') if isinstance(manifest, dict) else '?'}, "
+                f"this code reads {SCHEMA_VERSION}; delete {directory} to prepare it again"
+            )
+        for name, size in manifest.get("files", {}).items():
+            file = directory / name
+            actual = file.stat().st_size if file.is_file() else None
+            if actual != size:
+                found = "missing" if actual is None else f"{actual} bytes, the manifest says {size}"
+                raise DataError(f"{file}: damaged ({found}); delete {directory} to prepare it again")
+        return cls(directory, manifest)
+
+    def is_current(self, config: DataConfig, fingerprint: list[dict]) -> bool:
+        return self.manifest.get("data_config") == prepared_config(config) and self.manifest.get("sources") == fingerprint
+
+    @property
+    def partitions(self) -> int:
+        return int(self.manifest["partitions"])
+
+    def partitions_of_rank(self, rank: int, world_size: int) -> list[int]:
+        return assign_partitions(self.manifest["counts"]["events_per_partition"], world_size)[rank]
+
+    def _read(self, name: str, **kwargs) -> pl.DataFrame:
+        path = self.directory / name
+        try:
+            return pl.read_parquet(path, **kwargs)
+        except (pl.exceptions.PolarsError, OSError) as e:
+            raise DataError(f"{path}: not readable as parquet ({str(e).splitlines()[0]}); delete {self.directory} "
+                            "to prepare it again") from None
+
+    def read_events(self, parts: list[int], folder: str = "events") -> pl.DataFrame:
+        """The events of partitions `parts`, sorted by actor (then time and row) across them,
+        as one process reading every partition would order them."""
+        frames = [self._read(f"{folder}/{_part_name(p)}") for p in sorted(parts)]
+        events = pl.concat(frames) if frames else self._read(f"{folder}/{_part_name(0)}").clear()
+        key = ["actor", "timestamp", "row"] if folder == "events" else ["target", "timestamp", "actor", "row"]
+        return events.sort(key, maintain_order=True)
+
+    def id_maps(self) -> tuple[IdMap, IdMap]:
+        actor_ids = IdMap(self._read("actor_ids.parquet")["raw"])
+        shared = self.manifest["shared_id_space"]
+        target_ids = actor_ids if shared else IdMap(self._read("target_ids.parquet")["raw"])
+        return actor_ids, target_ids
+
+    def action_values(self) -> list[str]:
+        return self._read("action_types.parquet")["raw"].to_list()
+
+    def targets(self) -> pl.DataFrame:
+        return self._read("targets.parquet")
+
+    def event_log(self, parts: list[int] | None = None) -> EventLog:
+        """The events of `parts` (every partition when None) as an EventLog."""
+        parts = list(range(self.partitions)) if parts is None else parts
+        actor_ids, target_ids = self.id_maps()
+        return EventLog(
+            events=self.read_events(parts).drop("split"),
+            actor_ids=actor_ids,
+            target_ids=target_ids,
+            action_values=self.action_values(),
+            shared_id_space=self.manifest["shared_id_space"],
+            has_timestamps=self.manifest["has_timestamps"],
+            has_actions=self.manifest["has_actions"],
+            source=self.manifest["source"],
+            report=self.manifest["report"],
+        )
+
+
+def ensure_prepared(config: DataConfig, directory: str | Path, source_path: str | Path) -> PreparedDataset:
+    """The prepared dataset of `config` in `directory`, prepared now if missing, stale or
+    unreadable (a damaged one is rebuilt, with a warning)."""
+    directory = Path(directory)
+    fingerprint = source_fingerprint(source_path)
+    if (directory / MANIFEST).exists():
+        try:
+            dataset = PreparedDataset.open(directory)
+            if dataset.is_current(config, fingerprint):
+                return dataset
+            log.info("%s: stale (the data config or the log changed); preparing it again", directory)
+        except DataError as e:
+            log.warning("%s; preparing it again", e)
+    elif directory.exists():
+        log.info("%s: holds no complete prepared dataset; preparing it", directory)
+    event_log = load_events(config, source_path)
+    write_dataset(event_log, config, directory, fingerprint)
+    return PreparedDataset.open(directory)

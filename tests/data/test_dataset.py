@@ -1,0 +1,218 @@
+"""The prepared dataset (data/dataset.py) against the in-memory preparation it replaces:
+the same events, ID maps, split and statistics; every event in exactly one partition (and,
+in a shared ID space, in the incoming partition of its target); rebuilt when stale,
+damaged or half-written, never read half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from configs.schema import DataConfig
+from data.dataset import (
+    MANIFEST,
+    SPLIT_LABELS,
+    PreparedDataset,
+    assign_partitions,
+    ensure_prepared,
+    partition_of,
+)
+from data.prepare import main as prepare_main
+from data.prepare import prepare, prepare_from_dataset, resolve_data_path
+from data.readers import DataError
+from data.sequences import TargetStats
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _assert_same_preparation(reference, prepared) -> None:
+    assert reference.log.events.equals(prepared.log.events)
+    assert reference.log.actor_ids.raw.equals(prepared.log.actor_ids.raw)
+    assert reference.log.target_ids.raw.equals(prepared.log.target_ids.raw)
+    assert reference.log.action_values == prepared.log.action_values
+    assert reference.log.shared_id_space == prepared.log.shared_id_space
+    for name in ("actor", "offsets", "targets", "actions", "timestamps"):
+        assert np.array_equal(getattr(reference.seqs, name), getattr(prepared.seqs, name)), name
+    assert np.array_equal(reference.split.evaluated, prepared.split.evaluated)
+    assert np.array_equal(reference.split.train_end, prepared.split.train_end)
+    for name in ("counts", "log_q", "candidates", "active_pool"):
+        assert np.array_equal(getattr(reference.stats, name), getattr(prepared.stats, name)), name
+    assert reference.summary() == prepared.summary()
+
+
+def _check_layout(dataset: PreparedDataset, reference) -> None:
+    """Partitions cover every event once, sorted, in the partition of their actor; the
+    target table holds the split's counts; incoming files hold each person's incoming events."""
+    events = reference.log.events
+    parts = []
+    for part in range(dataset.partitions):
+        frame = pl.read_parquet(dataset.directory / "events" / f"part-{part:05d}.parquet")
+        assert (partition_of(frame["actor"].to_numpy(), dataset.partitions) == part).all()
+        assert frame.equals(frame.sort(["actor", "timestamp", "row"], maintain_order=True))
+        parts.append(frame)
+    together = pl.concat(parts).sort(["actor", "timestamp", "row"])
+    assert together.drop("split").equals(events)
+    assert dataset.manifest["counts"]["events_per_partition"] == [p.height for p in parts]
+
+    seqs, split = reference.seqs, reference.split
+    labels = np.zeros(len(seqs.targets), dtype=np.int8)
+    labels[~split.known_mask(seqs, "valid")] = SPLIT_LABELS["valid"]
+    labels[~split.known_mask(seqs, "test")] = SPLIT_LABELS["test"]
+    assert np.array_equal(together["split"].to_numpy(), labels)
+
+    targets = dataset.targets()
+    assert np.array_equal(targets["train_count"].to_numpy(), split.known_counts(seqs, "valid"))
+    assert np.array_equal((targets["train_count"] + targets["valid_count"]).to_numpy(), split.known_counts(seqs, "test"))
+    assert targets["test_count"].sum() == len(split.evaluated)
+
+    if dataset.manifest["shared_id_space"]:
+        incoming = []
+        for part in range(dataset.partitions):
+            frame = pl.read_parquet(dataset.directory / "incoming" / f"part-{part:05d}.parquet")
+            assert (partition_of(frame["target"].to_numpy(), dataset.partitions) == part).all()
+            incoming.append(frame)
+        assert pl.concat(incoming).sort(["actor", "timestamp", "row"]).drop("split").equals(events)
+    else:
+        assert not (dataset.directory / "incoming").exists()
+
+
+@pytest.mark.parametrize("name", ["collegemsg", "ml-100k"])
+def test_the_embedded_logs_prepare_to_exactly_the_in_memory_split_and_statistics(tmp_path, name):
+    config = DataConfig(path=f"embedded:{name}", partitions=7)
+    reference = prepare(config)
+    prepared = prepare(config, tmp_path / "prepared")
+    _assert_same_preparation(reference, prepared)
+    dataset = PreparedDataset.open(tmp_path / "prepared")
+    _check_layout(dataset, reference)
+    stats = TargetStats.from_target_table(dataset.targets(), config)
+    for field in ("counts", "log_q", "candidates", "active_pool"):
+        assert np.array_equal(getattr(stats, field), getattr(reference.stats, field)), field
+
+
+_events = st.lists(
+    st.tuples(st.integers(0, 12), st.integers(0, 12), st.integers(0, 2), st.integers(0, 40)), min_size=1, max_size=60
+)
+
+
+@given(rows=_events, partitions=st.integers(1, 5), shared=st.booleans(), active=st.sampled_from([0.0, 0.5]))
+def test_drawn_logs_prepare_to_exactly_the_in_memory_split_and_statistics(tmp_path_factory, rows, partitions, shared,
+                                                                          active):
+    directory = tmp_path_factory.mktemp("drawn")
+    log = directory / "log.csv"
+    log.write_text("actor,target,action,timestamp\n" + "".join(f"{a},{t},{x},{s}\n" for a, t, x, s in rows))
+    config = DataConfig(path=str(log), shared_id_space=shared, partitions=partitions, active_since_fraction=active)
+    reference = prepare(config)
+    prepared = prepare(config, directory / "prepared")
+    _assert_same_preparation(reference, prepared)
+    dataset = PreparedDataset.open(directory / "prepared")
+    _check_layout(dataset, reference)
+    stats = TargetStats.from_target_table(dataset.targets(), config)
+    for field in ("counts", "log_q", "candidates", "active_pool"):
+        assert np.array_equal(getattr(stats, field), getattr(reference.stats, field)), field
+
+
+@given(counts=st.lists(st.integers(0, 1000), min_size=1, max_size=70), world_size=st.integers(1, 9))
+def test_partitions_go_to_ranks_once_each_balanced_by_events(counts, world_size):
+    owned = assign_partitions(counts, world_size)
+    assert sorted(p for parts in owned for p in parts) == list(range(len(counts)))
+    assert owned == assign_partitions(counts, world_size)  # every rank computes the same
+    held = [sum(counts[p] for p in parts) for parts in owned]
+    # Greedy, largest first: no rank holds more than the lightest one plus one partition.
+    assert max(held) - min(held) <= max(counts)
+
+
+def test_the_partition_hash_is_the_documented_one_and_spreads_contiguous_ids():
+    ids = np.arange(100_000)
+    expected = ((ids % 2**32) * 2654435761) % 2**32 % 64
+    assert np.array_equal(partition_of(ids, 64), expected)
+    assert np.array_equal(pl.DataFrame({"id": ids}).select(partition_of(pl.col("id"), 64))["id"].to_numpy(), expected)
+    sizes = np.bincount(expected, minlength=64)
+    assert sizes.min() >= 0.95 * sizes.mean() and sizes.max() <= 1.05 * sizes.mean()
+
+
+def _log(tmp_path: Path) -> Path:
+    path = tmp_path / "log.txt"
+    path.write_text("".join(f"{a} {b} {t}\n" for t, (a, b) in enumerate([(1, 2), (2, 1), (1, 3), (3, 1), (1, 2), (2, 3)])))
+    return path
+
+
+def test_an_unchanged_dataset_is_reused_and_a_stale_one_is_prepared_again(tmp_path):
+    log, directory = _log(tmp_path), tmp_path / "prepared"
+    config = DataConfig(path=str(log), partitions=3)
+    ensure_prepared(config, directory, log)
+    written = (directory / MANIFEST).stat().st_mtime_ns
+    ensure_prepared(DataConfig(path=str(log), partitions=3, max_len=7), directory, log)  # read-time setting only
+    assert (directory / MANIFEST).stat().st_mtime_ns == written
+
+    ensure_prepared(DataConfig(path=str(log), partitions=4), directory, log)  # the data config changed
+    assert PreparedDataset.open(directory).partitions == 4
+
+    with open(log, "a") as f:  # the log changed
+        f.write("3 2 9\n")
+    dataset = ensure_prepared(DataConfig(path=str(log), partitions=4), directory, log)
+    assert dataset.manifest["counts"]["events"] == 7
+
+
+def test_a_half_written_dataset_is_never_read(tmp_path):
+    log, directory = _log(tmp_path), tmp_path / "prepared"
+    config = DataConfig(path=str(log), partitions=2)
+    # A write killed half-way: the temporary directory, and a directory without a manifest.
+    (tmp_path / ".prepared.tmp" / "events").mkdir(parents=True)
+    (tmp_path / ".prepared.tmp" / "events" / "part-00000.parquet").write_bytes(b"half")
+    directory.mkdir()
+    (directory / "targets.parquet").write_bytes(b"half")
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        PreparedDataset.open(directory)
+    dataset = ensure_prepared(config, directory, log)
+    assert dataset.manifest["counts"]["events"] == 6 and not (tmp_path / ".prepared.tmp").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete", "manifest"])
+def test_a_damaged_dataset_fails_in_one_line_naming_the_file_and_is_prepared_again(tmp_path, caplog, damage):
+    log, directory = _log(tmp_path), tmp_path / "prepared"
+    config = DataConfig(path=str(log), partitions=2)
+    ensure_prepared(config, directory, log)
+    part = directory / "events" / "part-00001.parquet"
+    if damage == "truncate":
+        part.write_bytes(part.read_bytes()[:20])
+    elif damage == "garbage":
+        part.write_bytes(bytes(part.stat().st_size))  # same size: only reading it can tell
+    elif damage == "delete":
+        part.unlink()
+    else:
+        (directory / MANIFEST).write_text("{")
+    with pytest.raises(DataError) as error:
+        PreparedDataset.open(directory).read_events([0, 1])
+    message = str(error.value)
+    assert "\n" not in message and (str(part) in message or MANIFEST in message)
+    dataset = ensure_prepared(config, directory, log)  # rebuilt, with a warning, when the manifest tells
+    if damage != "garbage":
+        assert dataset.read_events([0, 1]).height == 6
+
+
+def test_prepare_from_a_share_of_the_partitions_holds_only_those_actors(tmp_path):
+    config = DataConfig(path="embedded:collegemsg", partitions=8)
+    dataset = ensure_prepared(config, tmp_path / "prepared", resolve_data_path(config.path))
+    whole = prepare_from_dataset(dataset, config)
+    shares = [prepare_from_dataset(dataset, config, dataset.partitions_of_rank(r, 3)) for r in range(3)]
+    actors = [set(share.seqs.actor.tolist()) for share in shares]
+    assert set.union(*actors) == set(whole.seqs.actor.tolist()) and sum(map(len, actors)) == len(whole.seqs.actor)
+    assert sum(share.log.num_events for share in shares) == whole.log.num_events
+
+
+def test_the_prepare_command_writes_the_dataset(tmp_path, capsys):
+    out = tmp_path / "prepared"
+    assert prepare_main(["--config", "smoke", "--out", str(out), "data.partitions=4"]) == 0
+    assert "1,899 actors" in capsys.readouterr().out
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["partitions"] == 4 and manifest["data_config"]["path"] == "embedded:collegemsg"
+    assert sorted(os.listdir(out / "events")) == [f"part-{p:05d}.parquet" for p in range(4)]
+    assert prepare_main(["--config", "smoke", "--out", str(out), "data.partitions=0"]) == 2
+    assert "data.partitions" in capsys.readouterr().err
