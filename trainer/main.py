@@ -1,10 +1,13 @@
 """Entry point: parse -> prepare data -> train -> evaluate -> write results.
 
     python -m trainer.main --config configs/collegemsg.yaml [key=value ...]
-    python trainer/main.py --config configs/smoke.yaml loader.batch_size=64
+    torchx run launch/components.py:train --config smoke -j 1x2     # the same, on 2 ranks
 
-torchx may pass the script path itself as the first argument (a `.torchxconfig`
-that sets `script = trainer/main.py`); it is accepted and ignored.
+The one path-launch shim: run by path (`python trainer/main.py`, `torchrun
+trainer/main.py`, and the card's `torchx run dist.ddp -j 2x8 trainer/main.py`, which
+`.torchxconfig` turns into `--script trainer/main.py` with the path passed again as
+the first argument), this file puts the repository root on `sys.path` and drops a
+first argument that names main.py. `-m trainer.main` (the component) needs neither.
 
 A user error (bad config, bad log, a run directory in use or holding another run, a
 checkpoint that is crafted, damaged beyond fallback or written under another config,
@@ -24,16 +27,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):
-    # Run by path (`python trainer/main.py`, as torchx launches it): Python puts trainer/
-    # on the path, not the repository root the packages live in. Without this the script
-    # only ran where the project was pip-installed.
+    # The path-launch shim (module docstring): run by path, Python puts trainer/ on the
+    # path, not the repository root the packages live in. Without this the script only
+    # ran where the project was pip-installed.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yaml  # noqa: E402
 
-from configs.loading import ConfigError, config_to_dict, load_config
+from configs.loading import CONFIG_DIR, ConfigError, config_to_dict, load_config, resolve_config_path  # noqa: F401
 from configs.schema import ExperimentConfig
-from data.prepare import prepare
+from data.dataset import PreparedDataset, ensure_prepared
+from data.prepare import prepare_from_dataset, prepared_directory, resolve_data_path
 from data.readers import DataError
 from trainer.checkpoint import (
     CONFIG_FILE,
@@ -52,20 +56,11 @@ from trainer.results import evaluate_baselines, evaluation_queries, markdown_tab
 
 log = logging.getLogger("trainer")
 OWN_PACKAGES = ("trainer", "data", "models", "configs", "bench", "launch")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def _config_path(name: str) -> Path:
-    """`configs/x.yaml`, a path anywhere, or a bare name of a shipped config (`collegemsg`)."""
-    path = Path(name)
-    if path.exists() or path.suffix in (".yaml", ".yml"):
-        return path
-    return CONFIG_DIR / f"{name}.yaml"
 
 
 def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
     if argv and argv[0].endswith("main.py") and not argv[0].startswith("-"):
-        argv = argv[1:]
+        argv = argv[1:]  # the path-launch shim: `dist.ddp ... trainer/main.py` passes the path again
     parser = argparse.ArgumentParser(prog="trainer.main", description="Train and evaluate a next-target retrieval model.")
     parser.add_argument(
         "--config", default="collegemsg", help="YAML run config, or the name of one in configs/ (default: collegemsg)"
@@ -80,7 +75,7 @@ def parse_args(argv: list[str]) -> tuple[Path, list[str]]:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loader.batch_size=256")
     args = parser.parse_intermixed_args(argv)  # flags may come after the overrides too
     flags = (["train.resume=true"] if args.resume else []) + (["train.overwrite=true"] if args.overwrite else [])
-    return _config_path(args.config), args.overrides + flags
+    return resolve_config_path(args.config), args.overrides + flags
 
 
 def run(config: ExperimentConfig, dist: Distributed = Distributed()) -> dict:
@@ -98,18 +93,18 @@ def run(config: ExperimentConfig, dist: Distributed = Distributed()) -> dict:
 
 
 def _on_rank_zero(dist: Distributed, action: Callable[[], None]) -> None:
-    """Run `action` on rank 0 and raise its refusal (ConfigError, CheckpointError) on
+    """Run `action` on rank 0 and raise its refusal (ConfigError, CheckpointError, DataError) on
     every rank alike, so that no rank goes on to wait for one that stopped."""
     refusal = None
     if dist.is_main:
         try:
             action()
-        except (ConfigError, CheckpointError) as e:
+        except (ConfigError, CheckpointError, DataError) as e:
             refusal = (type(e).__name__, str(e))
     refusal = dist.broadcast_object(refusal)
     if refusal is not None:
         kind, message = refusal
-        raise (CheckpointError if kind == "CheckpointError" else ConfigError)(message)
+        raise {"CheckpointError": CheckpointError, "DataError": DataError}.get(kind, ConfigError)(message)
 
 
 def _resume_point(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> Path | None:
@@ -143,7 +138,11 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
     start = time.perf_counter()
-    prepared = prepare(config.data, out_dir=run_dir / "prepared" if dist.is_main else None)
+    # Rank 0 prepares the dataset if it is missing or stale; then every rank reads it.
+    directory = prepared_directory(config.data, config.output_dir, config.name)
+    source = resolve_data_path(config.data.path)
+    _on_rank_zero(dist, lambda: ensure_prepared(config.data, directory, source))
+    prepared = prepare_from_dataset(PreparedDataset.open(directory), config.data)
     summary = prepared.summary()
     if summary["evaluated_actors"] == 0:
         raise DataError(
