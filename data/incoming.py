@@ -46,8 +46,17 @@ class Incoming:
             sender, receiver, timestamps = sender[known], receiver[known], timestamps[known]
         # Stable: equal (receiver, timestamp) keep the actor-sorted flat order.
         order = np.lexsort((timestamps, receiver))
-        sender, receiver, timestamps = sender[order], receiver[order], timestamps[order]
-        num_people = max(seqs.num_targets, seqs.num_actors)
+        return cls.from_events(receiver[order], sender[order], timestamps[order], max(seqs.num_targets, seqs.num_actors))
+
+    @classmethod
+    def from_events(
+        cls, receivers: np.ndarray, senders: np.ndarray, timestamps: np.ndarray, num_people: int
+    ) -> Incoming:
+        """From events already sorted by (receiver, timestamp), ties in the senders' event
+        order (actor, then row): the order of the prepared dataset's incoming partitions,
+        and the one `from_sequences` sorts into."""
+        receiver, sender = np.asarray(receivers, dtype=np.int64), np.asarray(senders, dtype=np.int64)
+        timestamps = np.asarray(timestamps, dtype=np.int64)
         offsets = np.zeros(num_people + 1, dtype=np.int64)
         np.cumsum(np.bincount(receiver, minlength=num_people), out=offsets[1:])
         distinct, rank = np.unique(timestamps, return_inverse=True)

@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Literal
 
 from configs.schema import DataConfig
-from data.dataset import PreparedDataset, ensure_prepared
+import numpy as np
+import polars as pl
+
+from data.dataset import SPLIT_LABELS, PreparedDataset, ensure_prepared
 from data.events import EventLog, load_events
 from data.features import TargetFeatures, load_target_features
 from data.incoming import Incoming
@@ -44,13 +47,36 @@ def resolve_data_path(path: str) -> Path | str:
 
 @dataclass(frozen=True)
 class PreparedData:
+    """A log prepared for training and evaluation: the whole log, or one rank's share of
+    it (the actors of its partitions, with the global statistics beside them).
+
+    `log`, `seqs` and `split` hold this share's actors only; `stats` and `known_counts`
+    are over every event; `incoming_log`, in a shared ID space, holds the events that
+    reached this share's actors (sent by anyone), with their split labels."""
+
     log: EventLog
     seqs: Sequences
     split: Split
     stats: TargetStats
     features: TargetFeatures | None = None
+    target_table: pl.DataFrame | None = None
+    """targets.parquet of the prepared dataset (global counts per split label); None when
+    prepared in memory, where the share is the whole log and `split` counts it."""
+    incoming_log: pl.DataFrame | None = None
+    """Events reaching this share's actors (target, actor, timestamp, row, split), from the
+    prepared dataset's incoming partitions; None in memory (built from `seqs` then)."""
+    totals: dict | None = None
+    """The prepared dataset's global counts (events, actors, evaluated actors, ...)."""
     _incoming: dict[str, Incoming] = field(default_factory=dict, repr=False, compare=False)
     """Built once per set of known events: validation runs many times in a training run."""
+
+    def known_counts(self, split: Literal["valid", "test"]) -> np.ndarray:
+        """[T] per-target event counts over the events known when the split's queries are
+        asked (training events for valid, and the validation events too for test)."""
+        if self.target_table is None:
+            return self.split.known_counts(self.seqs, split)
+        counts = self.target_table["train_count"].to_numpy().astype(np.int64)
+        return counts + self.target_table["valid_count"].to_numpy() if split == "test" else counts
 
     def incoming_events(self, known: Literal["train", "valid", "test", "all"]) -> Incoming | None:
         """The incoming events the queries of a split may read (see data/incoming.py), or
@@ -60,21 +86,35 @@ class PreparedData:
         # Training queries and validation queries both read the training events.
         events = "valid" if known == "train" else known
         if events not in self._incoming:
-            mask = None if events == "all" else self.split.known_mask(self.seqs, events)
-            self._incoming[events] = Incoming.from_sequences(self.seqs, mask)
+            if self.incoming_log is not None:
+                self._incoming[events] = self._incoming_from_log(events)
+            else:
+                mask = None if events == "all" else self.split.known_mask(self.seqs, events)
+                self._incoming[events] = Incoming.from_sequences(self.seqs, mask)
         return self._incoming[events]
 
+    def _incoming_from_log(self, events: Literal["valid", "test", "all"]) -> Incoming:
+        # Known events by split label: training ones for valid, training and valid for test.
+        highest = {"valid": SPLIT_LABELS["train"], "test": SPLIT_LABELS["valid"], "all": SPLIT_LABELS["test"]}[events]
+        known = self.incoming_log.filter(pl.col("split") <= highest)
+        return Incoming.from_events(
+            receivers=known["target"].to_numpy(), senders=known["actor"].to_numpy(),
+            timestamps=known["timestamp"].to_numpy(), num_people=max(self.seqs.num_targets, self.seqs.num_actors),
+        )
+
     def summary(self) -> dict:
+        """What was prepared, over the whole log (not this share)."""
+        totals = self.totals or {}
         return {
             "source": self.log.source,
-            "events": self.log.num_events,
+            "events": totals.get("events", self.log.num_events),
             "actors": len(self.log.actor_ids),
             "targets": len(self.log.target_ids),
             "action_types": len(self.log.action_values),
             "shared_id_space": self.log.shared_id_space,
             "has_timestamps": self.log.has_timestamps,
             "has_actions": self.log.has_actions,
-            "evaluated_actors": int(len(self.split.evaluated)),
+            "evaluated_actors": totals.get("evaluated_actors", int(len(self.split.evaluated))),
             "candidates": int(len(self.stats.candidates)),
             "active_pool": int(len(self.stats.active_pool)),
             **self.log.report,
@@ -98,10 +138,25 @@ def prepare(config: DataConfig, out_dir: str | Path | None = None) -> PreparedDa
     return prepare_from_dataset(ensure_prepared(config, out_dir, resolve_data_path(config.path)), config)
 
 
-def prepare_from_dataset(dataset: PreparedDataset, config: DataConfig, parts: list[int] | None = None) -> PreparedData:
-    """Sequences, split and statistics of partitions `parts` of a prepared dataset (all
-    when None)."""
-    return prepare_from_event_log(dataset.event_log(parts), config)
+def prepare_from_dataset(
+    dataset: PreparedDataset, config: DataConfig, rank: int = 0, world_size: int = 1
+) -> PreparedData:
+    """Rank `rank`'s share of a prepared dataset: the events of its partitions (every
+    partition for one rank), the incoming events of their actors, and the global
+    statistics. Nothing of the other partitions is read."""
+    parts = dataset.partitions_of_rank(rank, world_size)
+    event_log = dataset.event_log(parts)
+    seqs = Sequences.from_event_log(event_log)
+    table = dataset.targets()
+    features = None
+    if config.target_features_path is not None:
+        features = load_target_features(config, event_log.target_ids, resolve_data_path(config.target_features_path))
+    return PreparedData(
+        event_log, seqs, Split.leave_last_out(seqs), TargetStats.from_target_table(table, config), features,
+        target_table=table,
+        incoming_log=dataset.read_events(parts, "incoming").drop("row") if event_log.shared_id_space else None,
+        totals=dataset.manifest["counts"],
+    )
 
 
 def prepare_from_event_log(event_log: EventLog, config: DataConfig) -> PreparedData:

@@ -197,14 +197,43 @@ def test_a_damaged_dataset_fails_in_one_line_naming_the_file_and_is_prepared_aga
         assert dataset.read_events([0, 1]).height == 6
 
 
-def test_prepare_from_a_share_of_the_partitions_holds_only_those_actors(tmp_path):
+def _incoming_windows(prepared, known: str, receivers: np.ndarray, before: np.ndarray) -> list:
+    incoming = prepared.incoming_events(known)
+    flat, lengths = incoming.window(receivers, before, max_len=1000)
+    bounds = np.r_[0, np.cumsum(lengths)]
+    return [
+        list(zip(incoming.sources[flat[a:b]].tolist(), incoming.timestamps[flat[a:b]].tolist()))
+        for a, b in zip(bounds[:-1], bounds[1:])
+    ]
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_a_share_holds_its_actors_their_incoming_events_and_the_global_statistics(tmp_path, world_size):
     config = DataConfig(path="embedded:collegemsg", partitions=8)
+    reference = prepare(config)
     dataset = ensure_prepared(config, tmp_path / "prepared", resolve_data_path(config.path))
-    whole = prepare_from_dataset(dataset, config)
-    shares = [prepare_from_dataset(dataset, config, dataset.partitions_of_rank(r, 3)) for r in range(3)]
+    shares = [prepare_from_dataset(dataset, config, rank, world_size) for rank in range(world_size)]
     actors = [set(share.seqs.actor.tolist()) for share in shares]
-    assert set.union(*actors) == set(whole.seqs.actor.tolist()) and sum(map(len, actors)) == len(whole.seqs.actor)
-    assert sum(share.log.num_events for share in shares) == whole.log.num_events
+    assert set.union(*actors) == set(reference.seqs.actor.tolist())
+    assert sum(map(len, actors)) == len(reference.seqs.actor)  # each actor on one rank
+    assert sum(share.log.num_events for share in shares) == reference.log.num_events
+    people = np.arange(reference.seqs.num_targets)
+    for rank, (share, owned) in enumerate(zip(shares, actors)):
+        assert share.summary() == reference.summary()  # the whole log's figures, on every rank
+        for split in ("valid", "test"):
+            assert np.array_equal(share.known_counts(split), reference.known_counts(split))
+        for field in ("counts", "log_q", "candidates", "active_pool"):
+            assert np.array_equal(getattr(share.stats, field), getattr(reference.stats, field)), field
+        # The events that reached the share's actors, as the whole log's would show them,
+        # for every set of known events and query time.
+        mine = np.array(sorted(owned))
+        for known in ("valid", "test", "all"):
+            for before in (0, 10**8, 10**10):
+                at = np.full(len(mine), before)
+                assert _incoming_windows(share, known, mine, at) == _incoming_windows(reference, known, mine, at)
+        # ... and nothing that reached the people of other ranks' partitions.
+        others = people[~np.isin(partition_of(people, 8), dataset.partitions_of_rank(rank, world_size))]
+        assert _incoming_windows(share, "all", others, np.full(len(others), 10**10)) == [[]] * len(others)
 
 
 def test_the_prepare_command_writes_the_dataset(tmp_path, capsys):
