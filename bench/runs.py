@@ -20,7 +20,10 @@ DATASETS = ("collegemsg", "ml-100k")
 # Every benchmark training run, whichever benchmark asked for it: the quality benchmark's
 # default runs are the ablation's "default" variant too.
 RUN_LOG_PATH = Path(__file__).resolve().parent / "results" / "runs.jsonl"
-BASELINES = ("most_popular", "recency_frequency")
+# The baselines a run's results carry (trainer.results.baseline_results); the two-way rule
+# only on logs whose actors and targets are one ID space. bench/quality.py computes its
+# baseline figures afresh; a record keeps its run's for reference.
+BASELINES = ("most_popular", "recency_frequency", "two_way_recency_frequency")
 # Part of every run's identity: bump it with a code change that changes results, so the
 # runs logged before it are retired (kept in the log, no longer matched).
 CODE_VERSION = "2026-12-01 cyclic time features off by default"
@@ -88,7 +91,7 @@ class RunLog:
             "config": config_path.name, "config_sha": config_sha, "seconds": run_seconds,
             "steps": results["training"]["steps"], "best_step": results["training"]["best_step"],
             "valid": results["metrics"]["valid"]["model"],
-            "test": test["model"], "baselines": {b: test[b] for b in BASELINES},
+            "test": test["model"], "baselines": {b: test[b] for b in BASELINES if b in test},
             "evaluated_actors": results["data"]["evaluated_actors"], "candidates": results["data"]["candidates"],
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,7 @@ from trainer.loop import NonFiniteTrainingError, Trainer
 from trainer.metrics import MetricsLogger
 from trainer.export import export_model
 from trainer.run_directory import RunLock, check_fresh_start, config_difference, open_run_directory
-from trainer.results import evaluate_baselines, evaluation_queries, markdown_table, write_results
+from trainer.results import baseline_results, evaluation_queries, markdown_table, write_results
 
 log = logging.getLogger("trainer")
 OWN_PACKAGES = ("trainer", "data", "models", "configs", "bench", "launch")
@@ -175,14 +175,15 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
     finally:
         trainer.close()
 
-    baselines = {split: evaluate_baselines(prepared, split, config.baselines, config.eval) for split in ("valid", "test")}
+    baseline = baseline_results(prepared, config.baselines, config.eval)
+    baselines = baseline.metrics
     rows = {"model": test, **baselines["test"]}
     title = (
         f"{config.name}: test split, {summary['evaluated_actors']:,} evaluated actors"
         + (f" (a sample of {summary['evaluable_actors']:,})" if "evaluable_actors" in summary else "") + ", "
         f"{summary['candidates']:,} candidates; model from step {summary_train.best_step} of {summary_train.steps}"
     )
-    table = markdown_table(rows, title)
+    table = markdown_table(rows, title) + "\n\n" + baseline.note()
     results = {
         "name": config.name,
         "data": summary,
@@ -198,6 +199,7 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
             "test": rows,
             "valid": {"model": summary_train.best_valid, **baselines["valid"]},
         },
+        "baselines": baseline.half_lives,
     }
     write_results(run_dir, results, table)
     print(table)

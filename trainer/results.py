@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import polars as pl
 
 from configs.schema import BaselineConfig, EvalConfig
+from data.dataset import SPLIT_LABELS
 from data.prepare import PreparedData
 from data.sequences import Queries
-from models.baselines import MostPopularScorer, RecencyFrequencyScorer
+from models.baselines import (
+    HALF_LIVES, IncomingEvents, MostPopularScorer, RecencyFrequencyScorer, TwoWayRecencyFrequencyScorer,
+)
 from trainer.evaluation import METRIC_NAMES, SeenTargets, full_ranking_ranks, metrics_from_ranks
+
+log = logging.getLogger(__name__)
 
 
 def evaluation_queries(prepared: PreparedData, split: Literal["valid", "test"], eval_config: EvalConfig) -> Queries:
@@ -29,33 +38,153 @@ def seen_targets(prepared: PreparedData, queries: Queries) -> SeenTargets:
     return SeenTargets(offsets=offsets, targets=prepared.seqs.targets[flat])
 
 
+@dataclass(frozen=True)
+class BaselineResults:
+    """Every baseline's metrics on both splits, and the half-life each recency-frequency
+    rule ran with (one deterministic figure each: no seeds)."""
+
+    metrics: dict[str, dict[str, dict[str, float]]]
+    """{split: {model: {metric: value}}}; models `most_popular`, `recency_frequency` and,
+    where actors and targets are one ID space, `two_way_recency_frequency`."""
+    half_lives: dict[str, dict]
+    """{model: {"half_life_events": h, "chosen_by": "valid ndcg@10" | "config",
+    "valid_ndcg@10": {label: value}}} for each recency-frequency rule: h a number, or
+    "inf" (JSON has no infinity); the labels are `half_life_label`s of each half-life
+    ranked on validation (none for a fixed half-life when only test was asked for)."""
+
+    def note(self) -> str:
+        """One line naming each rule's half-life (and the validation NDCG@10 behind the
+        choice), for the results table."""
+        parts = []
+        for model, entry in self.half_lives.items():
+            tried = ", ".join(f"{h}: {v:.4f}" for h, v in entry["valid_ndcg@10"].items())
+            how = "chosen on validation NDCG@10" if entry["chosen_by"] != "config" else "set in the config"
+            how += f"; valid NDCG@10 {tried}" if tried else ""
+            parts.append(f"{model} {half_life_label(entry['half_life_events'])} ({how})")
+        return "Recency-frequency half-lives (events): " + "; ".join(parts) + "."
+
+
+def half_life_label(half_life: float | str) -> str:
+    """'1', '5', '20', 'inf', '2.5': a half-life as tables and JSON keys name it."""
+    value = float(half_life)
+    return "inf" if math.isinf(value) else f"{value:g}"
+
+
+def _ranking_metrics(
+    prepared: PreparedData, queries: Queries, scorer: object, eval_config: EvalConfig
+) -> dict[str, float]:
+    seen = seen_targets(prepared, queries) if eval_config.exclude_seen else None
+    ranks = full_ranking_ranks(
+        scorer,
+        prepared.seqs.targets[queries.position],
+        prepared.stats.candidates,
+        query_chunk_size=eval_config.query_chunk_size,
+        candidate_chunk_size=eval_config.candidate_chunk_size,
+        seen=seen,
+    )
+    return metrics_from_ranks(ranks)
+
+
+def released_incoming(prepared: PreparedData, split: Literal["valid", "test"]) -> IncomingEvents:
+    """The events a split's queries may read as having reached their actors: training
+    events for validation, every non-test event for test (the events
+    `PreparedData.incoming_events(split)` holds), with their rows in the file.
+    NOTE: from `incoming_log` when it carries the rows; otherwise from the share's own
+    events, which hold every event that reached anyone only when the share is the whole
+    log (a share of it is refused: the two-way rule would miss the other shares' senders)."""
+    incoming_log = prepared.incoming_log
+    if incoming_log is not None and "row" in incoming_log.columns:
+        known = incoming_log.filter(pl.col("split") <= SPLIT_LABELS["train" if split == "valid" else "valid"])
+        return IncomingEvents(*(known[c].to_numpy() for c in ("target", "actor", "timestamp", "row")))
+    whole = (prepared.totals or {}).get("events", prepared.log.num_events)
+    if prepared.log.num_events != whole:
+        raise ValueError(
+            f"two-way recency-frequency: this share holds {prepared.log.num_events:,} of the log's {whole:,} events "
+            "and its incoming events carry no file rows; evaluate the baselines on the whole log"
+        )
+    seqs = prepared.seqs
+    known = prepared.split.known_mask(seqs, split)
+    # Sequences' flat order is the event table's (actor, timestamp, row) order.
+    rows = prepared.log.events["row"].to_numpy()
+    senders = np.repeat(seqs.actor, seqs.lengths)
+    return IncomingEvents(receivers=seqs.targets[known], senders=senders[known],
+                          timestamps=seqs.timestamps[known], rows=rows[known])
+
+
+def _recency_scorers(prepared: PreparedData, split: Literal["valid", "test"], queries: Queries) -> dict[str, Callable]:
+    """{model: half-life -> scorer} of the recency-frequency rules that apply to the log.
+    Both read only what the split has released: the actor's own history before the query
+    and, two-way, `released_incoming`."""
+    seqs = prepared.seqs
+    counts = prepared.known_counts(split)
+    rules: dict[str, Callable] = {
+        "recency_frequency": lambda h: RecencyFrequencyScorer(
+            counts, seqs.targets, queries.history_start, queries.position, h
+        )
+    }
+    if prepared.log.shared_id_space:
+        actor = np.repeat(seqs.actor, seqs.lengths)
+        rows = prepared.log.events["row"].to_numpy().astype(np.int64)
+        incoming = released_incoming(prepared, split)
+        rules["two_way_recency_frequency"] = lambda h: TwoWayRecencyFrequencyScorer(
+            counts, actor, seqs.targets, seqs.timestamps, rows, incoming, queries.history_start, queries.position, h
+        )
+    return rules
+
+
+def baseline_results(
+    prepared: PreparedData,
+    baselines: BaselineConfig,
+    eval_config: EvalConfig,
+    splits: tuple[Literal["valid", "test"], ...] = ("valid", "test"),
+) -> BaselineResults:
+    """Most-popular and the recency-frequency rules on the splits asked for. With
+    `baselines.recency_half_life_events: auto` each rule's half-life is the one of
+    HALF_LIVES with the best validation NDCG@10 (the first, i.e. shortest, of equals), as
+    ../shared/BENCHMARK.md says; the validation passes are computed once and give the
+    validation figures too. The choice is logged."""
+    queries = {split: evaluation_queries(prepared, split, eval_config) for split in ("valid", "test")}
+    fixed = baselines.recency_half_life_events
+    half_lives = HALF_LIVES if fixed == "auto" else (float(fixed),)
+    metrics: dict[str, dict[str, dict[str, float]]] = {split: {} for split in splits}
+    for split in splits:
+        counts = prepared.known_counts(split)
+        metrics[split]["most_popular"] = _ranking_metrics(
+            prepared, queries[split], MostPopularScorer(counts), eval_config
+        )
+    chosen: dict[str, dict] = {}
+    valid_rules = _recency_scorers(prepared, "valid", queries["valid"])
+    test_rules = _recency_scorers(prepared, "test", queries["test"]) if "test" in splits else {}
+    for model, scorer_at in valid_rules.items():
+        # A fixed half-life needs no validation pass unless validation figures are asked for
+        # (one ranking of every candidate fewer where each costs minutes).
+        ranked = half_lives if fixed == "auto" or "valid" in splits else ()
+        tried = {h: _ranking_metrics(prepared, queries["valid"], scorer_at(h), eval_config) for h in ranked}
+        best = half_lives[0]
+        if tried:
+            # NaN (no query) never wins; the first (shortest) of equals does.
+            best = max(tried, key=lambda h: -math.inf if math.isnan(tried[h]["ndcg@10"]) else tried[h]["ndcg@10"])
+        chosen[model] = {
+            "half_life_events": "inf" if math.isinf(best) else best,
+            "chosen_by": "config" if fixed != "auto" else "valid ndcg@10",
+            "valid_ndcg@10": {half_life_label(h): tried[h]["ndcg@10"] for h in ranked},
+        }
+        if "valid" in splits:
+            metrics["valid"][model] = tried[best]
+        if "test" in splits:
+            metrics["test"][model] = _ranking_metrics(prepared, queries["test"], test_rules[model](best), eval_config)
+    results = BaselineResults(metrics=metrics, half_lives=chosen)
+    log.info("baselines: %s", results.note())
+    return results
+
+
 def evaluate_baselines(
     prepared: PreparedData, split: Literal["valid", "test"], baselines: BaselineConfig, eval_config: EvalConfig
 ) -> dict[str, dict[str, float]]:
-    """Metrics of most-popular and recency-frequency on the split's queries."""
-    seqs, queries = prepared.seqs, evaluation_queries(prepared, split, eval_config)
-    counts = prepared.split.known_counts(seqs, split)
-    true_targets = seqs.targets[queries.position]
-    seen = seen_targets(prepared, queries) if eval_config.exclude_seen else None
-    scorers = {
-        "most_popular": MostPopularScorer(counts),
-        "recency_frequency": RecencyFrequencyScorer(
-            counts, seqs.targets, queries.history_start, queries.position, baselines.recency_half_life_events
-        ),
-    }
-    return {
-        name: metrics_from_ranks(
-            full_ranking_ranks(
-                scorer,
-                true_targets,
-                prepared.stats.candidates,
-                query_chunk_size=eval_config.query_chunk_size,
-                candidate_chunk_size=eval_config.candidate_chunk_size,
-                seen=seen,
-            )
-        )
-        for name, scorer in scorers.items()
-    }
+    """{model: metrics} of every baseline on the split's queries (`baseline_results` for
+    one split: the half-lives are still chosen on validation). For both splits, call
+    `baseline_results` once: it passes over validation once for both."""
+    return baseline_results(prepared, baselines, eval_config, splits=(split,)).metrics[split]
 
 
 def _format(name: str, value: float) -> str:

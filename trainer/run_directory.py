@@ -39,7 +39,7 @@ RESUMABLE_KEYS = (
     "name", "output_dir", "train.max_steps", "train.max_epochs", "train.patience", "train.resume",
     "train.overwrite", "train.keep_checkpoints", "train.log_every_steps", "train.num_threads", "loader.num_workers",
     "eval.query_chunk_size", "eval.candidate_chunk_size", "distributed.backend", "distributed.sharding",
-    "data.prepared_path",
+    "data.prepared_path", "baselines",
 )
 
 

@@ -108,6 +108,19 @@ def test_a_log_left_out_of_data_is_reported_from_the_run_log_not_trained(run_log
         ablation.main()
 
 
+HALF_LIFE = {"half_life_events": 1.0, "chosen_by": "valid ndcg@10", "valid_ndcg@10": {"1": 0.5, "inf": 0.4}}
+
+
+def _baseline_figures(data: str, overrides: list[str]) -> tuple[dict, dict]:
+    """What quality.baseline_figures returns, without reading a log (the real figures are
+    tests/integration/test_reference_figures.py's)."""
+    counts = {"evaluated_actors": {"mean": 1077.0, "std": 0.0}, "candidates": {"mean": 1862.0, "std": 0.0}}
+    figures = {name: {"mean": value, "std": 0.0} for name, value in METRICS.items()}
+    models = runs.BASELINES if data == "collegemsg" else runs.BASELINES[:2]  # two-way: shared ID space only
+    rules = [m for m in models if m.endswith("recency_frequency")]
+    return {m: {**figures, **counts} for m in models}, {m: dict(HALF_LIFE) for m in rules}
+
+
 def _quality_main(run_log, monkeypatch, *arguments: str) -> tuple[dict, str]:
     written = {}
     def write_result(name: str, result: dict, with_machine: bool = True) -> None:
@@ -117,8 +130,10 @@ def _quality_main(run_log, monkeypatch, *arguments: str) -> tuple[dict, str]:
 
     monkeypatch.setattr(quality, "write_result", write_result)
     monkeypatch.setattr(quality, "RESULTS_DIR", run_log.parent)
+    monkeypatch.setattr(quality, "baseline_figures", _baseline_figures)
     monkeypatch.setattr("sys.argv", ["quality.py", *arguments])
     quality.main()
+    assert written["quality_meta"]["baseline_half_lives"]["collegemsg"]["two_way_recency_frequency"] == HALF_LIFE
     return written["quality"], (run_log.parent / "quality.md").read_text()
 
 
@@ -130,7 +145,7 @@ def test_a_quality_subset_run_never_turns_a_three_seed_figure_into_a_one_seed_on
     # {dataset: {model: {name: {"mean", "std"}}}}, nothing else at any level (run_seconds
     # also has its "max").
     assert list(results) == ["collegemsg"]
-    assert set(results["collegemsg"]) == {"default", "sasrec", "most_popular", "recency_frequency"}
+    assert set(results["collegemsg"]) == {"default", "sasrec", *runs.BASELINES}
     counts = {"evaluated_actors", "candidates"}
     for name, model in results["collegemsg"].items():
         trained = name in ("default", "sasrec")
@@ -141,6 +156,32 @@ def test_a_quality_subset_run_never_turns_a_three_seed_figure_into_a_one_seed_on
     assert "| CollegeMsg | default (HSTU + contact re-scoring) | 3 |" in table
     assert "| CollegeMsg | SASRec-style (causal transformer, same loss) | 1 |" in table
     assert "CollegeMsg: ndcg@10 0.6100 >= 0.476" in table
+    # Each recency-frequency row names the half-life validation chose.
+    assert "| CollegeMsg | two-way recency-frequency (h = 1) | - | 0.3000 |" in table
+    assert "| CollegeMsg | recency-frequency (h = 1) | - |" in table
+
+
+def test_baselines_only_trains_nothing_and_keeps_the_models_logged_figures(run_log, monkeypatch):
+    records = [_record("collegemsg", "default", seed, [], 0.60 + 0.01 * seed) for seed in range(3)]
+    records.append(_record("ml-100k", "default", 0, [], 0.11, config="ml-100k.yaml"))
+    run_log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # Training would raise (the run_log fixture); sasrec is not logged and is not trained.
+    results, table = _quality_main(run_log, monkeypatch, "--baselines-only")
+    assert list(results) == ["collegemsg", "ml-100k"]
+    assert results["collegemsg"]["default"]["ndcg@10"]["mean"] == pytest.approx(0.61)
+    assert results["ml-100k"]["default"]["ndcg@10"]["mean"] == pytest.approx(0.11)
+    assert "sasrec" not in results["collegemsg"]
+    assert "two_way_recency_frequency" in results["collegemsg"]
+    assert "two_way_recency_frequency" not in results["ml-100k"]
+    assert "| ml-100k | two-way" not in table
+
+
+def test_baselines_only_refuses_to_drop_a_model_quality_json_shows(run_log, monkeypatch):
+    run_log.write_text(json.dumps(_record("collegemsg", "default", 0, [], 0.60)) + "\n")
+    shown = {"collegemsg": {"default": {}, "sasrec": {}, "most_popular": {}}}
+    (run_log.parent / "quality.json").write_text(json.dumps(shown))
+    with pytest.raises(SystemExit, match="collegemsg/sasrec"):
+        _quality_main(run_log, monkeypatch, "--baselines-only", "--data", "collegemsg")
 
 
 def test_the_bar_is_not_judged_on_fewer_than_three_seeds(run_log, monkeypatch):

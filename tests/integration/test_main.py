@@ -25,11 +25,12 @@ def test_smoke_run_trains_validates_tests_and_writes_results_and_tensorboard(tmp
     run_dir = tmp_path / "smoke"
     results = json.loads((run_dir / "results.json").read_text())
     assert results["data"]["evaluated_actors"] == 1077
-    assert set(results["metrics"]["test"]) == {"model", "most_popular", "recency_frequency"}
+    assert set(results["metrics"]["test"]) == {"model", "most_popular", "recency_frequency", "two_way_recency_frequency"}
     assert results["training"]["steps"] == 24
     assert 0.0 <= results["metrics"]["test"]["model"]["ndcg@10"] <= 1.0
     assert "| model |" in (run_dir / "results.md").read_text()
-    assert (run_dir / "prepared" / "target_ids.parquet").exists()  # ID maps beside the data
+    assert (run_dir / "prepared" / "actor_ids.parquet").exists()  # ID maps beside the data (one: a shared space)
+    assert (run_dir / "prepared" / "manifest.json").exists()
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
