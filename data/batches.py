@@ -124,7 +124,15 @@ class BatchBuilder:
     `incoming_window` that reached the actor before the query's time."""
     incoming_window: int = 0
 
-    def build(self, rows: np.ndarray, rng: np.random.Generator | None = None) -> Batch:
+    def random_negatives(self, rng: np.random.Generator, rows: int) -> np.ndarray:
+        """[rows, num_rand_negs] target indices drawn uniformly from the active pool."""
+        return self.active_pool[rng.integers(0, len(self.active_pool), size=(rows, self.num_rand_negs))]
+
+    def build(
+        self, rows: np.ndarray, rng: np.random.Generator | None = None, *, negatives: np.ndarray | None = None
+    ) -> Batch:
+        """The batch of examples `rows`; random negatives drawn from `rng`, or given
+        (`negatives`, [B, num_rand_negs]), or none."""
         rows = np.asarray(rows, dtype=np.int64)
         position = self.queries.position[rows]
         start = np.maximum(self.queries.history_start[rows], position - self.max_len)
@@ -156,16 +164,15 @@ class BatchBuilder:
             ),
             lengths=torch.ones(batch * len(QUERY_KEYS), dtype=torch.int64),
         )
-        if self.num_rand_negs and rng is not None:
-            picks = rng.integers(0, len(self.active_pool), size=(batch, self.num_rand_negs))
-            negatives = torch.from_numpy(self.active_pool[picks])
-        else:
-            negatives = torch.zeros((batch, 0), dtype=torch.int64)
+        if negatives is None and self.num_rand_negs and rng is not None:
+            negatives = self.random_negatives(rng, batch)
+        if negatives is None or not self.num_rand_negs:
+            negatives = np.zeros((batch, 0), dtype=np.int64)
         return Batch(
             history=history,
             query=query,
             target=torch.from_numpy(np.array(target, dtype=np.int64)),
-            random_negatives=negatives,
+            random_negatives=torch.from_numpy(np.ascontiguousarray(negatives, dtype=np.int64)),
             incoming=self._incoming(self.seqs.actor[self.queries.sequence[rows]], next_timestamp),
         )
 

@@ -1,14 +1,21 @@
-"""Rank-aware, resumable training loader.
+"""Rank-aware, resumable training loader over each rank's share of the examples.
 
-Every epoch the training examples are shuffled with a generator seeded by
-(seed, epoch), identically on every rank. Step k of the epoch takes the global
-slice `perm[k*G : (k+1)*G]` (G = batch_size * world_size) and rank r keeps its
-`batch_size` share of it, so ranks see disjoint examples and the same number of
-steps; the last incomplete global batch of an epoch is dropped.
+Each rank holds its own share: the training examples of the actors of its partitions
+(data/dataset.py). Every epoch a share's examples are shuffled by a generator seeded by
+(seed, epoch, share) and cut into batches of `batch_size`; every share runs the same
+number of steps, the least any share fills (`steps_per_epoch`), so the few examples past
+that in the larger shares sit out the epoch: a different random few every epoch, so no
+example is favoured across epochs. The global batch of step k is the concatenation of
+every share's batch k in rank order.
+
+One process may hold several shares (what N ranks would hold, to compare a run on N
+ranks with one process on the same global batches): its batch of step k is then the
+concatenation of its shares' batches k. One share of every example, the single-process
+default, is share 0.
 
 Randomness inside a batch (random negatives) comes from a generator seeded by
-(seed, epoch, step, rank), so batches are identical whether they are built in
-the training process or in DataLoader workers, and after a resume.
+(seed, epoch, step, share), so batches are identical whether they are built in the
+training process or in DataLoader workers, and after a resume.
 
 The position (epoch, steps done in it) is counted where batches are *consumed*,
 not where workers prefetch them, so `state_dict()` is exact.
@@ -28,46 +35,62 @@ from data.readers import DataError
 
 
 @dataclass(frozen=True)
+class Share:
+    """The training examples of one rank: `rows` index the builder's queries."""
+
+    id: int
+    rows: np.ndarray
+
+
+@dataclass(frozen=True)
 class BatchRequest:
     epoch: int
     step: int
-    rows: np.ndarray  # example indices of this rank's share
+    rows: np.ndarray  # example indices, share after share
+    shares: tuple[tuple[int, int], ...]  # (share id, rows of it) in `rows` order
+
+
+def _share_generator(seed: int, epoch: int, share: int) -> np.random.Generator:
+    # Share 0 keeps the stream the single-process loader always used, so a one-process
+    # run draws the examples it drew before shares existed (the logged runs stand).
+    return np.random.default_rng([seed, epoch] if share == 0 else [seed, epoch, share])
 
 
 class EpochBatchSampler(Sampler[BatchRequest]):
-    """Yields this rank's `BatchRequest`s for one epoch, from `start_step` on."""
+    """Yields this process's `BatchRequest`s for one epoch, from `start_step` on."""
 
     def __init__(
-        self, num_examples: int, batch_size: int, *, seed: int, epoch: int, rank: int, world_size: int, start_step: int = 0
+        self, shares: list[Share], batch_size: int, steps_per_epoch: int, *, seed: int, epoch: int, start_step: int = 0
     ) -> None:
-        self.num_examples, self.batch_size = num_examples, batch_size
-        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
-        self.start_step = start_step
-
-    @staticmethod
-    def steps_per_epoch(num_examples: int, batch_size: int, world_size: int) -> int:
-        return num_examples // (batch_size * world_size)
+        self.shares, self.batch_size, self.steps = shares, batch_size, steps_per_epoch
+        self.seed, self.epoch, self.start_step = seed, epoch, start_step
 
     def __len__(self) -> int:
-        return self.steps_per_epoch(self.num_examples, self.batch_size, self.world_size) - self.start_step
+        return self.steps - self.start_step
 
     def __iter__(self) -> Iterator[BatchRequest]:
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_examples)
-        global_batch = self.batch_size * self.world_size
-        for step in range(self.start_step, self.steps_per_epoch(self.num_examples, self.batch_size, self.world_size)):
-            lo = step * global_batch + self.rank * self.batch_size
-            yield BatchRequest(self.epoch, step, perm[lo : lo + self.batch_size])
+        orders = [share.rows[_share_generator(self.seed, self.epoch, share.id).permutation(len(share.rows))]
+                  for share in self.shares]
+        for step in range(self.start_step, self.steps):
+            lo, hi = step * self.batch_size, (step + 1) * self.batch_size
+            yield BatchRequest(
+                self.epoch, step, np.concatenate([order[lo:hi] for order in orders]),
+                tuple((share.id, self.batch_size) for share in self.shares),
+            )
 
 
 class _RequestedBatches(Dataset):
     """Map-style dataset whose 'index' is a whole `BatchRequest`, so workers build full batches."""
 
-    def __init__(self, builder: BatchBuilder, seed: int, rank: int) -> None:
-        self.builder, self.seed, self.rank = builder, seed, rank
+    def __init__(self, builder: BatchBuilder, seed: int) -> None:
+        self.builder, self.seed = builder, seed
 
     def __getitem__(self, request: BatchRequest) -> Batch:
-        rng = np.random.default_rng([self.seed, request.epoch, request.step, self.rank])
-        return self.builder.build(request.rows, rng)
+        negatives = [
+            self.builder.random_negatives(np.random.default_rng([self.seed, request.epoch, request.step, share]), rows)
+            for share, rows in request.shares
+        ]
+        return self.builder.build(request.rows, negatives=np.concatenate(negatives))
 
     def __len__(self) -> int:  # pragma: no cover - DataLoader with a sampler never asks
         return len(self.builder.queries)
@@ -82,7 +105,9 @@ class TrainLoader:
 
     Example::
 
-        loader = TrainLoader(builder, batch_size=128, seed=0, rank=0, world_size=1)
+        loader = TrainLoader(builder, batch_size=128, seed=0)        # one share: every example
+        loader = TrainLoader(builder, batch_size=128, seed=0, shares=[Share(rank, rows)],
+                             steps_per_epoch=least_over_ranks)       # one rank's share
         for batch in loader: ...            # runs until the caller stops
         state = loader.state_dict()         # {"epoch": e, "step": s}: batches consumed
         loader.load_state_dict(state)       # the next batch is the one after `state`
@@ -94,31 +119,32 @@ class TrainLoader:
         *,
         batch_size: int,
         seed: int,
-        rank: int = 0,
-        world_size: int = 1,
+        shares: list[Share] | None = None,
+        steps_per_epoch: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
+        """`shares`: the shares this process builds batches of (default: one of every
+        example). `steps_per_epoch`: the least number of full batches any rank's share
+        fills (every rank must run as many steps); default: the least over `shares`."""
         self.builder, self.batch_size, self.seed = builder, batch_size, seed
-        self.rank, self.world_size = rank, world_size
+        self.shares = shares if shares is not None else [Share(0, np.arange(len(builder.queries)))]
+        fewest = min(len(share.rows) for share in self.shares) // batch_size
+        self.steps_per_epoch = fewest if steps_per_epoch is None else min(steps_per_epoch, fewest)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.epoch, self.step = 0, 0
         if self.steps_per_epoch == 0:
             # A user error (a tiny or degenerate log, or a batch too large for it), so a
             # DataError: the entry point prints it in one line.
-            if len(builder.queries) == 0:
-                raise DataError(
-                    "no training examples: no actor has an event with loader.min_history earlier events "
-                    "left after the validation and test events are held out; the log is too small"
-                )
             raise DataError(
-                f"{len(builder.queries)} training examples cannot fill one global batch of "
-                f"{batch_size} x {world_size} ranks; lower loader.batch_size"
+                f"{min(len(s.rows) for s in self.shares)} training examples cannot fill one batch of "
+                f"loader.batch_size={batch_size}; lower loader.batch_size"
             )
 
     @property
-    def steps_per_epoch(self) -> int:
-        return EpochBatchSampler.steps_per_epoch(len(self.builder.queries), self.batch_size, self.world_size)
+    def batch_rows(self) -> int:
+        """Rows of each batch this process builds (batch_size per share it holds)."""
+        return self.batch_size * len(self.shares)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "step": self.step}
@@ -128,16 +154,10 @@ class TrainLoader:
 
     def _epoch_loader(self) -> DataLoader:
         sampler = EpochBatchSampler(
-            len(self.builder.queries),
-            self.batch_size,
-            seed=self.seed,
-            epoch=self.epoch,
-            rank=self.rank,
-            world_size=self.world_size,
-            start_step=self.step,
+            self.shares, self.batch_size, self.steps_per_epoch, seed=self.seed, epoch=self.epoch, start_step=self.step
         )
         return DataLoader(
-            _RequestedBatches(self.builder, self.seed, self.rank),
+            _RequestedBatches(self.builder, self.seed),
             sampler=sampler,
             batch_size=None,
             collate_fn=_identity,

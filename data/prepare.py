@@ -19,7 +19,7 @@ from configs.schema import DataConfig
 import numpy as np
 import polars as pl
 
-from data.dataset import SPLIT_LABELS, PreparedDataset, ensure_prepared
+from data.dataset import SPLIT_LABELS, PreparedDataset, assign_partitions, ensure_prepared, partition_of
 from data.events import EventLog, load_events
 from data.features import TargetFeatures, load_target_features
 from data.incoming import Incoming
@@ -63,12 +63,32 @@ class PreparedData:
     """targets.parquet of the prepared dataset (global counts per split label); None when
     prepared in memory, where the share is the whole log and `split` counts it."""
     incoming_log: pl.DataFrame | None = None
-    """Events reaching this share's actors (target, actor, timestamp, row, split), from the
+    """Events reaching this share's actors (actor, target, action, timestamp, row, split), from the
     prepared dataset's incoming partitions; None in memory (built from `seqs` then)."""
     totals: dict | None = None
     """The prepared dataset's global counts (events, actors, evaluated actors, ...)."""
+    partitions: int = 1
+    """P, the number of partitions the actors are hashed into (data/dataset.py)."""
+    share: tuple[int, int] = (0, 1)
+    """(rank, world size) this data was read for: (0, 1) is the whole log."""
     _incoming: dict[str, Incoming] = field(default_factory=dict, repr=False, compare=False)
     """Built once per set of known events: validation runs many times in a training run."""
+
+    def sequences_of_rank(self, rank: int, world_size: int) -> np.ndarray:
+        """[S] bool: which held sequences (actors) are rank `rank`'s of `world_size`: those
+        of its partitions. A share read for that rank holds only its own; the whole log
+        (in memory, or read for one rank) is split as the prepared dataset splits it."""
+        if (rank, world_size) == self.share:
+            return np.ones(self.seqs.num_sequences, dtype=bool)
+        if self.share != (0, 1):
+            raise ValueError(f"data read for rank {self.share[0]} of {self.share[1]} cannot be split for another")
+        if self.totals is not None:
+            per_partition = self.totals["events_per_partition"]
+        else:
+            per_partition = np.bincount(partition_of(self.log.events["actor"].to_numpy(), self.partitions),
+                                        minlength=self.partitions).tolist()
+        owned = assign_partitions(per_partition, world_size)[rank]
+        return np.isin(partition_of(self.seqs.actor, self.partitions), owned)
 
     def known_counts(self, split: Literal["valid", "test"]) -> np.ndarray:
         """[T] per-target event counts over the events known when the split's queries are
@@ -154,8 +174,8 @@ def prepare_from_dataset(
     return PreparedData(
         event_log, seqs, Split.leave_last_out(seqs), TargetStats.from_target_table(table, config), features,
         target_table=table,
-        incoming_log=dataset.read_events(parts, "incoming").drop("row") if event_log.shared_id_space else None,
-        totals=dataset.manifest["counts"],
+        incoming_log=dataset.read_events(parts, "incoming") if event_log.shared_id_space else None,
+        totals=dataset.manifest["counts"], partitions=dataset.partitions, share=(rank, world_size),
     )
 
 
@@ -167,7 +187,7 @@ def prepare_from_event_log(event_log: EventLog, config: DataConfig) -> PreparedD
     features = None
     if config.target_features_path is not None:
         features = load_target_features(config, event_log.target_ids, resolve_data_path(config.target_features_path))
-    return PreparedData(event_log, seqs, split, stats, features)
+    return PreparedData(event_log, seqs, split, stats, features, partitions=config.partitions)
 
 
 def main(argv: list[str] | None = None) -> int:

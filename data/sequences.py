@@ -99,6 +99,16 @@ class Queries:
     def __len__(self) -> int:
         return len(self.position)
 
+    def subset(self, keep: np.ndarray) -> Queries:
+        """The queries `keep` selects (a bool mask or indices), in their order."""
+        def pick(values: np.ndarray | None) -> np.ndarray | None:
+            return None if values is None else values[keep]
+
+        return Queries(
+            sequence=self.sequence[keep], position=self.position[keep], history_start=self.history_start[keep],
+            next_action=pick(self.next_action), next_timestamp=pick(self.next_timestamp),
+        )
+
 
 @dataclass(frozen=True)
 class Split:

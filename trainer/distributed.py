@@ -81,6 +81,21 @@ class Distributed:
         if self.enabled:
             torch_dist.barrier()
 
+    def gather_varying(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` concatenated along dim 0 in rank order, on every rank,
+        when the ranks hold different numbers of rows (no gradient)."""
+        if self.world_size == 1:
+            return tensor
+        tensor = tensor.detach().contiguous()
+        sizes = torch.zeros(self.world_size, dtype=torch.int64)
+        sizes[self.rank] = tensor.shape[0]
+        torch_dist.all_reduce(sizes)
+        padded = torch.zeros((int(sizes.max()), *tensor.shape[1:]), dtype=tensor.dtype)
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        torch_dist.all_gather(parts, padded)
+        return torch.cat([part[: int(size)] for part, size in zip(parts, sizes)])
+
     def gather_objects(self, value: object) -> list:
         """Every rank's `value` (picklable, small), in rank order, on every rank. The
         values come from this job's own ranks, never from a file."""

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -25,14 +26,16 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from configs.loading import config_to_dict
 from configs.schema import ExperimentConfig, OptimConfig
 from data.batches import BatchBuilder
-from data.loader import TrainLoader
+from data.loader import Share, TrainLoader
 from data.prepare import PreparedData
+from data.sequences import Queries
+from data.readers import DataError
 from models.embeddings import VocabularySizes
 from models.retrieval import TwoTowerRetrieval
 from models.samplers import identity_gather
 from trainer.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from trainer.distributed import Distributed, owned_candidates, shard_model
-from trainer.evaluation import METRIC_NAMES, full_ranking_ranks, metrics_from_ranks
+from trainer.evaluation import METRIC_NAMES, SeenTargets, full_ranking_ranks, metrics_from_ranks
 from trainer.metrics import MetricsLogger
 from trainer.results import evaluation_queries, seen_targets
 from trainer.scoring import ModelScorer
@@ -181,9 +184,26 @@ class Trainer:
             prepared.seqs, queries, config.history_window, prepared.stats.active_pool, config.loader.num_rand_negs,
             **incoming_inputs(config, prepared, "train"),
         )
+        # This rank's share: the examples of its partitions' actors (all of them when the
+        # data was read for this rank alone). Every rank runs as many steps as the
+        # smallest share fills (data/loader.py).
+        rows = np.flatnonzero(prepared.sequences_of_rank(dist.rank, dist.world_size)[queries.sequence])
+        batch_size, shares = config.loader.batch_size, dist.gather_objects(len(rows))
+        if sum(shares) == 0:
+            raise DataError(
+                "no training examples: no actor has an event with loader.min_history earlier events "
+                "left after the validation and test events are held out; the log is too small"
+            )
+        if min(shares) < batch_size:
+            where = f" in the smallest of the {len(shares)} ranks' shares" if len(shares) > 1 else ""
+            raise DataError(
+                f"{min(shares)} training examples{where} cannot fill one global batch of {batch_size} x "
+                f"{len(shares)} ranks; lower loader.batch_size"
+            )
+        steps_per_epoch = min(count // batch_size for count in shares)
         self.loader = TrainLoader(
-            builder, batch_size=config.loader.batch_size, seed=config.seed, rank=dist.rank,
-            world_size=dist.world_size, num_workers=config.loader.num_workers,
+            builder, batch_size=batch_size, seed=config.seed, shares=[Share(dist.rank, rows)],
+            steps_per_epoch=steps_per_epoch, num_workers=config.loader.num_workers,
         )
         epoch_steps = self.loader.steps_per_epoch
         self.total_steps = int(math.ceil(config.train.max_epochs * epoch_steps))
@@ -250,29 +270,55 @@ class Trainer:
         return {}
 
     def evaluate(self, split: str) -> dict[str, float]:
-        prepared, config = self.prepared, self.config
-        queries = evaluation_queries(prepared, split, config.eval)
+        prepared, config, dist = self.prepared, self.config, self.dist
+        queries = self._queries_of_rank(split)
+        split_over_ranks = dist.world_size > 1
         self.model.eval()
         try:
-            # On several ranks each scores the candidates whose rows it holds; counts are summed.
-            candidates = owned_candidates(self.model, prepared.stats.candidates, self.dist)
+            # On several ranks each encodes its own actors' queries, every rank scores every
+            # query against the candidates whose rows it holds, and the counts are summed.
+            candidates = owned_candidates(self.model, prepared.stats.candidates, dist)
             scorer = ModelScorer(
                 self.model, prepared.seqs, queries, config.history_window, candidates,
-                dist=self.dist, **incoming_inputs(config, prepared, split),
+                dist=dist, queries_split_over_ranks=split_over_ranks, query_chunk_size=config.eval.query_chunk_size,
+                **incoming_inputs(config, prepared, split),
             )
+            true_targets = prepared.seqs.targets[queries.position]
+            seen = seen_targets(prepared, queries) if config.eval.exclude_seen else None
+            if split_over_ranks:
+                true_targets = scorer.gathered(true_targets)
+                if seen is not None:
+                    seen = SeenTargets(*scorer.gathered_jagged(np.diff(seen.offsets), seen.targets))
             ranks = full_ranking_ranks(
                 scorer,
-                prepared.seqs.targets[queries.position],
+                true_targets,
                 candidates,
                 query_chunk_size=config.eval.query_chunk_size,
                 candidate_chunk_size=config.eval.candidate_chunk_size,
-                seen=seen_targets(prepared, queries) if config.eval.exclude_seen else None,
-                count_sum=self.dist.sum if self.dist.world_size > 1 else None,
-                score_max=self.dist.max if self.dist.world_size > 1 else None,
+                seen=seen,
+                count_sum=dist.sum if split_over_ranks else None,
+                score_max=dist.max if split_over_ranks else None,
             )
         finally:
             self.model.train()
         return metrics_from_ranks(ranks)
+
+    def _queries_of_rank(self, split: str) -> Queries:
+        """The split's queries about this rank's actors; with `eval.max_queries`, of the
+        same sample of actors one process draws from all of them."""
+        prepared, dist = self.prepared, self.dist
+        max_queries = self.config.eval.max_queries
+        if prepared.share[1] == 1 or not max_queries:
+            queries = evaluation_queries(prepared, split, self.config.eval)
+            return queries.subset(prepared.sequences_of_rank(dist.rank, dist.world_size)[queries.sequence])
+        # A share knows only its own evaluated actors: the sample is drawn over everyone's.
+        queries = prepared.split.queries(prepared.seqs, split)
+        actors = prepared.seqs.actor[queries.sequence]
+        everyone = np.sort(dist.gather_varying(torch.from_numpy(actors)).numpy())
+        if max_queries < len(everyone):
+            chosen = np.random.default_rng(0).choice(len(everyone), size=max_queries, replace=False)
+            everyone = everyone[np.sort(chosen)]
+        return queries.subset(np.isin(actors, everyone))
 
     def train(self) -> TrainSummary:
         config = self.config

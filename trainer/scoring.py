@@ -28,11 +28,45 @@ from models.retrieval import QueryEncoding, TwoTowerRetrieval
 
 @dataclass
 class _QueryChunk:
-    encoding: QueryEncoding
-    bonus: ColumnPairs | None
-    """The repeat bonus of each (query, history target) pair, located in the candidates."""
     query_over_tau_BD: torch.Tensor
     """Query vectors / tau: the [Q, D] side scaled once, not every [Q, C] chunk of scores."""
+    pairs: _BonusPairs | None
+    """Each (query, contact) pair's repeat bonus; rows count from the chunk's first query."""
+    bonus: ColumnPairs | None
+    """The same pairs located in the candidates."""
+
+
+@dataclass
+class _BonusPairs:
+    """(row, target, bonus) of query-contact pairs, sorted by key = row * V + target."""
+
+    row_U: torch.Tensor
+    target_U: torch.Tensor
+    bonus_U: torch.Tensor
+    num_targets: int
+
+    @property
+    def key_U(self) -> torch.Tensor:
+        return self.row_U * self.num_targets + self.target_U
+
+    def sorted(self) -> _BonusPairs:
+        order = torch.argsort(self.key_U, stable=True)
+        return _BonusPairs(self.row_U[order], self.target_U[order], self.bonus_U[order], self.num_targets)
+
+    def rows_in(self, start: int, stop: int) -> _BonusPairs:
+        """The pairs of rows start..stop-1, their rows counted from `start`."""
+        bounds = torch.searchsorted(self.row_U, torch.tensor([start, stop], dtype=self.row_U.dtype))
+        lo, hi = int(bounds[0]), int(bounds[1])
+        return _BonusPairs(self.row_U[lo:hi] - start, self.target_U[lo:hi], self.bonus_U[lo:hi], self.num_targets)
+
+    def bonus_of(self, targets_Q: torch.Tensor) -> torch.Tensor:
+        """[Q] the bonus of row q's pair with targets_Q[q], 0 where it has none."""
+        key_U = self.key_U
+        if key_U.numel() == 0:
+            return torch.zeros(len(targets_Q), dtype=self.bonus_U.dtype)
+        key_Q = torch.arange(len(targets_Q)) * self.num_targets + targets_Q
+        index = torch.searchsorted(key_U, key_Q).clamp(max=key_U.numel() - 1)
+        return torch.where(key_U[index] == key_Q, self.bonus_U[index], 0.0)
 
 
 class ModelScorer:
@@ -48,18 +82,28 @@ class ModelScorer:
         incoming: Incoming | None = None,
         incoming_window: int = 0,
         dist: Distributed = Distributed(),
+        queries_split_over_ranks: bool = False,
+        query_chunk_size: int = 1024,
     ) -> None:
         """`candidate_ids`: the candidates this scorer scores (on several ranks, the ones
         this rank owns); their vectors are computed once, `vector_chunk_size` per table
         lookup (a collective call on several ranks, so few and large). `incoming`: the
         incoming events the queries may read (their last `incoming_window` before each
-        query's time go to the repeat re-scorer)."""
+        query's time go to the repeat re-scorer).
+
+        `queries_split_over_ranks`: each rank passes only its own actors' queries (its
+        share of the log); each encodes its own, `query_chunk_size` at a time, and every
+        rank then holds every query's vector and bonuses, gathered and put in actor order
+        (what one process holding every query has): `true_targets` and `seen` give the
+        gathered queries' targets and past targets. Otherwise every rank passes the same
+        queries and each query chunk is encoded when the evaluation asks for it."""
         self.model = model
         self.temperature = model.loss_config.temperature
         self.builder = BatchBuilder(
             seqs, queries, max_len, active_pool=np.zeros(1, dtype=np.int64),
             incoming=incoming, incoming_window=incoming_window,
         )
+        self.num_targets = seqs.num_targets
         self.candidate_ids = torch.from_numpy(np.sort(np.asarray(candidate_ids, dtype=np.int64)))
         # Table lookups are collective on several ranks: every rank makes as many calls.
         chunk_size = vector_chunk_size
@@ -72,6 +116,100 @@ class ModelScorer:
             ]
         dim = model.model_config.embedding_dim
         self.candidate_vectors = torch.cat(vectors) if vectors else torch.zeros(0, dim)
+        self.dist = dist
+        self.all_queries: _QueryChunk | None = None
+        if queries_split_over_ranks:
+            self.all_queries = self._encode_and_gather(seqs, queries, query_chunk_size, dist)
+
+    @torch.no_grad()
+    def _encode(self, rows: np.ndarray) -> tuple[torch.Tensor, _BonusPairs | None]:
+        """Query vectors / tau and bonus pairs (sorted by key) of queries `rows`."""
+        batch = self.builder.build(rows)
+        encoding = self.model.encode_queries(
+            batch.query_values("actor"),
+            batch.query_values("next_action"),
+            batch.history,
+            batch.query_values("next_timestamp"),
+            batch.incoming,
+        )
+        pairs = None
+        if encoding.history is not None:
+            items = encoding.history  # sorted by row * V + target already
+            pairs = _BonusPairs(items.row_U, items.target_U, encoding.bonus_U, items.num_targets)
+        return encoding.query_BD / self.temperature, pairs
+
+    def _encode_and_gather(self, seqs: Sequences, queries: Queries, chunk: int, dist: Distributed) -> _QueryChunk:
+        """Encode this rank's queries (as many collective chunks as the rank with the most;
+        a rank out of queries encodes a stand-in row and drops it), gather every rank's,
+        and order them by actor, as one process holding every query orders them."""
+        local = len(queries)
+        num_chunks = int(dist.max(torch.tensor(-(-local // chunk))))
+        vectors, pairs = [], []
+        for i in range(num_chunks):
+            rows = np.arange(i * chunk, min((i + 1) * chunk, local))
+            if len(rows) == 0:  # TorchRec's lookups refuse an empty batch
+                self._encode(np.zeros(1, dtype=np.int64)) if local else self._encode_stand_in(seqs)
+                continue
+            vector, pair = self._encode(rows)
+            vectors.append(vector)
+            if pair is not None:
+                pairs.append(_BonusPairs(pair.row_U + int(rows[0]), pair.target_U, pair.bonus_U, self.num_targets))
+        dim = self.model.model_config.embedding_dim
+        local_QD = torch.cat(vectors) if vectors else torch.zeros(0, dim)
+        actor_Q = torch.from_numpy(seqs.actor[queries.sequence])
+        sizes = dist.gather_objects(local)
+        offset = sum(sizes[: dist.rank])
+        all_actor_Q = dist.gather_varying(actor_Q)
+        order = torch.argsort(all_actor_Q, stable=True)
+        position = torch.empty_like(order)
+        position[order] = torch.arange(len(order))
+        gathered_QD = dist.gather_varying(local_QD)[order]
+        self.order = order.numpy()
+        gathered_pairs = None
+        if self.model.repeat is not None:
+            row_U = torch.cat([p.row_U for p in pairs]) if pairs else torch.zeros(0, dtype=torch.int64)
+            target_U = torch.cat([p.target_U for p in pairs]) if pairs else torch.zeros(0, dtype=torch.int64)
+            bonus_U = torch.cat([p.bonus_U for p in pairs]) if pairs else torch.zeros(0)
+            row_U = position[dist.gather_varying(row_U + offset)]
+            gathered_pairs = _BonusPairs(
+                row_U, dist.gather_varying(target_U), dist.gather_varying(bonus_U), self.num_targets
+            ).sorted()
+        return _QueryChunk(gathered_QD, gathered_pairs, None)
+
+    def _encode_stand_in(self, seqs: Sequences) -> None:
+        """A rank holding no query still joins the collective lookups: one row of its
+        longest sequence, encoded and dropped."""
+        longest = int(np.argmax(seqs.lengths))
+        start = int(seqs.offsets[longest])
+        stand_in = Queries(
+            sequence=np.array([longest]), position=np.array([start + int(seqs.lengths[longest]) - 1]),
+            history_start=np.array([start]),
+        )
+        builder, self.builder = self.builder, BatchBuilder(
+            seqs, stand_in, self.builder.max_len, active_pool=np.zeros(1, dtype=np.int64),
+            incoming=self.builder.incoming, incoming_window=self.builder.incoming_window,
+        )
+        try:
+            self._encode(np.zeros(1, dtype=np.int64))
+        finally:
+            self.builder = builder
+
+    def gathered_jagged(self, lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-query lists of this rank's queries (`lengths`, flat `values`), gathered and
+        put in the scorer's query order: (offsets [Q + 1], flat values)."""
+        all_lengths = self.dist.gather_varying(torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64))).numpy()
+        all_values = self.dist.gather_varying(torch.from_numpy(np.ascontiguousarray(values))).numpy()
+        starts = np.r_[0, np.cumsum(all_lengths)][:-1]
+        lengths_out = all_lengths[self.order]
+        offsets = np.r_[0, np.cumsum(lengths_out)].astype(np.int64)
+        flat = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths_out) + np.repeat(starts[self.order], lengths_out)
+        return offsets, all_values[flat]
+
+    def gathered(self, local: np.ndarray) -> np.ndarray:
+        """A per-query array of this rank's queries, gathered from every rank and put in
+        the scorer's query order (queries split over ranks only)."""
+        values = self.dist.gather_varying(torch.from_numpy(np.ascontiguousarray(local)))
+        return values[torch.from_numpy(self.order)].numpy()
 
     def _run_start(self, ids: torch.Tensor) -> int | None:
         """Where `ids` starts among the scorer's sorted candidates, when it is a contiguous
@@ -84,19 +222,16 @@ class ModelScorer:
 
     @torch.no_grad()
     def query_state(self, rows: slice) -> _QueryChunk:
-        batch = self.builder.build(np.arange(rows.start, rows.stop))
-        encoding = self.model.encode_queries(
-            batch.query_values("actor"),
-            batch.query_values("next_action"),
-            batch.history,
-            batch.query_values("next_timestamp"),
-            batch.incoming,
-        )
+        if self.all_queries is not None:
+            query_over_tau_BD = self.all_queries.query_over_tau_BD[rows]
+            pairs = self.all_queries.pairs
+            pairs = pairs.rows_in(rows.start, rows.stop) if pairs is not None else None
+        else:
+            query_over_tau_BD, pairs = self._encode(np.arange(rows.start, rows.stop))
         bonus = None
-        if encoding.history is not None:
-            items = encoding.history
-            bonus = ColumnPairs.locate(self.candidate_ids, items.row_U, items.target_U, encoding.bonus_U)
-        return _QueryChunk(encoding, bonus, encoding.query_BD / self.temperature)
+        if pairs is not None:
+            bonus = ColumnPairs.locate(self.candidate_ids, pairs.row_U, pairs.target_U, pairs.bonus_U)
+        return _QueryChunk(query_over_tau_BD, pairs, bonus)
 
     @torch.no_grad()
     def score(self, state: _QueryChunk, candidate_ids: torch.Tensor) -> torch.Tensor:
@@ -113,19 +248,17 @@ class ModelScorer:
         if start is not None:
             rows, columns, bonus = state.bonus.in_range(start, start + len(candidate_ids))
         else:
-            items = state.encoding.history
-            located = ColumnPairs.locate(candidate_ids, items.row_U, items.target_U, state.encoding.bonus_U)
+            pairs = state.pairs
+            located = ColumnPairs.locate(candidate_ids, pairs.row_U, pairs.target_U, pairs.bonus_U)
             rows, columns, bonus = located.rows, located.columns, located.values
         # In place: scores_QC is this call's own matmul output (a copy would be one more [Q, C] pass).
         return scores_QC.index_put_((rows, columns), bonus, accumulate=True)
 
     @torch.no_grad()
     def score_pairs(self, state: _QueryChunk, target_ids: torch.Tensor) -> torch.Tensor:
-        encoding = state.encoding
         # Only for true targets that are no candidate (the evaluation reads the others from
         # its score chunks); looked up collectively, as such a target is held by no rank.
         scores_Q = (state.query_over_tau_BD * self.model.candidate_vectors(target_ids)).sum(-1)
-        if encoding.history is not None:
-            index, found = encoding.history.find(torch.arange(len(target_ids)), target_ids)
-            scores_Q = scores_Q + torch.where(found, encoding.bonus_U[index], 0.0)
+        if state.pairs is not None:
+            scores_Q = scores_Q + state.pairs.bonus_of(target_ids)
         return scores_Q

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from data.batches import BatchBuilder
-from data.loader import TrainLoader
+from data.loader import Share, TrainLoader
 from data.sequences import Queries, Sequences
 
 
@@ -32,15 +32,32 @@ def _take(loader: TrainLoader, steps: int) -> list:
     return [(b.target.tolist(), b.random_negatives.tolist()) for b in itertools.islice(iter(loader), steps)]
 
 
-def test_ranks_get_disjoint_shares_covering_each_global_batch():
-    builder = _builder()
-    steps = 4  # 40 examples / (5 x 2 ranks)
-    per_rank = [_take(TrainLoader(builder, batch_size=5, seed=3, rank=r, world_size=2), steps) for r in (0, 1)]
-    for step in range(steps):
-        a, b = set(per_rank[0][step][0]), set(per_rank[1][step][0])
-        assert not a & b
-    seen = [t for r in per_rank for targets, _ in r for t in targets]
-    assert sorted(seen) == list(range(1, 41))  # one epoch covers every example once
+def _shares(sizes: list[int]) -> list[Share]:
+    """Consecutive example ranges of these sizes, one share a rank."""
+    bounds = np.r_[0, np.cumsum(sizes)]
+    return [Share(rank, np.arange(bounds[rank], bounds[rank + 1])) for rank in range(len(sizes))]
+
+
+def test_each_rank_draws_only_from_its_share_and_every_rank_runs_the_same_steps():
+    builder, shares = _builder(), _shares([23, 17])  # uneven: 17 // 5 = 3 steps for both
+    per_rank = [_take(TrainLoader(builder, batch_size=5, seed=3, shares=[s], steps_per_epoch=3), 3 * 4) for s in shares]
+    for share, batches in zip(shares, per_rank):
+        for epoch in range(4):
+            targets = [t for step in batches[epoch * 3 : epoch * 3 + 3] for t in step[0]]
+            assert len(targets) == len(set(targets)) == 15  # no example twice in an epoch
+            assert set(targets) <= set((share.rows + 1).tolist())  # target of example i is i + 1
+    # The larger share sits out a different 8 of its 23 examples each epoch, none always.
+    left_out = [set(range(1, 24)) - {t for step in per_rank[0][e * 3 : e * 3 + 3] for t in step[0]} for e in range(4)]
+    assert len({frozenset(s) for s in left_out}) == 4 and not set.intersection(*left_out)
+
+
+def test_one_process_holding_every_share_builds_the_concatenated_global_batches():
+    builder, shares = _builder(), _shares([23, 17])
+    per_rank = [_take(TrainLoader(builder, batch_size=5, seed=3, shares=[s], steps_per_epoch=3), 6) for s in shares]
+    together = _take(TrainLoader(builder, batch_size=5, seed=3, shares=shares), 6)
+    for step in range(6):
+        assert together[step][0] == per_rank[0][step][0] + per_rank[1][step][0]
+        assert together[step][1] == per_rank[0][step][1] + per_rank[1][step][1]  # random negatives too
 
 
 def test_same_seed_same_batches_and_epochs_reshuffle():
@@ -74,6 +91,6 @@ def test_workers_build_the_same_batches():
 def test_too_few_examples_for_one_batch_is_a_clear_error():
     import pytest
 
-    with pytest.raises(ValueError, match="cannot fill one global batch"):
+    with pytest.raises(ValueError, match="cannot fill one batch"):
         TrainLoader(_builder(4), batch_size=8, seed=0)
     assert torch.tensor(1)  # keep torch imported for the workers test above

@@ -16,7 +16,9 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 
 from configs.loading import load_config
 from data.batches import BatchBuilder
-from data.prepare import prepare
+from data.dataset import PreparedDataset, ensure_prepared
+from data.loader import Share, TrainLoader
+from data.prepare import prepare, prepare_from_dataset, resolve_data_path
 from trainer.checkpoint import complete_checkpoints
 from trainer.distributed import (
     close_distributed,
@@ -116,12 +118,25 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_whole_batch
         assert not torch.equal(got["tables"][key], state[key])  # the step moved the table
 
 
-def _training_worker(rank, port, out, state, steps, world):
+def _share(config, dataset_dir: Path, rank: int, world: int):
+    """This rank's share of the prepared dataset, as the trainer reads it (data/dataset.py)."""
+    return prepare_from_dataset(PreparedDataset.open(dataset_dir), config.data, rank, world)
+
+
+def _training_worker(rank, port, out, state, steps, world, dataset_dir):
+    """2 ranks each read and train on their share; the 1-rank run reads the whole log and
+    holds both shares, so its global batches are the 2 ranks' (data/loader.py)."""
     _join(rank, port, world)
-    config = _config(**{"train.max_steps": steps, "loader.batch_size": WORLD * BATCH // world})
-    prepared = prepare(config.data)
+    config = _config(**{"train.max_steps": steps, "loader.batch_size": BATCH})
+    prepared = _share(config, dataset_dir, rank, world)
     dist = init_distributed(config.distributed)
     trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False), dist)
+    if world == 1:
+        builder = trainer.loader.builder
+        shares = [
+            Share(r, np.flatnonzero(prepared.sequences_of_rank(r, WORLD)[builder.queries.sequence])) for r in range(WORLD)
+        ]
+        trainer.loader = TrainLoader(builder, batch_size=BATCH, seed=config.seed, shares=shares)
     load_unsharded_state(trainer.model, state)
     summary = trainer.train()
     final = unsharded_state_dict(trainer.model, dist)
@@ -136,9 +151,11 @@ def test_training_steps_on_two_ranks_match_one_process_with_the_global_batch(tmp
     # Adagrad (the unsharded path runs TorchRec's Python version, whose arithmetic differs).
     steps = 3
     config = _config(**{"train.max_steps": steps})
+    dataset_dir = tmp_path / "prepared"
+    ensure_prepared(config.data, dataset_dir, resolve_data_path(config.data.path))
     initial = Trainer(config, prepare(config.data), MetricsLogger(None, enabled=False)).model.state_dict()
-    _spawn(_training_worker, tmp_path / "one.pt", initial, steps, 1, world=1)
-    _spawn(_training_worker, tmp_path / "two.pt", initial, steps, WORLD)
+    _spawn(_training_worker, tmp_path / "one.pt", initial, steps, 1, dataset_dir, world=1)
+    _spawn(_training_worker, tmp_path / "two.pt", initial, steps, WORLD, dataset_dir)
     one, two = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("one", "two"))
     moved = 0
     for name, value in one["state"].items():
@@ -154,19 +171,21 @@ def _single_process_trainer():
     return Trainer(config, prepared, MetricsLogger(None, enabled=False)), prepared
 
 
-def _sharded_trainer(rank, port, state):
-    """This rank's trainer of the smoke config, its tables sharded and set to `state`."""
+def _sharded_trainer(rank, port, state, dataset_dir=None):
+    """This rank's trainer of the smoke config, its tables sharded and set to `state`; on
+    its share of the prepared dataset in `dataset_dir`, else on the whole log."""
     _join(rank, port)
     config = _config()
-    prepared = prepare(config.data)
+    prepared = _share(config, dataset_dir, rank, WORLD) if dataset_dir is not None else prepare(config.data)
     dist = init_distributed(config.distributed)
     trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False), dist)
     load_unsharded_state(trainer.model, state)
     return trainer, prepared, dist
 
 
-def _evaluation_worker(rank, port, out, state):
-    trainer, prepared, dist = _sharded_trainer(rank, port, state)
+def _evaluation_worker(rank, port, out, state, dataset_dir, overrides):
+    trainer, prepared, dist = _sharded_trainer(rank, port, state, dataset_dir)
+    trainer.config = dataclasses.replace(trainer.config, eval=dataclasses.replace(trainer.config.eval, **overrides))
     valid = trainer.evaluate("valid")
     owned = len(owned_candidates(trainer.model, prepared.stats.candidates, dist))
     owned_total = int(dist.sum(torch.tensor(owned)))
@@ -176,12 +195,22 @@ def _evaluation_worker(rank, port, out, state):
 
 
 @pytest.mark.slow
-def test_evaluation_over_a_sharded_vocabulary_equals_the_single_process_one(tmp_path):
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"exclude_seen": True, "query_chunk_size": 100, "max_queries": 300}, {"max_queries": 1}],
+    ids=["every-query", "exclude-seen-sampled", "one-rank-without-queries"],
+)
+def test_evaluation_over_shares_and_a_sharded_vocabulary_equals_the_single_process_one(tmp_path, overrides):
+    """Each rank reads its share of the actors and encodes only their queries; the query
+    vectors are gathered and every rank scores its candidates for all of them."""
     trainer, prepared = _single_process_trainer()
+    trainer.config = dataclasses.replace(trainer.config, eval=dataclasses.replace(trainer.config.eval, **overrides))
     state = trainer.model.state_dict()
     expected = trainer.evaluate("valid")
+    dataset_dir = tmp_path / "prepared"
+    ensure_prepared(trainer.config.data, dataset_dir, resolve_data_path(trainer.config.data.path))
 
-    _spawn(_evaluation_worker, tmp_path / "rank0.pt", state)
+    _spawn(_evaluation_worker, tmp_path / "rank0.pt", state, dataset_dir, overrides)
     got = torch.load(tmp_path / "rank0.pt", weights_only=True)
     # Each candidate is scored by exactly one rank, and rank 0 holds only its share.
     assert got["owned_total"] == len(prepared.stats.candidates)
