@@ -28,7 +28,6 @@ from configs.schema import ExperimentConfig, OptimConfig
 from data.batches import BatchBuilder
 from data.loader import Share, TrainLoader
 from data.prepare import PreparedData
-from data.sequences import Queries
 from data.readers import DataError
 from models.embeddings import VocabularySizes
 from models.retrieval import TwoTowerRetrieval
@@ -37,7 +36,7 @@ from trainer.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from trainer.distributed import Distributed, owned_candidates, shard_model
 from trainer.evaluation import METRIC_NAMES, SeenTargets, full_ranking_ranks, metrics_from_ranks
 from trainer.metrics import MetricsLogger
-from trainer.results import evaluation_queries, seen_targets
+from trainer.results import rank_queries, seen_targets
 from trainer.scoring import ModelScorer
 
 log = logging.getLogger(__name__)
@@ -271,7 +270,7 @@ class Trainer:
 
     def evaluate(self, split: str) -> dict[str, float]:
         prepared, config, dist = self.prepared, self.config, self.dist
-        queries = self._queries_of_rank(split)
+        queries = rank_queries(prepared, split, config.eval, dist)
         split_over_ranks = dist.world_size > 1
         self.model.eval()
         try:
@@ -302,23 +301,6 @@ class Trainer:
         finally:
             self.model.train()
         return metrics_from_ranks(ranks)
-
-    def _queries_of_rank(self, split: str) -> Queries:
-        """The split's queries about this rank's actors; with `eval.max_queries`, of the
-        same sample of actors one process draws from all of them."""
-        prepared, dist = self.prepared, self.dist
-        max_queries = self.config.eval.max_queries
-        if prepared.share[1] == 1 or not max_queries:
-            queries = evaluation_queries(prepared, split, self.config.eval)
-            return queries.subset(prepared.sequences_of_rank(dist.rank, dist.world_size)[queries.sequence])
-        # A share knows only its own evaluated actors: the sample is drawn over everyone's.
-        queries = prepared.split.queries(prepared.seqs, split)
-        actors = prepared.seqs.actor[queries.sequence]
-        everyone = np.sort(dist.gather_varying(torch.from_numpy(actors)).numpy())
-        if max_queries < len(everyone):
-            chosen = np.random.default_rng(0).choice(len(everyone), size=max_queries, replace=False)
-            everyone = everyone[np.sort(chosen)]
-        return queries.subset(np.isin(actors, everyone))
 
     def train(self) -> TrainSummary:
         config = self.config

@@ -52,7 +52,7 @@ from trainer.loop import NonFiniteTrainingError, Trainer
 from trainer.metrics import MetricsLogger
 from trainer.export import export_model
 from trainer.run_directory import RunLock, check_fresh_start, config_difference, open_run_directory
-from trainer.results import baseline_results, evaluation_queries, markdown_table, write_results
+from trainer.results import baseline_results, markdown_table, write_results
 
 log = logging.getLogger("trainer")
 OWN_PACKAGES = ("trainer", "data", "models", "configs", "bench", "launch")
@@ -138,19 +138,20 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
     start = time.perf_counter()
-    # Rank 0 prepares the dataset if it is missing or stale; then every rank reads it.
+    # Rank 0 prepares the dataset if it is missing or stale; then every rank reads its share
+    # of it (its partitions' actors, the events that reached them, the global statistics).
     directory = prepared_directory(config.data, config.output_dir, config.name)
     source = resolve_data_path(config.data.path)
     _on_rank_zero(dist, lambda: ensure_prepared(config.data, directory, source))
-    prepared = prepare_from_dataset(PreparedDataset.open(directory), config.data)
+    prepared = prepare_from_dataset(PreparedDataset.open(directory), config.data, dist.rank, dist.world_size)
     summary = prepared.summary()
     if summary["evaluated_actors"] == 0:
         raise DataError(
             f"{summary['source']}: no evaluated actors: the protocol holds out each actor's last two events, so it "
             f"needs actors with at least 3 events, and no actor of these {summary['events']:,} events has that"
         )
-    sampled = len(evaluation_queries(prepared, "test", config.eval))  # eval.max_queries may sample the actors
-    if sampled < summary["evaluated_actors"]:
+    sampled = min(config.eval.max_queries or summary["evaluated_actors"], summary["evaluated_actors"])
+    if sampled < summary["evaluated_actors"]:  # eval.max_queries samples the actors
         summary["evaluable_actors"], summary["evaluated_actors"] = summary["evaluated_actors"], sampled
     log.info(
         "data: %s events, %s actors, %s targets, %s evaluated actors, %s candidates (%.1fs)",
@@ -168,6 +169,8 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
         test = trainer.test()
         export_model(trainer.model, run_dir, dist)
         resources = rank_resources(trainer.model, dist)
+        # Every rank ranks its own actors' queries for the baselines too.
+        baseline = baseline_results(prepared, config.baselines, config.eval, dist=dist)
         if not dist.is_main:
             return {}
         metrics.log({f"test/{k}": v for k, v in test.items()}, trainer.step)
@@ -175,7 +178,6 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
     finally:
         trainer.close()
 
-    baseline = baseline_results(prepared, config.baselines, config.eval)
     baselines = baseline.metrics
     rows = {"model": test, **baselines["test"]}
     title = (

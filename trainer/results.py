@@ -12,6 +12,7 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
+import torch
 
 from configs.schema import BaselineConfig, EvalConfig
 from data.dataset import SPLIT_LABELS
@@ -20,6 +21,7 @@ from data.sequences import Queries
 from models.baselines import (
     HALF_LIVES, IncomingEvents, MostPopularScorer, RecencyFrequencyScorer, TwoWayRecencyFrequencyScorer,
 )
+from trainer.distributed import Distributed
 from trainer.evaluation import METRIC_NAMES, SeenTargets, full_ranking_ranks, metrics_from_ranks
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,35 @@ log = logging.getLogger(__name__)
 def evaluation_queries(prepared: PreparedData, split: Literal["valid", "test"], eval_config: EvalConfig) -> Queries:
     """The split's queries, every evaluated actor or the configured sample of them."""
     return prepared.split.queries(prepared.seqs, split, eval_config.max_queries)
+
+
+def rank_queries(
+    prepared: PreparedData, split: Literal["valid", "test"], eval_config: EvalConfig, dist: Distributed = Distributed()
+) -> Queries:
+    """The split's queries about this rank's actors (every query on one process); with
+    `eval.max_queries`, of the same sample of actors one process draws from all of them."""
+    max_queries = eval_config.max_queries
+    if prepared.share[1] == 1 or not max_queries:
+        queries = evaluation_queries(prepared, split, eval_config)
+        return queries.subset(prepared.sequences_of_rank(dist.rank, dist.world_size)[queries.sequence])
+    # A share knows only its own evaluated actors: the sample is drawn over everyone's.
+    queries = prepared.split.queries(prepared.seqs, split)
+    actors = prepared.seqs.actor[queries.sequence]
+    everyone = np.sort(dist.gather_varying(torch.from_numpy(actors)).numpy())
+    if max_queries < len(everyone):
+        chosen = np.random.default_rng(0).choice(len(everyone), size=max_queries, replace=False)
+        everyone = everyone[np.sort(chosen)]
+    return queries.subset(np.isin(actors, everyone))
+
+
+def gathered_in_actor_order(prepared: PreparedData, queries: Queries, values: np.ndarray, dist: Distributed) -> np.ndarray:
+    """Per-query `values` of every rank's queries, in the order one process holding every
+    query has them (by actor): what makes a mean over them the same to the last bit."""
+    if dist.world_size == 1:
+        return values
+    actors = dist.gather_varying(torch.from_numpy(prepared.seqs.actor[queries.sequence]))
+    gathered = dist.gather_varying(torch.from_numpy(np.ascontiguousarray(values)))
+    return gathered[torch.argsort(actors, stable=True)].numpy()
 
 
 def seen_targets(prepared: PreparedData, queries: Queries) -> SeenTargets:
@@ -71,8 +102,11 @@ def half_life_label(half_life: float | str) -> str:
 
 
 def _ranking_metrics(
-    prepared: PreparedData, queries: Queries, scorer: object, eval_config: EvalConfig
+    prepared: PreparedData, queries: Queries, scorer: object, eval_config: EvalConfig, dist: Distributed
 ) -> dict[str, float]:
+    """Metrics of a baseline over every rank's queries: each rank ranks its own queries
+    (a baseline needs only the actor's own data and the global counts) among every
+    candidate, and the ranks are gathered."""
     seen = seen_targets(prepared, queries) if eval_config.exclude_seen else None
     ranks = full_ranking_ranks(
         scorer,
@@ -82,7 +116,7 @@ def _ranking_metrics(
         candidate_chunk_size=eval_config.candidate_chunk_size,
         seen=seen,
     )
-    return metrics_from_ranks(ranks)
+    return metrics_from_ranks(gathered_in_actor_order(prepared, queries, ranks, dist))
 
 
 def released_incoming(prepared: PreparedData, split: Literal["valid", "test"]) -> IncomingEvents:
@@ -137,20 +171,22 @@ def baseline_results(
     baselines: BaselineConfig,
     eval_config: EvalConfig,
     splits: tuple[Literal["valid", "test"], ...] = ("valid", "test"),
+    dist: Distributed = Distributed(),
 ) -> BaselineResults:
     """Most-popular and the recency-frequency rules on the splits asked for. With
     `baselines.recency_half_life_events: auto` each rule's half-life is the one of
     HALF_LIVES with the best validation NDCG@10 (the first, i.e. shortest, of equals), as
     ../shared/BENCHMARK.md says; the validation passes are computed once and give the
-    validation figures too. The choice is logged."""
-    queries = {split: evaluation_queries(prepared, split, eval_config) for split in ("valid", "test")}
+    validation figures too. The choice is logged. On several ranks every rank calls it,
+    each ranking its own actors' queries."""
+    queries = {split: rank_queries(prepared, split, eval_config, dist) for split in ("valid", "test")}
     fixed = baselines.recency_half_life_events
     half_lives = HALF_LIVES if fixed == "auto" else (float(fixed),)
     metrics: dict[str, dict[str, dict[str, float]]] = {split: {} for split in splits}
     for split in splits:
         counts = prepared.known_counts(split)
         metrics[split]["most_popular"] = _ranking_metrics(
-            prepared, queries[split], MostPopularScorer(counts), eval_config
+            prepared, queries[split], MostPopularScorer(counts), eval_config, dist
         )
     chosen: dict[str, dict] = {}
     valid_rules = _recency_scorers(prepared, "valid", queries["valid"])
@@ -159,7 +195,7 @@ def baseline_results(
         # A fixed half-life needs no validation pass unless validation figures are asked for
         # (one ranking of every candidate fewer where each costs minutes).
         ranked = half_lives if fixed == "auto" or "valid" in splits else ()
-        tried = {h: _ranking_metrics(prepared, queries["valid"], scorer_at(h), eval_config) for h in ranked}
+        tried = {h: _ranking_metrics(prepared, queries["valid"], scorer_at(h), eval_config, dist) for h in ranked}
         best = half_lives[0]
         if tried:
             # NaN (no query) never wins; the first (shortest) of equals does.
@@ -172,7 +208,9 @@ def baseline_results(
         if "valid" in splits:
             metrics["valid"][model] = tried[best]
         if "test" in splits:
-            metrics["test"][model] = _ranking_metrics(prepared, queries["test"], test_rules[model](best), eval_config)
+            metrics["test"][model] = _ranking_metrics(
+                prepared, queries["test"], test_rules[model](best), eval_config, dist
+            )
     results = BaselineResults(metrics=metrics, half_lives=chosen)
     log.info("baselines: %s", results.note())
     return results

@@ -31,6 +31,7 @@ from trainer.distributed import (
 from trainer.loop import Trainer, build_model, incoming_inputs
 from trainer.metrics import MetricsLogger
 from trainer.predict import top_k
+from trainer.results import baseline_results
 from trainer.scoring import ModelScorer
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
@@ -285,3 +286,28 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks_with_the_same_metrics(t
     written, read = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("written", "read"))
     assert read["valid"] == pytest.approx(written["valid"], abs=1e-9)
     assert read["step"] == 8
+
+
+def _baselines_worker(rank, port, out, dataset_dir):
+    _join(rank, port)
+    config = _config(**{"eval.exclude_seen": "true"})
+    prepared = _share(config, dataset_dir, rank, WORLD)
+    dist = init_distributed(config.distributed)
+    results = baseline_results(prepared, config.baselines, config.eval, dist=dist)
+    if rank == 0:
+        torch.save({"metrics": results.metrics, "half_lives": results.half_lives}, out)
+    close_distributed(dist)
+
+
+@pytest.mark.slow
+def test_baselines_over_shares_equal_the_single_process_ones(tmp_path):
+    """Each rank ranks its own actors' queries (its share's histories and incoming events,
+    the global counts); the gathered ranks give one process's figures exactly."""
+    config = _config(**{"eval.exclude_seen": "true"})
+    expected = baseline_results(prepare(config.data), config.baselines, config.eval)
+    dataset_dir = tmp_path / "prepared"
+    ensure_prepared(config.data, dataset_dir, resolve_data_path(config.data.path))
+    _spawn(_baselines_worker, tmp_path / "rank0.pt", dataset_dir)
+    got = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    assert got["metrics"] == expected.metrics and got["half_lives"] == expected.half_lives
+    assert set(got["metrics"]["test"]) == {"most_popular", "recency_frequency", "two_way_recency_frequency"}
