@@ -55,6 +55,7 @@ from trainer.distributed import Distributed
 log = logging.getLogger(__name__)
 
 PREFIX = "step-"
+BEST_PREFIX = "best-"
 MANIFEST = "manifest.json"
 CONFIG_FILE = "config.yaml"
 MANIFEST_FORMAT = "nextrec-checkpoint/1"
@@ -171,13 +172,15 @@ def _describe_files(paths: list[Path], dist: Distributed) -> dict[str, dict]:
     return described
 
 
-def _write_manifest(directory: Path, step: int, dist: Distributed) -> None:
-    """Hash every file of `directory` (read back from disk) and write the manifest last.
-    Collective."""
+def _write_manifest(directory: Path, step: int, dist: Distributed, best_step: int | None = None) -> None:
+    """Hash every file of `directory` (read back from disk) and write the manifest last;
+    `best_step`: the best-model checkpoint this one goes with. Collective."""
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
     described = _describe_files(files, dist)
     if dist.is_main:
         manifest = {"format": MANIFEST_FORMAT, "step": step, "files": described}
+        if best_step is not None:
+            manifest["best_step"] = best_step
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
@@ -213,7 +216,13 @@ def _verify(path: Path, dist: Distributed) -> str | None:
         elif _sha256(file) != expected.get("sha256"):
             mine.append(f"{file}: contents differ from the manifest (SHA-256)")
     found = [p for part in dist.gather_objects(mine) for p in part]
-    return problem or (found[0] if found else None)
+    problem = problem or (found[0] if found else None)
+    best_step = manifest.get("best_step") if problem is None else None
+    if best_step:  # a step checkpoint resumes only together with the best model it names
+        best = path.parent / best_name(best_step)
+        best_problem = _verify(best, dist) if best.is_dir() else f"{best}: missing"
+        problem = best_problem and f"its best model: {best_problem}"
+    return problem
 
 
 def verified_checkpoint(directory: Path, dist: Distributed) -> Path | None:
@@ -288,6 +297,11 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
+def best_name(step: int) -> str:
+    """The best model so far, written when validation improves at `step`."""
+    return f"{BEST_PREFIX}{step:08d}"
+
+
 def complete_checkpoints(directory: Path) -> list[Path]:
     """Checkpoint directories (`step-<number>`), oldest first; whether each is intact is
     `_verify`'s question."""
@@ -307,24 +321,72 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def save_checkpoint(
-    directory: Path, step: int, state: dict, dist: Distributed, keep: int, config: dict | None = None
+    directory: Path, step: int, state: dict, dist: Distributed, keep: int, config: dict | None = None,
+    best_step: int | None = None,
 ) -> Path:
     """Write `state` (a DCP state dict) and `config` (the run's config, as a dict) as
-    checkpoint `step`, its manifest last; keep the newest `keep`. Collective: every rank
+    checkpoint `step`, its manifest last (naming `best_step`, the best model it goes
+    with); keep the newest `keep`, and the best models they name. Collective: every rank
     calls it. Raises OSError (after leaving every complete checkpoint in place) when the
     write fails."""
-    final = directory / checkpoint_name(step)
+    final = _write_atomically(directory, checkpoint_name(step), step, state, dist, config, best_step)
+    if dist.is_main:
+        # The checkpoint just written (hashed from disk) is never deleted, so the last
+        # verified checkpoint survives even when newer-numbered directories are damaged.
+        for old in complete_checkpoints(directory)[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        _prune_best(directory, keep_also=best_step)
+        log.info("checkpoint: %s", final)
+    return final
+
+
+def save_best(directory: Path, step: int, model_state: dict, dist: Distributed) -> Path:
+    """Write the model as the best so far (`best-<step>`: DCP, atomic, with a manifest).
+    Kept while a step checkpoint names it, and the newest always. Collective."""
+    final = _write_atomically(directory, best_name(step), step, {"model": model_state}, dist)
+    if dist.is_main:
+        _prune_best(directory, keep_also=step)
+    return final
+
+
+def load_best(path: Path, model_state: dict, dist: Distributed) -> None:
+    """Read the best model of checkpoint `path` (`best-<step>`) into `model_state` in place."""
+    load_checkpoint(path, {"model": model_state}, dist)
+
+
+def _prune_best(directory: Path, keep_also: int | None) -> None:
+    """Remove the best models no step checkpoint names (rank 0). `keep_also`: the newest
+    best step, kept whatever the step checkpoints say."""
+    named = {keep_also}
+    for checkpoint in complete_checkpoints(directory):
+        try:
+            named.add(json.loads((checkpoint / MANIFEST).read_text()).get("best_step"))
+        except (OSError, ValueError):
+            continue  # a damaged checkpoint names nothing it could be resumed with
+    for best in directory.glob(f"{BEST_PREFIX}*"):
+        suffix = best.name[len(BEST_PREFIX):]
+        if best.is_dir() and suffix.isdigit() and int(suffix) not in named:
+            shutil.rmtree(best, ignore_errors=True)
+
+
+def _write_atomically(
+    directory: Path, name: str, step: int, state: dict, dist: Distributed, config: dict | None = None,
+    best_step: int | None = None,
+) -> Path:
+    final = directory / name
     if dist.is_main:
         directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob(f".{PREFIX}*.tmp"):  # left by a killed write
-            shutil.rmtree(stale, ignore_errors=True)
+        for prefix in (PREFIX, BEST_PREFIX):
+            for stale in directory.glob(f".{prefix}*.tmp"):  # left by a killed write
+                shutil.rmtree(stale, ignore_errors=True)
     try:
         with atomic_directory(final, dist) as tmp, _single_process_quiet():
             dcp.save(state, checkpoint_id=tmp, no_dist=not dist.enabled)
             if dist.is_main and config is not None:
                 (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
             dist.barrier()
-            _write_manifest(tmp, step, dist)
+            _write_manifest(tmp, step, dist, best_step)
     # DCP reports a failed write on any rank to every rank as a CheckpointException
     # (a BaseException, not an OSError); a single process may see the OSError itself.
     except (OSError, CheckpointException) as e:
@@ -334,13 +396,6 @@ def save_checkpoint(
             + (f"the previous checkpoint {previous} is intact, " if previous else "no earlier checkpoint exists, ")
             + "rerun with --resume once the cause is fixed"
         ) from e
-    if dist.is_main:
-        # The checkpoint just written (hashed from disk) is never deleted, so the last
-        # verified checkpoint survives even when newer-numbered directories are damaged.
-        for old in complete_checkpoints(directory)[:-keep]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-        log.info("checkpoint: %s", final)
     return final
 
 

@@ -32,7 +32,7 @@ from data.readers import DataError
 from models.embeddings import VocabularySizes
 from models.retrieval import TwoTowerRetrieval
 from models.samplers import identity_gather
-from trainer.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from trainer.checkpoint import best_name, load_best, load_checkpoint, read_metadata, save_best, save_checkpoint
 from trainer.distributed import Distributed, owned_candidates, shard_model
 from trainer.evaluation import METRIC_NAMES, SeenTargets, full_ranking_ranks, metrics_from_ranks
 from trainer.metrics import MetricsLogger
@@ -155,6 +155,10 @@ class Trainer:
         None writes none."""
         self.config, self.prepared, self.metrics, self.dist = config, prepared, metrics, dist
         self.checkpoint_dir = run_dir / "checkpoints" if run_dir is not None and config.train.keep_checkpoints else None
+        # The best model so far is a checkpoint of its own there (kept whatever
+        # keep_checkpoints says); without a run directory (tests, benchmarks) it is kept in
+        # memory instead.
+        self.best_dir = run_dir / "checkpoints" if run_dir is not None else None
         torch.manual_seed(config.seed)
         if config.train.num_threads:
             torch.set_num_threads(config.train.num_threads)
@@ -213,7 +217,8 @@ class Trainer:
         # Where training stands, all of it in the checkpoint (see state_dict).
         self.best_ndcg, self.best_step, self.evals_without_gain = -1.0, 0, 0
         self.best_valid: dict[str, float] = {}
-        self.best_state = copy.deepcopy(self.model.state_dict())
+        self.best_state: dict | None = None
+        self.best_path: Path | None = None  # the best model's checkpoint, once there is one
         self.nonfinite_steps, self.nonfinite_in_a_row = 0, 0
 
     def train_step(self, batch) -> dict[str, float]:
@@ -344,13 +349,13 @@ class Trainer:
                     if improved:
                         self.best_ndcg, self.best_step, self.best_valid = valid["ndcg@10"], self.step, valid
                         self.evals_without_gain = 0
-                        self.best_state = copy.deepcopy(self.model.state_dict())
+                        self._keep_best()
                     else:
                         self.evals_without_gain += 1
                     if self.checkpoint_dir is not None:
                         save_checkpoint(
                             self.checkpoint_dir, self.step, self.state_dict(), self.dist, config.train.keep_checkpoints,
-                            config=config_to_dict(config),
+                            config=config_to_dict(config), best_step=self.best_step if self.best_dir else None,
                         )
                     validation_seconds += time.perf_counter() - validation_start
                     # The throughput window leaves the validation (and checkpoint) out.
@@ -378,16 +383,16 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue as if uninterrupted, as a DCP state
-        dict: tables with their optimizer state, dense parameters and AdamW, the best
-        model so far, the step (which fixes the LR schedule and the curriculum, a model
-        buffer), the loader position, early-stopping counters and this rank's RNG."""
+        dict: tables with their optimizer state, dense parameters and AdamW, the step
+        (which fixes the LR schedule and the curriculum, a model buffer), the loader
+        position, early-stopping counters (and the best step, whose model is a checkpoint
+        of its own beside this one) and this rank's RNG."""
         progress = {
             "step": self.step, "best_step": self.best_step, "evals_without_gain": self.evals_without_gain,
             "loader_epoch": self.loader.epoch, "loader_step": self.loader.step,
         }
         state = {
             "model": self.model.state_dict(),
-            "best_model": self.best_state,
             # Optimizer state tensors only: the param groups (learning rates, betas) come
             # from the config, and DCP reads lists back unlike it writes them across
             # world sizes (measured: "missing key ... param_groups").
@@ -410,7 +415,6 @@ class Trainer:
             del state[rng_key]
         load_checkpoint(path, state, self.dist)
         self.model.load_state_dict(state["model"])
-        self.best_state = state["best_model"]
         groups = get_optimizer_state_dict(self.model, self.optimizer)["param_groups"]
         set_optimizer_state_dict(
             self.model, self.optimizer, optim_state_dict={"state": state["dense_optimizer"], "param_groups": groups}
@@ -421,6 +425,8 @@ class Trainer:
             optimizer.load_state_dict(current)
         progress = {k: int(v) for k, v in state["progress"].items()}
         self.step, self.best_step = progress["step"], progress["best_step"]
+        # The best model lies beside the checkpoint that names it.
+        self.best_path = path.parent / best_name(self.best_step) if self.best_step else None
         self.evals_without_gain = progress["evals_without_gain"]
         self.loader.load_state_dict({"epoch": progress["loader_epoch"], "step": progress["loader_step"]})
         self.best_ndcg = float(state["best_ndcg"])
@@ -430,9 +436,26 @@ class Trainer:
             torch.set_rng_state(state[rng_key])
         log.info("resumed from %s at step %d", path, self.step)
 
+    def _keep_best(self) -> None:
+        """The model as the best so far: its own checkpoint (trainer/checkpoint.py
+        `save_best`), or an in-memory copy without a run directory."""
+        if self.best_dir is not None:
+            self.best_path = save_best(self.best_dir, self.step, self.model.state_dict(), self.dist)
+        else:
+            self.best_state = copy.deepcopy(self.model.state_dict())
+
+    def _restore_best(self) -> None:
+        """Load the best model so far into the model (the current one if none was kept)."""
+        if self.best_path is not None:
+            state = self.model.state_dict()
+            load_best(self.best_path, state, self.dist)
+            self.model.load_state_dict(state)
+        elif self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+
     def test(self) -> dict[str, float]:
         """The test split, evaluated once, at the best model."""
-        self.model.load_state_dict(self.best_state)
+        self._restore_best()
         return self.evaluate("test")
 
     def close(self) -> None:

@@ -21,8 +21,10 @@ from trainer.checkpoint import (
     _write_manifest,
     complete_checkpoints,
     latest_checkpoint,
+    load_best,
     load_checkpoint,
     read_metadata,
+    save_best,
     save_checkpoint,
     verified_checkpoint,
     written_config,
@@ -98,8 +100,9 @@ def test_a_disk_full_run_stops_with_one_line_keeps_its_checkpoint_and_resumes(tm
     real_save, calls = dcp.save, []
 
     def full_at_second_checkpoint(state, checkpoint_id, **kwargs):
-        calls.append(checkpoint_id)
-        if len(calls) == 2:
+        if ".step-" in str(checkpoint_id):  # the step checkpoints (best-model writes pass)
+            calls.append(checkpoint_id)
+        if len(calls) == 2 and ".step-" in str(checkpoint_id):
             raise OSError(28, "No space left on device")
         return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
 
@@ -304,3 +307,37 @@ def test_the_manifest_lists_every_file_with_its_size_and_hash(tmp_path):
         data = (path / name).read_bytes()
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert written_config(path) == {"seed": 3}
+
+
+def test_the_best_model_is_its_own_checkpoint_and_outlives_keep_checkpoints(tmp_path):
+    # Learning rates near zero: the first validation (step 4) stays the best.
+    slow = {"optim.lr": "1e-12", "optim.sparse_lr": "1e-12", "optim.repeat_lr": "1e-12", "model.dropout": "0.0",
+            "train.keep_checkpoints": "1"}
+    trainer = _trainer(tmp_path, **slow)
+    summary = trainer.train()
+    assert summary.best_step == 4 and trainer.best_state is None  # no in-memory copy
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["best-00000004", "step-00000012"]
+    assert json.loads((tmp_path / "checkpoints" / "step-00000012" / "manifest.json").read_text())["best_step"] == 4
+    tested = trainer.test()
+    # A run resumed from step 12 (elsewhere) finds the best model beside the checkpoint.
+    resumed = _trainer(tmp_path / "elsewhere", **slow)
+    resumed.load_state_dict(tmp_path / "checkpoints" / "step-00000012")
+    assert resumed.test() == tested
+
+
+def test_a_step_checkpoint_whose_best_model_is_damaged_does_not_verify(tmp_path, caplog):
+    directory = tmp_path / "checkpoints"
+    for step in (1, 2):
+        save_best(directory, step, {"w": torch.full((2,), float(step))}, Distributed())
+        save_checkpoint(directory, step, {"x": torch.ones(1)}, Distributed(), keep=5, best_step=step)
+    assert sorted(p.name for p in directory.iterdir()) == ["best-00000001", "best-00000002", "step-00000001",
+                                                           "step-00000002"]
+    shard = next((directory / "best-00000002").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:5])
+    with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
+        assert verified_checkpoint(directory, Distributed()) == directory / "step-00000001"
+    assert "its best model" in caplog.text and "best-00000002" in caplog.text
+    state = {"w": torch.zeros(2)}
+    load_best(directory / "best-00000001", state, Distributed())
+    assert torch.equal(state["w"], torch.ones(2))
