@@ -190,6 +190,9 @@ def write_dataset(event_log: EventLog, config: DataConfig, directory: Path, fing
             "min_timestamp": int(timestamps.min()) if events.height else 0,
             "max_timestamp": int(timestamps.max()) if events.height else 0,
             "events_per_partition": events_per_partition,
+            "events_per_action": np.bincount(
+                events["action"].to_numpy(), minlength=len(event_log.action_values)
+            ).tolist(),
         },
     }
     manifest["files"] = {

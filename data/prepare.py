@@ -70,7 +70,8 @@ class PreparedData:
     partitions: int = 1
     """P, the number of partitions the actors are hashed into (data/dataset.py)."""
     share: tuple[int, int] = (0, 1)
-    """(rank, world size) this data was read for: (0, 1) is the whole log."""
+    """(rank, world size) this data was read for: (0, 1) is the whole log, (-1, -1) the
+    partitions of a request's actors."""
     _incoming: dict[str, Incoming] = field(default_factory=dict, repr=False, compare=False)
     """Built once per set of known events: validation runs many times in a training run."""
 
@@ -159,12 +160,15 @@ def prepare(config: DataConfig, out_dir: str | Path | None = None) -> PreparedDa
 
 
 def prepare_from_dataset(
-    dataset: PreparedDataset, config: DataConfig, rank: int = 0, world_size: int = 1
+    dataset: PreparedDataset, config: DataConfig, rank: int = 0, world_size: int = 1, parts: list[int] | None = None
 ) -> PreparedData:
     """Rank `rank`'s share of a prepared dataset: the events of its partitions (every
     partition for one rank), the incoming events of their actors, and the global
-    statistics. Nothing of the other partitions is read."""
-    parts = dataset.partitions_of_rank(rank, world_size)
+    statistics. Nothing of the other partitions is read. `parts`: read these partitions
+    instead (a request about a few actors reads theirs alone)."""
+    if parts is not None and world_size != 1:
+        raise ValueError("prepare_from_dataset: give partitions or a rank's share, not both")
+    parts = dataset.partitions_of_rank(rank, world_size) if parts is None else sorted(parts)
     event_log = dataset.event_log(parts)
     seqs = Sequences.from_event_log(event_log)
     table = dataset.targets()
@@ -175,7 +179,8 @@ def prepare_from_dataset(
         event_log, seqs, Split.leave_last_out(seqs), TargetStats.from_target_table(table, config), features,
         target_table=table,
         incoming_log=dataset.read_events(parts, "incoming") if event_log.shared_id_space else None,
-        totals=dataset.manifest["counts"], partitions=dataset.partitions, share=(rank, world_size),
+        totals=dataset.manifest["counts"], partitions=dataset.partitions,
+        share=(rank, world_size) if len(parts) == dataset.partitions or world_size > 1 else (-1, -1),
     )
 
 

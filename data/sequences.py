@@ -55,7 +55,7 @@ class Sequences:
     def from_event_log(cls, log: EventLog) -> Sequences:
         events = log.events  # sorted by (actor, timestamp, row)
         actor_col = events["actor"].to_numpy()
-        starts = np.flatnonzero(np.r_[True, actor_col[1:] != actor_col[:-1]])
+        starts = np.flatnonzero(np.r_[True, actor_col[1:] != actor_col[:-1]]) if len(actor_col) else np.zeros(0, int)
         return cls(
             actor=actor_col[starts].astype(np.int64),
             offsets=np.r_[starts, len(actor_col)].astype(np.int64),
@@ -82,12 +82,17 @@ class Queries:
     """[Q] for requests: when the next event happens."""
 
     @classmethod
-    def requests(cls, seqs: "Sequences", sequence: np.ndarray, next_action: np.ndarray) -> "Queries":
+    def requests(
+        cls, seqs: "Sequences", sequence: np.ndarray, next_action: np.ndarray, newest: int | None = None
+    ) -> "Queries":
         """Ask for the event after each actor's last known one (history = the whole log of
         the actor), with the given next action type, asked one second after the log's newest
-        event (what "now" is for a model trained on the whole log)."""
+        event (what "now" is for a model trained on the whole log). `newest`: the log's
+        newest time, when `seqs` hold only part of it."""
         end = seqs.offsets[sequence + 1]
-        now = int(seqs.timestamps.max()) + 1 if len(seqs.timestamps) else 0
+        if newest is None:
+            newest = int(seqs.timestamps.max()) if len(seqs.timestamps) else -1
+        now = newest + 1
         return cls(
             sequence=sequence,
             position=end,

@@ -46,7 +46,7 @@ import polars as pl
 import torch
 
 from configs.loading import ConfigError, load_config
-from data.dataset import PreparedDataset
+from data.dataset import PreparedDataset, partition_of
 from data.prepare import prepare_from_dataset
 from data.readers import DataError
 from data.sequences import Queries, Sequences
@@ -104,9 +104,17 @@ def _best_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tens
 
 def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, exclude_seen: bool) -> pl.DataFrame:
     config = load_config(run_dir / "config.yaml")
-    prepared = prepare_from_dataset(open_prepared(run_dir, config), config.data)
+    dataset = open_prepared(run_dir, config)
+    parts = None
+    if actors is not None:
+        # Only the partitions holding the requested actors' histories (and the events
+        # that reached them) are read; the ID maps tell which.
+        index = dataset.id_maps()[0].to_index(actors)
+        parts = np.unique(partition_of(index[index >= 0], dataset.partitions)).tolist()
+    prepared = prepare_from_dataset(dataset, config.data, parts=parts)
     event_log = prepared.log
     seqs, stats = prepared.seqs, prepared.stats
+    counts = dataset.manifest["counts"]
     model = build_model(config, prepared)
     _load_weights(model, run_dir)
     model.eval()
@@ -129,7 +137,10 @@ def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, ex
     if len(sequence) == 0:
         return pl.DataFrame(schema={"actor": event_log.actor_ids.raw.dtype, "rank": pl.Int64, "target": event_log.target_ids.raw.dtype, "score": pl.Float32})
 
-    queries = Queries.requests(seqs, sequence, _next_actions(event_log, seqs, sequence, actions))
+    most_frequent = int(np.argmax(counts["events_per_action"]))  # over the whole log, not the partitions read
+    queries = Queries.requests(
+        seqs, sequence, _next_actions(event_log, seqs, sequence, actions, most_frequent), counts["max_timestamp"]
+    )
     scorer = ModelScorer(
         model, seqs, queries, config.history_window, stats.candidates, **incoming_inputs(config, prepared, "all")
     )
@@ -164,8 +175,9 @@ def _load_weights(model: torch.nn.Module, run_dir: Path) -> None:
     model.load_state_dict(state)
 
 
-def _next_actions(event_log, seqs: Sequences, sequence: np.ndarray, actions: dict | None) -> np.ndarray:
-    most_frequent = int(np.bincount(seqs.actions).argmax())
+def _next_actions(
+    event_log, seqs: Sequences, sequence: np.ndarray, actions: dict | None, most_frequent: int
+) -> np.ndarray:
     result = np.full(len(sequence), most_frequent, dtype=np.int64)
     if not actions:
         return result

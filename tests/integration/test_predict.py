@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 import torch
 
-from data.dataset import PreparedDataset
+from data.dataset import PreparedDataset, partition_of
 from data.readers import DataError
 import trainer.predict as predict_module
 from trainer.main import main
@@ -49,6 +49,28 @@ def test_top_k_gives_raw_ids_in_score_order_and_can_exclude_seen(run_dir):
     with_seen = predict(run_dir, k=50, actors=[1], actions=None, exclude_seen=False)
     seen_1 = set(raw.filter(pl.col("actor") == 1)["target"].to_list())
     assert seen_1 & set(with_seen["target"].to_list())  # repeat contacts are allowed by default
+
+
+def test_a_request_reads_only_the_partitions_of_its_actors_and_ranks_as_a_whole_read_does(run_dir, monkeypatch):
+    everyone = predict(run_dir, k=5, actors=None, actions=None, exclude_seen=False)
+    dataset = PreparedDataset.open(run_dir / "prepared")
+    wanted = [1, 5, 77]
+    read: list[tuple[str, list[int]]] = []
+    real = PreparedDataset.read_events
+
+    def recording(self, parts, folder="events"):
+        read.append((folder, sorted(parts)))
+        return real(self, parts, folder)
+
+    monkeypatch.setattr(PreparedDataset, "read_events", recording)
+    some = predict(run_dir, k=5, actors=wanted, actions=None, exclude_seen=False)
+    index = dataset.id_maps()[0].to_index(wanted)
+    expected_parts = sorted(set(partition_of(index, dataset.partitions).tolist()))
+    assert read == [("events", expected_parts), ("incoming", expected_parts)]
+    assert len(expected_parts) < dataset.partitions
+    # The same top-k as when every partition is read: the request's time and default
+    # action are the whole log's, not the partitions'.
+    assert some.sort(["actor", "rank"]).equals(everyone.filter(pl.col("actor").is_in(wanted)).sort(["actor", "rank"]))
 
 
 def test_next_action_file_and_odd_requests(run_dir, tmp_path):
