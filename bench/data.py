@@ -1,27 +1,50 @@
-"""Data preparation throughput, end to end: raw log file on disk -> ready sequences.
+"""Data preparation throughput, end to end: raw log file on disk -> prepared dataset ->
+ready sequences.
 
-    .venv/bin/python bench/data.py [--events 1e7] [--format parquet|snap]
+    .venv/bin/python bench/data.py [--events 1e7] [--format parquet|snap] [--partitions 64]
 
-Generates a synthetic log (heavy-tailed, repetitive, bursty; 1e7 IDs of vocabulary),
-writes it to a temporary file, then times the full preparation: reading and
-checking, the ID mapping, sorting into sequences, the leave-last-out split and the
-target frequency statistics. Writes bench/results/data.json.
+Generates a synthetic log (heavy-tailed, repetitive, bursty; 1e7 IDs of vocabulary) and
+writes it to a temporary file. Then, in a process of its own (so its peak memory is its
+own), `python -m data.prepare` turns it into the prepared dataset (reading and checking,
+the ID mapping, the split, the target statistics, the partitioned event files); and
+finally one process reads every partition back into sequences, split and statistics, as
+a single-rank run does. Writes bench/results/data.json (data_snap.json for --format snap):
+`events_per_s` is the prepare step's, `prepare_peak_rss_gb` its peak resident memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from bench.common import write_result  # noqa: E402
 from configs.schema import DataConfig  # noqa: E402
-from data.prepare import prepare  # noqa: E402
+from data.dataset import PreparedDataset  # noqa: E402
+from data.prepare import prepare_from_dataset  # noqa: E402
 from data.synthetic import SyntheticLogSpec, generate, write_log  # noqa: E402
+
+
+def prepare_in_child(log: Path, out: Path, partitions: int) -> tuple[float, float]:
+    """(seconds, peak RSS in GB) of `python -m data.prepare` on `log`, in its own process."""
+    config = out.parent / "bench-data.yaml"
+    config.write_text(f"name: bench-data\ndata:\n  path: {log}\n  partitions: {partitions}\n")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "data.prepare", "--config", str(config), "--out", str(out)], cwd=ROOT,
+                   check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak_kb <= before:  # an earlier child peaked higher: the measure would be theirs
+        raise RuntimeError("peak RSS of the prepare step not measurable after a larger child process")
+    return seconds, peak_kb / 2**20
 
 
 def main() -> None:
@@ -30,6 +53,7 @@ def main() -> None:
     parser.add_argument("--vocabulary", type=float, default=1e7, help="target ID space")
     parser.add_argument("--actors", type=float, default=1e6)
     parser.add_argument("--format", choices=["parquet", "snap"], default="parquet")
+    parser.add_argument("--partitions", type=int, default=64)
     args = parser.parse_args()
     spec = SyntheticLogSpec(num_events=int(args.events), num_actors=int(args.actors), num_targets=int(args.vocabulary))
 
@@ -37,28 +61,37 @@ def main() -> None:
     frame = generate(spec)
     generate_s = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_log(frame, Path(tmp) / ("log.parquet" if args.format == "parquet" else "log.txt"))
+        log = write_log(frame, Path(tmp) / ("log.parquet" if args.format == "parquet" else "log.txt"))
         del frame
+        file_mb = log.stat().st_size / 2**20
+        out = Path(tmp) / "prepared"
+        prepare_s, prepare_rss = prepare_in_child(log, out, args.partitions)
         start = time.perf_counter()
-        prepared = prepare(DataConfig(path=str(path)))
-        prepare_s = time.perf_counter() - start
-        file_mb = path.stat().st_size / 2**20
+        prepared = prepare_from_dataset(PreparedDataset.open(out), DataConfig(path=str(log), partitions=args.partitions))
+        read_s = time.perf_counter() - start
+        dataset_mb = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 2**20
     summary = prepared.summary()
     result = {
         "events": summary["events"],
         "events_per_s": summary["events"] / prepare_s,
         "prepare_s": prepare_s,
+        "prepare_peak_rss_gb": prepare_rss,
+        "read_s": read_s,
         "generate_s": generate_s,
         "format": args.format,
         "file_mb": file_mb,
+        "dataset_mb": dataset_mb,
+        "partitions": args.partitions,
         "actors": summary["actors"],
         "targets": summary["targets"],
         "candidates": summary["candidates"],
         "evaluated_actors": summary["evaluated_actors"],
     }
     path = write_result("data" if args.format == "parquet" else f"data_{args.format}", result)
-    print(f"| events | format | generate s | prepare s | events/s |\n|---:|---|---:|---:|---:|")
-    print(f"| {result['events']:,} | {args.format} | {generate_s:.1f} | {prepare_s:.1f} | {result['events_per_s']:,.0f} |")
+    print("| events | format | generate s | prepare s | events/s | prepare peak RSS GB | read back s |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    print(f"| {result['events']:,} | {args.format} | {generate_s:.1f} | {prepare_s:.1f} | "
+          f"{result['events_per_s']:,.0f} | {prepare_rss:.2f} | {read_s:.1f} |")
     print(f"wrote {path}")
 
 
