@@ -47,7 +47,7 @@ import numpy as np
 import polars as pl
 
 from configs.schema import DataConfig
-from data.events import EventLog, IdMap, load_events
+from data.events import EventLog, IdMap
 from data.readers import SYNTHETIC_PREFIX, DataError
 
 log = logging.getLogger(__name__)
@@ -131,73 +131,145 @@ def split_labels(actor: np.ndarray) -> np.ndarray:
     return labels
 
 
-def target_table(events: pl.DataFrame, num_targets: int, config: DataConfig) -> pl.DataFrame:
-    """One row per target index: counts per split label, newest training time, active."""
-    from data.sequences import active_cutoff  # the random-negative pool's rule, in one place
+@dataclass
+class _TargetCounts:
+    """Per-target statistics accumulated partition by partition: arrays of the target
+    vocabulary's size, never the events."""
 
-    per_target = events.group_by("target").agg(
-        train_count=(pl.col("split") == 0).sum(),
-        valid_count=(pl.col("split") == 1).sum(),
-        test_count=(pl.col("split") == 2).sum(),
-        last_seen=pl.col("timestamp").filter(pl.col("split") == 0).max(),
-    )
-    table = pl.DataFrame({"target": np.arange(num_targets, dtype=np.int64)}).join(
-        per_target, on="target", how="left"
-    ).with_columns(pl.col(c).fill_null(0).cast(pl.Int64) for c in ("train_count", "valid_count", "test_count"))
-    cutoff = active_cutoff(events["timestamp"].to_numpy(), config) if events.height else 0
-    return table.with_columns(active=pl.col("last_seen").is_not_null() & (pl.col("last_seen") >= cutoff)).sort("target")
+    train: np.ndarray
+    valid: np.ndarray
+    test: np.ndarray
+    last_seen: np.ndarray  # newest training event, -1 for none
+
+    @classmethod
+    def zeros(cls, num_targets: int) -> _TargetCounts:
+        return cls(*(np.zeros(num_targets, dtype=np.int64) for _ in range(3)), np.full(num_targets, -1, np.int64))
+
+    def add(self, events: pl.DataFrame) -> None:
+        target, split = events["target"].to_numpy(), events["split"].to_numpy()
+        for counts, label in ((self.train, 0), (self.valid, 1), (self.test, 2)):
+            counts += np.bincount(target[split == label], minlength=len(counts))
+        newest = events.filter(pl.col("split") == 0).group_by("target").agg(pl.col("timestamp").max())
+        index = newest["target"].to_numpy()
+        self.last_seen[index] = np.maximum(self.last_seen[index], newest["timestamp"].to_numpy())
+
+    def table(self, cutoff: int) -> pl.DataFrame:
+        last_seen = pl.Series("last_seen", self.last_seen)
+        return pl.DataFrame({
+            "target": np.arange(len(self.train), dtype=np.int64),
+            "train_count": self.train, "valid_count": self.valid, "test_count": self.test,
+            "last_seen": last_seen.set(last_seen < 0, None),
+            "active": (self.last_seen >= 0) & (self.last_seen >= cutoff),
+        })
 
 
-def write_dataset(event_log: EventLog, config: DataConfig, directory: Path, fingerprint: list[dict]) -> None:
-    """Lay `event_log` out in `directory` (atomically: a temporary directory renamed)."""
+def write_dataset(config: DataConfig, source_path: str | Path, directory: Path, fingerprint: list[dict]) -> None:
+    """Prepare the log at `source_path` into `directory`, out of core: the log streams
+    through polars' streaming engine (checks, ID mapping, a partitioned sink), then each
+    partition is sorted, split and counted on its own, so memory follows the largest
+    partition and the ID vocabularies, not the log. Atomic: a temporary directory renamed.
+    (SNAP and .inter text logs are read into memory by their readers first.)"""
+    from data.events import map_actions, type_events_lazily  # the in-memory path's typing and action rules
+    from data.readers import read_log
+    from data.sequences import active_cutoff
+
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "events").mkdir(parents=True)
     partitions = config.partitions
 
-    events = event_log.events.with_columns(split=pl.Series(split_labels(event_log.events["actor"].to_numpy())))
-    _write_ids(tmp / "actor_ids.parquet", event_log.actor_ids)
-    if not event_log.shared_id_space:
-        _write_ids(tmp / "target_ids.parquet", event_log.target_ids)
-    pl.DataFrame(
-        {"index": np.arange(len(event_log.action_values), dtype=np.int32), "raw": event_log.action_values}
-    ).write_parquet(tmp / "action_types.parquet")
-    target_table(events, len(event_log.target_ids), config).write_parquet(tmp / "targets.parquet")
+    raw = read_log(source_path, config)
+    typed, report = type_events_lazily(raw, config)
+    shared = raw.actors_are_targets if config.shared_id_space is None else config.shared_id_space
 
-    events_per_partition = _write_partitions(events, "actor", ["actor", "timestamp", "row"], tmp / "events", partitions)
-    if event_log.shared_id_space:
+    # The vocabularies (distinct IDs, sorted), then every ID replaced by its index.
+    if shared:
+        people = pl.concat([typed.select(raw=pl.col("actor")), typed.select(raw=pl.col("target"))])
+        actor_ids = target_ids = IdMap(people.unique().collect(engine="streaming")["raw"].sort())
+    else:
+        actor_ids = IdMap(typed.select(raw=pl.col("actor")).unique().collect(engine="streaming")["raw"].sort())
+        target_ids = IdMap(typed.select(raw=pl.col("target")).unique().collect(engine="streaming")["raw"].sort())
+    distinct_actions = typed.select("action").unique().collect(engine="streaming")["action"]
+    action_index, action_values = map_actions(distinct_actions)
+    mapped = (
+        typed.join(_index_frame(actor_ids, "actor"), on="actor", how="left")
+        .join(_index_frame(target_ids, "target"), on="target", how="left")
+        .join(pl.LazyFrame({"action": distinct_actions, "_action": action_index}), on="action", how="left",
+              nulls_equal=True)
+        .select(
+            actor=pl.col("_actor"), target=pl.col("_target"), action=pl.col("_action").cast(pl.Int32),
+            timestamp=pl.col("timestamp").cast(pl.Int64), row=pl.col("row").cast(pl.Int64),
+        )
+    )
+    _sink_partitioned(mapped, "actor", tmp / "_events", partitions)
+
+    counts = _TargetCounts.zeros(len(target_ids))
+    events_per_partition, events_per_action = [0] * partitions, np.zeros(len(action_values), dtype=np.int64)
+    low, high, duplicates = None, None, 0
+    for part in range(partitions):
+        events = _read_sunk(tmp / "_events", part, mapped)
+        if config.drop_duplicate_events:
+            # The first of equal events in file order: duplicates share their actor, so
+            # they share a partition.
+            before = events.height
+            events = events.sort("row").unique(subset=["actor", "target", "action", "timestamp"], keep="first",
+                                               maintain_order=True)
+            duplicates += before - events.height
+        events = events.sort(["actor", "timestamp", "row"])
+        events = events.with_columns(split=pl.Series(split_labels(events["actor"].to_numpy())))
+        events.write_parquet(tmp / "events" / _part_name(part))
+        counts.add(events)
+        events_per_partition[part] = events.height
+        events_per_action += np.bincount(events["action"].to_numpy(), minlength=len(action_values))
+        if events.height:
+            low = min(low, int(events["timestamp"].min())) if low is not None else int(events["timestamp"].min())
+            high = max(high, int(events["timestamp"].max())) if high is not None else int(events["timestamp"].max())
+    shutil.rmtree(tmp / "_events")
+    if config.drop_duplicate_events:
+        report["duplicates_dropped"] = duplicates
+        log.info("%s: dropped %d duplicate event(s)", raw.source, duplicates)
+
+    if shared:  # the same events again, partitioned by who they reached
         (tmp / "incoming").mkdir()
-        _write_partitions(events, "target", ["target", "timestamp", "actor", "row"], tmp / "incoming", partitions)
+        events = pl.scan_parquet(tmp / "events" / "*.parquet")
+        _sink_partitioned(events, "target", tmp / "_incoming", partitions)
+        for part in range(partitions):
+            incoming = _read_sunk(tmp / "_incoming", part, events).sort(["target", "timestamp", "actor", "row"])
+            incoming.write_parquet(tmp / "incoming" / _part_name(part))
+        shutil.rmtree(tmp / "_incoming")
 
-    timestamps = events["timestamp"]
+    cutoff = active_cutoff(np.array([low, high]), config) if low is not None else 0
+    counts.table(cutoff).write_parquet(tmp / "targets.parquet")
+    _write_ids(tmp / "actor_ids.parquet", actor_ids)
+    if not shared:
+        _write_ids(tmp / "target_ids.parquet", target_ids)
+    pl.DataFrame(
+        {"index": np.arange(len(action_values), dtype=np.int32), "raw": action_values}
+    ).write_parquet(tmp / "action_types.parquet")
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "data_config": prepared_config(config),
         "sources": fingerprint,
-        "source": event_log.source,
+        "source": raw.source,
         "partitions": partitions,
-        "shared_id_space": event_log.shared_id_space,
-        "has_timestamps": event_log.has_timestamps,
-        "has_actions": event_log.has_actions,
-        "report": event_log.report,
+        "shared_id_space": shared,
+        "has_timestamps": "timestamp" in raw.fields,
+        "has_actions": "action" in raw.fields,
+        "report": report,
         "counts": {
-            "events": events.height,
-            "actors": len(event_log.actor_ids),
-            "targets": len(event_log.target_ids),
-            "action_types": len(event_log.action_values),
-            "evaluated_actors": int((events["split"] == SPLIT_LABELS["test"]).sum()),
-            "min_timestamp": int(timestamps.min()) if events.height else 0,
-            "max_timestamp": int(timestamps.max()) if events.height else 0,
+            "events": sum(events_per_partition),
+            "actors": len(actor_ids),
+            "targets": len(target_ids),
+            "action_types": len(action_values),
+            "evaluated_actors": int(counts.test.sum()),
+            "min_timestamp": low if low is not None else 0,
+            "max_timestamp": high if high is not None else 0,
             "events_per_partition": events_per_partition,
-            "events_per_action": np.bincount(
-                events["action"].to_numpy(), minlength=len(event_log.action_values)
-            ).tolist(),
+            "events_per_action": events_per_action.tolist(),
         },
     }
-    manifest["files"] = {
-        str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*.parquet"))
-    }
+    manifest["files"] = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*.parquet"))}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     old = directory.with_name(f".{directory.name}.old")
     shutil.rmtree(old, ignore_errors=True)
@@ -207,21 +279,29 @@ def write_dataset(event_log: EventLog, config: DataConfig, directory: Path, fing
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _index_frame(ids: IdMap, column: str) -> pl.LazyFrame:
+    """raw ID -> index, to join on `column`."""
+    return pl.LazyFrame({column: ids.raw, f"_{column}": np.arange(len(ids), dtype=np.int64)})
+
+
+def _sink_partitioned(frame: pl.LazyFrame, key: str, folder: Path, partitions: int) -> None:
+    """Stream `frame` into `folder/_part=<p>/` files by the partition of column `key`."""
+    frame.with_columns(_part=partition_of(pl.col(key), partitions)).sink_parquet(
+        pl.PartitionBy(folder, key="_part", include_key=False, max_rows_per_file=1 << 18),
+        engine="streaming", mkdir=True,
+    )
+
+
+def _read_sunk(folder: Path, part: int, like: pl.LazyFrame) -> pl.DataFrame:
+    """Partition `part` of a partitioned sink (empty, with `like`'s columns, if nothing went there)."""
+    files = sorted((folder / f"_part={part}").glob("*.parquet"))
+    if not files:
+        return like.clear().collect()
+    return pl.read_parquet(files)
+
+
 def _write_ids(path: Path, ids: IdMap) -> None:
     pl.DataFrame({"index": np.arange(len(ids), dtype=np.int64), "raw": ids.raw}).write_parquet(path)
-
-
-def _write_partitions(events: pl.DataFrame, key: str, order: list[str], folder: Path, partitions: int) -> list[int]:
-    """Every partition file (empty ones too, so a reader never guesses); events per partition."""
-    with_part = events.with_columns(_part=partition_of(pl.col(key), partitions))
-    counts = [0] * partitions
-    groups = {int(frame["_part"][0]): frame for frame in with_part.partition_by("_part", maintain_order=True)}
-    for part in range(partitions):
-        frame = groups.get(part, with_part.clear())
-        frame = frame.drop("_part").sort(order, maintain_order=True)
-        frame.write_parquet(folder / _part_name(part))
-        counts[part] = frame.height
-    return counts
 
 
 # ------------------------------------------------------------------- reading
@@ -327,6 +407,5 @@ def ensure_prepared(config: DataConfig, directory: str | Path, source_path: str 
             log.warning("%s; preparing it again", e)
     elif directory.exists():
         log.info("%s: holds no complete prepared dataset; preparing it", directory)
-    event_log = load_events(config, source_path)
-    write_dataset(event_log, config, directory, fingerprint)
+    write_dataset(config, source_path, directory, fingerprint)
     return PreparedDataset.open(directory)

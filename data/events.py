@@ -150,6 +150,14 @@ def type_events(raw: RawLog, config: DataConfig) -> tuple[pl.DataFrame, dict]:
     """Check and type every field. Returns the typed frame (raw IDs, action strings) and a
     report of dropped rows. Raises `DataError` naming file, line and field on bad input
     unless `config.on_bad_rows == "drop"`."""
+    typed, report = type_events_lazily(raw, config)
+    return typed.collect(engine="streaming"), report
+
+
+def type_events_lazily(raw: RawLog, config: DataConfig) -> tuple[pl.LazyFrame, dict]:
+    """`type_events` without holding the log: the checks run as streaming queries over
+    the source (counts, and the first bad row), and the typed events come back as a lazy
+    frame over it, for a caller that streams them on (data/dataset.py)."""
     schema = raw.frame.collect_schema()
     parsed: dict[str, tuple[pl.Expr, pl.Expr, str]] = {
         "actor": _parse_id("actor", schema["actor"], config.id_type),
@@ -163,37 +171,42 @@ def type_events(raw: RawLog, config: DataConfig) -> tuple[pl.DataFrame, dict]:
     checked = raw.frame.with_columns(
         *[ok.alias(f"_ok_{name}") for name, (_, ok, _) in parsed.items()],
         *[value.alias(f"_value_{name}") for name, (value, _, _) in parsed.items()],
-    ).collect(engine="streaming")
-    if checked.height == 0:
+    )
+    ok_columns = [f"_ok_{name}" for name in parsed]
+    is_bad = pl.col("_wrong_field_count") | ~pl.all_horizontal(ok_columns)
+    reasons = {"wrong number of fields": pl.col("_wrong_field_count").sum()}
+    for name in parsed:
+        reasons[f"bad {name}"] = (~pl.col(f"_ok_{name}") & ~pl.col("_wrong_field_count") & is_bad).sum()
+    counts = checked.select(
+        rows=pl.len(), bad=is_bad.sum(), **{f"_{i}": expr for i, expr in enumerate(reasons.values())}
+    ).collect(engine="streaming").row(0)
+    rows_read, bad_rows = int(counts[0]), int(counts[1])
+    if rows_read == 0:
         # Readers name what they can (a header without rows, comment-only files); this
         # catches the rest (a parquet data set of no rows) before sequences index into nothing.
         raise DataError(f"{raw.source}: no events; expected at least one {raw.location}")
-    ok_columns = [f"_ok_{name}" for name in parsed]
-    is_bad = pl.col("_wrong_field_count") | ~pl.all_horizontal(ok_columns)
-    bad = checked.filter(is_bad)
-    report: dict = {"rows_read": checked.height, "rows_dropped": 0, "dropped_by_reason": {}}
+    report: dict = {"rows_read": rows_read, "rows_dropped": 0, "dropped_by_reason": {}}
 
-    if bad.height:
+    if bad_rows:
         if config.on_bad_rows == "error":
-            first = bad.row(0, named=True)
+            # The first bad row in file order (a streaming filter may not keep the order).
+            first = checked.filter(is_bad).sort("line").head(1).collect(engine="streaming").row(0, named=True)
             line = int(first["line"])
             for name, (_, _, expected) in parsed.items():
                 if not first[f"_ok_{name}"]:
                     got = first[name]
                     raise DataError(
                         f"{_describe(raw, line)}: {raw.labels[name]} ({name}): expected {expected}, got {got!r}"
-                        f" ({bad.height} bad row(s) in all; data.on_bad_rows=drop skips them and reports the count)"
+                        f" ({bad_rows} bad row(s) in all; data.on_bad_rows=drop skips them and reports the count)"
                     )
             raise DataError(f"{_describe(raw, line)}: wrong number of fields")
-        reasons = {"wrong number of fields": int(bad["_wrong_field_count"].sum())}
-        for name in parsed:
-            reasons[f"bad {name}"] = int((~bad[f"_ok_{name}"] & ~bad["_wrong_field_count"]).sum())
-        report["rows_dropped"] = bad.height
-        report["dropped_by_reason"] = {k: v for k, v in reasons.items() if v}
-        log.warning("%s: dropped %d bad row(s): %s", raw.source, bad.height, report["dropped_by_reason"])
-        checked = checked.filter(~is_bad)
-        if checked.height == 0:
+        dropped = {reason: int(count) for reason, count in zip(reasons, counts[2:])}
+        report["rows_dropped"] = bad_rows
+        report["dropped_by_reason"] = {k: v for k, v in dropped.items() if v}
+        log.warning("%s: dropped %d bad row(s): %s", raw.source, bad_rows, report["dropped_by_reason"])
+        if bad_rows == rows_read:
             raise DataError(f"{raw.source}: every row was bad; nothing left to train on")
+        checked = checked.filter(~is_bad)
 
     typed = checked.select(
         pl.col("_value_actor").alias("actor"),
@@ -235,18 +248,7 @@ def map_ids(typed: pl.DataFrame, shared_id_space: bool) -> tuple[pl.DataFrame, I
         target_index, target_vocabulary = _dense_index(typed["target"])
         actor_ids, target_ids = IdMap(actor_vocabulary), IdMap(target_vocabulary)
 
-    if typed["action"].null_count() == typed.height:
-        action_values = ["<none>"]
-        action_index = pl.Series(np.zeros(typed.height, dtype=np.int32))
-    else:
-        action = typed["action"]
-        if action.dtype == pl.String:
-            # Ratings and numeric event types order numerically (1 < 2 < 10), names lexically.
-            numeric = action.cast(pl.Float64, strict=False)
-            if numeric.null_count() == 0:
-                action = numeric
-        action_index, vocabulary = _dense_index(action)
-        action_values = [_action_label(v) for v in vocabulary.to_list()]
+    action_index, action_values = map_actions(typed["action"])
 
     events = pl.DataFrame(
         {
@@ -258,6 +260,20 @@ def map_ids(typed: pl.DataFrame, shared_id_space: bool) -> tuple[pl.DataFrame, I
         }
     )
     return events, actor_ids, target_ids, action_values
+
+
+def map_actions(action: pl.Series) -> tuple[pl.Series, list[str]]:
+    """(index of each action value, the label of each index). No action column (all
+    null): one action `<none>`. Ratings and numeric event types order numerically
+    (1 < 2 < 10, and "1" and "1.0" are one type), names lexically."""
+    if action.null_count() == len(action):
+        return pl.Series(np.zeros(len(action), dtype=np.int32)), ["<none>"]
+    if action.dtype == pl.String:
+        numeric = action.cast(pl.Float64, strict=False)
+        if numeric.null_count() == 0:
+            action = numeric
+    action_index, vocabulary = _dense_index(action)
+    return action_index, [_action_label(v) for v in vocabulary.to_list()]
 
 
 def _action_label(value: object) -> str:

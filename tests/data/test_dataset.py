@@ -101,13 +101,16 @@ _events = st.lists(
 )
 
 
-@given(rows=_events, partitions=st.integers(1, 5), shared=st.booleans(), active=st.sampled_from([0.0, 0.5]))
+@given(rows=_events, partitions=st.integers(1, 5), shared=st.booleans(), active=st.sampled_from([0.0, 0.5]),
+       deduplicate=st.booleans(), parquet=st.booleans())
 def test_drawn_logs_prepare_to_exactly_the_in_memory_split_and_statistics(tmp_path_factory, rows, partitions, shared,
-                                                                          active):
+                                                                          active, deduplicate, parquet):
     directory = tmp_path_factory.mktemp("drawn")
-    log = directory / "log.csv"
-    log.write_text("actor,target,action,timestamp\n" + "".join(f"{a},{t},{x},{s}\n" for a, t, x, s in rows))
-    config = DataConfig(path=str(log), shared_id_space=shared, partitions=partitions, active_since_fraction=active)
+    frame = pl.DataFrame(rows, schema=["actor", "target", "action", "timestamp"], orient="row")
+    log = directory / ("log.parquet" if parquet else "log.csv")
+    frame.write_parquet(log) if parquet else frame.write_csv(log)
+    config = DataConfig(path=str(log), shared_id_space=shared, partitions=partitions, active_since_fraction=active,
+                        drop_duplicate_events=deduplicate)
     reference = prepare(config)
     prepared = prepare(config, directory / "prepared")
     _assert_same_preparation(reference, prepared)
