@@ -32,6 +32,41 @@ def write_result(name: str, result: dict, with_machine: bool = True) -> Path:
     return path
 
 
+# The child reports its own high-water mark (VmHWM of its address space after exec):
+# ru_maxrss of a child counts the parent's pages mapped at fork (a benchmark holding a
+# generated log), which would be reported as the child's.
+_PREPARE_CHILD = """
+import runpy, sys
+sys.argv = ["data.prepare", *sys.argv[1:]]
+try:
+    runpy.run_module("data.prepare", run_name="__main__")
+except SystemExit as e:
+    if e.code:
+        raise
+finally:
+    hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
+    print("VmHWM_kB", hwm.split()[1], file=sys.stderr)
+"""
+
+
+def prepare_dataset_in_child(config: Path | str, overrides: list[str], out: Path) -> tuple[float, float]:
+    """(seconds, peak RSS in GB) of `python -m data.prepare --config CONFIG --out OUT`
+    in a process of its own."""
+    import subprocess
+    import sys
+    import time
+
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", _PREPARE_CHILD, "--config", str(config), "--out", str(out), *overrides],
+        cwd=Path(__file__).resolve().parent.parent, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True,
+    )
+    seconds = time.perf_counter() - start
+    peak_kb = int(next(line.split()[1] for line in done.stderr.splitlines() if line.startswith("VmHWM_kB")))
+    return seconds, peak_kb * 1024 / 1e9
+
+
 def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, min_seconds: float = 1.0) -> float:
     """Measured GFLOP/s of an [m, k] @ [k, n] matmul (best of repeated timings)."""
     import time

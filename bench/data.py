@@ -16,7 +16,6 @@ a single-rank run does. Writes bench/results/data.json (data_snap.json for --for
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,40 +24,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import prepare_dataset_in_child, write_result  # noqa: E402
 from configs.schema import DataConfig  # noqa: E402
 from data.dataset import PreparedDataset  # noqa: E402
 from data.prepare import prepare_from_dataset  # noqa: E402
 from data.synthetic import SyntheticLogSpec, generate, write_log  # noqa: E402
 
 
-# The child reports its own high-water mark (VmHWM of its address space after exec):
-# ru_maxrss of a child counts the parent's pages mapped at fork, which here is the
-# generated log, and would be reported as the prepare step's.
-_CHILD = """
-import runpy, sys
-sys.argv = ["data.prepare", *sys.argv[1:]]
-try:
-    runpy.run_module("data.prepare", run_name="__main__")
-except SystemExit as e:
-    if e.code:
-        raise
-finally:
-    hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
-    print("VmHWM_kB", hwm.split()[1], file=sys.stderr)
-"""
-
-
 def prepare_in_child(log: Path, out: Path, partitions: int) -> tuple[float, float]:
     """(seconds, peak RSS in GB) of `python -m data.prepare` on `log`, in its own process."""
     config = out.parent / "bench-data.yaml"
     config.write_text(f"name: bench-data\ndata:\n  path: {log}\n  partitions: {partitions}\n")
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", _CHILD, "--config", str(config), "--out", str(out)], cwd=ROOT,
-                          check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    seconds = time.perf_counter() - start
-    peak_kb = int(next(line.split()[1] for line in done.stderr.splitlines() if line.startswith("VmHWM_kB")))
-    return seconds, peak_kb / 2**20
+    return prepare_dataset_in_child(config, [], out)
 
 
 def main() -> None:

@@ -140,6 +140,7 @@ def init_distributed(config: DistributedConfig) -> Distributed:
     """Join the process group torchrun / torchx describe in the environment (RANK,
     WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a single process without it."""
     if "RANK" not in os.environ:
+        _record_baseline_rss()
         return Distributed()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -153,10 +154,29 @@ def init_distributed(config: DistributedConfig) -> Distributed:
         device = torch.device("cpu")
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend=backend, **_restart_scoped_store(rank, world_size))
-    return Distributed(
+    dist = Distributed(
         rank=rank, world_size=world_size, local_rank=local_rank, device=device, launched=True,
         gather_group=torch_dist.new_group(backend=backend),
     )
+    _record_baseline_rss()
+    return dist
+
+
+_BASELINE_RSS_GB: list[float] = []
+
+
+def _record_baseline_rss() -> None:
+    """The process's resident memory once the libraries are imported and the process group
+    is up, before any data: what a rank costs whatever its share (reported beside the peak)."""
+    if not _BASELINE_RSS_GB:
+        _BASELINE_RSS_GB.append(current_rss_gb())
+
+
+def current_rss_gb() -> float:
+    """This process's resident memory now (VmRSS), in GB."""
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+    return kb * 1024 / 1e9
 
 
 def _restart_scoped_store(rank: int, world_size: int) -> dict:
@@ -315,26 +335,54 @@ def _local_row_ranges(table) -> list[tuple[int, int]]:
     ]
 
 
-def rank_resources(model: nn.Module, dist: Distributed) -> dict:
-    """Per rank (lists in rank order): peak resident memory so far, in GB, and how many
-    rows of each ID table the rank holds, which shows that no rank holds a whole sharded
-    table. Collective: every rank must call it."""
+def rank_resources(model: nn.Module, dist: Distributed, events_held: int = 0) -> dict:
+    """Per rank (lists in rank order): peak resident memory so far and the baseline (after
+    imports and process-group set-up, before any data), in GB; the bytes of ID-table rows
+    it holds and of their optimizer state; the events it holds in memory (`events_held`:
+    its actors' own and, in a shared ID space, those that reached them); and how many rows
+    of each ID table it holds, which shows that no rank holds a whole sharded table.
+    Collective: every rank must call it."""
     import resource
 
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+    baseline_gb = _BASELINE_RSS_GB[0] if _BASELINE_RSS_GB else float("nan")
     rows: dict[str, int] = {}
+    table_bytes = 0
     for key, value in model.state_dict().items():
         if not (key.endswith(".weight") and ".embeddings." in key):
             continue
         table = key.removesuffix(".weight").rsplit(".", 1)[-1]
-        if isinstance(value, ShardedTensor):
-            rows[table] = sum(count for _, count in _local_row_ranges(value))
-        else:
-            rows[table] = value.shape[0]
-    every = dist.gather(torch.tensor([[peak_gb, *rows.values()]], dtype=torch.float64))
+        rows[table] = sum(count for _, count in _local_row_ranges(value)) if isinstance(value, ShardedTensor) \
+            else value.shape[0]
+        table_bytes += _local_bytes(value)
+    optimizer_bytes = sum(
+        _local_bytes(state)
+        for parameter in model.embeddings.parameters()
+        for optimizer in getattr(parameter, "_in_backward_optimizers", [])
+        for per_parameter in optimizer.state.values()
+        for state in per_parameter.values()
+        if isinstance(state, torch.Tensor)
+    )
+    every = dist.gather(torch.tensor(
+        [[peak_gb, baseline_gb, table_bytes / 1e9, optimizer_bytes / 1e9, events_held, *rows.values()]],
+        dtype=torch.float64,
+    ))
     return {
         "peak_rss_gb_per_rank": [round(float(v), 3) for v in every[:, 0]],
-        "table_rows_per_rank": {name: [int(v) for v in every[:, 1 + i]] for i, name in enumerate(rows)},
+        "baseline_rss_gb_per_rank": [round(float(v), 3) for v in every[:, 1]],
+        "table_gb_per_rank": [round(float(v), 3) for v in every[:, 2]],
+        "optimizer_gb_per_rank": [round(float(v), 3) for v in every[:, 3]],
+        "events_held_per_rank": [int(v) for v in every[:, 4]],
+        "table_rows_per_rank": {name: [int(v) for v in every[:, 5 + i]] for i, name in enumerate(rows)},
     }
+
+
+def _local_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of `tensor` this rank holds (its local shards of a sharded one)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if isinstance(tensor, ShardedTensor):
+        return sum(shard.tensor.numel() * shard.tensor.element_size() for shard in tensor.local_shards())
+    return tensor.numel() * tensor.element_size()

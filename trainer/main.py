@@ -168,7 +168,8 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
         summary_train = trainer.train()
         test = trainer.test()
         export_model(trainer.model, run_dir, dist)
-        resources = rank_resources(trainer.model, dist)
+        held = prepared.log.num_events + (prepared.incoming_log.height if prepared.incoming_log is not None else 0)
+        resources = rank_resources(trainer.model, dist, events_held=held)
         # Every rank ranks its own actors' queries for the baselines too.
         baseline = baseline_results(prepared, config.baselines, config.eval, dist=dist)
         if not dist.is_main:
