@@ -89,6 +89,7 @@ def main() -> None:
         "optimizer_gb_per_rank": resources["optimizer_gb_per_rank"],
         "eval_buffers_gb_per_rank": [round(r * dim * 4 / 1e9, 3) for r in table_rows],
         "table_rows_per_rank": resources["table_rows_per_rank"],
+        "rss_gb_after_per_rank": resources["rss_gb_after_per_rank"],
         "examples_per_s": results["training"]["examples_per_s"],
         "steps": results["training"]["steps"],
         "events": results["data"]["events"],
@@ -110,7 +111,8 @@ def main() -> None:
         f"| {rows:,} | {args.ranks} | {figures['peak_rss_gb_per_rank']} | {figures['baseline_rss_gb']} "
         f"| {figures['events_held_per_rank']} | {figures['examples_per_s']:.0f} | {figures['test']['ndcg@10']:.4f} "
         f"| {figures['prepare']['events_per_s']:,.0f} | {prepare_gb:.2f} | {wall_s:.0f} |\n"
-        f"rows held per rank: {held}\nwrote {path}"
+        f"rows held per rank: {held}\nresident GB after each phase: {figures['rss_gb_after_per_rank']}\n"
+        f"wrote {path}"
     )
 
 

@@ -335,13 +335,17 @@ def _local_row_ranges(table) -> list[tuple[int, int]]:
     ]
 
 
-def rank_resources(model: nn.Module, dist: Distributed, events_held: int = 0) -> dict:
+def rank_resources(
+    model: nn.Module, dist: Distributed, events_held: int = 0, rss_after: dict[str, float] | None = None
+) -> dict:
     """Per rank (lists in rank order): peak resident memory so far and the baseline (after
     imports and process-group set-up, before any data), in GB; the bytes of ID-table rows
     it holds and of their optimizer state; the events it holds in memory (`events_held`:
     its actors' own and, in a shared ID space, those that reached them); and how many rows
-    of each ID table it holds, which shows that no rank holds a whole sharded table.
+    of each ID table it holds, which shows that no rank holds a whole sharded table;
+    `rss_after`: resident GB after each phase of the run (the same phases on every rank).
     Collective: every rank must call it."""
+    phases = rss_after or {}
     import resource
 
     from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -366,7 +370,8 @@ def rank_resources(model: nn.Module, dist: Distributed, events_held: int = 0) ->
         if isinstance(state, torch.Tensor)
     )
     every = dist.gather(torch.tensor(
-        [[peak_gb, baseline_gb, table_bytes / 1e9, optimizer_bytes / 1e9, events_held, *rows.values()]],
+        [[peak_gb, baseline_gb, table_bytes / 1e9, optimizer_bytes / 1e9, events_held, *phases.values(),
+          *rows.values()]],
         dtype=torch.float64,
     ))
     return {
@@ -375,7 +380,10 @@ def rank_resources(model: nn.Module, dist: Distributed, events_held: int = 0) ->
         "table_gb_per_rank": [round(float(v), 3) for v in every[:, 2]],
         "optimizer_gb_per_rank": [round(float(v), 3) for v in every[:, 3]],
         "events_held_per_rank": [int(v) for v in every[:, 4]],
-        "table_rows_per_rank": {name: [int(v) for v in every[:, 5 + i]] for i, name in enumerate(rows)},
+        "rss_gb_after_per_rank": {name: [round(float(v), 3) for v in every[:, 5 + i]] for i, name in enumerate(phases)},
+        "table_rows_per_rank": {
+            name: [int(v) for v in every[:, 5 + len(phases) + i]] for i, name in enumerate(rows)
+        },
     }
 
 

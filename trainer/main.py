@@ -47,7 +47,7 @@ from trainer.checkpoint import (
     verified_checkpoint,
     written_config,
 )
-from trainer.distributed import Distributed, close_distributed, init_distributed, rank_resources
+from trainer.distributed import Distributed, close_distributed, current_rss_gb, init_distributed, rank_resources
 from trainer.loop import NonFiniteTrainingError, Trainer
 from trainer.metrics import MetricsLogger
 from trainer.export import export_model
@@ -144,6 +144,8 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
     source = resolve_data_path(config.data.path)
     _on_rank_zero(dist, lambda: ensure_prepared(config.data, directory, source))
     prepared = prepare_from_dataset(PreparedDataset.open(directory), config.data, dist.rank, dist.world_size)
+    # Where a rank's memory goes, phase by phase (resident GB after each; results.json).
+    rss_after = {"data": current_rss_gb()}
     summary = prepared.summary()
     if summary["evaluated_actors"] == 0:
         raise DataError(
@@ -162,14 +164,18 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
     metrics = MetricsLogger(run_dir / "tensorboard", enabled=dist.is_main)
     metrics.log_config(config_to_dict(config))
     trainer = Trainer(config, prepared, metrics, dist, run_dir=run_dir)
+    rss_after["model"] = current_rss_gb()
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
     try:
         summary_train = trainer.train()
+        rss_after["training"] = current_rss_gb()
         test = trainer.test()
+        rss_after["test"] = current_rss_gb()
         export_model(trainer.model, run_dir, dist)
+        rss_after["export"] = current_rss_gb()
         held = prepared.log.num_events + (prepared.incoming_log.height if prepared.incoming_log is not None else 0)
-        resources = rank_resources(trainer.model, dist, events_held=held)
+        resources = rank_resources(trainer.model, dist, events_held=held, rss_after=rss_after)
         # Every rank ranks its own actors' queries for the baselines too.
         baseline = baseline_results(prepared, config.baselines, config.eval, dist=dist)
         if not dist.is_main:
