@@ -8,6 +8,7 @@ what was given. Overrides use dotted keys: `loader.batch_size=256`.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import types
 import typing
 from pathlib import Path
@@ -141,14 +142,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {text!r}: empty key")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a YAML date that is no date (2024-02-30)
         quoted = "'" + raw.replace("'", "''") + "'"  # YAML's single-quoted string
+        problem = _yaml_problem(e, position=False) if isinstance(e, yaml.YAMLError) else str(e)
         raise ConfigError(
-            f"override {text!r}: the value is not valid YAML: {_yaml_problem(e, position=False)} "
+            f"override {text!r}: the value is not valid YAML: {problem} "
             f"(quote it to pass it as a string: {key}={quoted})",
             key,
         ) from None
-    return key.split("."), value
+    return key.split("."), _dates_as_text(value)
+
+
+def _dates_as_text(value: Any) -> Any:
+    """YAML reads `2004-06-01` as a date; every date this schema takes is an ISO string."""
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {k: _dates_as_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_dates_as_text(v) for v in value]
+    return value
 
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -175,9 +188,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file: {e.strerror}") from None
     try:
-        values = yaml.safe_load(text) or {}
+        values = _dates_as_text(yaml.safe_load(text) or {})
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e, position=True)}") from None
+    except ValueError as e:  # a YAML date that is no date
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
     values = apply_overrides(values, overrides or [])

@@ -8,6 +8,7 @@ Loading YAML into these classes (unknown keys, wrong types) lives in `configs/lo
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import typing
 from dataclasses import dataclass, field
@@ -152,6 +153,13 @@ class DataConfig:
             self.active_since_date is None or self.active_since_fraction == 0.0,
             "data.active_since_date and data.active_since_fraction: set at most one of them",
         )
+        if self.active_since_date is not None:
+            try:
+                dt.datetime.fromisoformat(self.active_since_date)
+            except ValueError:
+                raise ValueError(
+                    f"data.active_since_date: expected an ISO date like 2004-06-01, got {self.active_since_date!r}"
+                ) from None
 
 
 @dataclass(kw_only=True)

@@ -36,6 +36,7 @@ rebuilt, when the data config or a source file (size, modification time) changes
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -174,8 +175,10 @@ def write_dataset(config: DataConfig, source_path: str | Path, directory: Path, 
     from data.sequences import active_cutoff
 
     directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Our own name (a process killed mid-write leaves one; the next write clears those).
+    for stale in directory.parent.glob(f".{directory.name}.tmp*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
     (tmp / "events").mkdir(parents=True)
     partitions = config.partitions
 
@@ -392,20 +395,53 @@ class PreparedDataset:
         )
 
 
+# What a prepared dataset directory may hold, in this layout or the one before it
+# (events.parquet + meta.json): only such a directory is ever replaced.
+_OWN_NAMES = {
+    MANIFEST, "actor_ids.parquet", "target_ids.parquet", "action_types.parquet", "targets.parquet", "events",
+    "incoming", "events.parquet", "meta.json",
+}
+
+
 def ensure_prepared(config: DataConfig, directory: str | Path, source_path: str | Path) -> PreparedDataset:
     """The prepared dataset of `config` in `directory`, prepared now if missing, stale or
-    unreadable (a damaged one is rebuilt, with a warning)."""
+    unreadable (a damaged one is rebuilt, with a warning). Processes preparing the same
+    directory take turns (an flock beside it): the second finds the first's dataset
+    current. A directory that holds anything but a prepared dataset is never replaced."""
     directory = Path(directory)
-    fingerprint = source_fingerprint(source_path)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.with_name(f".{directory.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        return _ensure_prepared_locked(config, directory, source_path)
+
+
+def _ensure_prepared_locked(config: DataConfig, directory: Path, source_path: str | Path) -> PreparedDataset:
+    source_missing = not str(source_path).startswith(SYNTHETIC_PREFIX) and not Path(source_path).exists()
     if (directory / MANIFEST).exists():
         try:
             dataset = PreparedDataset.open(directory)
-            if dataset.is_current(config, fingerprint):
+            if source_missing:
+                # Prepared elsewhere (another machine, another engine) or the log moved:
+                # nothing to compare with, and nothing to prepare from.
+                log.warning("%s: the log %s is not here; using the prepared dataset as it is", directory, source_path)
+                return dataset
+            if dataset.is_current(config, source_fingerprint(source_path)):
                 return dataset
             log.info("%s: stale (the data config or the log changed); preparing it again", directory)
         except DataError as e:
+            if source_missing:
+                raise
             log.warning("%s; preparing it again", e)
     elif directory.exists():
+        foreign = sorted(p.name for p in directory.iterdir() if p.name not in _OWN_NAMES)
+        if foreign:
+            raise DataError(
+                f"{directory}: holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} and no prepared "
+                f"dataset ({MANIFEST}); not replacing it: point data.prepared_path (or --out) at an empty or new "
+                "directory"
+            )
         log.info("%s: holds no complete prepared dataset; preparing it", directory)
-    write_dataset(config, source_path, directory, fingerprint)
+    if source_missing:
+        raise DataError(f"{source_path}: no such file or directory (data.path)")
+    write_dataset(config, source_path, directory, source_fingerprint(source_path))
     return PreparedDataset.open(directory)

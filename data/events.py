@@ -300,15 +300,16 @@ def load_events(config: DataConfig, path: str | Path | None = None) -> EventLog:
     """Read, check, ID-map and sort a log: the full preparation up to the event table."""
     raw = read_log(path if path is not None else config.path, config)
     typed, report = type_events(raw, config)
-    if config.drop_duplicate_events:
-        before = typed.height
-        typed = typed.unique(subset=["actor", "target", "action", "timestamp"], keep="first", maintain_order=True)
-        report["duplicates_dropped"] = before - typed.height
-        log.info("%s: dropped %d duplicate event(s)", raw.source, report["duplicates_dropped"])
     shared = config.shared_id_space
     if shared is None:
         shared = raw.actors_are_targets
     events, actor_ids, target_ids, action_values = map_ids(typed, shared)
+    if config.drop_duplicate_events:
+        # After the mapping: "1" and "1.0" are one action type, so such events are equal.
+        before = events.height
+        events = events.unique(subset=["actor", "target", "action", "timestamp"], keep="first", maintain_order=True)
+        report["duplicates_dropped"] = before - events.height
+        log.info("%s: dropped %d duplicate event(s)", raw.source, report["duplicates_dropped"])
     # A stable order: (actor, time, original row). The row breaks time ties by file order.
     events = sort_events(events)
     return EventLog(

@@ -210,6 +210,9 @@ def _verify(path: Path, dist: Distributed) -> str | None:
     mine = []
     for name in names[dist.rank :: dist.world_size]:
         file, expected = path / name, listed[name]
+        if not isinstance(expected, dict):
+            mine.append(f"{path / MANIFEST}: its entry for {name} is not a size and hash")
+            continue
         size = file.stat().st_size
         if size != expected.get("size"):
             mine.append(f"{file}: {size} bytes, the manifest says {expected.get('size')}")
@@ -217,12 +220,26 @@ def _verify(path: Path, dist: Distributed) -> str | None:
             mine.append(f"{file}: contents differ from the manifest (SHA-256)")
     found = [p for part in dist.gather_objects(mine) for p in part]
     problem = problem or (found[0] if found else None)
-    best_step = manifest.get("best_step") if problem is None else None
-    if best_step:  # a step checkpoint resumes only together with the best model it names
-        best = path.parent / best_name(best_step)
-        best_problem = _verify(best, dist) if best.is_dir() else f"{best}: missing"
-        problem = best_problem and f"its best model: {best_problem}"
+    if problem is None and path.name.startswith(PREFIX):
+        problem = _verify_best(path, manifest.get("best_step"), dist)
     return problem
+
+
+def _verify_best(path: Path, best_step: object, dist: Distributed) -> str | None:
+    """A step checkpoint resumes only together with the best model it names."""
+    if best_step is None:
+        return None
+    if type(best_step) is not int or not 0 < best_step <= int(path.name[len(PREFIX):]):
+        return f"{path / MANIFEST}: names best step {best_step!r}, not a step at or before its own"
+    best = path.parent / best_name(best_step)
+    best_problem = _verify(best, dist) if best.is_dir() else f"{best}: missing"
+    return best_problem and f"its best model: {best_problem}"
+
+
+def best_of(path: Path) -> Path | None:
+    """The best-model checkpoint step checkpoint `path` names (verified with it), if any."""
+    best_step = json.loads((path / MANIFEST).read_text()).get("best_step")
+    return path.parent / best_name(best_step) if best_step else None
 
 
 def verified_checkpoint(directory: Path, dist: Distributed) -> Path | None:
@@ -410,6 +427,7 @@ def load_checkpoint(path: Path, state: dict, dist: Distributed) -> None:
     DCP's metadata classes. Verify it first (`verified_checkpoint`)."""
     if not (path / ".metadata").exists():
         raise CheckpointError(f"{path}: not a complete checkpoint (no .metadata)")
+    read_metadata(path)  # refused here in one line, not inside DCP (which would retry and log tracebacks)
     with _single_process_quiet():
         try:
             dcp.load(

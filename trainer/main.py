@@ -20,7 +20,9 @@ library.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +45,7 @@ from trainer.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
     CheckpointWriteError,
+    best_of,
     read_metadata,
     verified_checkpoint,
     written_config,
@@ -92,19 +95,40 @@ def run(config: ExperimentConfig, dist: Distributed = Distributed()) -> dict:
             lock.release()
 
 
+_REFUSALS = {"ConfigError": ConfigError, "CheckpointError": CheckpointError, "DataError": DataError}
+
+
 def _on_rank_zero(dist: Distributed, action: Callable[[], None]) -> None:
     """Run `action` on rank 0 and raise its refusal (ConfigError, CheckpointError, DataError) on
     every rank alike, so that no rank goes on to wait for one that stopped."""
-    refusal = None
-    if dist.is_main:
-        try:
-            action()
-        except (ConfigError, CheckpointError, DataError) as e:
-            refusal = (type(e).__name__, str(e))
-    refusal = dist.broadcast_object(refusal)
-    if refusal is not None:
-        kind, message = refusal
-        raise {"CheckpointError": CheckpointError, "DataError": DataError}.get(kind, ConfigError)(message)
+    _agreed(dist, action if dist.is_main else lambda: None)
+
+
+def _agreed(dist: Distributed, action: Callable[[], object]) -> object:
+    """`action()` on every rank, and the first failure of any rank raised on all of them (a
+    rank that failed alone would leave the others waiting in their next collective). A
+    user error keeps its kind and line; anything else is raised as it was on its own rank
+    and as a RuntimeError naming it on the others."""
+    result, failure, own = None, None, None
+    try:
+        result = action()
+    except Exception as e:  # noqa: BLE001 - every failure must reach the other ranks
+        own = e
+        failure = (type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+    if not dist.enabled:
+        if own is not None:
+            raise own
+        return result
+    failures = dist.gather_objects(failure)
+    first = next(((rank, f) for rank, f in enumerate(failures) if f is not None), None)
+    if first is None:
+        return result
+    rank, (kind, message) = first
+    if kind in _REFUSALS:
+        raise _REFUSALS[kind](message) from None
+    if own is not None:
+        raise own
+    raise RuntimeError(f"rank {rank} failed: {kind}: {message}")
 
 
 def _resume_point(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> Path | None:
@@ -116,7 +140,11 @@ def _resume_point(config: ExperimentConfig, dist: Distributed, run_dir: Path) ->
         return None
     checkpoint = verified_checkpoint(run_dir / "checkpoints", dist)
     if checkpoint is not None:
-        read_metadata(checkpoint)  # a crafted .metadata is refused here, before any work
+        # A crafted .metadata (of the checkpoint or of its best model) is refused here,
+        # before any work.
+        read_metadata(checkpoint)
+        if (best := best_of(checkpoint)) is not None:
+            read_metadata(best)
     # Without a checkpoint, a finished run's config.yaml still says what the directory holds.
     written_in = checkpoint if checkpoint is not None else run_dir
     written = written_config(written_in)
@@ -143,7 +171,10 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
     directory = prepared_directory(config.data, config.output_dir, config.name)
     source = resolve_data_path(config.data.path)
     _on_rank_zero(dist, lambda: ensure_prepared(config.data, directory, source))
-    prepared = prepare_from_dataset(PreparedDataset.open(directory), config.data, dist.rank, dist.world_size)
+    # A share damaged in place fails on the rank that reads it: every rank hears of it.
+    prepared = _agreed(
+        dist, lambda: prepare_from_dataset(PreparedDataset.open(directory), config.data, dist.rank, dist.world_size)
+    )
     # Where a rank's memory goes, phase by phase (resident GB after each; results.json).
     rss_after = {"data": current_rss_gb()}
     summary = prepared.summary()
@@ -241,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
         config = load_config(config_path, overrides)
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and not config.train.resume:
+            # torchrun restarted the job after a failure: the same command line again, which
+            # must continue the run, not be refused as a rerun (or --overwrite it).
+            log.info("restart %s of this job: resuming", os.environ["TORCHELASTIC_RESTART_COUNT"])
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, resume=True, overwrite=False))
         dist = init_distributed(config.distributed)
         if dist.enabled:
             _configure_logging(dist)

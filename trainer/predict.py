@@ -46,7 +46,7 @@ import polars as pl
 import torch
 
 from configs.loading import ConfigError, load_config
-from data.dataset import PreparedDataset, partition_of
+from data.dataset import PreparedDataset, partition_of, prepared_config
 from data.prepare import prepare_from_dataset
 from data.readers import DataError
 from data.sequences import Queries, Sequences
@@ -227,9 +227,24 @@ def _check_out(out: Path) -> None:
 
 def open_prepared(run_dir: Path, config) -> PreparedDataset:
     """The run's prepared dataset (`data.prepared_path`, else `<run>/prepared`): its
-    manifest read and its files' sizes checked, nothing more."""
-    return PreparedDataset.open(Path(config.data.prepared_path).expanduser() if config.data.prepared_path
-                                else run_dir / "prepared")
+    manifest read, its files' sizes checked, and that it is the dataset the model was
+    trained on (the same data config and, per results.json, the same log), else the IDs
+    would map to other people."""
+    dataset = PreparedDataset.open(Path(config.data.prepared_path).expanduser() if config.data.prepared_path
+                                   else run_dir / "prepared")
+    expected = prepared_config(config.data)
+    differing = sorted(k for k in expected if dataset.manifest.get("data_config", {}).get(k) != expected[k])
+    results = run_dir / "results.json"
+    trained_on = json.loads(results.read_text()).get("data", {}) if results.is_file() else {}
+    counts = dataset.manifest.get("counts", {})
+    changed = [k for k in ("events", "actors", "targets") if k in trained_on and trained_on[k] != counts.get(k)]
+    if differing or changed:
+        what = ", ".join([f"data.{k}" for k in differing] + [f"{k} {trained_on[k]:,} -> {counts.get(k)}" for k in changed])
+        raise DataError(
+            f"{dataset.directory}: prepared from other data than the model was trained on ({what}); "
+            f"train the run again: python -m trainer.main --config {run_dir / 'config.yaml'} --overwrite"
+        )
+    return dataset
 
 
 def _check_run(run_dir: Path) -> None:

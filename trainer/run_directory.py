@@ -31,8 +31,12 @@ from configs.loading import ConfigError
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
-# What a run leaves in its directory: any of these means the directory holds a run.
-RUN_FILES = ("config.yaml", "results.json", "results.md", "checkpoints", "model", "tensorboard", "prepared")
+# What a run leaves in its directory that is worth keeping: any of these means the
+# directory holds a run (a checkpoint, the results, the exported model).
+RUN_FILES = ("results.json", "checkpoints", "model")
+# What a run that stopped before any checkpoint leaves (and a new run replaces); the
+# prepared dataset (`prepared/`) is data, reused by any run of the same data config.
+LEFTOVER_FILES = ("config.yaml", "results.md", "tensorboard")
 # Keys a resumed run may change: they extend the run, or say how it runs (speed, where,
 # how often it logs), never what it computes. Everything else must match the checkpoint.
 RESUMABLE_KEYS = (
@@ -116,23 +120,36 @@ def _read_pid(fd: int) -> str:
 
 
 def existing_run_files(run_dir: Path) -> list[str]:
-    """The files and folders of an earlier run in `run_dir`, in RUN_FILES order."""
-    return [name for name in RUN_FILES if (run_dir / name).exists()]
+    """The files and folders of an earlier run in `run_dir`, in RUN_FILES order (an empty
+    checkpoints folder holds nothing)."""
+    found = []
+    for name in RUN_FILES:
+        path = run_dir / name
+        if name == "checkpoints":
+            if path.is_dir() and any(p.name.startswith(("step-", "best-")) for p in path.iterdir()):
+                found.append(name)
+        elif path.exists():
+            found.append(name)
+    return found
 
 
 def check_fresh_start(run_dir: Path, overwrite: bool) -> None:
     """Before a run that does not resume: refuse a directory holding another run, or,
-    with `overwrite`, clear it (the lock stays). Rank 0, holding the lock."""
+    with `overwrite`, clear it; what a run that stopped early left is cleared either way.
+    The prepared dataset and the lock stay. Rank 0, holding the lock."""
     found = existing_run_files(run_dir)
-    if not found:
-        return
-    if not overwrite:
+    if found and not overwrite:
         raise ConfigError(
             f"{run_dir}: already holds a run ({', '.join(found)}); continue it with --resume, "
             "replace it with --overwrite, or choose another name (name=...)"
         )
-    log.warning("%s: --overwrite: removing the earlier run's %s", run_dir, ", ".join(found))
-    for name in found:
+    if found:
+        log.warning("%s: --overwrite: removing the earlier run's %s", run_dir, ", ".join(found))
+    leftovers = [name for name in LEFTOVER_FILES if (run_dir / name).exists()]
+    if leftovers and not found:
+        log.info("%s: removing what a run that stopped before its first checkpoint left: %s", run_dir,
+                 ", ".join(leftovers))
+    for name in found + leftovers:
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

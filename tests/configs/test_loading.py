@@ -149,3 +149,12 @@ def test_cross_section_rules_are_checked_before_any_work(write):
         _load(write, base + "loss: {hard_negatives: {enabled: true, topk_start: 500}}\n")
     with pytest.raises(ConfigError, match="loss.temperature: expected > 0"):
         _load(write, base + "loss: {temperature: -1}\n")
+
+
+def test_yaml_dates_are_iso_text_and_a_date_that_is_no_date_is_one_line(tmp_path):
+    config = load_config(CONFIG_DIR / "smoke.yaml", ["data.active_since_date=2004-06-01"])
+    assert config.data.active_since_date == "2004-06-01"  # unquoted YAML reads a date
+    with pytest.raises(ConfigError, match=r"override 'train.max_steps=2024-02-30'.*day is out of range"):
+        load_config(CONFIG_DIR / "smoke.yaml", ["train.max_steps=2024-02-30"])
+    with pytest.raises(ConfigError, match=r"data.active_since_date: expected an ISO date like 2004-06-01"):
+        load_config(CONFIG_DIR / "smoke.yaml", ["data.active_since_date=June 2004"])

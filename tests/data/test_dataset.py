@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +99,8 @@ def test_the_embedded_logs_prepare_to_exactly_the_in_memory_split_and_statistics
 
 
 _events = st.lists(
-    st.tuples(st.integers(0, 12), st.integers(0, 12), st.integers(0, 2), st.integers(0, 40)), min_size=1, max_size=60
+    st.tuples(st.integers(0, 12), st.integers(0, 12), st.sampled_from(["1", "1.0", "2", "10"]), st.integers(0, 40)),
+    min_size=1, max_size=60,
 )
 
 
@@ -163,18 +166,44 @@ def test_an_unchanged_dataset_is_reused_and_a_stale_one_is_prepared_again(tmp_pa
     assert dataset.manifest["counts"]["events"] == 7
 
 
+def test_a_directory_of_other_files_is_never_replaced(tmp_path, capsys):
+    """Pointed at a folder of the user's own (the log's, say), the prepare step refuses
+    rather than clearing it."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    log = _log(folder)
+    (folder / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match=r"holds log.txt, notes.txt and no prepared dataset"):
+        ensure_prepared(DataConfig(path=str(log)), folder, log)
+    assert prepare_main(["--config", "smoke", "--out", str(folder), f"data.path={log}"]) == 2
+    assert "not replacing it" in capsys.readouterr().err
+    assert (folder / "notes.txt").read_text() == "keep me" and log.exists()
+
+
+def test_two_prepares_of_one_directory_take_turns(tmp_path):
+    log, directory = _log(tmp_path), tmp_path / "prepared"
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(f"name: c\ndata:\n  path: {log}\n  partitions: 3\n")
+    command = [sys.executable, "-m", "data.prepare", "--config", str(config_file), "--out", str(directory)]
+    processes = [subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], errors
+    assert PreparedDataset.open(directory).read_events([0, 1, 2]).height == 6
+    assert not list(tmp_path.glob(".prepared.tmp*"))
+
+
 def test_a_half_written_dataset_is_never_read(tmp_path):
     log, directory = _log(tmp_path), tmp_path / "prepared"
     config = DataConfig(path=str(log), partitions=2)
     # A write killed half-way: the temporary directory, and a directory without a manifest.
-    (tmp_path / ".prepared.tmp" / "events").mkdir(parents=True)
-    (tmp_path / ".prepared.tmp" / "events" / "part-00000.parquet").write_bytes(b"half")
+    (tmp_path / ".prepared.tmp123" / "events").mkdir(parents=True)
+    (tmp_path / ".prepared.tmp123" / "events" / "part-00000.parquet").write_bytes(b"half")
     directory.mkdir()
     (directory / "targets.parquet").write_bytes(b"half")
     with pytest.raises(DataError, match="not a prepared dataset"):
         PreparedDataset.open(directory)
     dataset = ensure_prepared(config, directory, log)
-    assert dataset.manifest["counts"]["events"] == 6 and not (tmp_path / ".prepared.tmp").exists()
+    assert dataset.manifest["counts"]["events"] == 6 and not list(tmp_path.glob(".prepared.tmp*"))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "delete", "manifest"])

@@ -14,7 +14,8 @@ import polars as pl
 import pytest
 import torch
 
-from data.dataset import PreparedDataset, partition_of
+from configs.loading import load_config
+from data.dataset import PreparedDataset, partition_of, prepared_config
 from data.readers import DataError
 import trainer.predict as predict_module
 from trainer.main import main
@@ -147,7 +148,10 @@ def fake_run(tmp_path, monkeypatch) -> Path:
     the test if reached, so every check below is shown to come before any work."""
     run = tmp_path / "run"
     (run / "prepared").mkdir(parents=True)
-    (run / "prepared" / "manifest.json").write_text('{"schema_version": 1, "files": {}}')
+    config = load_config(ROOT / "configs" / "smoke.yaml")
+    (run / "prepared" / "manifest.json").write_text(
+        json.dumps({"schema_version": 1, "files": {}, "data_config": prepared_config(config.data)})
+    )
     (run / "model").mkdir()
     shutil.copy(ROOT / "configs" / "smoke.yaml", run / "config.yaml")
 
@@ -221,5 +225,28 @@ def test_checked_arguments_reach_predict_typed_as_the_log(fake_run, tmp_path, mo
     assert json.loads((tmp_path / "p.json").read_text()) == []
     # A log of string IDs takes every line as it is.
     (fake_run / "config.yaml").write_text((fake_run / "config.yaml").read_text().replace("data:\n", "data:\n  id_type: str\n"))
+    manifest = fake_run / "prepared" / "manifest.json"
+    values = json.loads(manifest.read_text())
+    values["data_config"]["id_type"] = "str"  # the dataset prepared for that config
+    manifest.write_text(json.dumps(values))
     (tmp_path / "actors.txt").write_text("abc\n1\n")
     assert predict_main(args) == 0 and got["actors"] == ["abc", "1"]
+
+
+def test_a_prepared_dataset_rebuilt_from_other_data_is_refused(run_dir, tmp_path, capsys):
+    """A shared prepared dataset rebuilt for another data config (or log) would map the
+    model's indices to other IDs: refused in one line before any work."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    manifest = copy / "prepared" / "manifest.json"
+    values = json.loads(manifest.read_text())
+    values["data_config"]["active_since_fraction"] = 0.5
+    manifest.write_text(json.dumps(values))
+    assert predict_main(["--run", str(copy), "--k", "3", "--out", str(tmp_path / "p.json")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "prepared from other data than the model was trained on (data.active_since_fraction)" in line
+    values["data_config"]["active_since_fraction"] = 0.0
+    values["counts"]["events"] += 1
+    manifest.write_text(json.dumps(values))
+    assert predict_main(["--run", str(copy), "--k", "3", "--out", str(tmp_path / "p.json")]) == 2
+    assert "events 59,835 -> 59836" in capsys.readouterr().err

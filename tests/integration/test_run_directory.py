@@ -150,3 +150,50 @@ def test_two_runs_started_at_once_on_one_directory_never_mix(tmp_path):
     assert ("another run is using" in last or "already holds a run" in last) and "Traceback" not in refused
     results = _results(tmp_path)
     assert results["training"]["steps"] == 8
+
+
+def test_a_run_that_stopped_before_its_first_checkpoint_does_not_block_the_next(tmp_path, capsys):
+    assert _main(tmp_path, "loader.batch_size=100000") == 2  # refused after the data was prepared
+    assert "lower loader.batch_size" in _last_error(capsys)
+    manifest = tmp_path / "smoke" / "prepared" / "manifest.json"
+    prepared_at = manifest.stat().st_mtime_ns
+    assert _main(tmp_path) == 0  # its config.yaml and TensorBoard files are replaced, nothing refused
+    assert manifest.stat().st_mtime_ns == prepared_at  # the prepared dataset is reused
+
+
+def test_prepare_first_then_train(tmp_path):
+    from data.prepare import main as prepare_main
+
+    assert prepare_main(["--config", SMOKE, f"output_dir={tmp_path}"]) == 0
+    assert _main(tmp_path) == 0
+
+
+def test_a_torchrun_restart_resumes_without_being_told(tmp_path, capsys, monkeypatch):
+    """torchrun --max-restarts runs the same command again: it must continue the run."""
+    assert _main(tmp_path, "--overwrite") == 0
+    capsys.readouterr()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert _main(tmp_path, "--overwrite") == 0
+    err = capsys.readouterr().err
+    assert "restart 1 of this job: resuming" in err and "resumed from" in err
+
+
+def test_a_crafted_best_model_metadata_is_refused_before_any_work(tmp_path, capsys):
+    marker = tmp_path / "marker"
+
+    class RunsCommand:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    assert _main(tmp_path) == 0
+    checkpoints = tmp_path / "smoke" / "checkpoints"
+    best = sorted(checkpoints.glob("best-*"))[-1]
+    (best / ".metadata").write_bytes(pickle.dumps(RunsCommand()))
+    _write_manifest(best, int(best.name.split("-")[1]), Distributed())
+    results = (tmp_path / "smoke" / "results.json").read_bytes()
+    capsys.readouterr()
+    assert _main(tmp_path, "--resume") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "resumed from" not in err  # refused before the model was built
+    assert f"{best}/.metadata: refused" in err.strip().splitlines()[-1] and not marker.exists()
+    assert (tmp_path / "smoke" / "results.json").read_bytes() == results

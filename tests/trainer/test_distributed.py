@@ -126,9 +126,10 @@ def _share(config, dataset_dir: Path, rank: int, world: int):
 
 def _training_worker(rank, port, out, state, steps, world, dataset_dir):
     """2 ranks each read and train on their share; the 1-rank run reads the whole log and
-    holds both shares, so its global batches are the 2 ranks' (data/loader.py)."""
+    holds both shares, so its global batches are the 2 ranks' (data/loader.py), random
+    negatives included."""
     _join(rank, port, world)
-    config = _config(**{"train.max_steps": steps, "loader.batch_size": BATCH})
+    config = _config(**{"train.max_steps": steps, "loader.batch_size": BATCH, "loader.num_rand_negs": 3})
     prepared = _share(config, dataset_dir, rank, world)
     dist = init_distributed(config.distributed)
     trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False), dist)
@@ -151,7 +152,7 @@ def test_training_steps_on_two_ranks_match_one_process_with_the_global_batch(tmp
     # The one process is a 1-rank launch, so both sides run TorchRec's fused row-wise
     # Adagrad (the unsharded path runs TorchRec's Python version, whose arithmetic differs).
     steps = 3
-    config = _config(**{"train.max_steps": steps})
+    config = _config(**{"train.max_steps": steps, "loader.num_rand_negs": 3})
     dataset_dir = tmp_path / "prepared"
     ensure_prepared(config.data, dataset_dir, resolve_data_path(config.data.path))
     initial = Trainer(config, prepare(config.data), MetricsLogger(None, enabled=False)).model.state_dict()
@@ -270,7 +271,7 @@ def _checkpoint_worker(rank, port, out, run_dir, world, resume_from):
         trainer.load_state_dict(resume_from)
     valid = trainer.evaluate("valid")
     if resume_from is not None:
-        trainer.train()  # continues to step 8 from the checkpoint's step
+        trainer.train()  # at max_steps already: trains nothing, returns at once (checked: step stays 8)
     if rank == 0:
         torch.save({"valid": valid, "step": trainer.step}, out)
     close_distributed(dist)
@@ -278,7 +279,9 @@ def _checkpoint_worker(rank, port, out, run_dir, world, resume_from):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("write_ranks, read_ranks", [(2, 1), (1, 2)])
-def test_a_checkpoint_resumes_on_another_number_of_ranks_with_the_same_metrics(tmp_path, write_ranks, read_ranks):
+def test_a_checkpoint_loads_on_another_number_of_ranks_with_the_same_metrics(tmp_path, write_ranks, read_ranks):
+    """DCP reshards: a checkpoint written by N ranks evaluates the same read by M. (Training
+    on from it differs by design: N ranks draw N shares' batches, data/loader.py.)"""
     _spawn(_checkpoint_worker, tmp_path / "written.pt", tmp_path / "run", write_ranks, None, world=write_ranks)
     checkpoints = tmp_path / "run" / "checkpoints"
     assert [p.name for p in complete_checkpoints(checkpoints)] == ["step-00000004", "step-00000008"]
