@@ -59,9 +59,10 @@ class PreparedData:
     split: Split
     stats: TargetStats
     features: TargetFeatures | None = None
-    target_table: pl.DataFrame | None = None
-    """targets.parquet of the prepared dataset (global counts per split label); None when
-    prepared in memory, where the share is the whole log and `split` counts it."""
+    valid_counts: np.ndarray | None = None
+    """[T] validation events of each target over the whole log (targets.parquet; the
+    training counts are `stats.counts`); None when prepared in memory, where the share is
+    the whole log and `split` counts it."""
     incoming_log: pl.DataFrame | None = None
     """Events reaching this share's actors (actor, target, action, timestamp, row, split), from the
     prepared dataset's incoming partitions; None in memory (built from `seqs` then)."""
@@ -94,10 +95,9 @@ class PreparedData:
     def known_counts(self, split: Literal["valid", "test"]) -> np.ndarray:
         """[T] per-target event counts over the events known when the split's queries are
         asked (training events for valid, and the validation events too for test)."""
-        if self.target_table is None:
+        if self.valid_counts is None:
             return self.split.known_counts(self.seqs, split)
-        counts = self.target_table["train_count"].to_numpy().astype(np.int64)
-        return counts + self.target_table["valid_count"].to_numpy() if split == "test" else counts
+        return self.stats.counts + self.valid_counts if split == "test" else self.stats.counts.copy()
 
     def incoming_events(self, known: Literal["train", "valid", "test", "all"]) -> Incoming | None:
         """The incoming events the queries of a split may read (see data/incoming.py), or
@@ -177,7 +177,7 @@ def prepare_from_dataset(
         features = load_target_features(config, event_log.target_ids, resolve_data_path(config.target_features_path))
     return PreparedData(
         event_log, seqs, Split.leave_last_out(seqs), TargetStats.from_target_table(table, config), features,
-        target_table=table,
+        valid_counts=table["valid_count"].to_numpy().astype(np.int64),
         incoming_log=dataset.read_events(parts, "incoming") if event_log.shared_id_space else None,
         totals=dataset.manifest["counts"], partitions=dataset.partitions,
         share=(rank, world_size) if len(parts) == dataset.partitions or world_size > 1 else (-1, -1),

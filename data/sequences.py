@@ -59,9 +59,9 @@ class Sequences:
         return cls(
             actor=actor_col[starts].astype(np.int64),
             offsets=np.r_[starts, len(actor_col)].astype(np.int64),
-            targets=events["target"].to_numpy().astype(np.int64),
-            actions=events["action"].to_numpy().astype(np.int32),
-            timestamps=events["timestamp"].to_numpy().astype(np.int64),
+            targets=events["target"].to_numpy().astype(np.int64, copy=False),
+            actions=events["action"].to_numpy().astype(np.int32, copy=False),
+            timestamps=events["timestamp"].to_numpy().astype(np.int64, copy=False),
             num_targets=len(log.target_ids),
             num_actors=len(log.actor_ids),
             num_actions=len(log.action_values),

@@ -172,6 +172,13 @@ def _record_baseline_rss() -> None:
         _BASELINE_RSS_GB.append(current_rss_gb())
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far (VmHWM), in GB."""
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    return kb * 1024 / 1e9
+
+
 def current_rss_gb() -> float:
     """This process's resident memory now (VmRSS), in GB."""
     with open("/proc/self/status") as f:

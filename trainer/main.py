@@ -50,7 +50,14 @@ from trainer.checkpoint import (
     verified_checkpoint,
     written_config,
 )
-from trainer.distributed import Distributed, close_distributed, current_rss_gb, init_distributed, rank_resources
+from trainer.distributed import (
+    Distributed,
+    close_distributed,
+    current_rss_gb,
+    init_distributed,
+    peak_rss_gb,
+    rank_resources,
+)
 from trainer.loop import NonFiniteTrainingError, Trainer
 from trainer.metrics import MetricsLogger
 from trainer.export import export_model
@@ -175,8 +182,9 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
     prepared = _agreed(
         dist, lambda: prepare_from_dataset(PreparedDataset.open(directory), config.data, dist.rank, dist.world_size)
     )
-    # Where a rank's memory goes, phase by phase (resident GB after each; results.json).
-    rss_after = {"data": current_rss_gb()}
+    # Where a rank's memory goes, phase by phase (resident GB after each, and the peak so
+    # far; results.json).
+    rss_after = {"data": current_rss_gb(), "data (peak)": peak_rss_gb()}
     summary = prepared.summary()
     if summary["evaluated_actors"] == 0:
         raise DataError(
@@ -195,16 +203,16 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
     metrics = MetricsLogger(run_dir / "tensorboard", enabled=dist.is_main)
     metrics.log_config(config_to_dict(config))
     trainer = Trainer(config, prepared, metrics, dist, run_dir=run_dir)
-    rss_after["model"] = current_rss_gb()
+    rss_after.update({"model": current_rss_gb(), "model (peak)": peak_rss_gb()})
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
     try:
         summary_train = trainer.train()
-        rss_after["training"] = current_rss_gb()
+        rss_after.update({"training": current_rss_gb(), "training (peak)": peak_rss_gb()})
         test = trainer.test()
-        rss_after["test"] = current_rss_gb()
+        rss_after.update({"test": current_rss_gb(), "test (peak)": peak_rss_gb()})
         export_model(trainer.model, run_dir, dist)
-        rss_after["export"] = current_rss_gb()
+        rss_after.update({"export": current_rss_gb(), "export (peak)": peak_rss_gb()})
         held = prepared.log.num_events + (prepared.incoming_log.height if prepared.incoming_log is not None else 0)
         resources = rank_resources(trainer.model, dist, events_held=held, rss_after=rss_after)
         # Every rank ranks its own actors' queries for the baselines too.

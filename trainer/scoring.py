@@ -109,13 +109,14 @@ class ModelScorer:
         chunk_size = vector_chunk_size
         num_chunks = -(-len(self.candidate_ids) // chunk_size)
         num_chunks = int(dist.max(torch.tensor(num_chunks)))
-        with torch.no_grad():
-            vectors = [
-                model.candidate_vectors(self.candidate_ids[i * chunk_size : (i + 1) * chunk_size])
-                for i in range(num_chunks)
-            ]
         dim = model.model_config.embedding_dim
-        self.candidate_vectors = torch.cat(vectors) if vectors else torch.zeros(0, dim)
+        # Filled chunk by chunk in place: a list of chunks joined at the end would hold the
+        # rank's vectors twice at once (2.56 GB for 5e6 rows x D 64).
+        self.candidate_vectors = torch.empty(len(self.candidate_ids), dim)  # evaluation runs in fp32
+        with torch.no_grad():
+            for i in range(num_chunks):
+                chunk = slice(i * chunk_size, (i + 1) * chunk_size)
+                self.candidate_vectors[chunk] = model.candidate_vectors(self.candidate_ids[chunk])
         self.dist = dist
         self.all_queries: _QueryChunk | None = None
         if queries_split_over_ranks:
