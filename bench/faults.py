@@ -474,7 +474,7 @@ def run_directory_scenario(scenario: Scenario, work_dir: Path, reference: dict) 
         (run_dir / ".lock").unlink(missing_ok=True)
         newest = complete_checkpoints(run_dir / "checkpoints")[-1]
         if scenario.name == "crafted_metadata_resume":
-            (newest / ".metadata").write_bytes(_crafted_pickle(marker))
+            (newest / ".metadata").write_bytes(crafted_pickle(marker))
             _write_manifest(newest, int(newest.name.removeprefix("step-")), Distributed())
         if scenario.name == "damaged_newest_checkpoint_resume":
             shard = next(newest.glob("*.distcp"))
@@ -521,7 +521,10 @@ def run_directory_scenario(scenario: Scenario, work_dir: Path, reference: dict) 
     return record
 
 
-class _RunsCommand:
+class RunsCommand:
+    """An object that runs `touch marker` when unpickled by plain pickle.load (or torch.load
+    without weights_only): what a crafted checkpoint file would hold."""
+
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
@@ -529,11 +532,11 @@ class _RunsCommand:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _crafted_pickle(marker: Path) -> bytes:
+def crafted_pickle(marker: Path) -> bytes:
     """A `.metadata` that runs `touch marker` under plain pickle.load."""
     import pickle
 
-    return pickle.dumps(_RunsCommand(marker))
+    return pickle.dumps(RunsCommand(marker))
 
 
 def run_scenario(scenario: Scenario, work_dir: Path, reference: dict) -> dict:

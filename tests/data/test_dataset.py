@@ -85,17 +85,22 @@ def _check_layout(dataset: PreparedDataset, reference) -> None:
         assert not (dataset.directory / "incoming").exists()
 
 
-@pytest.mark.parametrize("name", ["collegemsg", "ml-100k"])
-def test_the_embedded_logs_prepare_to_exactly_the_in_memory_split_and_statistics(tmp_path, name):
-    config = DataConfig(path=f"embedded:{name}", partitions=7)
+def _assert_prepares_as_in_memory(config: DataConfig, directory: Path) -> None:
+    """The prepared dataset of `config` in `directory`, read back whole, against the
+    in-memory preparation: the same events, maps, split and statistics, and the layout."""
     reference = prepare(config)
-    prepared = prepare(config, tmp_path / "prepared")
-    _assert_same_preparation(reference, prepared)
-    dataset = PreparedDataset.open(tmp_path / "prepared")
+    _assert_same_preparation(reference, prepare(config, directory))
+    dataset = PreparedDataset.open(directory)
     _check_layout(dataset, reference)
     stats = TargetStats.from_target_table(dataset.targets(), config)
     for field in ("counts", "log_q", "candidates", "active_pool"):
         assert np.array_equal(getattr(stats, field), getattr(reference.stats, field)), field
+
+
+@pytest.mark.parametrize("name", ["collegemsg", "ml-100k"])
+def test_the_embedded_logs_prepare_to_exactly_the_in_memory_split_and_statistics(tmp_path, name):
+    config = DataConfig(path=f"embedded:{name}", partitions=7)
+    _assert_prepares_as_in_memory(config, tmp_path / "prepared")
 
 
 _events = st.lists(
@@ -114,14 +119,7 @@ def test_drawn_logs_prepare_to_exactly_the_in_memory_split_and_statistics(tmp_pa
     frame.write_parquet(log) if parquet else frame.write_csv(log)
     config = DataConfig(path=str(log), shared_id_space=shared, partitions=partitions, active_since_fraction=active,
                         drop_duplicate_events=deduplicate)
-    reference = prepare(config)
-    prepared = prepare(config, directory / "prepared")
-    _assert_same_preparation(reference, prepared)
-    dataset = PreparedDataset.open(directory / "prepared")
-    _check_layout(dataset, reference)
-    stats = TargetStats.from_target_table(dataset.targets(), config)
-    for field in ("counts", "log_q", "candidates", "active_pool"):
-        assert np.array_equal(getattr(stats, field), getattr(reference.stats, field)), field
+    _assert_prepares_as_in_memory(config, directory / "prepared")
 
 
 @given(counts=st.lists(st.integers(0, 1000), min_size=1, max_size=70), world_size=st.integers(1, 9))

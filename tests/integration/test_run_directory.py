@@ -5,14 +5,13 @@ its newest intact checkpoint, without running anything a crafted checkpoint hold
 from __future__ import annotations
 
 import json
-import os
-import pickle
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench.faults import crafted_pickle
 from trainer.checkpoint import _write_manifest, complete_checkpoints
 from trainer.distributed import Distributed
 from trainer.main import main
@@ -87,14 +86,9 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_older_one(tmp_path, capsys
 
 def test_a_crafted_checkpoint_runs_nothing_and_is_refused_in_one_line(tmp_path, capsys):
     marker = tmp_path / "marker"
-
-    class RunsCommand:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     assert _main(tmp_path) == 0
     newest = complete_checkpoints(tmp_path / "smoke" / "checkpoints")[-1]
-    (newest / ".metadata").write_bytes(pickle.dumps(RunsCommand()))
+    (newest / ".metadata").write_bytes(crafted_pickle(marker))
     _write_manifest(newest, 8, Distributed())  # the attacker also makes the manifest match
     capsys.readouterr()
     assert _main(tmp_path, "--resume") == 2
@@ -180,15 +174,10 @@ def test_a_torchrun_restart_resumes_without_being_told(tmp_path, capsys, monkeyp
 
 def test_a_crafted_best_model_metadata_is_refused_before_any_work(tmp_path, capsys):
     marker = tmp_path / "marker"
-
-    class RunsCommand:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     assert _main(tmp_path) == 0
     checkpoints = tmp_path / "smoke" / "checkpoints"
     best = sorted(checkpoints.glob("best-*"))[-1]
-    (best / ".metadata").write_bytes(pickle.dumps(RunsCommand()))
+    (best / ".metadata").write_bytes(crafted_pickle(marker))
     _write_manifest(best, int(best.name.split("-")[1]), Distributed())
     results = (tmp_path / "smoke" / "results.json").read_bytes()
     capsys.readouterr()

@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import pickle
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch.distributed.checkpoint as dcp
 
 from configs.loading import load_config
 from data.prepare import prepare
+from bench.faults import RunsCommand
 from trainer.checkpoint import (
     CheckpointError,
     _write_manifest,
@@ -168,16 +168,6 @@ def test_too_many_nan_steps_in_a_row_stop_with_a_clear_error_and_keep_the_checkp
 # ----------------------------------------------------- crafted and damaged checkpoints
 
 
-class _RunsCommand:
-    """A pickle that runs `touch marker` when unpickled by plain pickle.load."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def _two_checkpoints(directory: Path) -> None:
     for step in (1, 2):
         save_checkpoint(directory, step, {"x": torch.full((3,), float(step))}, Distributed(), keep=5)
@@ -192,7 +182,7 @@ def test_a_crafted_metadata_runs_nothing_even_with_a_matching_manifest(tmp_path)
     directory, marker = tmp_path / "checkpoints", tmp_path / "marker"
     _two_checkpoints(directory)
     newest = directory / "step-00000002"
-    (newest / ".metadata").write_bytes(pickle.dumps(_RunsCommand(marker)))
+    (newest / ".metadata").write_bytes(pickle.dumps(RunsCommand(marker)))
     _rewrite_manifest(newest)
     assert verified_checkpoint(directory, Distributed()) == newest  # the hashes match: only the content can tell
     with pytest.raises(CheckpointError, match=r"\.metadata: refused: it names (posix|os)\.system") as refused:
@@ -206,7 +196,7 @@ def test_a_crafted_metadata_runs_nothing_even_with_a_matching_manifest(tmp_path)
 def test_a_crafted_metadata_with_a_stale_manifest_is_damage_and_resume_falls_back(tmp_path, caplog):
     directory, marker = tmp_path / "checkpoints", tmp_path / "marker"
     _two_checkpoints(directory)
-    (directory / "step-00000002" / ".metadata").write_bytes(pickle.dumps(_RunsCommand(marker)))
+    (directory / "step-00000002" / ".metadata").write_bytes(pickle.dumps(RunsCommand(marker)))
     with caplog.at_level(logging.WARNING, logger="trainer.checkpoint"):
         chosen = verified_checkpoint(directory, Distributed())
     assert chosen == directory / "step-00000001"
@@ -227,7 +217,7 @@ def test_metadata_that_steers_an_entry_to_pickled_bytes_is_refused(tmp_path):
     save_checkpoint(directory, 1, {"x": torch.ones(3)}, Distributed(), keep=5)
     path = directory / "step-00000001"
     payload = io.BytesIO()
-    torch.save(_RunsCommand(marker), payload)
+    torch.save(RunsCommand(marker), payload)
     (path / "evil.distcp").write_bytes(payload.getvalue())
     metadata = read_metadata(path)
     metadata.state_dict_metadata["x"] = BytesStorageMetadata()
