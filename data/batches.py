@@ -83,32 +83,6 @@ class Batch(Pipelineable):
         """[B] the single value of a query key per example."""
         return self.query[key].values()
 
-    def history_padded(self, key: str, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense view of one history key: (values [B, L], mask [B, L] bool), valid entries at
-        the END of each row (left padding), as users of the transformer encoder expect."""
-        jagged = self.history[key]
-        return left_padded(jagged.values(), jagged.lengths(), max_len)
-
-
-def left_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Jagged (values [sum(lengths), ...], lengths [B]) -> (padded [B, L, ...], mask [B, L])
-    with each row's entries right-aligned; L = max_len or the longest row. Rows longer
-    than L keep their last L entries."""
-    lengths = lengths.to(torch.int64)
-    batch = lengths.shape[0]
-    width = int(max_len if max_len is not None else (lengths.max().item() if batch else 0))
-    offsets = torch.cumsum(lengths, 0) - lengths
-    row = torch.repeat_interleave(torch.arange(batch, device=values.device), lengths)
-    within = torch.arange(values.shape[0], device=values.device) - offsets[row]
-    column = width - lengths[row] + within
-    fits = column >= 0
-    row, column, values = row[fits], column[fits], values[fits]
-    padded = torch.zeros((batch, width) + tuple(values.shape[1:]), dtype=values.dtype, device=values.device)
-    mask = torch.zeros((batch, width), dtype=torch.bool, device=values.device)
-    padded = padded.index_put((row, column), values)
-    mask[row, column] = True
-    return padded, mask
-
 
 @dataclass(frozen=True)
 class BatchBuilder:

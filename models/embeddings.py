@@ -52,9 +52,9 @@ class VocabularySizes:
     num_actors: int
     num_actions: int
     shared_id_table: bool
+    """Actors are looked up in the target table (same people, one ID space)."""
     num_feature_tokens: int = 0
     """Vocabulary of sparse target feature tokens (0: no feature table)."""
-    """Actors are looked up in the target table (same people, one ID space)."""
 
     @property
     def num_id_rows(self) -> int:

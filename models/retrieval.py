@@ -3,7 +3,7 @@
     forward(actor, next_action, history, next_timestamp)  -> query vectors (request time)
     encode_queries(...)                                   -> query vectors + repeat bonuses
     candidate_vectors(ids)                                -> candidate vectors
-    train_forward(batch, num_rand_negs=None)              -> RetrievalOutput(loss, losses, telemetry)
+    train_forward(batch)                                  -> RetrievalOutput(loss, losses, telemetry)
 
 Model code is written as if it ran on one device: the ID tables are one TorchRec
 `EmbeddingCollection` (sharded from outside by DistributedModelParallel), and the
@@ -100,7 +100,7 @@ class TwoTowerRetrieval(nn.Module):
             self.in_batch = InBatchNegativesSampler(estimator=estimator, gather=gather)
         else:
             self.in_batch = InBatchNegativesSampler(log_p=target_log_p, gather=gather)
-        self.random = RandomNegativesSampler(pool_size, gather=gather)
+        self.random = RandomNegativesSampler(pool_size)
         self.temporal = loss_config.temporal_weight > 0
         if self.temporal and model_config.encoder == "transformer" and not model_config.causal:
             raise ValueError(
@@ -261,7 +261,7 @@ class TwoTowerRetrieval(nn.Module):
         self, items: HistoryItems, query_BD: torch.Tensor, contact_vectors_UD: torch.Tensor, next_action_BD: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cosine, repeat bonus) per history pair, the bonus in logit units. The scorer's
-        output is in cosine units and divided by tau like the similarity: with tau = 0.05 a
+        output is in cosine units and divided by tau like the similarity: with tau = 0.1 a
         bonus that must outweigh the similarity needs only O(1) weights, which Adam reaches
         in hundreds of steps (at lr 1e-3 it would need tens of thousands to reach O(1/tau))."""
         cosine_U = (query_BD[items.row_U] * contact_vectors_UD).sum(-1)
@@ -297,11 +297,9 @@ class TwoTowerRetrieval(nn.Module):
             return None
         return hard_topk_schedule(int(self.training_step), hard.topk_start, hard.topk_end, hard.num_steps, hard.schedule)
 
-    def train_forward(self, batch: Batch, num_rand_negs: int | None = None) -> RetrievalOutput:
+    def train_forward(self, batch: Batch) -> RetrievalOutput:
         """Loss and telemetry of one batch (main next-target loss + temporal pretraining)."""
         random_ids_BR = batch.random_negatives
-        if num_rand_negs is not None:
-            random_ids_BR = random_ids_BR[:, :num_rand_negs]
         batch_size, num_random = random_ids_BR.shape
         actor, next_action = batch.query_values("actor"), batch.query_values("next_action")
         next_timestamp = batch.query_values("next_timestamp")

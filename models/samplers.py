@@ -134,18 +134,13 @@ class InBatchNegativesSampler(nn.Module):
 class RandomNegativesSampler(nn.Module):
     """Wraps the random IDs the loader drew uniformly from the active pool."""
 
-    def __init__(self, pool_size: int, gather: Gather = identity_gather) -> None:
+    def __init__(self, pool_size: int) -> None:
         super().__init__()
-        self.pool_size, self.gather = pool_size, gather
+        self.pool_size = pool_size
 
-    def forward(self, ids_BR: torch.Tensor, embeddings_BRD: torch.Tensor, shared: bool = False) -> SampledNegatives:
-        """Per-example columns by default; `shared=True` flattens (and gathers) them into
-        columns every example sees, with the expected count of the whole set."""
+    def forward(self, ids_BR: torch.Tensor, embeddings_BRD: torch.Tensor) -> SampledNegatives:
+        """Per-example columns: each example's own R random IDs, with the expected count of R
+        draws from the pool."""
         num = ids_BR.shape[1]
-        if shared:
-            ids = self.gather(ids_BR.reshape(-1))
-            embeddings = self.gather(embeddings_BRD.reshape(-1, embeddings_BRD.shape[-1]))
-            log_q = torch.full(ids.shape, math.log(ids.shape[0] / self.pool_size), device=ids.device)
-            return SampledNegatives("random", ids, embeddings, log_q)
         log_q = torch.full(ids_BR.shape, math.log(max(num, 1) / self.pool_size), device=ids_BR.device)
         return SampledNegatives("random", ids_BR, embeddings_BRD, log_q)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data.batches import BatchBuilder, left_padded
+from data.batches import BatchBuilder
 from data.sequences import Queries, Sequences
 
 
@@ -51,24 +51,10 @@ def test_random_negatives_come_from_the_active_pool_and_follow_the_rng():
     assert torch.equal(a, b)
 
 
-def test_left_padded_view_puts_valid_entries_at_the_end():
-    values, lengths = torch.tensor([1, 2, 3, 4]), torch.tensor([3, 0, 1])
-    padded, mask = left_padded(values, lengths, max_len=4)
-    assert padded.tolist() == [[0, 1, 2, 3], [0, 0, 0, 0], [0, 0, 0, 4]]
-    assert mask.tolist() == [[False, True, True, True], [False] * 4, [False, False, False, True]]
-
-
 def test_batch_moves_and_pins_as_a_whole():
     seqs = _seqs()
     queries = Queries(sequence=np.array([0]), position=np.array([2]), history_start=np.array([0]))
     batch = BatchBuilder(seqs, queries, max_len=5, active_pool=np.array([1])).build(np.array([0]))
     moved = batch.to(torch.device("cpu"))
     assert torch.equal(moved.target, batch.target)
-    padded, mask = moved.history_padded("history_target")
-    assert padded.tolist() == [[10, 11]] and mask.all()
-
-
-def test_left_padded_view_keeps_the_newest_entries_of_long_rows():
-    padded, mask = left_padded(torch.tensor([1, 2, 3, 4, 5]), torch.tensor([4, 1]), max_len=2)
-    assert padded.tolist() == [[3, 4], [0, 5]]
-    assert mask.tolist() == [[True, True], [False, True]]
+    assert torch.equal(moved.history.values(), batch.history.values())
