@@ -209,7 +209,8 @@ def write_dataset(config: DataConfig, source_path: str | Path, directory: Path, 
 
     counts = _TargetCounts.zeros(len(target_ids))
     events_per_partition, events_per_action = [0] * partitions, np.zeros(len(action_values), dtype=np.int64)
-    low, high, duplicates = None, None, 0
+    span: list[int] = []  # each partition's oldest and newest time
+    duplicates = 0
     for part in range(partitions):
         events = _read_sunk(tmp / "_events", part, mapped)
         if config.drop_duplicate_events:
@@ -226,8 +227,7 @@ def write_dataset(config: DataConfig, source_path: str | Path, directory: Path, 
         events_per_partition[part] = events.height
         events_per_action += np.bincount(events["action"].to_numpy(), minlength=len(action_values))
         if events.height:
-            low = min(low, int(events["timestamp"].min())) if low is not None else int(events["timestamp"].min())
-            high = max(high, int(events["timestamp"].max())) if high is not None else int(events["timestamp"].max())
+            span += [int(events["timestamp"].min()), int(events["timestamp"].max())]
     shutil.rmtree(tmp / "_events")
     if config.drop_duplicate_events:
         report["duplicates_dropped"] = duplicates
@@ -242,7 +242,8 @@ def write_dataset(config: DataConfig, source_path: str | Path, directory: Path, 
             incoming.write_parquet(tmp / "incoming" / _part_name(part))
         shutil.rmtree(tmp / "_incoming")
 
-    cutoff = active_cutoff(np.array([low, high]), config) if low is not None else 0
+    low, high = (min(span), max(span)) if span else (0, 0)
+    cutoff = active_cutoff(np.array([low, high]), config) if span else 0
     counts.table(cutoff).write_parquet(tmp / "targets.parquet")
     _write_ids(tmp / "actor_ids.parquet", actor_ids)
     if not shared:
@@ -266,8 +267,8 @@ def write_dataset(config: DataConfig, source_path: str | Path, directory: Path, 
             "targets": len(target_ids),
             "action_types": len(action_values),
             "evaluated_actors": int(counts.test.sum()),
-            "min_timestamp": low if low is not None else 0,
-            "max_timestamp": high if high is not None else 0,
+            "min_timestamp": low,
+            "max_timestamp": high,
             "events_per_partition": events_per_partition,
             "events_per_action": events_per_action.tolist(),
         },

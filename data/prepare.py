@@ -172,9 +172,7 @@ def prepare_from_dataset(
     event_log = dataset.event_log(parts)
     seqs = Sequences.from_event_log(event_log)
     table = dataset.targets()
-    features = None
-    if config.target_features_path is not None:
-        features = load_target_features(config, event_log.target_ids, resolve_data_path(config.target_features_path))
+    features = _target_features(config, event_log)
     return PreparedData(
         event_log, seqs, Split.leave_last_out(seqs), TargetStats.from_target_table(table, config), features,
         valid_counts=table["valid_count"].to_numpy().astype(np.int64),
@@ -189,10 +187,15 @@ def prepare_from_event_log(event_log: EventLog, config: DataConfig) -> PreparedD
     seqs = Sequences.from_event_log(event_log)
     split = Split.leave_last_out(seqs)
     stats = TargetStats.compute(seqs, split, config)
-    features = None
-    if config.target_features_path is not None:
-        features = load_target_features(config, event_log.target_ids, resolve_data_path(config.target_features_path))
+    features = _target_features(config, event_log)
     return PreparedData(event_log, seqs, split, stats, features, partitions=config.partitions)
+
+
+def _target_features(config: DataConfig, event_log: EventLog) -> TargetFeatures | None:
+    """The log's sparse target features, when the config names a table of them."""
+    if config.target_features_path is None:
+        return None
+    return load_target_features(config, event_log.target_ids, resolve_data_path(config.target_features_path))
 
 
 def main(argv: list[str] | None = None) -> int:

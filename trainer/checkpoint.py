@@ -238,8 +238,13 @@ def _verify_best(path: Path, best_step: object, dist: Distributed) -> str | None
 
 def best_of(path: Path) -> Path | None:
     """The best-model checkpoint step checkpoint `path` names (verified with it), if any."""
-    best_step = json.loads((path / MANIFEST).read_text()).get("best_step")
+    best_step = _named_best_step(path)
     return path.parent / best_name(best_step) if best_step else None
+
+
+def _named_best_step(path: Path) -> object:
+    """The `best_step` step checkpoint `path`'s manifest names (None if none)."""
+    return json.loads((path / MANIFEST).read_text()).get("best_step")
 
 
 def verified_checkpoint(directory: Path, dist: Distributed) -> Path | None:
@@ -378,7 +383,7 @@ def _prune_best(directory: Path, keep_also: int | None) -> None:
     named = {keep_also}
     for checkpoint in complete_checkpoints(directory):
         try:
-            named.add(json.loads((checkpoint / MANIFEST).read_text()).get("best_step"))
+            named.add(_named_best_step(checkpoint))
         except (OSError, ValueError):
             continue  # a damaged checkpoint names nothing it could be resumed with
     for best in directory.glob(f"{BEST_PREFIX}*"):

@@ -105,15 +105,6 @@ class Distributed:
         torch_dist.all_gather_object(values, value)
         return values
 
-    def broadcast_object(self, value: object) -> object:
-        """Rank 0's `value` on every rank (a decision only rank 0 can make, such as the
-        run directory's lock, so that every rank acts on it alike)."""
-        if not self.enabled:
-            return value
-        box = [value]
-        torch_dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 class _GatherWithGradient(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient of the gathered tensor and
@@ -174,15 +165,18 @@ def _record_baseline_rss() -> None:
 
 def peak_rss_gb() -> float:
     """This process's peak resident memory so far (VmHWM), in GB."""
-    with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
-    return kb * 1024 / 1e9
+    return _memory_status_gb("VmHWM")
 
 
 def current_rss_gb() -> float:
     """This process's resident memory now (VmRSS), in GB."""
+    return _memory_status_gb("VmRSS")
+
+
+def _memory_status_gb(field: str) -> float:
+    """A memory field of /proc/self/status (Linux reports kB), in GB."""
     with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+        kb = next(int(line.split()[1]) for line in f if line.startswith(field))
     return kb * 1024 / 1e9
 
 
@@ -353,11 +347,9 @@ def rank_resources(
     `rss_after`: resident GB after each phase of the run (the same phases on every rank).
     Collective: every rank must call it."""
     phases = rss_after or {}
-    import resource
-
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+    peak_gb = peak_rss_gb()
     baseline_gb = _BASELINE_RSS_GB[0] if _BASELINE_RSS_GB else float("nan")
     rows: dict[str, int] = {}
     table_bytes = 0

@@ -184,7 +184,8 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
     )
     # Where a rank's memory goes, phase by phase (resident GB after each, and the peak so
     # far; results.json).
-    rss_after = {"data": current_rss_gb(), "data (peak)": peak_rss_gb()}
+    rss_after: dict[str, float] = {}
+    _note_memory(rss_after, "data")
     summary = prepared.summary()
     if summary["evaluated_actors"] == 0:
         raise DataError(
@@ -203,16 +204,16 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
     metrics = MetricsLogger(run_dir / "tensorboard", enabled=dist.is_main)
     metrics.log_config(config_to_dict(config))
     trainer = Trainer(config, prepared, metrics, dist, run_dir=run_dir)
-    rss_after.update({"model": current_rss_gb(), "model (peak)": peak_rss_gb()})
+    _note_memory(rss_after, "model")
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint)
     try:
         summary_train = trainer.train()
-        rss_after.update({"training": current_rss_gb(), "training (peak)": peak_rss_gb()})
+        _note_memory(rss_after, "training")
         test = trainer.test()
-        rss_after.update({"test": current_rss_gb(), "test (peak)": peak_rss_gb()})
+        _note_memory(rss_after, "test")
         export_model(trainer.model, run_dir, dist)
-        rss_after.update({"export": current_rss_gb(), "export (peak)": peak_rss_gb()})
+        _note_memory(rss_after, "export")
         held = prepared.log.num_events + (prepared.incoming_log.height if prepared.incoming_log is not None else 0)
         resources = rank_resources(trainer.model, dist, events_held=held, rss_after=rss_after)
         # Every rank ranks its own actors' queries for the baselines too.
@@ -253,6 +254,11 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
     print(table)
     print(f"\nresults: {run_dir / 'results.json'}; TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
     return results
+
+
+def _note_memory(rss_after: dict[str, float], phase: str) -> None:
+    """Resident memory at the end of `phase`, and the peak so far, in GB."""
+    rss_after.update({phase: current_rss_gb(), f"{phase} (peak)": peak_rss_gb()})
 
 
 def _configure_logging(dist: Distributed) -> None:

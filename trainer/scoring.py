@@ -13,6 +13,7 @@ Shape suffixes: Q queries, C candidates, D width, U history pairs.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,9 +124,10 @@ class ModelScorer:
             self.all_queries = self._encode_and_gather(seqs, queries, query_chunk_size, dist)
 
     @torch.no_grad()
-    def _encode(self, rows: np.ndarray) -> tuple[torch.Tensor, _BonusPairs | None]:
-        """Query vectors / tau and bonus pairs (sorted by key) of queries `rows`."""
-        batch = self.builder.build(rows)
+    def _encode(self, rows: np.ndarray, builder: BatchBuilder | None = None) -> tuple[torch.Tensor, _BonusPairs | None]:
+        """Query vectors / tau and bonus pairs (sorted by key) of queries `rows` (of
+        `builder`'s queries; the scorer's own by default)."""
+        batch = (builder or self.builder).build(rows)
         encoding = self.model.encode_queries(
             batch.query_values("actor"),
             batch.query_values("next_action"),
@@ -148,8 +150,8 @@ class ModelScorer:
         vectors, pairs = [], []
         for i in range(num_chunks):
             rows = np.arange(i * chunk, min((i + 1) * chunk, local))
-            if len(rows) == 0:  # TorchRec's lookups refuse an empty batch
-                self._encode(np.zeros(1, dtype=np.int64)) if local else self._encode_stand_in(seqs)
+            if len(rows) == 0:  # TorchRec's lookups refuse an empty batch: encode one row, drop it
+                self._encode(np.zeros(1, dtype=np.int64), None if local else self._stand_in(seqs))
                 continue
             vector, pair = self._encode(rows)
             vectors.append(vector)
@@ -177,23 +179,16 @@ class ModelScorer:
             ).sorted()
         return _QueryChunk(gathered_QD, gathered_pairs, None)
 
-    def _encode_stand_in(self, seqs: Sequences) -> None:
-        """A rank holding no query still joins the collective lookups: one row of its
-        longest sequence, encoded and dropped."""
+    def _stand_in(self, seqs: Sequences) -> BatchBuilder:
+        """For a rank holding no query, which must still join the collective lookups: a
+        builder of one query, the last event of its longest sequence."""
         longest = int(np.argmax(seqs.lengths))
         start = int(seqs.offsets[longest])
         stand_in = Queries(
             sequence=np.array([longest]), position=np.array([start + int(seqs.lengths[longest]) - 1]),
             history_start=np.array([start]),
         )
-        builder, self.builder = self.builder, BatchBuilder(
-            seqs, stand_in, self.builder.max_len, active_pool=np.zeros(1, dtype=np.int64),
-            incoming=self.builder.incoming, incoming_window=self.builder.incoming_window,
-        )
-        try:
-            self._encode(np.zeros(1, dtype=np.int64))
-        finally:
-            self.builder = builder
+        return dataclasses.replace(self.builder, queries=stand_in)
 
     def gathered_jagged(self, lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-query lists of this rank's queries (`lengths`, flat `values`), gathered and
