@@ -88,7 +88,7 @@ def measure(num_candidates: int, dim: int, num_queries: int, query_chunk: int, c
         "query_chunk_size": query_chunk, "candidate_chunk_size": candidate_chunk,
         "candidate_vectors_s": vectors_s, "ranking_s": ranking_s,
         "scores_per_s": scores / ranking_s, "gflops": 2 * dim * scores / ranking_s / 1e9,
-        "table_gb": len(candidates) * dim * 4 / 1e9, "candidate_vectors_gb": scorer.candidate_vectors.numel() * 4 / 1e9,
+        "table_gb": len(candidates) * dim * 4 / 1e9, "candidate_vectors_gb": scorer.vectors.held_bytes / 1e9,
         "peak_rss_gb": peak_rss_gb(),
         "rss_before_ranking_gb": before_ranking_gb,
         "ranking_peak_over_before_gb": _status_gb("VmHWM") - before_ranking_gb,

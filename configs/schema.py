@@ -495,8 +495,16 @@ class EvalConfig:
     millions of actors, where one exact validation over all of them costs hours. The
     results report how many actors were evaluated."""
 
+    max_held_vectors_gb: float = 0.5
+    """Candidate vectors a rank holds during an evaluation, at most (GB): up to this size
+    they are computed once per evaluation and kept; beyond it (1.28 GB per rank for 1e7
+    rows x D 64 on 2 ranks) each block of 65,536 is computed from the rank's own table
+    rows when it is scored, about twice per query chunk, and only two blocks are held.
+    The metrics are the same either way (trainer/scoring.py CandidateVectors)."""
+
     def __post_init__(self) -> None:
         _require(self.query_chunk_size >= 1, f"eval.query_chunk_size: expected >= 1, got {self.query_chunk_size}")
+        _require(self.max_held_vectors_gb >= 0, f"eval.max_held_vectors_gb: expected >= 0, got {self.max_held_vectors_gb}")
         _require(
             self.candidate_chunk_size >= 1,
             f"eval.candidate_chunk_size: expected >= 1, got {self.candidate_chunk_size}",

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from configs.schema import DataConfig
 from data.events import EventLog, IdMap
@@ -368,16 +370,26 @@ class PreparedDataset:
         return events.sort(key, maintain_order=True)
 
     def id_maps(self) -> tuple[IdMap, IdMap]:
-        actor_ids = IdMap(self._read("actor_ids.parquet")["raw"])
+        """The actor and target ID maps, read when their raw IDs are first asked for."""
+        actor_ids = self._id_map("actor_ids.parquet")
         shared = self.manifest["shared_id_space"]
-        target_ids = actor_ids if shared else IdMap(self._read("target_ids.parquet")["raw"])
+        target_ids = actor_ids if shared else self._id_map("target_ids.parquet")
         return actor_ids, target_ids
+
+    def _id_map(self, name: str) -> IdMap:
+        path = self.directory / name
+        try:
+            size = pq.read_metadata(path).num_rows
+        except (OSError, pa.ArrowException) as e:
+            raise DataError(f"{path}: not readable as parquet ({str(e).splitlines()[0]}); delete {self.directory} "
+                            "to prepare it again") from None
+        return IdMap.stored(size, lambda: self._read(name, columns=["raw"])["raw"])
 
     def action_values(self) -> list[str]:
         return self._read("action_types.parquet")["raw"].to_list()
 
-    def targets(self) -> pl.DataFrame:
-        return self._read("targets.parquet")
+    def targets(self, columns: list[str] | None = None) -> pl.DataFrame:
+        return self._read("targets.parquet", columns=columns)
 
     def event_log(self, parts: list[int] | None = None) -> EventLog:
         """The events of `parts` (every partition when None) as an EventLog."""

@@ -171,7 +171,7 @@ def prepare_from_dataset(
     parts = dataset.partitions_of_rank(rank, world_size) if parts is None else sorted(parts)
     event_log = dataset.event_log(parts)
     seqs = Sequences.from_event_log(event_log)
-    table = dataset.targets()
+    table = dataset.targets(["target", "train_count", "valid_count", "test_count", "active"])
     features = _target_features(config, event_log)
     return PreparedData(
         event_log, seqs, Split.leave_last_out(seqs), TargetStats.from_target_table(table, config), features,

@@ -198,13 +198,18 @@ class TargetStats:
     def from_target_table(cls, table: pl.DataFrame, config: DataConfig) -> TargetStats:
         """The same statistics from the prepared dataset's targets.parquet (data/dataset.py),
         which counts every event, so a rank holding a share of the log still has them whole."""
-        table = table.sort("target")
-        counts = table["train_count"].to_numpy().astype(np.int64)
-        weights = np.maximum(counts.astype(np.float64), config.freq_count_floor) ** config.freq_exponent
-        log_q = np.log(weights) - np.log(weights.sum())
+        if not table["target"].is_sorted():  # as written here; another engine may not
+            table = table.sort("target")
+        counts = table["train_count"].to_numpy().astype(np.int64, copy=False)
+        # In place, one [T] float array at a time: this runs on every rank, at 1e7 targets.
+        log_q = np.maximum(counts.astype(np.float64), config.freq_count_floor)
+        log_q **= config.freq_exponent
+        total = log_q.sum()
+        np.log(log_q, out=log_q)
+        log_q -= np.log(total)
         seen = (table["train_count"] + table["valid_count"] + table["test_count"]) > 0
-        candidates = table["target"].filter(seen).to_numpy().astype(np.int64)
-        active_pool = table["target"].filter(table["active"]).to_numpy().astype(np.int64)
+        candidates = table["target"].filter(seen).to_numpy().astype(np.int64, copy=False)
+        active_pool = table["target"].filter(table["active"]).to_numpy().astype(np.int64, copy=False)
         return cls(counts=counts, log_q=log_q, candidates=candidates, active_pool=active_pool)
 
 

@@ -289,6 +289,13 @@ class TwoTowerRetrieval(nn.Module):
             looked_up[CANDIDATE_FEATURE] = _mean_per_id(looked_up[CANDIDATE_FEATURE], counts)
         return self._candidates(looked_up, CANDIDATE_TARGET, CANDIDATE_FEATURE)
 
+    def candidate_vectors_of_rows(self, target_ND: torch.Tensor) -> torch.Tensor:
+        """[N, D] rows of the target table (a model without target features) -> [N, D]
+        unit vectors: `candidate_vectors` for a caller that read the rows itself."""
+        if self.has_features:
+            raise ValueError("candidate_vectors_of_rows: this model's candidates have features; use candidate_vectors")
+        return self._candidates({CANDIDATE_TARGET: target_ND}, CANDIDATE_TARGET, CANDIDATE_FEATURE)
+
     # ------------------------------------------------------------------ training
 
     def current_hard_topk(self) -> int | None:

@@ -404,7 +404,7 @@ def _write_atomically(
                 shutil.rmtree(stale, ignore_errors=True)
     try:
         with atomic_directory(final, dist) as tmp, _single_process_quiet():
-            dcp.save(state, checkpoint_id=tmp, no_dist=not dist.enabled)
+            dcp.save(_in_row_pieces(state), checkpoint_id=tmp, no_dist=not dist.enabled)
             if dist.is_main and config is not None:
                 (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
             dist.barrier()
@@ -419,6 +419,38 @@ def _write_atomically(
             + "rerun with --resume once the cause is fixed"
         ) from e
     return final
+
+
+# The most bytes DCP copies at once when it writes a view of a larger tensor.
+PIECE_BYTES = 64 * 2**20
+
+
+def _in_row_pieces(state):
+    """`state` with every sharded tensor whose local shards exceed PIECE_BYTES cut into
+    pieces of rows of at most that. DCP writes a view of a larger tensor by copying it
+    first, and TorchRec keeps a rank's tables in one flat buffer: the copy of a rank's
+    1.28 GB table shard (1e7 x D 64 on 2 ranks) was the run's peak memory. A piece is
+    copied, written and dropped before the next. The checkpoint lists more chunks, which
+    DCP reads back into any sharding."""
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+
+    if isinstance(state, dict):
+        return {key: _in_row_pieces(value) for key, value in state.items()}
+    if not isinstance(state, ShardedTensor) or state.dim() != 2:
+        return state
+    shards = state.local_shards()
+    if all(shard.tensor.nbytes <= PIECE_BYTES for shard in shards):
+        return state
+    pieces = []
+    for shard in shards:
+        meta, tensor = shard.metadata, shard.tensor
+        step = max(1, PIECE_BYTES // max(tensor.stride(0) * tensor.element_size(), 1))
+        for start in range(0, tensor.shape[0], step):
+            rows = tensor[start : start + step]
+            offsets = [meta.shard_offsets[0] + start, meta.shard_offsets[1]]
+            pieces.append(Shard(rows, ShardMetadata(offsets, list(rows.shape), meta.placement)))
+    # Collective (it agrees the global layout): every rank writes the same state keys.
+    return ShardedTensor._init_from_local_shards(pieces, *state.size(), process_group=state._process_group)
 
 
 def _first_line(error: BaseException) -> str:

@@ -326,6 +326,48 @@ def owned_candidates(model: nn.Module, candidates: np.ndarray, dist: Distributed
     return candidates[keep]
 
 
+@dataclass(frozen=True)
+class LocalRows:
+    """The rows of an ID table this rank holds whole (every column), read without any
+    collective call: `(first row, rows [n, D])` per shard (views of the live table)."""
+
+    shards: list[tuple[int, torch.Tensor]]
+
+    def of(self, ids: torch.Tensor) -> torch.Tensor:
+        """[N] IDs, every one held here -> [N, D] rows, as a lookup of them returns them."""
+        if len(self.shards) == 1:
+            start, rows = self.shards[0]
+            return rows[ids - start]
+        out = torch.empty(len(ids), self.shards[0][1].shape[1], dtype=self.shards[0][1].dtype)
+        for start, rows in self.shards:
+            inside = (ids >= start) & (ids < start + rows.shape[0])
+            out[inside] = rows[ids[inside] - start]
+        return out
+
+
+def local_table_rows(model: nn.Module, table: str = "target_ids") -> LocalRows | None:
+    """This rank's rows of `table` (the whole table in one process), or None when the
+    sharding splits a row's columns over ranks (column-wise): then only a collective
+    lookup gives a whole row."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    weights = [v for k, v in model.state_dict().items() if k.endswith(f"{table}.weight")]
+    if len(weights) != 1:
+        raise ValueError(f"local_table_rows: expected one {table!r} table in the model, found {len(weights)}")
+    weight = weights[0]
+    if not isinstance(weight, ShardedTensor):
+        return LocalRows([(0, weight)])
+    dim = weight.size(1)
+    shards = [
+        (shard.metadata.shard_offsets[0], shard.tensor)
+        for shard in weight.local_shards()
+        if shard.metadata.shard_sizes[1] == dim
+    ]
+    if len(shards) != len(weight.local_shards()):
+        return None
+    return LocalRows(shards)
+
+
 def _local_row_ranges(table) -> list[tuple[int, int]]:
     """(first row, number of rows) of each shard of a sharded table this rank holds.
     Column-wise pieces of a row count once: the rank holding column 0 owns the row."""

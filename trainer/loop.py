@@ -285,6 +285,7 @@ class Trainer:
             scorer = ModelScorer(
                 self.model, prepared.seqs, queries, config.history_window, candidates,
                 dist=dist, queries_split_over_ranks=split_over_ranks, query_chunk_size=config.eval.query_chunk_size,
+                max_held_bytes=config.eval.max_held_vectors_gb * 1e9,
                 **incoming_inputs(config, prepared, split),
             )
             true_targets = prepared.seqs.targets[queries.position]

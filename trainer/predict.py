@@ -142,7 +142,8 @@ def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, ex
         seqs, sequence, _next_actions(event_log, seqs, sequence, actions, most_frequent), counts["max_timestamp"]
     )
     scorer = ModelScorer(
-        model, seqs, queries, config.history_window, stats.candidates, **incoming_inputs(config, prepared, "all")
+        model, seqs, queries, config.history_window, stats.candidates, **incoming_inputs(config, prepared, "all"),
+        max_held_bytes=config.eval.max_held_vectors_gb * 1e9,
     )
     seen = [seqs.targets[seqs.offsets[s] : seqs.offsets[s + 1]] for s in sequence] if exclude_seen else None
     ids, scores = top_k(scorer, len(sequence), stats.candidates, k, seen)

@@ -22,7 +22,7 @@ import torch
 from data.batches import BatchBuilder
 from data.incoming import Incoming
 from data.sequences import Queries, Sequences
-from trainer.distributed import Distributed
+from trainer.distributed import Distributed, local_table_rows
 from trainer.evaluation import ColumnPairs
 from models.retrieval import QueryEncoding, TwoTowerRetrieval
 
@@ -85,10 +85,12 @@ class ModelScorer:
         dist: Distributed = Distributed(),
         queries_split_over_ranks: bool = False,
         query_chunk_size: int = 1024,
+        max_held_bytes: float = float("inf"),
     ) -> None:
         """`candidate_ids`: the candidates this scorer scores (on several ranks, the ones
-        this rank owns); their vectors are computed once, `vector_chunk_size` per table
-        lookup (a collective call on several ranks, so few and large). `incoming`: the
+        this rank owns); their vectors are computed in blocks of `vector_chunk_size`, held
+        when they take at most `max_held_bytes`, else computed again when scored
+        (`CandidateVectors`). `incoming`: the
         incoming events the queries may read (their last `incoming_window` before each
         query's time go to the repeat re-scorer).
 
@@ -106,18 +108,7 @@ class ModelScorer:
         )
         self.num_targets = seqs.num_targets
         self.candidate_ids = torch.from_numpy(np.sort(np.asarray(candidate_ids, dtype=np.int64)))
-        # Table lookups are collective on several ranks: every rank makes as many calls.
-        chunk_size = vector_chunk_size
-        num_chunks = -(-len(self.candidate_ids) // chunk_size)
-        num_chunks = int(dist.max(torch.tensor(num_chunks)))
-        dim = model.model_config.embedding_dim
-        # Filled chunk by chunk in place: a list of chunks joined at the end would hold the
-        # rank's vectors twice at once (2.56 GB for 5e6 rows x D 64).
-        self.candidate_vectors = torch.empty(len(self.candidate_ids), dim)  # evaluation runs in fp32
-        with torch.no_grad():
-            for i in range(num_chunks):
-                chunk = slice(i * chunk_size, (i + 1) * chunk_size)
-                self.candidate_vectors[chunk] = model.candidate_vectors(self.candidate_ids[chunk])
+        self.vectors = CandidateVectors(model, self.candidate_ids, vector_chunk_size, dist, max_held_bytes)
         self.dist = dist
         self.all_queries: _QueryChunk | None = None
         if queries_split_over_ranks:
@@ -235,9 +226,9 @@ class ModelScorer:
         # A contiguous run: a view of the vectors and the bonus pairs found by two binary
         # searches; otherwise (any other candidate list) looked up one by one.
         if start is not None:
-            vectors = self.candidate_vectors[start : start + len(candidate_ids)]
+            vectors = self.vectors.run(start, start + len(candidate_ids))
         else:
-            vectors = self.candidate_vectors[torch.searchsorted(self.candidate_ids, candidate_ids)]
+            vectors = self.vectors.at(torch.searchsorted(self.candidate_ids, candidate_ids))
         scores_QC = state.query_over_tau_BD @ vectors.T
         if state.bonus is None:
             return scores_QC
@@ -258,3 +249,88 @@ class ModelScorer:
         if state.pairs is not None:
             scores_Q = scores_Q + state.pairs.bonus_of(target_ids)
         return scores_Q
+
+
+class CandidateVectors:
+    """The unit vectors of a scorer's sorted candidates. Each is computed in its block
+    (positions b * block_size onwards, one tower call a block), so a vector has the same
+    bits however it is asked for: held or not, one at a time or a run.
+
+    Held (computed once per evaluation) when they take at most `max_held_bytes`, or when
+    this rank cannot read its table rows alone (target features, or a column-wise
+    sharded table: their lookups are collective, every rank making as many calls).
+    Otherwise a block is computed when asked, from this rank's own rows of the table
+    (`local_table_rows`, no collective call), and the last two kept: the evaluation walks
+    the candidates in order, so each block is computed about twice per query chunk (for
+    the true targets, then for the count) while memory stays at two blocks, instead of
+    the rank's whole share (1.28 GB for 5e6 rows x D 64)."""
+
+    def __init__(
+        self, model: TwoTowerRetrieval, candidate_ids: torch.Tensor, block_size: int, dist: Distributed,
+        max_held_bytes: float,
+    ) -> None:
+        self.model, self.ids, self.block_size = model, candidate_ids, block_size
+        self.dim = model.model_config.embedding_dim
+        self.rows = None if model.has_features else local_table_rows(model)
+        self._recent: dict[int, torch.Tensor] = {}
+        self.held: torch.Tensor | None = None
+        if self.rows is None or len(candidate_ids) * self.dim * 4 <= max_held_bytes:
+            self.held = self._compute_all(dist)
+
+    @property
+    def held_bytes(self) -> int:
+        """What this object holds at most: every vector, or two blocks."""
+        if self.held is not None:
+            return self.held.numel() * self.held.element_size()
+        return 2 * min(self.block_size, len(self.ids)) * self.dim * 4
+
+    def _num_blocks(self) -> int:
+        return -(-len(self.ids) // self.block_size)
+
+    @torch.no_grad()
+    def _block(self, block: int) -> torch.Tensor:
+        ids = self.ids[block * self.block_size : (block + 1) * self.block_size]
+        if self.rows is None:
+            return self.model.candidate_vectors(ids)
+        return self.model.candidate_vectors_of_rows(self.rows.of(ids))
+
+    def _compute_all(self, dist: Distributed) -> torch.Tensor:
+        # Filled block by block in place: a list of blocks joined at the end would hold the
+        # vectors twice at once. Collective lookups: every rank makes as many calls.
+        held = torch.empty(len(self.ids), self.dim)  # evaluation runs in fp32
+        num_blocks = self._num_blocks()
+        if self.rows is None:
+            num_blocks = int(dist.max(torch.tensor(num_blocks)))
+        for block in range(num_blocks):
+            held[block * self.block_size : (block + 1) * self.block_size] = self._block(block)
+        return held
+
+    def _cached_block(self, block: int) -> torch.Tensor:
+        if block not in self._recent:
+            if len(self._recent) >= 2:
+                del self._recent[next(iter(self._recent))]  # the oldest
+            self._recent[block] = self._block(block)
+        return self._recent[block]
+
+    def run(self, start: int, stop: int) -> torch.Tensor:
+        """[stop - start, D] vectors of positions start..stop-1 (a view when held)."""
+        if self.held is not None:
+            return self.held[start:stop]
+        first, last = start // self.block_size, (stop - 1) // self.block_size
+        parts = []
+        for block in range(first, last + 1):
+            offset = block * self.block_size
+            vectors = self._cached_block(block)
+            parts.append(vectors[max(start - offset, 0) : stop - offset])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """[N, D] vectors of any positions."""
+        if self.held is not None:
+            return self.held[positions]
+        out = torch.empty(len(positions), self.dim)
+        blocks = positions // self.block_size
+        for block in torch.unique(blocks).tolist():
+            inside = blocks == block
+            out[inside] = self._cached_block(block)[positions[inside] - block * self.block_size]
+        return out

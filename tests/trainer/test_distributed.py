@@ -19,7 +19,8 @@ from data.batches import BatchBuilder
 from data.dataset import PreparedDataset, ensure_prepared
 from data.loader import Share, TrainLoader
 from data.prepare import prepare, prepare_from_dataset, resolve_data_path
-from trainer.checkpoint import complete_checkpoints
+import trainer.checkpoint as checkpoint_module
+from trainer.checkpoint import complete_checkpoints, read_metadata
 from trainer.distributed import (
     close_distributed,
     init_distributed,
@@ -199,8 +200,9 @@ def _evaluation_worker(rank, port, out, state, dataset_dir, overrides):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"exclude_seen": True, "query_chunk_size": 100, "max_queries": 300}, {"max_queries": 1}],
-    ids=["every-query", "exclude-seen-sampled", "one-rank-without-queries"],
+    [{}, {"exclude_seen": True, "query_chunk_size": 100, "max_queries": 300}, {"max_queries": 1},
+     {"max_held_vectors_gb": 0.0}],
+    ids=["every-query", "exclude-seen-sampled", "one-rank-without-queries", "vectors-computed-when-scored"],
 )
 def test_evaluation_over_shares_and_a_sharded_vocabulary_equals_the_single_process_one(tmp_path, overrides):
     """Each rank reads its share of the actors and encodes only their queries; the query
@@ -260,6 +262,7 @@ def test_top_k_over_a_sharded_vocabulary_merges_to_the_single_process_top_k(tmp_
 
 def _checkpoint_worker(rank, port, out, run_dir, world, resume_from):
     _join(rank, port, world)
+    checkpoint_module.PIECE_BYTES = 1024  # tables written in pieces of rows, as large ones are
     config = _config(**{"train.max_steps": 8, "train.eval_every_steps": 4, "train.patience": 10,
                         "loader.batch_size": WORLD * BATCH // world})
     prepared = prepare(config.data)
@@ -285,6 +288,10 @@ def test_a_checkpoint_loads_on_another_number_of_ranks_with_the_same_metrics(tmp
     _spawn(_checkpoint_worker, tmp_path / "written.pt", tmp_path / "run", write_ranks, None, world=write_ranks)
     checkpoints = tmp_path / "run" / "checkpoints"
     assert [p.name for p in complete_checkpoints(checkpoints)] == ["step-00000004", "step-00000008"]
+    # The ID table went in pieces of rows (each copied and written alone), which DCP reassembles.
+    table = [v for k, v in read_metadata(checkpoints / "step-00000008").state_dict_metadata.items()
+             if k.endswith("target_ids.weight")]
+    assert len(table) == 1 and len(table[0].chunks) > write_ranks
     _spawn(_checkpoint_worker, tmp_path / "read.pt", None, read_ranks, checkpoints / "step-00000008", world=read_ranks)
     written, read = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("written", "read"))
     assert read["valid"] == pytest.approx(written["valid"], abs=1e-9)

@@ -183,7 +183,8 @@ def test_a_model_giving_every_candidate_the_same_vector_ranks_last(monkeypatch, 
     dim = trainer.config.model.embedding_dim
     gen = torch.Generator().manual_seed(0)
     vector = torch.nn.functional.normalize(torch.randn(dim, generator=gen), dim=0)
-    monkeypatch.setattr(trainer.model, "candidate_vectors", lambda ids: vector.expand(len(ids), dim).clone())
+    # The candidate tower itself, which every way of computing candidate vectors goes through.
+    monkeypatch.setattr(trainer.model.candidate_tower, "forward", lambda rows, features=None: vector.expand(len(rows), dim).clone())
     metrics = trainer.evaluate("test")
     assert metrics["mean_rank"] == len(trainer.prepared.stats.candidates)
     assert metrics["hr@50"] == 0.0
@@ -210,6 +211,40 @@ def test_the_models_ranks_do_not_depend_on_the_candidate_chunks():
     for chunk in (1, 7, 16, 37, 1000, 1024):
         ranks = full_ranking_ranks(scorer, true, candidates, query_chunk_size=len(true), candidate_chunk_size=chunk)
         np.testing.assert_array_equal(ranks, expected)
+
+
+@pytest.mark.parametrize("block", [7, 100, 65536])
+def test_candidate_vectors_computed_when_scored_rank_as_held_ones(block):
+    """Past `max_held_bytes` a scorer holds two blocks of vectors and computes each when
+    it is scored: the ranks (and every score) are those of the held vectors."""
+    trainer = _smoke_trainer()
+    prepared, config = trainer.prepared, trainer.config
+    queries = prepared.split.queries(prepared.seqs, "test", config.eval.max_queries)
+    candidates = prepared.stats.candidates
+    true = prepared.seqs.targets[queries.position]
+
+    def scorer(max_held_bytes):
+        return ModelScorer(
+            trainer.model.eval(), prepared.seqs, queries, config.history_window, candidates,
+            vector_chunk_size=block, max_held_bytes=max_held_bytes, **incoming_inputs(config, prepared, "test"),
+        )
+
+    held, computed = scorer(float("inf")), scorer(0)
+    assert held.vectors.held is not None and computed.vectors.held is None
+    assert computed.vectors.held_bytes < held.vectors.held_bytes or block >= len(candidates)
+    ids = torch.from_numpy(np.sort(candidates))
+    # The rows read from the table are the rows a lookup returns.
+    first = ids[:block]
+    torch.testing.assert_close(held.vectors.run(0, len(first)), trainer.model.candidate_vectors(first), rtol=0, atol=0)
+    state = held.query_state(slice(0, len(true)))
+    torch.testing.assert_close(computed.score(state, ids), held.score(state, ids), rtol=0, atol=0)
+    scattered = ids[torch.randperm(len(ids), generator=torch.Generator().manual_seed(0))[:50]].sort().values
+    torch.testing.assert_close(computed.score(state, scattered), held.score(state, scattered), rtol=0, atol=0)
+    for chunk in (16, 1000):
+        np.testing.assert_array_equal(
+            full_ranking_ranks(computed, true, candidates, query_chunk_size=64, candidate_chunk_size=chunk),
+            full_ranking_ranks(held, true, candidates, query_chunk_size=64, candidate_chunk_size=chunk),
+        )
 
 
 def test_a_target_that_is_no_candidate_is_ranked_among_the_candidates():
