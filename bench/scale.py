@@ -11,8 +11,8 @@ seconds and peak memory), from the config's synthetic log or, with --events, fro
 synthetic parquet log written to disk first (actors and targets distinct). Then
 `torch.distributed.run` (what torchx's dist.ddp runs) launches trainer/main.py on the
 prepared dataset, one thread per rank, and the run's results.json gives every rank's
-figures. Writes bench/results/scale.json (scale_1e8.json for --events 1e8; rewritten by
-each run for its own --ranks): rows, dim, ranks, peak_rss_gb_per_rank, examples_per_s (global, validation and
+figures. Writes bench/results/scale.json (scale_1e8.json for --events 1e8,
+scale_4ranks.json for --ranks 4; each rewritten by its own run): rows, dim, ranks, peak_rss_gb_per_rank, examples_per_s (global, validation and
 checkpoints not counted), test (the metrics over the sampled actors), and
 `baseline_rss_gb` (per rank: after imports and process-group set-up, before any data),
 `events_held_per_rank` (events in memory: a rank's actors' own and, in a shared ID space,
@@ -102,8 +102,10 @@ def main() -> None:
         "overrides": args.overrides,
         "log": "synthetic parquet on disk" if args.events else "the config's synthetic log",
     }
-    # scale.json is the config's log; a log written with --events gets its own (scale_1e8.json).
+    # scale.json is the config's log on 2 ranks; a log written with --events gets its own
+    # file (scale_1e8.json), and so does another number of ranks (scale_4ranks.json).
     name = "scale" + ("_" + f"{args.events:.0e}".replace("e+0", "e").replace("e+", "e") if args.events else "")
+    name += f"_{args.ranks}ranks" if args.ranks != 2 else ""
     path = write_result(name, figures)
     held = ", ".join(f"{name}: {per_rank}" for name, per_rank in figures["table_rows_per_rank"].items())
     print(
