@@ -32,12 +32,15 @@ from data.readers import DataError
 from models.embeddings import VocabularySizes
 from models.retrieval import TwoTowerRetrieval
 from models.samplers import identity_gather
-from trainer.checkpoint import best_name, load_best, load_checkpoint, read_metadata, save_best, save_checkpoint
+from trainer.checkpoint import (
+    CheckpointError, best_name, load_best, load_checkpoint, read_metadata, save_best, save_checkpoint,
+)
 from trainer.distributed import Distributed, owned_candidates, shard_model
 from trainer.evaluation import METRIC_NAMES, SeenTargets, full_ranking_ranks, metrics_from_ranks
 from trainer.metrics import MetricsLogger
 from trainer.results import rank_queries, seen_targets
 from trainer.scoring import ModelScorer
+from trainer.sparse_state import KEY as SPARSE_KEY, SparseOptimizerState
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +401,8 @@ class Trainer:
             # from the config, and DCP reads lists back unlike it writes them across
             # world sizes (measured: "missing key ... param_groups").
             "dense_optimizer": get_optimizer_state_dict(self.model, self.optimizer)["state"],
-            "sparse_optimizers": {name: opt.state_dict()["state"] for name, opt in self._sparse_optimizers().items()},
+            # One layout whether the tables' optimizer ran fused (torchrun) or not (plain).
+            SPARSE_KEY: SparseOptimizerState(self._sparse_optimizers(), fused=self.dist.enabled).entries(),
             "progress": {key: torch.tensor(value, dtype=torch.int64) for key, value in progress.items()},
             "best_ndcg": torch.tensor(self.best_ndcg, dtype=torch.float64),
             "best_valid": {k: torch.tensor(self.best_valid.get(k, math.nan), dtype=torch.float64) for k in METRIC_NAMES},
@@ -409,7 +413,23 @@ class Trainer:
     def load_state_dict(self, path: Path) -> None:
         """Continue from checkpoint `path` (written by any number of ranks)."""
         state = self.state_dict()
+        sparse = SparseOptimizerState(self._sparse_optimizers(), fused=self.dist.enabled)
         metadata = read_metadata(path).state_dict_metadata
+        if any(key.startswith("sparse_optimizers.") for key in metadata):
+            # Written before the one layout (trainer/sparse_state.py): loads only into the
+            # launch mode that wrote it, as it did then.
+            del state[SPARSE_KEY]
+            state["sparse_optimizers"] = {name: opt["state"] for name, opt in sparse._state.items()}
+        else:
+            state[SPARSE_KEY] = sparse.entries()
+            for table, entries in state[SPARSE_KEY].items():
+                for name in [n for n in entries if f"{SPARSE_KEY}.{table}.{n}" not in metadata]:
+                    if name != "step":
+                        raise CheckpointError(
+                            f"{path}: holds no {name!r} state for table {table!r}: written with another "
+                            "optim.sparse_optimizer; resume with the one that wrote it"
+                        )
+                    del entries[name]  # written fused: torch's step count is not kept there
         rng_key = f"rng_rank{self.dist.rank}"
         if not any(key.startswith(rng_key) for key in metadata):
             # Written by fewer ranks: this rank's random stream starts afresh.
@@ -420,10 +440,7 @@ class Trainer:
         set_optimizer_state_dict(
             self.model, self.optimizer, optim_state_dict={"state": state["dense_optimizer"], "param_groups": groups}
         )
-        for name, optimizer in self._sparse_optimizers().items():
-            current = optimizer.state_dict()
-            current["state"] = state["sparse_optimizers"][name]
-            optimizer.load_state_dict(current)
+        sparse.loaded()
         progress = {k: int(v) for k, v in state["progress"].items()}
         self.step, self.best_step = progress["step"], progress["best_step"]
         # The best model lies beside the checkpoint that names it.

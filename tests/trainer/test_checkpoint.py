@@ -60,6 +60,36 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
     assert resumed.test() == whole.test()
 
 
+def test_a_checkpoint_of_the_layout_before_the_sparse_state_one_still_resumes(tmp_path):
+    """Written before trainer/sparse_state.py (each table optimizer's own state under
+    `sparse_optimizers`): read as it was written, into the same launch mode."""
+    written = _trainer(tmp_path / "old", **{"train.max_steps": "4"})
+    written.train()
+    state = written.state_dict()
+    del state["sparse_optimizer"]
+    state["sparse_optimizers"] = {name: opt.state_dict()["state"] for name, opt in written._sparse_optimizers().items()}
+    save_checkpoint(tmp_path / "old" / "legacy", 4, state, Distributed(), keep=1)
+
+    resumed = _trainer(tmp_path / "resumed")
+    resumed.load_state_dict(tmp_path / "old" / "legacy" / "step-00000004")
+    assert resumed.step == 4
+    for name, optimizer in resumed._sparse_optimizers().items():
+        expected = written._sparse_optimizers()[name].state_dict()["state"][0]
+        for key, value in optimizer.state_dict()["state"][0].items():
+            assert torch.equal(value, expected[key]) and value.abs().sum() > 0, (name, key)
+
+
+@pytest.mark.parametrize("written, read, error", [
+    ("rowwise_adagrad", "adam", "no 'momentum2' state for table 'target_ids'.*another optim.sparse_optimizer"),
+    ("adam", "rowwise_adagrad", "does not load into this model.*momentum1"),
+])
+def test_a_checkpoint_of_another_sparse_optimizer_is_refused_in_one_line(tmp_path, written, read, error):
+    _trainer(tmp_path / "written", **{"train.max_steps": "4", "optim.sparse_optimizer": written}).train()
+    resumed = _trainer(tmp_path / "resumed", **{"optim.sparse_optimizer": read})
+    with pytest.raises(CheckpointError, match=error):
+        resumed.load_state_dict(tmp_path / "written" / "checkpoints" / "step-00000004")
+
+
 def test_only_the_newest_checkpoints_are_kept_and_a_half_written_one_is_never_read(tmp_path):
     directory = tmp_path / "checkpoints"
     state = {"x": torch.arange(4.0)}
