@@ -17,12 +17,18 @@ Randomness inside a batch (random negatives) comes from a generator seeded by
 (seed, epoch, step, share), so batches are identical whether they are built in the
 training process or in DataLoader workers, and after a resume.
 
-The position (epoch, steps done in it) is counted where batches are *consumed*,
-not where workers prefetch them, so `state_dict()` is exact.
+The position (epoch, examples of each share consumed in it) is counted where batches
+are *consumed*, not where workers prefetch them, so `state_dict()` is exact. It is kept
+in examples, not steps, so a run resumed with another batch size goes on at the next
+unseen example of each share. Resumed on another number of shares (ranks) mid-epoch,
+the shares hold other examples in another order, so which ones were seen is not known
+per example: the new shares go on from the same fraction of the epoch (a warning says
+so); every example is still drawn once per epoch in expectation.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -32,6 +38,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.batches import Batch, BatchBuilder
 from data.readers import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,24 +65,30 @@ def _share_generator(seed: int, epoch: int, share: int) -> np.random.Generator:
 
 
 class EpochBatchSampler(Sampler[BatchRequest]):
-    """Yields this process's `BatchRequest`s for one epoch, from `start_step` on."""
+    """Yields this process's `BatchRequest`s for one epoch: batches of `batch_size`
+    examples of each share, from its `start_example`-th example of the epoch on, as many
+    as fit in `epoch_examples` (what the smallest share of any rank holds)."""
 
     def __init__(
-        self, shares: list[Share], batch_size: int, steps_per_epoch: int, *, seed: int, epoch: int, start_step: int = 0
+        self, shares: list[Share], batch_size: int, epoch_examples: int, *, seed: int, epoch: int,
+        start_example: int = 0,
     ) -> None:
-        self.shares, self.batch_size, self.steps = shares, batch_size, steps_per_epoch
-        self.seed, self.epoch, self.start_step = seed, epoch, start_step
+        self.shares, self.batch_size, self.epoch_examples = shares, batch_size, epoch_examples
+        self.seed, self.epoch, self.start_example = seed, epoch, start_example
 
     def __len__(self) -> int:
-        return self.steps - self.start_step
+        return (self.epoch_examples - self.start_example) // self.batch_size
 
     def __iter__(self) -> Iterator[BatchRequest]:
         orders = [share.rows[_share_generator(self.seed, self.epoch, share.id).permutation(len(share.rows))]
                   for share in self.shares]
-        for step in range(self.start_step, self.steps):
-            lo, hi = step * self.batch_size, (step + 1) * self.batch_size
+        for i in range(len(self)):
+            lo = self.start_example + i * self.batch_size
+            # The random negatives' generator is keyed by the step, which for a run that
+            # never changed its batch size is the step of the epoch.
+            step = lo // self.batch_size
             yield BatchRequest(
-                self.epoch, step, np.concatenate([order[lo:hi] for order in orders]),
+                self.epoch, step, np.concatenate([order[lo : lo + self.batch_size] for order in orders]),
                 tuple((share.id, self.batch_size) for share in self.shares),
             )
 
@@ -107,10 +121,10 @@ class TrainLoader:
 
         loader = TrainLoader(builder, batch_size=128, seed=0)        # one share: every example
         loader = TrainLoader(builder, batch_size=128, seed=0, shares=[Share(rank, rows)],
-                             steps_per_epoch=least_over_ranks)       # one rank's share
+                             epoch_examples=least_over_ranks, num_shares=world_size)  # one rank's share
         for batch in loader: ...            # runs until the caller stops
-        state = loader.state_dict()         # {"epoch": e, "step": s}: batches consumed
-        loader.load_state_dict(state)       # the next batch is the one after `state`
+        state = loader.state_dict()         # epoch, examples of each share consumed in it, layout
+        loader.load_state_dict(state)       # the next batch starts at the next unseen example
     """
 
     def __init__(
@@ -120,19 +134,22 @@ class TrainLoader:
         batch_size: int,
         seed: int,
         shares: list[Share] | None = None,
-        steps_per_epoch: int | None = None,
+        epoch_examples: int | None = None,
+        num_shares: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
         """`shares`: the shares this process builds batches of (default: one of every
-        example). `steps_per_epoch`: the least number of full batches any rank's share
-        fills (every rank must run as many steps); default: the least over `shares`."""
+        example). `epoch_examples`: the examples the smallest share of any rank holds
+        (every rank must run as many steps); default: the least over `shares`.
+        `num_shares`: the shares over all ranks (default: this process's)."""
         self.builder, self.batch_size, self.seed = builder, batch_size, seed
         self.shares = shares if shares is not None else [Share(0, np.arange(len(builder.queries)))]
-        fewest = min(len(share.rows) for share in self.shares) // batch_size
-        self.steps_per_epoch = fewest if steps_per_epoch is None else min(steps_per_epoch, fewest)
+        fewest = min(len(share.rows) for share in self.shares)
+        self.epoch_examples = fewest if epoch_examples is None else min(epoch_examples, fewest)
+        self.num_shares = len(self.shares) if num_shares is None else num_shares
         self.num_workers, self.pin_memory = num_workers, pin_memory
-        self.epoch, self.step = 0, 0
+        self.epoch, self.examples = 0, 0
         if self.steps_per_epoch == 0:
             # A user error (a tiny or degenerate log, or a batch too large for it), so a
             # DataError: the entry point prints it in one line.
@@ -146,15 +163,38 @@ class TrainLoader:
         """Rows of each batch this process builds (batch_size per share it holds)."""
         return self.batch_size * len(self.shares)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.epoch_examples // self.batch_size
+
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step}
+        """The epoch, the examples of each share consumed in it, and the layout they were
+        counted in (shares over all ranks, the examples an epoch draws of each)."""
+        return {"epoch": self.epoch, "examples": self.examples, "num_shares": self.num_shares,
+                "epoch_examples": self.epoch_examples}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.epoch, examples = int(state["epoch"]), int(state["examples"])
+        same_layout = (int(state["num_shares"]), int(state["epoch_examples"])) == (self.num_shares, self.epoch_examples)
+        if examples and not same_layout:
+            # Other shares: the same fraction of the epoch, in this layout's examples.
+            fraction = examples / max(int(state["epoch_examples"]), 1)
+            moved = min(round(fraction * self.epoch_examples), self.epoch_examples)
+            log.warning(
+                "resumed %.1f%% into epoch %d on %d shares of %d examples (written on %d of %d): which examples "
+                "were drawn is not known per example in another layout, so each share goes on from the same "
+                "fraction of its epoch", 100 * fraction, self.epoch, self.num_shares, self.epoch_examples,
+                int(state["num_shares"]), int(state["epoch_examples"]),
+            )
+            examples = moved
+        self.examples = examples
+        if self.examples + self.batch_size > self.epoch_examples:  # no full batch left in this epoch
+            self.epoch, self.examples = self.epoch + 1, 0
 
     def _epoch_loader(self) -> DataLoader:
         sampler = EpochBatchSampler(
-            self.shares, self.batch_size, self.steps_per_epoch, seed=self.seed, epoch=self.epoch, start_step=self.step
+            self.shares, self.batch_size, self.epoch_examples, seed=self.seed, epoch=self.epoch,
+            start_example=self.examples,
         )
         return DataLoader(
             _RequestedBatches(self.builder, self.seed),
@@ -173,6 +213,6 @@ class TrainLoader:
     def __iter__(self) -> Iterator[Batch]:
         while True:
             for batch in self._epoch_loader():
-                self.step += 1
+                self.examples += self.batch_size
                 yield batch
-            self.epoch, self.step = self.epoch + 1, 0
+            self.epoch, self.examples = self.epoch + 1, 0

@@ -206,10 +206,9 @@ class Trainer:
                 f"{min(shares)} training examples{where} cannot fill one global batch of {batch_size} x "
                 f"{len(shares)} ranks; lower loader.batch_size"
             )
-        steps_per_epoch = min(count // batch_size for count in shares)
         self.loader = TrainLoader(
             builder, batch_size=batch_size, seed=config.seed, shares=[Share(dist.rank, rows)],
-            steps_per_epoch=steps_per_epoch, num_workers=config.loader.num_workers,
+            epoch_examples=min(shares), num_shares=dist.world_size, num_workers=config.loader.num_workers,
         )
         epoch_steps = self.loader.steps_per_epoch
         self.total_steps = int(math.ceil(config.train.max_epochs * epoch_steps))
@@ -393,7 +392,7 @@ class Trainer:
         of its own beside this one) and this rank's RNG."""
         progress = {
             "step": self.step, "best_step": self.best_step, "evals_without_gain": self.evals_without_gain,
-            "loader_epoch": self.loader.epoch, "loader_step": self.loader.step,
+            **{f"loader_{key}": value for key, value in self.loader.state_dict().items()},
         }
         state = {
             "model": self.model.state_dict(),
@@ -430,6 +429,11 @@ class Trainer:
                             "optim.sparse_optimizer; resume with the one that wrote it"
                         )
                     del entries[name]  # written fused: torch's step count is not kept there
+        if "progress.loader_step" in metadata:  # the loader's position in steps, before it was in examples
+            for key in self.loader.state_dict():
+                del state["progress"][f"loader_{key}"]
+            state["progress"]["loader_step"] = torch.tensor(0, dtype=torch.int64)
+            state["progress"]["loader_epoch"] = torch.tensor(0, dtype=torch.int64)
         rng_key = f"rng_rank{self.dist.rank}"
         if not any(key.startswith(rng_key) for key in metadata):
             # Written by fewer ranks: this rank's random stream starts afresh.
@@ -446,7 +450,11 @@ class Trainer:
         # The best model lies beside the checkpoint that names it.
         self.best_path = path.parent / best_name(self.best_step) if self.best_step else None
         self.evals_without_gain = progress["evals_without_gain"]
-        self.loader.load_state_dict({"epoch": progress["loader_epoch"], "step": progress["loader_step"]})
+        loader = {key.removeprefix("loader_"): value for key, value in progress.items() if key.startswith("loader_")}
+        if "step" in loader:  # written in steps of this batch size (which could not change then)
+            layout = self.loader.state_dict()
+            loader = {**layout, "epoch": loader["epoch"], "examples": loader["step"] * self.loader.batch_size}
+        self.loader.load_state_dict(loader)
         self.best_ndcg = float(state["best_ndcg"])
         best = {k: float(v) for k, v in state["best_valid"].items()}
         self.best_valid = {} if all(math.isnan(v) for v in best.values()) else best

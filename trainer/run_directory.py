@@ -42,7 +42,8 @@ LEFTOVER_FILES = ("config.yaml", "results.md", "tensorboard")
 RESUMABLE_KEYS = (
     "name", "output_dir", "train.max_steps", "train.max_epochs", "train.patience", "train.resume",
     "train.overwrite", "train.keep_checkpoints", "train.log_every_steps", "train.num_threads", "loader.num_workers",
-    "eval.query_chunk_size", "eval.candidate_chunk_size", "distributed.backend", "distributed.sharding",
+    "eval.query_chunk_size", "eval.candidate_chunk_size", "eval.max_held_vectors_gb", "loader.batch_size",
+    "distributed.backend", "distributed.sharding",
     "data.prepared_path", "baselines",
 )
 

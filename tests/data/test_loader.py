@@ -40,7 +40,7 @@ def _shares(sizes: list[int]) -> list[Share]:
 
 def test_each_rank_draws_only_from_its_share_and_every_rank_runs_the_same_steps():
     builder, shares = _builder(), _shares([23, 17])  # uneven: 17 // 5 = 3 steps for both
-    per_rank = [_take(TrainLoader(builder, batch_size=5, seed=3, shares=[s], steps_per_epoch=3), 3 * 4) for s in shares]
+    per_rank = [_take(TrainLoader(builder, batch_size=5, seed=3, shares=[s], epoch_examples=17), 3 * 4) for s in shares]
     for share, batches in zip(shares, per_rank):
         for epoch in range(4):
             targets = [t for step in batches[epoch * 3 : epoch * 3 + 3] for t in step[0]]
@@ -53,7 +53,7 @@ def test_each_rank_draws_only_from_its_share_and_every_rank_runs_the_same_steps(
 
 def test_one_process_holding_every_share_builds_the_concatenated_global_batches():
     builder, shares = _builder(), _shares([23, 17])
-    per_rank = [_take(TrainLoader(builder, batch_size=5, seed=3, shares=[s], steps_per_epoch=3), 6) for s in shares]
+    per_rank = [_take(TrainLoader(builder, batch_size=5, seed=3, shares=[s], epoch_examples=17), 6) for s in shares]
     together = _take(TrainLoader(builder, batch_size=5, seed=3, shares=shares), 6)
     for step in range(6):
         assert together[step][0] == per_rank[0][step][0] + per_rank[1][step][0]
@@ -75,10 +75,44 @@ def test_restored_position_continues_exactly():
     loader = TrainLoader(builder, batch_size=8, seed=0)
     head = _take(loader, 7)
     state = loader.state_dict()
-    assert state == {"epoch": 1, "step": 2}
+    assert state == {"epoch": 1, "examples": 16, "num_shares": 1, "epoch_examples": 40}
     resumed = TrainLoader(builder, batch_size=8, seed=0)
     resumed.load_state_dict(state)
     assert head + _take(resumed, 5) == uninterrupted
+
+
+def _targets(batches: list) -> list[int]:
+    return [t for targets, _ in batches for t in targets]
+
+
+def test_resumed_with_another_batch_size_the_run_goes_on_at_the_next_unseen_example():
+    builder = _builder()
+    epoch = _targets(_take(TrainLoader(builder, batch_size=1, seed=0), 40))  # the epoch's order
+    loader = TrainLoader(builder, batch_size=8, seed=0)
+    head = _targets(_take(loader, 2))
+    for batch_size in (3, 5, 16):
+        resumed = TrainLoader(builder, batch_size=batch_size, seed=0)
+        resumed.load_state_dict(loader.state_dict())
+        rest = _targets(_take(resumed, (40 - 16) // batch_size))
+        # The same order, from example 16 on, in batches of the new size; nothing repeated.
+        assert head + rest == epoch[: len(head) + len(rest)]
+        assert resumed.state_dict()["examples"] == 16 + len(rest)
+        # Then the next epoch, from its start.
+        fresh = _take(TrainLoader(builder, batch_size=batch_size, seed=0), 40 // batch_size + 1)
+        assert _take(resumed, 1) == fresh[-1:]
+
+
+def test_resumed_on_other_shares_mid_epoch_goes_on_from_the_same_fraction_and_says_so(caplog):
+    builder = _builder()
+    two = [TrainLoader(builder, batch_size=4, seed=0, shares=[s], epoch_examples=20, num_shares=2)
+           for s in _shares([20, 20])]
+    for loader in two:
+        _take(loader, 2)  # 8 of each share's 20 examples: 40% of the epoch
+    one = TrainLoader(builder, batch_size=4, seed=0)
+    with caplog.at_level("WARNING", logger="data.loader"):
+        one.load_state_dict(two[0].state_dict())
+    assert one.state_dict()["examples"] == 16 and one.epoch == 0  # 40% of 40
+    assert "40.0% into epoch 0 on 1 shares" in caplog.text
 
 
 def test_workers_build_the_same_batches():

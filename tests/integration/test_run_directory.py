@@ -63,8 +63,9 @@ def test_resume_refuses_another_config_but_may_extend_the_run(tmp_path, capsys):
     assert _main(tmp_path, "--resume", "model.embedding_dim=32", "loader.batch_size=32") == 2
     line = _last_error(capsys)
     assert "--resume refused" in line and "step-00000008/config.yaml" in line
-    assert "model.embedding_dim: 16 -> 32" in line and "loader.batch_size: 64 -> 32" in line
-    assert "train.max_steps" not in line
+    assert "model.embedding_dim: 16 -> 32" in line
+    # The batch size may change on resume (the loader's position is in examples).
+    assert "train.max_steps" not in line and "loader.batch_size" not in line
 
     # Extending the run is what --resume is for: 8 more steps from the step-8 checkpoint.
     assert _main(tmp_path, "--resume", "train.max_steps=12") == 0

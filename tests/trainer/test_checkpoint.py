@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import io
 import json
 import logging
@@ -14,6 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from configs.loading import load_config
+from data.loader import TrainLoader
 from data.prepare import prepare
 from bench.faults import RunsCommand
 from trainer.checkpoint import (
@@ -62,21 +64,40 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
 
 def test_a_checkpoint_of_the_layout_before_the_sparse_state_one_still_resumes(tmp_path):
     """Written before trainer/sparse_state.py (each table optimizer's own state under
-    `sparse_optimizers`): read as it was written, into the same launch mode."""
+    `sparse_optimizers`) and before the loader counted examples (`loader_step`): read as
+    it was written, into the same launch mode and batch size."""
     written = _trainer(tmp_path / "old", **{"train.max_steps": "4"})
     written.train()
     state = written.state_dict()
     del state["sparse_optimizer"]
     state["sparse_optimizers"] = {name: opt.state_dict()["state"] for name, opt in written._sparse_optimizers().items()}
+    progress = {k: v for k, v in state["progress"].items() if not k.startswith("loader_")}
+    progress.update(loader_epoch=torch.tensor(written.loader.epoch), loader_step=torch.tensor(4))
+    state["progress"] = progress
     save_checkpoint(tmp_path / "old" / "legacy", 4, state, Distributed(), keep=1)
 
     resumed = _trainer(tmp_path / "resumed")
     resumed.load_state_dict(tmp_path / "old" / "legacy" / "step-00000004")
     assert resumed.step == 4
+    assert resumed.loader.state_dict() == {**written.loader.state_dict(), "examples": 4 * written.loader.batch_size}
     for name, optimizer in resumed._sparse_optimizers().items():
         expected = written._sparse_optimizers()[name].state_dict()["state"][0]
         for key, value in optimizer.state_dict()["state"][0].items():
             assert torch.equal(value, expected[key]) and value.abs().sum() > 0, (name, key)
+
+
+def test_a_run_resumed_with_another_batch_size_goes_on_at_the_next_unseen_example(tmp_path):
+    written = _trainer(tmp_path / "written", **{"train.max_steps": "4"})
+    written.train()
+    examples = 4 * written.loader.batch_size  # the 4 steps the checkpoint was written after
+    resumed = _trainer(tmp_path / "resumed", **{"loader.batch_size": "7"})
+    resumed.load_state_dict(tmp_path / "written" / "checkpoints" / "step-00000004")
+    assert resumed.loader.state_dict()["examples"] == examples
+    batch = next(iter(resumed.loader))
+    # The examples right after the ones trained on, in the written run's order.
+    epoch = TrainLoader(written.loader.builder, batch_size=1, seed=written.config.seed)
+    order = [b.target.item() for b in itertools.islice(iter(epoch), examples + 7)]
+    assert batch.target.tolist() == order[examples:]
 
 
 @pytest.mark.parametrize("written, read, error", [
