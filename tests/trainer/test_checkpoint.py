@@ -45,13 +45,18 @@ def _trainer(tmp_path: Path, **overrides: str) -> Trainer:
     return Trainer(config, prepare(config.data), MetricsLogger(None, enabled=False), run_dir=tmp_path)
 
 
-def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path):
-    whole = _trainer(tmp_path / "whole")
+@pytest.mark.parametrize("logq", ["static", "streaming"])
+def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, logq):
+    """Bitwise; with the streaming logQ estimator on, its buckets (model buffers) too."""
+    whole = _trainer(tmp_path / "whole", **{"loss.logq_estimator": logq})
     summary = whole.train()
     names = [p.name for p in complete_checkpoints(tmp_path / "whole" / "checkpoints")]
     assert names == ["step-00000004", "step-00000008", "step-00000012"]
+    if logq == "streaming":
+        estimator = whole.model.in_batch.estimator
+        assert int(estimator.step) == 12 and int((estimator.last_seen >= 0).sum()) > 100
 
-    resumed = _trainer(tmp_path / "resumed")
+    resumed = _trainer(tmp_path / "resumed", **{"loss.logq_estimator": logq})
     resumed.load_state_dict(tmp_path / "whole" / "checkpoints" / "step-00000008")
     assert resumed.step == 8
     resumed_summary = resumed.train()

@@ -4,6 +4,7 @@ parameters (the contract of trainer/distributed.py)."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import socket
 from pathlib import Path
@@ -350,6 +351,38 @@ def _segment_worker(rank, port, out, launch, world, initial, dataset_dir, run_di
         torch.save(record, out)
     if dist.enabled:
         close_distributed(dist)
+
+
+def _estimator_worker(rank, port, out, dataset_dir, steps):
+    _join(rank, port)
+    config = _config(**{"loss.logq_estimator": "streaming", "train.max_steps": steps})
+    prepared = _share(config, dataset_dir, rank, WORLD)
+    dist = init_distributed(config.distributed)
+    trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False), dist)
+    estimator = trainer.model.in_batch.estimator
+    identical, seen = [], []
+    for batch in itertools.islice(iter(trainer.loader), steps):
+        trainer.train_step(batch)
+        every = [dist.gather(buffer[None].double()) for buffer in (estimator.last_seen, estimator.gap)]
+        identical.append(all(bool((b == b[0]).all()) for b in every))
+        seen.append(int((estimator.last_seen >= 0).sum()))
+    if rank == 0:
+        torch.save({"identical": identical, "step": int(estimator.step), "seen": seen}, out)
+    close_distributed(dist)
+
+
+@pytest.mark.slow
+def test_the_streaming_estimate_is_identical_on_every_rank_after_each_step(tmp_path):
+    """It counts the gathered global batch's positives, so its buffers (not broadcast by
+    DDP) stay the same on every rank without any communication of their own."""
+    config = _config()
+    dataset_dir = tmp_path / "prepared"
+    ensure_prepared(config.data, dataset_dir, resolve_data_path(config.data.path))
+    _spawn(_estimator_worker, tmp_path / "estimator.pt", dataset_dir, 6)
+    got = torch.load(tmp_path / "estimator.pt", weights_only=True)
+    assert got["identical"] == [True] * 6
+    # After one step it has seen more IDs than one rank's batch holds: both ranks' positives.
+    assert got["step"] == 6 and got["seen"][0] > BATCH
 
 
 def _chain(tmp_path, chain: list[tuple[str, int]]) -> tuple[dict, dict]:
