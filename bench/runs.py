@@ -27,6 +27,21 @@ BASELINES = ("most_popular", "recency_frequency", "two_way_recency_frequency")
 # Part of every run's identity: bump it with a code change that changes results, so the
 # runs logged before it are retired (kept in the log, no longer matched).
 CODE_VERSION = "2026-12-01 cyclic time features off by default"
+# A change that alters only the runs using one setting retires only those: a run whose
+# overrides set the key (to anything but 0 / false) carries the version after CODE_VERSION.
+SETTING_VERSIONS = {
+    "loader.num_rand_negs": "2026-12-02 in-batch and random negatives corrected by their mixture's count",
+}
+
+
+def code_version(overrides: list[str]) -> str:
+    """CODE_VERSION, and the version of every setting the overrides turn on."""
+    versions = [CODE_VERSION]
+    for key, version in SETTING_VERSIONS.items():
+        values = [o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")]
+        if values and values[-1].strip().lower() not in ("0", "false"):
+            versions.append(version)
+    return "; ".join(versions)
 
 
 def train_and_test(config_path: Path, overrides: list[str], seed: int) -> tuple[dict, float]:
@@ -43,8 +58,8 @@ class RunLog:
     hours that is interrupted (or spread over several sessions) loses at most the run in
     progress. A run is identified by data set, model (or variant), seed, overrides and a
     hash of the config file's values: changing a value in a shipped config retires its
-    earlier runs (editing its comments does not), and so does a new CODE_VERSION (records
-    carry theirs as `code`)."""
+    earlier runs (editing its comments does not), and so does a new CODE_VERSION, or a new
+    version of a setting the run's overrides turn on (records carry theirs as `code`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -56,7 +71,7 @@ class RunLog:
 
     def _matching(self, data: str, model: str, config_sha: str, overrides: list[str]) -> list[dict]:
         """The records of this run, any seed, at this config and the current code."""
-        key = (data, model, config_sha, overrides, CODE_VERSION)
+        key = (data, model, config_sha, overrides, code_version(overrides))
         return [
             record for record in self.records()
             if (record["data"], record["model"], record.get("config_sha"), record["overrides"], record.get("code")) == key
@@ -87,7 +102,7 @@ class RunLog:
         results, run_seconds = train_and_test(config_path, overrides, seed)
         test = results["metrics"]["test"]
         record = {
-            "data": data, "model": model, "seed": seed, "overrides": overrides, "code": CODE_VERSION,
+            "data": data, "model": model, "seed": seed, "overrides": overrides, "code": code_version(overrides),
             "config": config_path.name, "config_sha": config_sha, "seconds": run_seconds,
             "steps": results["training"]["steps"], "best_step": results["training"]["best_step"],
             "valid": results["metrics"]["valid"]["model"],

@@ -46,6 +46,7 @@ from models.samplers import (
     RandomNegativesSampler,
     SampledNegatives,
     StreamingFrequencyEstimator,
+    mixture_log_q,
     identity_gather,
 )
 from models.towers import CandidateTower, QueryInputs, QueryTower
@@ -77,13 +78,16 @@ class TwoTowerRetrieval(nn.Module):
         max_len: int,
         target_log_p: torch.Tensor,
         pool_size: int,
+        active_pool_mask: torch.Tensor | None = None,
         gather: Gather = identity_gather,
         count_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
         device: torch.device | None = None,
         target_feature_offsets: torch.Tensor | None = None,
         target_feature_tokens: torch.Tensor | None = None,
     ) -> None:
-        """`target_feature_offsets` [T + 1] / `target_feature_tokens` [M]: each target's sparse
+        """`active_pool_mask` [T] bool: the random negatives' pool, for the mixture's logQ
+        correction (needed only when random negatives are drawn).
+        `target_feature_offsets` [T + 1] / `target_feature_tokens` [M]: each target's sparse
         feature tokens (jagged), when the log has them (`sizes.num_feature_tokens` > 0).
         `gather` / `count_sum`: the cross-rank operations (trainer/distributed.py); identity
         and None in one process."""
@@ -100,7 +104,7 @@ class TwoTowerRetrieval(nn.Module):
             self.in_batch = InBatchNegativesSampler(estimator=estimator, gather=gather)
         else:
             self.in_batch = InBatchNegativesSampler(log_p=target_log_p, gather=gather)
-        self.random = RandomNegativesSampler(pool_size)
+        self.random = RandomNegativesSampler(pool_size, active_pool_mask)
         self.temporal = loss_config.temporal_weight > 0
         if self.temporal and model_config.encoder == "transformer" and not model_config.causal:
             raise ValueError(
@@ -331,6 +335,12 @@ class TwoTowerRetrieval(nn.Module):
         sources = [in_batch]
         if num_random:
             sources.append(self.random(random_ids_BR, random_BRD))
+            # One sample from both samplers: each column corrected by its count under both.
+            global_batch = in_batch.ids.shape[0]
+            sources = mixture_log_q(sources, [
+                lambda ids: self.in_batch.log_expected_count(ids, global_batch),
+                lambda ids: self.random.log_expected_count(ids, num_random),
+            ])
 
         settings = LossSettings(
             temperature=self.loss_config.temperature,

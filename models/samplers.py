@@ -13,6 +13,12 @@ whatever mix of sources is chosen:
 - history (repeat scoring): the actor's own past targets, included with certainty:
   log q = log 1 = 0.
 
+With in-batch and random negatives both on, an example's columns are one sample from
+both samplers at once, so each column is corrected by its expected count under the two
+together, B * p_j + R * u_j (u_j = 1/|pool| for pool members, else 0:
+`mixture_log_q`). Corrected by each source's own count instead, each source's columns
+would estimate the whole partition function, and the softmax would hold it about twice.
+
 p_j comes from the data layer's training frequencies (`static`, q ∝ count^0.75) or from
 `StreamingFrequencyEstimator` (Yi et al. 2019), which needs no pass over the data.
 
@@ -23,6 +29,7 @@ in `trainer/distributed.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,16 +134,36 @@ class InBatchNegativesSampler(nn.Module):
                 self.estimator.update(ids)
             log_q = self.estimator.log_expected_count(ids)
         else:
-            log_q = self.log_p[ids] + math.log(ids.shape[0])
+            log_q = self.log_expected_count(ids, ids.shape[0])
         return SampledNegatives("in_batch", ids, embeddings, log_q)
+
+    def log_expected_count(self, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """log of how often each ID appears among a batch of `batch_size` positives."""
+        if self.estimator is not None:
+            return self.estimator.log_expected_count(ids)
+        return self.log_p[ids] + math.log(batch_size)
 
 
 class RandomNegativesSampler(nn.Module):
     """Wraps the random IDs the loader drew uniformly from the active pool."""
 
-    def __init__(self, pool_size: int) -> None:
+    def __init__(self, pool_size: int, in_pool: torch.Tensor | None = None) -> None:
+        """`in_pool`: [T] bool, which IDs the pool holds (for `log_expected_count` of IDs
+        from elsewhere; not needed when no random negatives are drawn)."""
         super().__init__()
         self.pool_size = pool_size
+        if in_pool is not None:
+            self.register_buffer("in_pool", in_pool.to(torch.bool), persistent=False)
+        else:
+            self.in_pool = None
+
+    def log_expected_count(self, ids: torch.Tensor, num: int) -> torch.Tensor:
+        """log of how often each ID appears among `num` uniform draws from the pool
+        (-inf off the pool)."""
+        if self.in_pool is None:
+            raise ValueError("RandomNegativesSampler: built without the pool's membership (in_pool)")
+        inside = math.log(max(num, 1) / self.pool_size)
+        return torch.where(self.in_pool[ids], inside, float("-inf")).to(torch.float32)
 
     def forward(self, ids_BR: torch.Tensor, embeddings_BRD: torch.Tensor) -> SampledNegatives:
         """Per-example columns: each example's own R random IDs, with the expected count of R
@@ -144,3 +171,16 @@ class RandomNegativesSampler(nn.Module):
         num = ids_BR.shape[1]
         log_q = torch.full(ids_BR.shape, math.log(max(num, 1) / self.pool_size), device=ids_BR.device)
         return SampledNegatives("random", ids_BR, embeddings_BRD, log_q)
+
+
+def mixture_log_q(
+    sources: list[SampledNegatives], expected_counts: list[Callable[[torch.Tensor], torch.Tensor]]
+) -> list[SampledNegatives]:
+    """`sources` (each one sampler's columns) with every column's log q replaced by the
+    log of its expected count under all the samplers together: log sum_s E_s[count],
+    each `expected_counts` entry giving one sampler's log expected count of any IDs."""
+    mixed = []
+    for source in sources:
+        per_sampler = torch.stack([count(source.ids).to(source.log_q.dtype) for count in expected_counts])
+        mixed.append(dataclasses.replace(source, log_q=torch.logsumexp(per_sampler, dim=0)))
+    return mixed

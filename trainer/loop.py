@@ -68,12 +68,20 @@ def build_model(
         max_len=config.data.max_len,
         target_log_p=torch.from_numpy(prepared.stats.log_q),
         pool_size=len(prepared.stats.active_pool),
+        active_pool_mask=_pool_mask(prepared, sizes) if config.loader.num_rand_negs else None,
         device=torch.device("meta") if dist is not None and dist.enabled else device,
         gather=dist.gather if dist is not None else identity_gather,
         count_sum=dist.sum if dist is not None and dist.enabled else None,
         target_feature_offsets=torch.from_numpy(features.offsets) if features is not None else None,
         target_feature_tokens=torch.from_numpy(features.tokens) if features is not None else None,
     )
+
+
+def _pool_mask(prepared: PreparedData, sizes: VocabularySizes) -> torch.Tensor:
+    """[rows of the target table] bool: the random negatives' pool."""
+    mask = np.zeros(sizes.num_id_rows, dtype=bool)
+    mask[prepared.stats.active_pool] = True  # read-only when read from the prepared dataset: indexed, not wrapped
+    return torch.from_numpy(mask)
 
 
 def incoming_inputs(config: ExperimentConfig, prepared: PreparedData, known: str) -> dict:

@@ -51,6 +51,22 @@ def test_a_logged_run_is_found_only_under_its_own_identity(run_log):
     assert log.logged("collegemsg", "no_film", 0, CONFIG_DIR / "ml-100k.yaml", ["model.film=false"]) is None
 
 
+def test_a_new_version_of_a_setting_retires_only_the_runs_that_turn_it_on(run_log):
+    """Random negatives changed (their logQ correction): their runs are retired, the
+    default's stand."""
+    config = CONFIG_DIR / "collegemsg.yaml"
+    default = _record("collegemsg", "default", 0, [], 0.5)
+    old_random = _record("collegemsg", "rand_negs_4", 0, ["loader.num_rand_negs=4"], 0.5)
+    run_log.write_text(json.dumps(default) + "\n" + json.dumps(old_random) + "\n")
+    log = runs.RunLog(run_log)
+    assert log.logged("collegemsg", "default", 0, config, []) == default
+    assert log.logged("collegemsg", "rand_negs_4", 0, config, ["loader.num_rand_negs=4"]) is None
+    assert runs.code_version(["loader.num_rand_negs=0"]) == runs.CODE_VERSION
+    current = {**old_random, "code": runs.code_version(["loader.num_rand_negs=4"])}
+    run_log.write_text(json.dumps(current) + "\n")
+    assert log.logged("collegemsg", "rand_negs_4", 0, config, ["loader.num_rand_negs=4"]) == current
+
+
 def test_a_config_is_identified_by_its_values_not_its_comments(tmp_path):
     shipped = (CONFIG_DIR / "ml-100k.yaml").read_text()
     commented = tmp_path / "commented.yaml"

@@ -33,7 +33,10 @@ def tiny_model(seqs: Sequences, max_len: int = 8, **model_overrides) -> TwoTower
     loss = LossConfig(**loss_overrides, **({"hard_negatives": HardNegativesConfig(**hard)} if hard else {}))
     sizes = VocabularySizes(seqs.num_targets, seqs.num_actors, seqs.num_actions, shared_id_table=False)
     log_p = torch.full((seqs.num_targets,), -float(np.log(seqs.num_targets)))
-    return TwoTowerRetrieval(config, loss, sizes, max_len=max_len, target_log_p=log_p, pool_size=seqs.num_targets)
+    return TwoTowerRetrieval(
+        config, loss, sizes, max_len=max_len, target_log_p=log_p, pool_size=seqs.num_targets,
+        active_pool_mask=torch.ones(seqs.num_targets, dtype=torch.bool),  # every target in the random pool
+    )
 
 
 def last_event_queries(seqs: Sequences) -> Queries:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.losses import LossSettings, hard_topk_schedule, sampled_softmax_loss
-from models.samplers import SampledNegatives, StreamingFrequencyEstimator
+from models.samplers import SampledNegatives, StreamingFrequencyEstimator, mixture_log_q
 
 
 
@@ -63,6 +63,47 @@ def test_logq_corrected_loss_approaches_the_full_softmax_under_a_skewed_sampler(
     corrected_mean, uncorrected_mean = torch.stack(corrected).mean(), torch.stack(uncorrected).mean()
     assert abs(corrected_mean - full) < 0.05 * full
     assert abs(uncorrected_mean - full) > 5 * abs(corrected_mean - full)
+
+
+def test_in_batch_and_random_negatives_corrected_by_their_mixture_approach_the_full_softmax():
+    """Both samplers on: each column's log q is its expected count under both (B p + R u);
+    corrected by each source's own count instead, the two sources together estimate the
+    partition function about twice."""
+    items, queries, positives = _setup(batch=4, vocab=20, seed=3)
+    tau, in_batch, num_random, draws = 0.25, 200, 100, 300
+    gen = torch.Generator().manual_seed(4)
+    p = torch.linspace(1.0, 40.0, 20) ** 2  # a skewed in-batch distribution
+    p = p / p.sum()
+    pool = torch.arange(5, 20)  # the random negatives' pool leaves 5 items out
+    in_pool = torch.zeros(20, dtype=torch.bool)
+    in_pool[pool] = True
+    random_log_q = math.log(num_random / len(pool))
+    counts = [
+        lambda ids: torch.log(in_batch * p[ids]),
+        lambda ids: torch.where(in_pool[ids], random_log_q, float("-inf")),
+    ]
+    full = torch.nn.functional.cross_entropy(queries @ items.T / tau, positives)
+    mixed_losses, separate_losses = [], []
+    for _ in range(draws):
+        shared = torch.multinomial(p, in_batch, replacement=True, generator=gen)
+        random = pool[torch.randint(len(pool), (len(queries), num_random), generator=gen)]
+        sources = [
+            SampledNegatives("in_batch", shared, items[shared], counts[0](shared)),
+            SampledNegatives("random", random, items[random], torch.full(random.shape, random_log_q)),
+        ]
+        mixed = mixture_log_q(sources, counts)
+        args = (queries[:, None], items[positives][:, None], positives[:, None])
+        mixed_losses.append(sampled_softmax_loss(*args, mixed, LossSettings(temperature=tau)).loss)
+        separate_losses.append(sampled_softmax_loss(*args, sources, LossSettings(temperature=tau)).loss)
+    mixed_mean, separate_mean = torch.stack(mixed_losses).mean(), torch.stack(separate_losses).mean()
+    assert abs(mixed_mean - full) < 0.05 * full
+    assert abs(separate_mean - full) > 5 * abs(mixed_mean - full)
+    # A column off the pool keeps its in-batch count; one in it adds the random draws'.
+    off_pool = ~in_pool[shared]
+    assert off_pool.any()
+    torch.testing.assert_close(mixed[0].log_q[off_pool], counts[0](shared[off_pool]))
+    column = random[0, 0]
+    torch.testing.assert_close(mixed[1].log_q[0, 0], torch.logaddexp(counts[0](column), torch.tensor(random_log_q)))
 
 
 def test_accidental_hits_and_masked_columns_change_neither_loss_nor_gradient():

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from models.layers import Dropout
+from models.samplers import mixture_log_q
 from models.losses import LossSettings, sampled_softmax_loss
 from tests.models.conftest import builder, tiny_model, tiny_sequences
 
@@ -34,6 +35,8 @@ def test_temporal_pretraining_equals_the_per_position_loop(last_k):
         positions = model.query_tower(inputs, all_positions=True).positions_PD
         candidates = model.candidate_tower(looked_up["candidate_target"]).reshape(6, 4, -1)
         sources = [model.in_batch(batch.target, candidates[:, 0]), model.random(batch.random_negatives, candidates[:, 1:])]
+        sources = mixture_log_q(sources, [lambda ids: model.in_batch.log_expected_count(ids, 6),
+                                          lambda ids: model.random.log_expected_count(ids, 3)])
         settings = LossSettings(temperature=model.loss_config.temperature)
         history_ids = batch.history["history_target"].values()
         history_vectors = model.candidate_tower(looked_up["history_target"])
@@ -96,7 +99,8 @@ def test_sparse_target_features_feed_the_candidate_tower():
     sizes = VocabularySizes(seqs.num_targets, seqs.num_actors, seqs.num_actions, False, num_feature_tokens=3)
     featured = TwoTowerRetrieval(
         model.model_config, model.loss_config, sizes, max_len=8, target_log_p=torch.zeros(seqs.num_targets),
-        pool_size=seqs.num_targets, target_feature_offsets=offsets, target_feature_tokens=tokens,
+        pool_size=seqs.num_targets, active_pool_mask=torch.ones(seqs.num_targets, dtype=torch.bool),
+        target_feature_offsets=offsets, target_feature_tokens=tokens,
     )
     table = featured.embeddings.ec.embeddings["target_features"].weight
     with torch.no_grad():

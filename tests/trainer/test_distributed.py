@@ -72,7 +72,7 @@ def _spawn(worker, *args, world: int = WORLD) -> None:
 
 def _one_batch_worker(rank, port, out, state, rows, negatives):
     _join(rank, port)
-    config = _config()
+    config = _config(**{"loader.num_rand_negs": "3"})
     prepared = prepare(config.data)
     dist = init_distributed(config.distributed)
     model = build_model(config, prepared, dist=dist)
