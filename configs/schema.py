@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from configs.names import ACTION_TABLE, ACTOR_TABLE, FEATURE_TABLE, TABLE_NAMES, TARGET_TABLE
+
 LogFormat = Literal["auto", "snap", "inter", "csv", "parquet"]
 Precision = Literal["fp32", "bf16"]
 
@@ -513,7 +515,6 @@ class EvalConfig:
 
 
 SHARDING_TYPES = ("row_wise", "table_wise", "column_wise", "table_row_wise")
-TABLE_NAMES = ("target_ids", "actor_ids", "action_types", "target_features")
 
 
 @dataclass(kw_only=True)
@@ -522,10 +523,10 @@ class DistributedConfig:
 
     sharding: dict[str, str] = field(
         default_factory=lambda: {
-            "target_ids": "row_wise",
-            "actor_ids": "row_wise",
-            "action_types": "table_wise",
-            "target_features": "table_wise",
+            TARGET_TABLE: "row_wise",
+            ACTOR_TABLE: "row_wise",
+            ACTION_TABLE: "table_wise",
+            FEATURE_TABLE: "table_wise",
         }
     )
     """Sharding type per table, handed to TorchRec's planner as a constraint: the large ID

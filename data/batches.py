@@ -21,12 +21,10 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+from configs.names import HISTORY_KEYS, INCOMING_KEYS, QUERY_KEYS
 from data.incoming import Incoming
 from data.sequences import Queries, Sequences
 
-HISTORY_KEYS = ("history_target", "history_action", "history_timestamp")
-QUERY_KEYS = ("actor", "next_action", "next_timestamp")
-INCOMING_KEYS = ("incoming_source", "incoming_timestamp")
 
 
 @dataclass

@@ -35,15 +35,10 @@ import torch
 from torch import nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor
 
-HISTORY_TARGET = "history_target"
-HISTORY_ACTION = "history_action"
-ACTOR = "actor"
-NEXT_ACTION = "next_action"
-CANDIDATE_TARGET = "candidate_target"
-CANDIDATE_FEATURE = "candidate_feature"
-HISTORY_FEATURE = "history_feature"
-CONTACT_TARGET = "contact_target"
-CONTACT_FEATURE = "contact_feature"
+from configs.names import (
+    ACTION_TABLE, ACTOR, ACTOR_TABLE, CANDIDATE_FEATURE, CANDIDATE_TARGET, CONTACT_FEATURE, CONTACT_TARGET,
+    FEATURE_TABLE, HISTORY_ACTION, HISTORY_FEATURE, HISTORY_TARGET, NEXT_ACTION, TARGET_TABLE,
+)
 
 
 @dataclass(frozen=True)
@@ -77,13 +72,13 @@ def table_configs(sizes: VocabularySizes, dim: int) -> list[EmbeddingConfig]:
 
     target_features = [HISTORY_TARGET, CANDIDATE_TARGET, CONTACT_TARGET] + ([ACTOR] if sizes.shared_id_table else [])
     tables = [
-        table("target_ids", sizes.num_id_rows, target_features),
-        table("action_types", sizes.num_actions, [HISTORY_ACTION, NEXT_ACTION]),
+        table(TARGET_TABLE, sizes.num_id_rows, target_features),
+        table(ACTION_TABLE, sizes.num_actions, [HISTORY_ACTION, NEXT_ACTION]),
     ]
     if sizes.num_feature_tokens:
-        tables.append(table("target_features", sizes.num_feature_tokens, [CANDIDATE_FEATURE, HISTORY_FEATURE, CONTACT_FEATURE]))
+        tables.append(table(FEATURE_TABLE, sizes.num_feature_tokens, [CANDIDATE_FEATURE, HISTORY_FEATURE, CONTACT_FEATURE]))
     if not sizes.shared_id_table:
-        tables.append(table("actor_ids", sizes.num_actors, [ACTOR]))
+        tables.append(table(ACTOR_TABLE, sizes.num_actors, [ACTOR]))
     return tables
 
 
@@ -95,6 +90,14 @@ class IdEmbeddings(nn.Module):
         self.sizes, self.dim = sizes, dim
         self.ec = EmbeddingCollection(tables=table_configs(sizes, dim), device=device)
         self.feature_names = [name for table in self.ec.embedding_configs() for name in table.feature_names]
+        self.table_names = [table.name for table in self.ec.embedding_configs()]
+
+    def table_weights(self) -> dict[str, torch.Tensor]:
+        """{table name: its weight}, by the names the collection was built with: a plain
+        tensor in one process, a ShardedTensor of this rank's shards once sharded (DMP
+        keeps the collection's state-dict names)."""
+        state = self.ec.state_dict()
+        return {name: state[f"embeddings.{name}.weight"] for name in self.table_names}
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         return self.ec(features)

@@ -22,21 +22,23 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from configs.schema import LossConfig, ModelConfig
-from data.batches import Batch
-from models.embeddings import (
+from configs.names import (
     ACTOR,
     CANDIDATE_FEATURE,
     CANDIDATE_TARGET,
+    CONTACT_FEATURE,
+    CONTACT_TARGET,
     HISTORY_ACTION,
     HISTORY_FEATURE,
     HISTORY_TARGET,
-    CONTACT_FEATURE,
-    CONTACT_TARGET,
+    INCOMING_SOURCE,
+    INCOMING_TIMESTAMP,
     NEXT_ACTION,
-    IdEmbeddings,
-    VocabularySizes,
+    NEXT_TIMESTAMP,
 )
+from configs.schema import LossConfig, ModelConfig
+from data.batches import Batch
+from models.embeddings import IdEmbeddings, VocabularySizes
 from models.length_groups import Jagged, JaggedHistory, from_blocks, length_groups, to_block
 from models.losses import LossSettings, hard_topk_schedule, sampled_softmax_loss
 from models.repeat import ContactEvents, HistoryItems, RepeatScorer, history_items
@@ -105,12 +107,8 @@ class TwoTowerRetrieval(nn.Module):
         else:
             self.in_batch = InBatchNegativesSampler(log_p=target_log_p, gather=gather)
         self.random = RandomNegativesSampler(pool_size, active_pool_mask)
+        # Needs a causal encoder: configs/schema.py checks that, once, for every config.
         self.temporal = loss_config.temporal_weight > 0
-        if self.temporal and model_config.encoder == "transformer" and not model_config.causal:
-            raise ValueError(
-                "loss.temporal_weight > 0 needs a causal encoder: set model.causal=true, "
-                "or model.encoder=hstu, or loss.temporal_weight=0"
-            )
         self.has_features = sizes.num_feature_tokens > 0
         if self.has_features:
             self.register_buffer("feature_offsets", target_feature_offsets.to(torch.int64), persistent=False)
@@ -207,8 +205,8 @@ class TwoTowerRetrieval(nn.Module):
     ) -> HistoryItems:
         received = None
         if incoming is not None:
-            source = incoming["incoming_source"]
-            received = ContactEvents(source.values(), incoming["incoming_timestamp"].values(), source.lengths())
+            source = incoming[INCOMING_SOURCE]
+            received = ContactEvents(source.values(), incoming[INCOMING_TIMESTAMP].values(), source.lengths())
         return history_items(
             ContactEvents(
                 history[HISTORY_TARGET].values(), history["history_timestamp"].values(), history[HISTORY_TARGET].lengths()
@@ -302,6 +300,19 @@ class TwoTowerRetrieval(nn.Module):
 
     # ------------------------------------------------------------------ training
 
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """Every parameter but the ID tables' (whose optimizer runs inside backward), in
+        `named_parameters` order (the order the gradient norm sums them in)."""
+        children = [module for module in self.children() if module is not self.embeddings]
+        return [*self.parameters(recurse=False), *(p for module in children for p in module.parameters())]
+
+    def dense_parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(the towers', the repeat re-scorer's): the re-scorer learns at its own rate
+        (optim.repeat_lr)."""
+        repeat = list(self.repeat.parameters()) if self.repeat is not None else []
+        repeat_ids = {id(p) for p in repeat}
+        return [p for p in self.dense_parameters() if id(p) not in repeat_ids], repeat
+
     def current_hard_topk(self) -> int | None:
         hard = self.loss_config.hard_negatives
         if not hard.enabled:
@@ -312,8 +323,8 @@ class TwoTowerRetrieval(nn.Module):
         """Loss and telemetry of one batch (main next-target loss + temporal pretraining)."""
         random_ids_BR = batch.random_negatives
         batch_size, num_random = random_ids_BR.shape
-        actor, next_action = batch.query_values("actor"), batch.query_values("next_action")
-        next_timestamp = batch.query_values("next_timestamp")
+        actor, next_action = batch.query_values(ACTOR), batch.query_values(NEXT_ACTION)
+        next_timestamp = batch.query_values(NEXT_TIMESTAMP)
         candidates_BC = torch.cat([batch.target[:, None], random_ids_BR], dim=1)
         items = None
         if self.repeat is not None or self.loss_config.mask_history:

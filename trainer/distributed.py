@@ -27,6 +27,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from configs.names import TARGET_TABLE
 from configs.schema import DistributedConfig
 
 log = logging.getLogger(__name__)
@@ -308,7 +309,7 @@ def load_unsharded_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             value.copy_(state[key])
 
 
-def owned_candidates(model: nn.Module, candidates: np.ndarray, dist: Distributed, table: str = "target_ids") -> np.ndarray:
+def owned_candidates(model: nn.Module, candidates: np.ndarray, dist: Distributed, table: str = TARGET_TABLE) -> np.ndarray:
     """The candidates whose rows of `table` this rank holds (all of them in one process),
     so evaluation computes each candidate vector where its embedding lives. Every
     candidate is owned by exactly one rank (row-wise: a row range each; table-wise: the
@@ -317,11 +318,11 @@ def owned_candidates(model: nn.Module, candidates: np.ndarray, dist: Distributed
         return candidates
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    weights = [v for k, v in model.state_dict().items() if k.endswith(f"{table}.weight")]
-    if len(weights) != 1 or not isinstance(weights[0], ShardedTensor):
-        raise ValueError(f"owned_candidates: expected one sharded {table!r} table in the model")
+    weight = model.embeddings.table_weights()[table]
+    if not isinstance(weight, ShardedTensor):
+        raise ValueError(f"owned_candidates: expected the {table!r} table to be sharded")
     keep = np.zeros(len(candidates), dtype=bool)
-    for start, rows in _local_row_ranges(weights[0]):
+    for start, rows in _local_row_ranges(weight):
         keep |= (candidates >= start) & (candidates < start + rows)
     return candidates[keep]
 
@@ -345,16 +346,13 @@ class LocalRows:
         return out
 
 
-def local_table_rows(model: nn.Module, table: str = "target_ids") -> LocalRows | None:
+def local_table_rows(model: nn.Module, table: str = TARGET_TABLE) -> LocalRows | None:
     """This rank's rows of `table` (the whole table in one process), or None when the
     sharding splits a row's columns over ranks (column-wise): then only a collective
     lookup gives a whole row."""
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    weights = [v for k, v in model.state_dict().items() if k.endswith(f"{table}.weight")]
-    if len(weights) != 1:
-        raise ValueError(f"local_table_rows: expected one {table!r} table in the model, found {len(weights)}")
-    weight = weights[0]
+    weight = model.embeddings.table_weights()[table]
     if not isinstance(weight, ShardedTensor):
         return LocalRows([(0, weight)])
     dim = weight.size(1)
@@ -395,10 +393,7 @@ def rank_resources(
     baseline_gb = _BASELINE_RSS_GB[0] if _BASELINE_RSS_GB else float("nan")
     rows: dict[str, int] = {}
     table_bytes = 0
-    for key, value in model.state_dict().items():
-        if not (key.endswith(".weight") and ".embeddings." in key):
-            continue
-        table = key.removesuffix(".weight").rsplit(".", 1)[-1]
+    for table, value in model.embeddings.table_weights().items():
         rows[table] = sum(count for _, count in _local_row_ranges(value)) if isinstance(value, ShardedTensor) \
             else value.shape[0]
         table_bytes += _local_bytes(value)

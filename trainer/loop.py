@@ -185,11 +185,9 @@ class Trainer:
         apply_optimizer_in_backward(sparse_class, self.model.embeddings.parameters(), sparse_kwargs)
         # On several ranks: ID tables sharded, towers under DDP (trainer/distributed.py).
         self.task = shard_model(self.model, dist, config.distributed)
-        dense = {n: p for n, p in self.model.named_parameters() if not n.startswith("embeddings.")}
-        self.dense_parameters = list(dense.values())
-        repeat = [p for n, p in dense.items() if n.startswith("repeat.")]
-        others = [p for n, p in dense.items() if not n.startswith("repeat.")]
-        groups = [{"params": others, "base_lr": config.optim.lr}]
+        towers, repeat = self.model.dense_parameter_groups()
+        self.dense_parameters = self.model.dense_parameters()
+        groups = [{"params": towers, "base_lr": config.optim.lr}]
         if repeat:
             groups.append({"params": repeat, "base_lr": config.optim.repeat_lr})
         self.optimizer = torch.optim.AdamW(groups, lr=config.optim.lr, weight_decay=config.optim.weight_decay)

@@ -62,7 +62,7 @@ from trainer.loop import NonFiniteTrainingError, Trainer
 from trainer.metrics import MetricsLogger
 from trainer.export import export_model
 from trainer.run_directory import RunLock, check_fresh_start, config_difference, open_run_directory
-from trainer.results import baseline_results, markdown_table, write_results
+from trainer.results import baseline_results, run_results, write_results
 
 log = logging.getLogger("trainer")
 OWN_PACKAGES = ("trainer", "data", "models", "configs", "bench", "launch")
@@ -225,31 +225,7 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
     finally:
         trainer.close()
 
-    baselines = baseline.metrics
-    rows = {"model": test, **baselines["test"]}
-    title = (
-        f"{config.name}: test split, {summary['evaluated_actors']:,} evaluated actors"
-        + (f" (a sample of {summary['evaluable_actors']:,})" if "evaluable_actors" in summary else "") + ", "
-        f"{summary['candidates']:,} candidates; model from step {summary_train.best_step} of {summary_train.steps}"
-    )
-    table = markdown_table(rows, title) + "\n\n" + baseline.note()
-    results = {
-        "name": config.name,
-        "data": summary,
-        "training": {
-            "steps": summary_train.steps,
-            "best_step": summary_train.best_step,
-            "stopped_early": summary_train.stopped_early,
-            "train_seconds": summary_train.train_seconds,
-            "examples_per_s": summary_train.examples_per_s,
-        },
-        "resources": resources,
-        "metrics": {
-            "test": rows,
-            "valid": {"model": summary_train.best_valid, **baselines["valid"]},
-        },
-        "baselines": baseline.half_lives,
-    }
+    results, table = run_results(config.name, summary, summary_train, test, baseline, resources)
     write_results(run_dir, results, table)
     print(table)
     print(f"\nresults: {run_dir / 'results.json'}; TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")

@@ -8,7 +8,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import polars as pl
@@ -23,6 +23,9 @@ from models.baselines import (
 )
 from trainer.distributed import Distributed
 from trainer.evaluation import METRIC_NAMES, SeenTargets, full_ranking_ranks, metrics_from_ranks
+
+if TYPE_CHECKING:
+    from trainer.loop import TrainSummary
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +254,39 @@ def json_safe(value: object) -> object:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+def run_results(
+    name: str, data: dict, training: TrainSummary, test: dict[str, float], baseline: BaselineResults, resources: dict
+) -> tuple[dict, str]:
+    """What a run reports: results.json's contents and the markdown table printed (the
+    model's and the baselines' test metrics, titled with what was ranked)."""
+    baselines = baseline.metrics
+    rows = {"model": test, **baselines["test"]}
+    title = (
+        f"{name}: test split, {data['evaluated_actors']:,} evaluated actors"
+        + (f" (a sample of {data['evaluable_actors']:,})" if "evaluable_actors" in data else "") + ", "
+        f"{data['candidates']:,} candidates; model from step {training.best_step} of {training.steps}"
+    )
+    table = markdown_table(rows, title) + "\n\n" + baseline.note()
+    results = {
+        "name": name,
+        "data": data,
+        "training": {
+            "steps": training.steps,
+            "best_step": training.best_step,
+            "stopped_early": training.stopped_early,
+            "train_seconds": training.train_seconds,
+            "examples_per_s": training.examples_per_s,
+        },
+        "resources": resources,
+        "metrics": {
+            "test": rows,
+            "valid": {"model": training.best_valid, **baselines["valid"]},
+        },
+        "baselines": baseline.half_lives,
+    }
+    return results, table
 
 
 def write_results(run_dir: Path, results: dict, table: str) -> None:

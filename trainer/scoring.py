@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from configs.names import ACTOR, NEXT_ACTION, NEXT_TIMESTAMP, TARGET_TABLE
 from data.batches import BatchBuilder
 from data.incoming import Incoming
 from data.sequences import Queries, Sequences
@@ -120,10 +121,10 @@ class ModelScorer:
         `builder`'s queries; the scorer's own by default)."""
         batch = (builder or self.builder).build(rows)
         encoding = self.model.encode_queries(
-            batch.query_values("actor"),
-            batch.query_values("next_action"),
+            batch.query_values(ACTOR),
+            batch.query_values(NEXT_ACTION),
             batch.history,
-            batch.query_values("next_timestamp"),
+            batch.query_values(NEXT_TIMESTAMP),
             batch.incoming,
         )
         pairs = None
@@ -271,7 +272,7 @@ class CandidateVectors:
     ) -> None:
         self.model, self.ids, self.block_size = model, candidate_ids, block_size
         self.dim = model.model_config.embedding_dim
-        self.rows = None if model.has_features else local_table_rows(model)
+        self.rows = None if model.has_features else local_table_rows(model, TARGET_TABLE)
         self._recent: dict[int, torch.Tensor] = {}
         self.held: torch.Tensor | None = None
         if self.rows is None or len(candidate_ids) * self.dim * 4 <= max_held_bytes:
