@@ -59,10 +59,10 @@ from bench.common import peak_gflops, write_result  # noqa: E402
 from bench.train import Timing, build_trainer, step_flops, timed_steps  # noqa: E402
 from configs.loading import config_to_dict, load_config  # noqa: E402
 from configs.schema import ExperimentConfig  # noqa: E402
-from data.batches import BatchBuilder  # noqa: E402
 from data.loader import TrainLoader  # noqa: E402
 from data.sequences import Queries  # noqa: E402
-from trainer.loop import Trainer, incoming_inputs  # noqa: E402
+from trainer.build import train_batch_builder  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
 
 CONFIGS = {"hstu": ROOT / "configs" / "ml-100k.yaml", "transformer": ROOT / "configs" / "ml-100k-sasrec.yaml"}
 PEER = ["data.path=embedded:ml-100k", "data.max_len=200", "model.embedding_dim=50", "model.num_layers=2",
@@ -78,11 +78,7 @@ def sequence_loader(trainer: Trainer) -> TrainLoader:
     last = np.flatnonzero(np.r_[queries.sequence[1:] != queries.sequence[:-1], True]) if len(queries) else []
     per_actor = Queries(sequence=queries.sequence[last], position=queries.position[last],
                         history_start=queries.history_start[last])
-    builder = BatchBuilder(
-        prepared.seqs, per_actor, config.history_window, prepared.stats.active_pool, config.loader.num_rand_negs,
-        **incoming_inputs(config, prepared, "train"),
-    )
-    return TrainLoader(builder, batch_size=config.loader.batch_size, seed=config.seed)
+    return TrainLoader(train_batch_builder(config, prepared, per_actor), batch_size=config.loader.batch_size, seed=config.seed)
 
 
 def epoch_figures(config: ExperimentConfig, timing: Timing, epoch_steps: int, peak: float) -> dict:

@@ -34,8 +34,7 @@ from configs.loading import load_config  # noqa: E402
 from configs.schema import EvalConfig  # noqa: E402
 from data.prepare import prepare  # noqa: E402
 from trainer.evaluation import full_ranking_ranks  # noqa: E402
-from trainer.loop import build_model, incoming_inputs  # noqa: E402
-from trainer.scoring import ModelScorer  # noqa: E402
+from trainer.build import build_model, model_scorer  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "synthetic-scale.yaml"
 
@@ -69,10 +68,8 @@ def measure(num_candidates: int, dim: int, num_queries: int, query_chunk: int, c
     queries = prepared.split.queries(prepared.seqs, "test", config.eval.max_queries)
     candidates = prepared.stats.candidates
     start = time.perf_counter()
-    scorer = ModelScorer(
-        model, prepared.seqs, queries, config.history_window, candidates,
-        **incoming_inputs(config, prepared, "test"),
-    )
+    # Every vector held (computed once, timed apart), whatever eval.max_held_vectors_gb says.
+    scorer = model_scorer(model, config, prepared, queries, candidates, "test", max_held_bytes=float("inf"))
     vectors_s = time.perf_counter() - start
     # What the ranking itself adds on top of the model, the table and the candidate vectors.
     before_ranking_gb = reset_peak_rss()

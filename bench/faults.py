@@ -198,8 +198,8 @@ def _nan_loss(first: int, last: int | None) -> None:
             return
         trainer, task, injected = self, self.task, []
 
-        def nan_task(batch):
-            loss, output = task(batch)
+        def nan_task(batch, telemetry: bool = True):
+            loss, output = task(batch, telemetry)
             step = trainer.step + 1
             if step >= first and (last is None or step <= last):
                 injected.append(step)

@@ -46,11 +46,10 @@ import numpy as np  # noqa: E402
 from bench.common import peak_gflops, write_result  # noqa: E402
 from bench.train import BASE_CONFIG, build_trainer, step_flops, timed_steps  # noqa: E402
 from configs.loading import config_to_dict, load_config  # noqa: E402
-from data.batches import BatchBuilder  # noqa: E402
 from data.loader import TrainLoader  # noqa: E402
 from data.prepare import prepare  # noqa: E402
 from data.sequences import Queries  # noqa: E402
-from trainer.loop import incoming_inputs  # noqa: E402
+from trainer.build import train_batch_builder  # noqa: E402
 
 DATA = "synthetic:events=3e5,actors=3e3,targets=3e4"
 MODEL = ["model.encoder=hstu", "model.embedding_dim=256", "model.num_layers=4", "model.num_heads=4",
@@ -76,10 +75,7 @@ def measure(data: str, max_len: int, model: list[str], overrides: list[str], pre
     order = np.random.default_rng(0).permutation(len(queries))
     wanted = total_tokens + warmup * tokens_per_batch
     chosen = order[: int(np.searchsorted(np.cumsum(lengths[order]), wanted)) + 1]
-    builder = BatchBuilder(
-        prepared.seqs, subset(queries, chosen), config.history_window, prepared.stats.active_pool,
-        config.loader.num_rand_negs, **incoming_inputs(config, prepared, "train"),
-    )
+    builder = train_batch_builder(config, prepared, subset(queries, chosen))
     steps = len(chosen) // batch_size - warmup
     if steps < 1:
         raise SystemExit(f"max_len {max_len}: --total-tokens {total_tokens} fills no timed batch of {batch_size}; raise it")

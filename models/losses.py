@@ -125,7 +125,7 @@ def sampled_softmax_loss(
     if settings.logq_correction and positive_log_q_BP is not None:
         positive_logit_BP = positive_logit_BP - positive_log_q_BP
 
-    history_source = next((s for s in sources if s.name == "history"), None)
+    history_source = next((s for s in sources if s.certain), None)
     # log-sum-exp per source, combined at the end: no [B, P, 1 + N] copy of every logit.
     lse_parts = [positive_logit_BP]
     telemetry_counts, hardest = {r: 0.0 for r in MASK_REASONS}, []
@@ -139,7 +139,7 @@ def sampled_softmax_loss(
                 reasons["in_history"] = history_contains(ids_B1N[:, 0])[:, None, :]
             elif history_source is not None:
                 reasons["duplicate_of_history"] = history_contains(ids_B1N[:, 0])[:, None, :]
-        if source.name == "in_batch" and not source.per_example:
+        if source.similarity_masked and not source.per_example:
             reasons["too_similar"] = _column_scores(positive_BPD, source) > settings.similarity_mask_threshold
         masked_BPN = None
         for reason, mask in reasons.items():
@@ -164,7 +164,7 @@ def sampled_softmax_loss(
         if settings.logq_correction:
             logit_BPN.sub_(log_q_B1N)
         masked_BPN = masked_BPN.expand_as(logit_BPN)
-        if settings.hard_topk is not None and source.name != "history":
+        if settings.hard_topk is not None and source.hard_mined:
             not_hard = _top_k_mask(logit_BPN.detach(), masked_BPN, settings.hard_topk)
             telemetry_counts["not_hard"] += int(torch.count_nonzero(not_hard))
             masked_BPN = masked_BPN | not_hard

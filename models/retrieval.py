@@ -15,6 +15,8 @@ negatives per example, H history columns per example, U history pairs, D width.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -86,16 +88,25 @@ class TwoTowerRetrieval(nn.Module):
         device: torch.device | None = None,
         target_feature_offsets: torch.Tensor | None = None,
         target_feature_tokens: torch.Tensor | None = None,
+        bf16_towers: bool = False,
     ) -> None:
         """`active_pool_mask` [T] bool: the random negatives' pool, for the mixture's logQ
-        correction (needed only when random negatives are drawn).
+        correction (needed only when random negatives are drawn). `bf16_towers`: run the
+        towers under bf16 autocast in `train_forward` (train.precision = "bf16").
         `target_feature_offsets` [T + 1] / `target_feature_tokens` [M]: each target's sparse
         feature tokens (jagged), when the log has them (`sizes.num_feature_tokens` > 0).
         `gather` / `count_sum`: the cross-rank operations (trainer/distributed.py); identity
         and None in one process."""
         super().__init__()
         self.model_config, self.loss_config, self.sizes, self.max_len = model_config, loss_config, sizes, max_len
-        self.count_sum = count_sum
+        # The loss's fixed settings, read from the config once.
+        self.loss_settings = LossSettings(
+            temperature=loss_config.temperature,
+            logq_correction=loss_config.logq_correction,
+            mask_history=loss_config.mask_history,
+            similarity_mask_threshold=loss_config.similarity_mask_threshold,
+            count_sum=count_sum,
+        )
         dim = model_config.embedding_dim
         self.embeddings = IdEmbeddings(sizes, dim, device=device)
         self.query_tower = QueryTower(model_config, max_len)
@@ -113,10 +124,8 @@ class TwoTowerRetrieval(nn.Module):
         if self.has_features:
             self.register_buffer("feature_offsets", target_feature_offsets.to(torch.int64), persistent=False)
             self.register_buffer("feature_tokens", target_feature_tokens.to(torch.int64), persistent=False)
-        # Telemetry costs passes over every logit: the trainer turns it on for the steps it logs.
-        self.collect_telemetry = True
         # train.precision = "bf16": the towers run under bf16 autocast while training.
-        self.bf16_towers = False
+        self.bf16_towers = bf16_towers
         # The curriculum's position; a buffer so checkpoints carry it.
         self.register_buffer("training_step", torch.zeros((), dtype=torch.int64))
 
@@ -319,8 +328,10 @@ class TwoTowerRetrieval(nn.Module):
             return None
         return hard_topk_schedule(int(self.training_step), hard.topk_start, hard.topk_end, hard.num_steps, hard.schedule)
 
-    def train_forward(self, batch: Batch) -> RetrievalOutput:
-        """Loss and telemetry of one batch (main next-target loss + temporal pretraining)."""
+    def train_forward(self, batch: Batch, telemetry: bool = True) -> RetrievalOutput:
+        """Loss of one batch (main next-target loss + temporal pretraining), and with
+        `telemetry` the loss's telemetry (it costs passes over every logit: the trainer
+        asks for it on the steps it logs)."""
         random_ids_BR = batch.random_negatives
         batch_size, num_random = random_ids_BR.shape
         actor, next_action = batch.query_values(ACTOR), batch.query_values(NEXT_ACTION)
@@ -353,15 +364,8 @@ class TwoTowerRetrieval(nn.Module):
                 lambda ids: self.random.log_expected_count(ids, num_random),
             ])
 
-        settings = LossSettings(
-            temperature=self.loss_config.temperature,
-            logq_correction=self.loss_config.logq_correction,
-            mask_history=self.loss_config.mask_history,
-            similarity_mask_threshold=self.loss_config.similarity_mask_threshold,
-            hard_topk=self.current_hard_topk(),
-            telemetry=self.collect_telemetry,
-            count_sum=self.count_sum,
-        )
+        # What changes from step to step: the curriculum's k, and whether to report.
+        settings = dataclasses.replace(self.loss_settings, hard_topk=self.current_hard_topk(), telemetry=telemetry)
         positive_bonus_B = None
         if self.repeat is not None:
             contact_vectors_UD = self._candidates(looked_up, CONTACT_TARGET, CONTACT_FEATURE, in_train_forward=True)
@@ -376,6 +380,8 @@ class TwoTowerRetrieval(nn.Module):
                     valid=valid_BH,
                     bonus=torch.where(valid_BH, bonus_U[index_BH], 0.0),
                     cosine=torch.where(valid_BH, cosine_U[index_BH], 0.0),
+                    hard_mined=False,
+                    certain=True,
                 )
             )
             index_B, found_B = items.find(torch.arange(batch_size, device=actor.device), batch.target)
@@ -427,7 +433,7 @@ class TwoTowerRetrieval(nn.Module):
         positive_MD = self._candidates(looked_up, HISTORY_TARGET, HISTORY_FEATURE, in_train_forward=True)[next_event_M]
         positive_ids_M = history[HISTORY_TARGET].values()[next_event_M]
         temporal_sources = [
-            _per_pair(source, query_MD, row_M, pairs) for source in sources if source.name != "history"
+            _per_pair(source, query_MD, row_M, pairs) for source in sources if not source.certain
         ]
         return sampled_softmax_loss(
             query_MD[:, None], positive_MD[:, None], positive_ids_M[:, None], temporal_sources, settings
@@ -449,7 +455,9 @@ def _per_pair(source: SampledNegatives, query_MD: torch.Tensor, row_M: torch.Ten
         entries.append(group_entries)
     cosine_MN = from_blocks(blocks, entries, pairs.total)
     valid = None if source.valid is None else source.valid[row_M]
-    return SampledNegatives(source.name, source.ids[row_M], None, source.log_q[row_M], valid=valid, cosine=cosine_MN)
+    return dataclasses.replace(
+        source, ids=source.ids[row_M], embeddings=None, log_q=source.log_q[row_M], valid=valid, cosine=cosine_MN
+    )
 
 
 def _mean_per_id(token_embeddings_MD: torch.Tensor, counts_N: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,10 @@ def identity_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SampledNegatives:
-    """One negative source. Shared columns have `ids` [N]; per-example columns [B, N]."""
+    """One negative source. Shared columns have `ids` [N]; per-example columns [B, N].
+    The loss treats a source by its flags, never by its name (which only labels its
+    telemetry): a new source is a new sampler returning these, the loss untouched. Every
+    source's columns that carry the positive's ID (accidental hits) are masked."""
 
     name: str
     ids: torch.Tensor
@@ -58,6 +61,15 @@ class SampledNegatives:
     """[B, N] query-column cosines computed by the caller (one query per example): the
     history source has them from the re-scorer already, per (row, contact) pair, so the
     loss need not gather a padded [B, N, D] block of contact vectors to recompute them."""
+    similarity_masked: bool = False
+    """Columns more similar to the positive than `loss.similarity_mask_threshold` are
+    masked (in-batch: another example's positive may be a near-copy of this one's)."""
+    hard_mined: bool = True
+    """With hard negatives on, only the source's top-k columns count."""
+    certain: bool = False
+    """Included with certainty, not sampled (the actor's own contacts): other sources'
+    columns that duplicate one of its columns are masked, and the temporal loss, whose
+    queries are earlier positions, leaves it out."""
 
     @property
     def per_example(self) -> bool:
@@ -135,7 +147,7 @@ class InBatchNegativesSampler(nn.Module):
             log_q = self.estimator.log_expected_count(ids)
         else:
             log_q = self.log_expected_count(ids, ids.shape[0])
-        return SampledNegatives("in_batch", ids, embeddings, log_q)
+        return SampledNegatives("in_batch", ids, embeddings, log_q, similarity_masked=True)
 
     def log_expected_count(self, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
         """log of how often each ID appears among a batch of `batch_size` positives."""

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 import yaml
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
@@ -451,6 +453,25 @@ def _in_row_pieces(state):
             pieces.append(Shard(rows, ShardMetadata(offsets, list(rows.shape), meta.placement)))
     # Collective (it agrees the global layout): every rank writes the same state keys.
     return ShardedTensor._init_from_local_shards(pieces, *state.size(), process_group=state._process_group)
+
+
+def checkpoint_keys(path: Path) -> set[str]:
+    """The (flattened) state keys checkpoint `path` holds, read through the restricted
+    unpickler."""
+    return set(read_metadata(path).state_dict_metadata)
+
+
+def optimizer_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """A dense optimizer's state tensors, keyed by parameter name (DCP's form). Tensors
+    only: the param groups (learning rates, betas) come from the config, and DCP reads
+    lists back unlike it writes them across world sizes (measured: "missing key ...
+    param_groups")."""
+    return get_optimizer_state_dict(model, optimizer)["state"]
+
+
+def load_optimizer_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    groups = get_optimizer_state_dict(model, optimizer)["param_groups"]
+    set_optimizer_state_dict(model, optimizer, optim_state_dict={"state": state, "param_groups": groups})
 
 
 def _first_line(error: BaseException) -> str:

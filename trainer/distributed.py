@@ -218,8 +218,8 @@ class TrainTask(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch):
-        output = self.model.train_forward(batch)
+    def forward(self, batch, telemetry: bool = True):
+        output = self.model.train_forward(batch, telemetry)
         return output.loss, output
 
 

@@ -18,113 +18,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from configs.loading import config_to_dict
 from configs.schema import ExperimentConfig, OptimConfig
-from data.batches import BatchBuilder
 from data.loader import Share, TrainLoader
 from data.prepare import PreparedData
 from data.readers import DataError
-from models.embeddings import VocabularySizes
-from models.retrieval import TwoTowerRetrieval
-from models.samplers import identity_gather
+from trainer.build import build_model, model_scorer, train_batch_builder
 from trainer.checkpoint import (
-    CheckpointError, best_name, load_best, load_checkpoint, read_metadata, save_best, save_checkpoint,
+    best_name, checkpoint_keys, load_best, load_checkpoint, load_optimizer_state_tensors, optimizer_state_tensors,
+    save_best, save_checkpoint,
 )
 from trainer.distributed import Distributed, owned_candidates, shard_model
 from trainer.evaluation import METRIC_NAMES, SeenTargets, full_ranking_ranks, metrics_from_ranks
 from trainer.metrics import MetricsLogger
 from trainer.results import rank_queries, seen_targets
-from trainer.scoring import ModelScorer
-from trainer.sparse_state import KEY as SPARSE_KEY, SparseOptimizerState
+from trainer.table_optimizer import KEY as SPARSE_KEY, SparseOptimizerState, attach_table_optimizer, table_optimizers
 
 log = logging.getLogger(__name__)
-
-
-def build_model(
-    config: ExperimentConfig, prepared: PreparedData, device: torch.device | None = None, dist: Distributed | None = None
-) -> TwoTowerRetrieval:
-    """The model for `prepared`; with `dist` on several ranks its ID tables are built on
-    the meta device (each rank later allocates only its own shards) and its in-batch
-    negatives and loss denominators span the ranks."""
-    seqs = prepared.seqs
-    shared = config.model.shared_id_table
-    features = prepared.features
-    sizes = VocabularySizes(
-        num_targets=seqs.num_targets,
-        num_actors=seqs.num_actors,
-        num_actions=seqs.num_actions,
-        shared_id_table=prepared.log.shared_id_space if shared is None else shared,
-        num_feature_tokens=features.num_tokens if features is not None else 0,
-    )
-    return TwoTowerRetrieval(
-        config.model,
-        config.loss,
-        sizes,
-        max_len=config.data.max_len,
-        target_log_p=torch.from_numpy(prepared.stats.log_q),
-        pool_size=len(prepared.stats.active_pool),
-        active_pool_mask=_pool_mask(prepared, sizes) if config.loader.num_rand_negs else None,
-        device=torch.device("meta") if dist is not None and dist.enabled else device,
-        gather=dist.gather if dist is not None else identity_gather,
-        count_sum=dist.sum if dist is not None and dist.enabled else None,
-        target_feature_offsets=torch.from_numpy(features.offsets) if features is not None else None,
-        target_feature_tokens=torch.from_numpy(features.tokens) if features is not None else None,
-    )
-
-
-def _pool_mask(prepared: PreparedData, sizes: VocabularySizes) -> torch.Tensor:
-    """[rows of the target table] bool: the random negatives' pool."""
-    mask = np.zeros(sizes.num_id_rows, dtype=bool)
-    mask[prepared.stats.active_pool] = True  # read-only when read from the prepared dataset: indexed, not wrapped
-    return torch.from_numpy(mask)
-
-
-def incoming_inputs(config: ExperimentConfig, prepared: PreparedData, known: str) -> dict:
-    """BatchBuilder / ModelScorer arguments for the incoming contacts the repeat re-scorer
-    reads (none when it is off or the log has no shared ID space)."""
-    if not (config.model.repeat_scoring and config.model.incoming_window > 0):
-        return {}
-    incoming = prepared.incoming_events(known)
-    return {} if incoming is None else {"incoming": incoming, "incoming_window": config.model.incoming_window}
-
-
-@torch.no_grad()
-def _materialise_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create an optimizer's lazily made state (a step with zero gradients at lr 0, which
-    moves nothing), so a checkpoint has tensors to load into before the first step."""
-    if optimizer.state:
-        return
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    lrs = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    for p in params:
-        p.grad = None
-    for group, lr in zip(optimizer.param_groups, lrs):
-        group["lr"] = lr
-
-
-def _sparse_optimizer(config: OptimConfig) -> tuple[type, dict]:
-    """The optimizer class applied in backward to the ID tables. DMP turns each into the
-    matching fused FBGEMM kernel when it shards the tables; unsharded, the class itself
-    runs. So Adagrad and Adam are torch's own: torchrec.optim.Adagrad / Adam are only
-    placeholders for the fused kernels and raise NotImplementedError on an unsharded
-    table, while its RowWiseAdagrad has a Python step of its own."""
-    import torchrec.optim as sparse
-
-    return {
-        "rowwise_adagrad": (sparse.RowWiseAdagrad, {"lr": config.sparse_lr}),
-        "adagrad": (torch.optim.Adagrad, {"lr": config.sparse_lr}),
-        "adam": (torch.optim.Adam, {"lr": config.sparse_lr}),
-    }[config.sparse_optimizer]
 
 
 def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
@@ -180,9 +93,7 @@ class Trainer:
             # quarter of the HSTU step. Every op here writes its outputs before reading them.
             torch.utils.deterministic.fill_uninitialized_memory = False
         self.model = build_model(config, prepared, dist=dist)
-        self.model.bf16_towers = config.train.precision == "bf16"
-        sparse_class, sparse_kwargs = _sparse_optimizer(config.optim)
-        apply_optimizer_in_backward(sparse_class, self.model.embeddings.parameters(), sparse_kwargs)
+        attach_table_optimizer(self.model, config.optim)
         # On several ranks: ID tables sharded, towers under DDP (trainer/distributed.py).
         self.task = shard_model(self.model, dist, config.distributed)
         towers, repeat = self.model.dense_parameter_groups()
@@ -191,11 +102,8 @@ class Trainer:
         if repeat:
             groups.append({"params": repeat, "base_lr": config.optim.repeat_lr})
         self.optimizer = torch.optim.AdamW(groups, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
-        queries = prepared.split.train_queries(prepared.seqs, config.loader.min_history)
-        builder = BatchBuilder(
-            prepared.seqs, queries, config.history_window, prepared.stats.active_pool, config.loader.num_rand_negs,
-            **incoming_inputs(config, prepared, "train"),
-        )
+        builder = train_batch_builder(config, prepared)
+        queries = builder.queries
         # This rank's share: the examples of its partitions' actors (all of them when the
         # data was read for this rank alone). Every rank runs as many steps as the
         # smallest share fills (data/loader.py).
@@ -233,10 +141,9 @@ class Trainer:
         factor = lr_factor(self.step, self.total_steps, self.config.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        # Telemetry only for the steps whose scalars are logged (see train()).
-        self.model.collect_telemetry = self._logs_step(self.step + 1)
-        # Backward from the loss DDP returned (its graph ends in DDP's reduction hook).
-        loss, output = self.task(batch.to(self.dist.device))
+        # Backward from the loss DDP returned (its graph ends in DDP's reduction hook);
+        # telemetry only for the steps whose scalars are logged (see train()).
+        loss, output = self.task(batch.to(self.dist.device), telemetry=self._logs_step(self.step + 1))
         self.optimizer.zero_grad(set_to_none=True)
         # Checked before backward: the ID tables update inside backward (fused optimizer),
         # so a NaN loss must never reach it. Every rank skips together (a skipped backward
@@ -290,11 +197,8 @@ class Trainer:
             # On several ranks each encodes its own actors' queries, every rank scores every
             # query against the candidates whose rows it holds, and the counts are summed.
             candidates = owned_candidates(self.model, prepared.stats.candidates, dist)
-            scorer = ModelScorer(
-                self.model, prepared.seqs, queries, config.history_window, candidates,
-                dist=dist, queries_split_over_ranks=split_over_ranks, query_chunk_size=config.eval.query_chunk_size,
-                max_held_bytes=config.eval.max_held_vectors_gb * 1e9,
-                **incoming_inputs(config, prepared, split),
+            scorer = model_scorer(
+                self.model, config, prepared, queries, candidates, split, dist, queries_split_over_ranks=split_over_ranks
             )
             true_targets = prepared.seqs.targets[queries.position]
             seen = seen_targets(prepared, queries) if config.eval.exclude_seen else None
@@ -381,14 +285,7 @@ class Trainer:
     # ------------------------------------------------------------- checkpoints
 
     def _sparse_optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """The ID tables' optimizers: TorchRec's fused one when sharded, else the
-        per-table optimizers that run inside backward."""
-        if self.dist.enabled:
-            return {"fused": self.task.fused_optimizer}
-        optimizers = {name: p._in_backward_optimizers[0] for name, p in self.model.embeddings.named_parameters()}
-        for optimizer in optimizers.values():
-            _materialise_state(optimizer)
-        return optimizers
+        return table_optimizers(self.model, self.task, self.dist)
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue as if uninterrupted, as a DCP state
@@ -402,10 +299,7 @@ class Trainer:
         }
         state = {
             "model": self.model.state_dict(),
-            # Optimizer state tensors only: the param groups (learning rates, betas) come
-            # from the config, and DCP reads lists back unlike it writes them across
-            # world sizes (measured: "missing key ... param_groups").
-            "dense_optimizer": get_optimizer_state_dict(self.model, self.optimizer)["state"],
+            "dense_optimizer": optimizer_state_tensors(self.model, self.optimizer),
             # One layout whether the tables' optimizer ran fused (torchrun) or not (plain).
             SPARSE_KEY: SparseOptimizerState(self._sparse_optimizers(), fused=self.dist.enabled).entries(),
             "progress": {key: torch.tensor(value, dtype=torch.int64) for key, value in progress.items()},
@@ -419,22 +313,9 @@ class Trainer:
         """Continue from checkpoint `path` (written by any number of ranks)."""
         state = self.state_dict()
         sparse = SparseOptimizerState(self._sparse_optimizers(), fused=self.dist.enabled)
-        metadata = read_metadata(path).state_dict_metadata
-        if any(key.startswith("sparse_optimizers.") for key in metadata):
-            # Written before the one layout (trainer/sparse_state.py): loads only into the
-            # launch mode that wrote it, as it did then.
-            del state[SPARSE_KEY]
-            state["sparse_optimizers"] = {name: opt["state"] for name, opt in sparse._state.items()}
-        else:
-            state[SPARSE_KEY] = sparse.entries()
-            for table, entries in state[SPARSE_KEY].items():
-                for name in [n for n in entries if f"{SPARSE_KEY}.{table}.{n}" not in metadata]:
-                    if name != "step":
-                        raise CheckpointError(
-                            f"{path}: holds no {name!r} state for table {table!r}: written with another "
-                            "optim.sparse_optimizer; resume with the one that wrote it"
-                        )
-                    del entries[name]  # written fused: torch's step count is not kept there
+        metadata = checkpoint_keys(path)
+        del state[SPARSE_KEY]
+        state.update(sparse.to_load(metadata, path))
         if "progress.loader_step" in metadata:  # the loader's position in steps, before it was in examples
             for key in self.loader.state_dict():
                 del state["progress"][f"loader_{key}"]
@@ -446,10 +327,7 @@ class Trainer:
             del state[rng_key]
         load_checkpoint(path, state, self.dist)
         self.model.load_state_dict(state["model"])
-        groups = get_optimizer_state_dict(self.model, self.optimizer)["param_groups"]
-        set_optimizer_state_dict(
-            self.model, self.optimizer, optim_state_dict={"state": state["dense_optimizer"], "param_groups": groups}
-        )
+        load_optimizer_state_tensors(self.model, self.optimizer, state["dense_optimizer"])
         sparse.loaded()
         progress = {k: int(v) for k, v in state["progress"].items()}
         self.step, self.best_step = progress["step"], progress["best_step"]

@@ -52,7 +52,7 @@ from data.readers import DataError
 from data.sequences import Queries, Sequences
 from trainer.distributed import Distributed
 from trainer.export import EXPORT_DIR, ExportError, load_exported
-from trainer.loop import build_model, incoming_inputs
+from trainer.build import build_model, model_scorer
 from trainer.scoring import ModelScorer
 
 log = logging.getLogger(__name__)
@@ -141,10 +141,7 @@ def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, ex
     queries = Queries.requests(
         seqs, sequence, _next_actions(event_log, seqs, sequence, actions, most_frequent), counts["max_timestamp"]
     )
-    scorer = ModelScorer(
-        model, seqs, queries, config.history_window, stats.candidates, **incoming_inputs(config, prepared, "all"),
-        max_held_bytes=config.eval.max_held_vectors_gb * 1e9,
-    )
+    scorer = model_scorer(model, config, prepared, queries, stats.candidates, "all")
     seen = [seqs.targets[seqs.offsets[s] : seqs.offsets[s + 1]] for s in sequence] if exclude_seen else None
     ids, scores = top_k(scorer, len(sequence), stats.candidates, k, seen)
     kept = min(k, len(stats.candidates))

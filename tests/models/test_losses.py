@@ -155,16 +155,18 @@ def test_positive_is_never_masked_even_when_every_negative_is():
     torch.testing.assert_close(out.loss, torch.zeros(()))  # softmax over the positive alone
 
 
-def test_too_similar_in_batch_negatives_are_masked():
+def test_too_similar_negatives_are_masked_in_a_source_flagged_for_it_whatever_its_name():
     items, queries, _ = _setup()
     positives = torch.tensor([0, 1, 2])
     twin = items[positives].clone()  # another ID with the same vector as the positive
     ids = torch.tensor([100, 101, 102])
-    source = SampledNegatives("in_batch", ids, twin, torch.zeros(3))
-    out = sampled_softmax_loss(
-        queries[:, None], items[positives][:, None], positives[:, None], [source], LossSettings(temperature=0.1)
-    )
-    assert out.telemetry["masked_frac/too_similar"] == pytest.approx(1 / 3)  # the diagonal twins
+    for name, flagged in [("in_batch", True), ("a_new_source", True), ("in_batch", False)]:
+        source = SampledNegatives(name, ids, twin, torch.zeros(3), similarity_masked=flagged)
+        out = sampled_softmax_loss(
+            queries[:, None], items[positives][:, None], positives[:, None], [source], LossSettings(temperature=0.1)
+        )
+        # The diagonal twins, in a flagged source only.
+        assert out.telemetry["masked_frac/too_similar"] == pytest.approx(1 / 3 if flagged else 0.0)
 
 
 def test_hard_negatives_keep_the_highest_scoring_columns_of_each_source():

@@ -67,8 +67,8 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(tmp_path, logq):
     assert resumed.test() == whole.test()
 
 
-def test_a_checkpoint_of_the_layout_before_the_sparse_state_one_still_resumes(tmp_path):
-    """Written before trainer/sparse_state.py (each table optimizer's own state under
+def test_a_checkpoint_of_the_layout_before_the_table_optimizer_one_still_resumes(tmp_path):
+    """Written before trainer/table_optimizer.py (each table optimizer's own state under
     `sparse_optimizers`) and before the loader counted examples (`loader_step`): read as
     it was written, into the same launch mode and batch size."""
     written = _trainer(tmp_path / "old", **{"train.max_steps": "4"})
@@ -184,8 +184,8 @@ class _NaNAtSteps:
     def __init__(self, trainer: Trainer, steps: set[int]) -> None:
         self.trainer, self.task, self.steps = trainer, trainer.task, steps
 
-    def __call__(self, batch):
-        loss, output = self.task(batch)
+    def __call__(self, batch, telemetry: bool = True):
+        loss, output = self.task(batch, telemetry)
         if self.trainer.step + 1 in self.steps:
             loss = loss * float("nan")
         return loss, output

@@ -30,12 +30,13 @@ from trainer.distributed import (
     shard_model,
     unsharded_state_dict,
 )
-from trainer.loop import Trainer, build_model, incoming_inputs
+from trainer.build import build_model, incoming_inputs
+from trainer.loop import Trainer
 from trainer.metrics import MetricsLogger
 from trainer.predict import top_k
 from trainer.results import baseline_results
 from trainer.scoring import ModelScorer
-from trainer.sparse_state import SparseOptimizerState
+from trainer.table_optimizer import SparseOptimizerState
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 WORLD = 2
@@ -127,6 +128,16 @@ def _share(config, dataset_dir: Path, rank: int, world: int):
     return prepare_from_dataset(PreparedDataset.open(dataset_dir), config.data, rank, world)
 
 
+def _hold_every_share(trainer, prepared) -> None:
+    """Give a 1-rank trainer a loader of both ranks' shares: its global batches are then
+    those of 2 ranks (data/loader.py), random negatives included."""
+    builder = trainer.loader.builder
+    shares = [
+        Share(r, np.flatnonzero(prepared.sequences_of_rank(r, WORLD)[builder.queries.sequence])) for r in range(WORLD)
+    ]
+    trainer.loader = TrainLoader(builder, batch_size=BATCH, seed=trainer.config.seed, shares=shares)
+
+
 def _training_worker(rank, port, out, state, steps, world, dataset_dir):
     """2 ranks each read and train on their share; the 1-rank run reads the whole log and
     holds both shares, so its global batches are the 2 ranks' (data/loader.py), random
@@ -137,11 +148,7 @@ def _training_worker(rank, port, out, state, steps, world, dataset_dir):
     dist = init_distributed(config.distributed)
     trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False), dist)
     if world == 1:
-        builder = trainer.loader.builder
-        shares = [
-            Share(r, np.flatnonzero(prepared.sequences_of_rank(r, WORLD)[builder.queries.sequence])) for r in range(WORLD)
-        ]
-        trainer.loader = TrainLoader(builder, batch_size=BATCH, seed=config.seed, shares=shares)
+        _hold_every_share(trainer, prepared)
     load_unsharded_state(trainer.model, state)
     summary = trainer.train()
     final = unsharded_state_dict(trainer.model, dist)
@@ -327,11 +334,7 @@ def _segment_worker(rank, port, out, launch, world, initial, dataset_dir, run_di
     assert dist.enabled == (launch == "torchrun")
     trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False), dist, run_dir=run_dir)
     if world == 1:
-        builder = trainer.loader.builder
-        shares = [
-            Share(r, np.flatnonzero(prepared.sequences_of_rank(r, WORLD)[builder.queries.sequence])) for r in range(WORLD)
-        ]
-        trainer.loader = TrainLoader(builder, batch_size=BATCH, seed=config.seed, shares=shares)
+        _hold_every_share(trainer, prepared)
     load_unsharded_state(trainer.model, initial)
 
     def momentum():
@@ -416,7 +419,7 @@ def _chain(tmp_path, chain: list[tuple[str, int]]) -> tuple[dict, dict]:
 @pytest.mark.slow
 def test_resume_across_launch_modes_starts_from_the_state_written(tmp_path):
     """plain -> torchrun 1 rank -> torchrun 2 ranks -> plain, 10 steps each: the tables'
-    optimizer state is written in one layout (trainer/sparse_state.py), so each resume
+    optimizer state is written in one layout (trainer/table_optimizer.py), so each resume
     starts from exactly the tables, dense weights and optimizer state the last segment
     ended with. (A plain process runs TorchRec's Python row-wise Adagrad, a torchrun
     launch FBGEMM's fused kernel; they differ from the first step, measured 1.7e-3 on

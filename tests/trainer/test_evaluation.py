@@ -10,7 +10,7 @@ import torch
 
 from tests.trainer.smoke import smoke_trainer
 from trainer.evaluation import SeenTargets, full_ranking_ranks, metrics_from_ranks
-from trainer.loop import incoming_inputs
+from trainer.build import incoming_inputs
 from trainer.scoring import ModelScorer
 
 

@@ -14,7 +14,7 @@ from configs.loading import load_config
 from data.prepare import prepare
 from trainer.distributed import Distributed
 from trainer.export import EXPORT_DIR, ExportError, export_model, load_exported
-from trainer.loop import build_model
+from trainer.build import build_model
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 

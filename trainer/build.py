@@ -1,0 +1,96 @@
+"""Building what a run is made of from its config and its prepared data: the model, the
+training batches and the evaluation scorer. The trainer, `trainer.predict` and the
+benchmarks build them here, so each config fact (the history window, the random pool,
+the incoming contacts, the evaluation's memory bounds) is wired in one place.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from configs.schema import ExperimentConfig
+from data.batches import BatchBuilder
+from data.prepare import PreparedData
+from data.sequences import Queries
+from models.embeddings import VocabularySizes
+from models.retrieval import TwoTowerRetrieval
+from models.samplers import identity_gather
+from trainer.distributed import Distributed
+from trainer.scoring import ModelScorer
+
+
+def build_model(
+    config: ExperimentConfig, prepared: PreparedData, device: torch.device | None = None, dist: Distributed | None = None
+) -> TwoTowerRetrieval:
+    """The model for `prepared`; with `dist` on several ranks its ID tables are built on
+    the meta device (each rank later allocates only its own shards) and its in-batch
+    negatives and loss denominators span the ranks."""
+    seqs = prepared.seqs
+    shared = config.model.shared_id_table
+    features = prepared.features
+    sizes = VocabularySizes(
+        num_targets=seqs.num_targets,
+        num_actors=seqs.num_actors,
+        num_actions=seqs.num_actions,
+        shared_id_table=prepared.log.shared_id_space if shared is None else shared,
+        num_feature_tokens=features.num_tokens if features is not None else 0,
+    )
+    return TwoTowerRetrieval(
+        config.model,
+        config.loss,
+        sizes,
+        max_len=config.data.max_len,
+        target_log_p=torch.from_numpy(prepared.stats.log_q),
+        pool_size=len(prepared.stats.active_pool),
+        active_pool_mask=_pool_mask(prepared, sizes) if config.loader.num_rand_negs else None,
+        device=torch.device("meta") if dist is not None and dist.enabled else device,
+        gather=dist.gather if dist is not None else identity_gather,
+        count_sum=dist.sum if dist is not None and dist.enabled else None,
+        target_feature_offsets=torch.from_numpy(features.offsets) if features is not None else None,
+        target_feature_tokens=torch.from_numpy(features.tokens) if features is not None else None,
+        bf16_towers=config.train.precision == "bf16",
+    )
+
+
+def _pool_mask(prepared: PreparedData, sizes: VocabularySizes) -> torch.Tensor:
+    """[rows of the target table] bool: the random negatives' pool."""
+    mask = np.zeros(sizes.num_id_rows, dtype=bool)
+    mask[prepared.stats.active_pool] = True  # read-only when read from the prepared dataset: indexed, not wrapped
+    return torch.from_numpy(mask)
+
+
+def incoming_inputs(config: ExperimentConfig, prepared: PreparedData, known: str) -> dict:
+    """BatchBuilder / ModelScorer arguments for the incoming contacts the repeat re-scorer
+    reads (none when it is off or the log has no shared ID space)."""
+    if not (config.model.repeat_scoring and config.model.incoming_window > 0):
+        return {}
+    incoming = prepared.incoming_events(known)
+    return {} if incoming is None else {"incoming": incoming, "incoming_window": config.model.incoming_window}
+
+
+def train_batch_builder(config: ExperimentConfig, prepared: PreparedData, queries: Queries | None = None) -> BatchBuilder:
+    """The builder of training batches: `queries` (default: every training example of
+    `prepared`) with their history window, random negatives and incoming contacts."""
+    if queries is None:
+        queries = prepared.split.train_queries(prepared.seqs, config.loader.min_history)
+    return BatchBuilder(
+        prepared.seqs, queries, config.history_window, prepared.stats.active_pool, config.loader.num_rand_negs,
+        **incoming_inputs(config, prepared, "train"),
+    )
+
+
+def model_scorer(
+    model: TwoTowerRetrieval, config: ExperimentConfig, prepared: PreparedData, queries: Queries,
+    candidates: np.ndarray, known: str, dist: Distributed = Distributed(), **options,
+) -> ModelScorer:
+    """The model as a scorer of `queries` against `candidates`, reading the incoming
+    events `known` at the queries' time ("valid", "test", "all"), within the config's
+    evaluation bounds (`options` override ModelScorer's arguments)."""
+    arguments = {
+        "query_chunk_size": config.eval.query_chunk_size,
+        "max_held_bytes": config.eval.max_held_vectors_gb * 1e9,
+        **incoming_inputs(config, prepared, known),
+        **options,
+    }
+    return ModelScorer(model, prepared.seqs, queries, config.history_window, candidates, dist=dist, **arguments)
