@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from configs.schema import DataConfig
@@ -109,6 +109,8 @@ _events = st.lists(
 )
 
 
+# No deadline: a prepare writes files, and a loaded machine is slower, not wrong.
+@settings(deadline=None)
 @given(rows=_events, partitions=st.integers(1, 5), shared=st.booleans(), active=st.sampled_from([0.0, 0.5]),
        deduplicate=st.booleans(), parquet=st.booleans())
 def test_drawn_logs_prepare_to_exactly_the_in_memory_split_and_statistics(tmp_path_factory, rows, partitions, shared,
