@@ -57,6 +57,7 @@ import torch  # noqa: E402
 
 from bench.common import peak_gflops, write_result  # noqa: E402
 from configs.loading import config_to_dict, load_config  # noqa: E402
+from configs.names import HISTORY_TARGET, INCOMING_SOURCE  # noqa: E402
 from configs.schema import ExperimentConfig  # noqa: E402
 from data.batches import Batch  # noqa: E402
 from data.prepare import PreparedData, prepare  # noqa: E402
@@ -115,7 +116,7 @@ class BatchShape:
 
 def batch_shape(trainer: Trainer, batch: Batch) -> BatchShape:
     config = trainer.config
-    lengths = batch.history["history_target"].lengths()
+    lengths = batch.history[HISTORY_TARGET].lengths()
     encoder = lengths.clamp(max=config.data.max_len).numpy().astype(np.int64)
     width = min(max(int(encoder.max()) if encoder.size else 1, 1), config.data.max_len)
     tower = trainer.model.query_tower
@@ -126,9 +127,9 @@ def batch_shape(trainer: Trainer, batch: Batch) -> BatchShape:
         # As models/repeat.history_items: distinct (row, target) over the whole carried
         # history (model.repeat_window) plus, in a shared ID space, the incoming senders.
         rows = [torch.repeat_interleave(torch.arange(len(lengths)), lengths)]
-        targets = [batch.history["history_target"].values()]
+        targets = [batch.history[HISTORY_TARGET].values()]
         if batch.incoming is not None:
-            source = batch.incoming["incoming_source"]
+            source = batch.incoming[INCOMING_SOURCE]
             rows.append(torch.repeat_interleave(torch.arange(len(lengths)), source.lengths()))
             targets.append(source.values())
         target = torch.cat(targets)

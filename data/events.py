@@ -39,16 +39,14 @@ class IdMap:
     them from a file the first time they are asked for: a training run needs only the
     vocabulary's size, and 1e7 raw IDs are 80 MB on every rank."""
 
-    def __init__(self, raw: pl.Series) -> None:
-        self._raw: pl.Series | None = raw
-        self._size = raw.len()
-        self._read: Callable[[], pl.Series] | None = None
+    def __init__(self, raw: pl.Series | None, size: int | None = None, read: Callable[[], pl.Series] | None = None) -> None:
+        """`raw` in memory, or (`raw` None) `size` IDs that `read` returns when asked."""
+        self._raw, self._read = raw, read
+        self._size = raw.len() if raw is not None else size
 
     @classmethod
     def stored(cls, size: int, read: Callable[[], pl.Series]) -> IdMap:
-        ids = cls(pl.Series("raw", [], dtype=pl.Int64))
-        ids._raw, ids._size, ids._read = None, size, read
-        return ids
+        return cls(None, size, read)
 
     @property
     def raw(self) -> pl.Series:

@@ -16,7 +16,6 @@ negatives per example, H history columns per example, U history pairs, D width.
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,6 +32,7 @@ from configs.names import (
     HISTORY_ACTION,
     HISTORY_FEATURE,
     HISTORY_TARGET,
+    HISTORY_TIMESTAMP,
     INCOMING_SOURCE,
     INCOMING_TIMESTAMP,
     NEXT_ACTION,
@@ -204,7 +204,7 @@ class TwoTowerRetrieval(nn.Module):
         jagged_history = JaggedHistory(
             target_ND=looked_up[HISTORY_TARGET],
             action_ND=looked_up[HISTORY_ACTION],
-            timestamp_N=history["history_timestamp"].values(),
+            timestamp_N=history[HISTORY_TIMESTAMP].values(),
             jagged=Jagged(history[HISTORY_TARGET].lengths().to(torch.int64)),
         )
         return QueryInputs(jagged_history, looked_up[ACTOR], looked_up[NEXT_ACTION], next_timestamp)
@@ -218,7 +218,7 @@ class TwoTowerRetrieval(nn.Module):
             received = ContactEvents(source.values(), incoming[INCOMING_TIMESTAMP].values(), source.lengths())
         return history_items(
             ContactEvents(
-                history[HISTORY_TARGET].values(), history["history_timestamp"].values(), history[HISTORY_TARGET].lengths()
+                history[HISTORY_TARGET].values(), history[HISTORY_TIMESTAMP].values(), history[HISTORY_TARGET].lengths()
             ),
             next_timestamp,
             self.sizes.num_id_rows,
@@ -469,7 +469,7 @@ def _mean_per_id(token_embeddings_MD: torch.Tensor, counts_N: torch.Tensor) -> t
 
 
 def _newest_timestamp(history: KeyedJaggedTensor) -> torch.Tensor:
-    jagged = history["history_timestamp"]
+    jagged = history[HISTORY_TIMESTAMP]
     lengths = jagged.lengths()
     ends = torch.cumsum(lengths, 0) - 1
     values = jagged.values()

@@ -174,14 +174,17 @@ class RandomNegativesSampler(nn.Module):
         (-inf off the pool)."""
         if self.in_pool is None:
             raise ValueError("RandomNegativesSampler: built without the pool's membership (in_pool)")
-        inside = math.log(max(num, 1) / self.pool_size)
-        return torch.where(self.in_pool[ids], inside, float("-inf")).to(torch.float32)
+        return torch.where(self.in_pool[ids], self._log_count_in_pool(num), float("-inf")).to(torch.float32)
+
+    def _log_count_in_pool(self, num: int) -> float:
+        """log of how often one pool member appears among `num` uniform draws."""
+        return math.log(max(num, 1) / self.pool_size)
 
     def forward(self, ids_BR: torch.Tensor, embeddings_BRD: torch.Tensor) -> SampledNegatives:
         """Per-example columns: each example's own R random IDs, with the expected count of R
         draws from the pool."""
         num = ids_BR.shape[1]
-        log_q = torch.full(ids_BR.shape, math.log(max(num, 1) / self.pool_size), device=ids_BR.device)
+        log_q = torch.full(ids_BR.shape, self._log_count_in_pool(num), device=ids_BR.device)
         return SampledNegatives("random", ids_BR, embeddings_BRD, log_q)
 
 

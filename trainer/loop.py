@@ -293,6 +293,12 @@ class Trainer:
         (which fixes the LR schedule and the curriculum, a model buffer), the loader
         position, early-stopping counters (and the best step, whose model is a checkpoint
         of its own beside this one) and this rank's RNG."""
+        # One layout whether the tables' optimizer ran fused (torchrun) or not (plain).
+        sparse = SparseOptimizerState(self._sparse_optimizers(), fused=self.dist.enabled)
+        return self._state({SPARSE_KEY: sparse.entries()})
+
+    def _state(self, sparse: dict) -> dict:
+        """The checkpoint's state dict, with `sparse`: the tables' optimizer entries."""
         progress = {
             "step": self.step, "best_step": self.best_step, "evals_without_gain": self.evals_without_gain,
             **{f"loader_{key}": value for key, value in self.loader.state_dict().items()},
@@ -300,8 +306,7 @@ class Trainer:
         state = {
             "model": self.model.state_dict(),
             "dense_optimizer": optimizer_state_tensors(self.model, self.optimizer),
-            # One layout whether the tables' optimizer ran fused (torchrun) or not (plain).
-            SPARSE_KEY: SparseOptimizerState(self._sparse_optimizers(), fused=self.dist.enabled).entries(),
+            **sparse,
             "progress": {key: torch.tensor(value, dtype=torch.int64) for key, value in progress.items()},
             "best_ndcg": torch.tensor(self.best_ndcg, dtype=torch.float64),
             "best_valid": {k: torch.tensor(self.best_valid.get(k, math.nan), dtype=torch.float64) for k in METRIC_NAMES},
@@ -311,11 +316,9 @@ class Trainer:
 
     def load_state_dict(self, path: Path) -> None:
         """Continue from checkpoint `path` (written by any number of ranks)."""
-        state = self.state_dict()
         sparse = SparseOptimizerState(self._sparse_optimizers(), fused=self.dist.enabled)
         metadata = checkpoint_keys(path)
-        del state[SPARSE_KEY]
-        state.update(sparse.to_load(metadata, path))
+        state = self._state(sparse.to_load(metadata, path))
         if "progress.loader_step" in metadata:  # the loader's position in steps, before it was in examples
             for key in self.loader.state_dict():
                 del state["progress"][f"loader_{key}"]
