@@ -54,6 +54,8 @@ VARIANTS: dict[str, list[str]] = {
     "no_rab": ["model.relative_attention_bias=false"],
     "no_repeat_scoring": ["model.repeat_scoring=false"],
     "no_incoming": ["model.incoming_window=0"],
+    # Issue 22 §1: without the contacts' features over both directions merged in time order.
+    "no_merged_contact_stream": ["model.merged_contact_stream=false"],
     # Not a part of the method: what bf16 towers (train.precision) cost in quality, and buy in time.
     "bf16": ["train.precision=bf16"],
 }
@@ -63,7 +65,7 @@ COMPARED_WITH = {"transformer_no_projection": "transformer"}
 
 # Variants that change nothing on some logs: ml-100k has separate actor and target IDs,
 # so it has no incoming events to turn off.
-SKIP = {"ml-100k": {"no_incoming"}}
+SKIP = {"ml-100k": {"no_incoming", "no_merged_contact_stream"}}
 
 
 def run_variants(

@@ -8,12 +8,14 @@ import hashlib
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import yaml
 
 from configs.loading import load_config
+from configs.schema import ExperimentConfig
 from trainer.main import run
 
 DATASETS = ("collegemsg", "ml-100k")
@@ -27,21 +29,25 @@ BASELINES = ("most_popular", "recency_frequency", "two_way_recency_frequency")
 # Part of every run's identity: bump it with a code change that changes results, so the
 # runs logged before it are retired (kept in the log, no longer matched).
 CODE_VERSION = "2026-12-01 cyclic time features off by default"
-# A change that alters only the runs using one setting retires only those: a run whose
-# overrides set the key (to anything but 0 / false) carries the version after CODE_VERSION.
-SETTING_VERSIONS = {
-    "loader.num_rand_negs": "2026-12-02 in-batch and random negatives corrected by their mixture's count",
+# Logs whose actors and targets are one ID space (the two-way rule and incoming contacts).
+SHARED_ID_LOGS = frozenset({"collegemsg"})
+# A change that alters only the runs using one part retires only those: a run whose
+# resolved config (config file, then overrides) uses the part carries the part's version
+# after CODE_VERSION. Every other run is bitwise what it was and stands.
+PART_VERSIONS: dict[str, Callable[[str, ExperimentConfig], bool]] = {
+    "2026-12-02 in-batch and random negatives corrected by their mixture's count":
+        lambda data, config: config.loader.num_rand_negs > 0,
+    "2026-12-02 contact features over the merged two-way stream": lambda data, config: (
+        data in SHARED_ID_LOGS and config.model.repeat_scoring and config.model.incoming_window > 0
+        and config.model.merged_contact_stream
+    ),
 }
 
 
-def code_version(overrides: list[str]) -> str:
-    """CODE_VERSION, and the version of every setting the overrides turn on."""
-    versions = [CODE_VERSION]
-    for key, version in SETTING_VERSIONS.items():
-        values = [o.split("=", 1)[1] for o in overrides if o.startswith(key + "=")]
-        if values and values[-1].strip().lower() not in ("0", "false"):
-            versions.append(version)
-    return "; ".join(versions)
+def code_version(data: str, config_path: Path, overrides: list[str]) -> str:
+    """CODE_VERSION, and the version of every part the run's config uses."""
+    config = load_config(config_path, overrides)
+    return "; ".join([CODE_VERSION] + [v for v, uses in PART_VERSIONS.items() if uses(data, config)])
 
 
 def train_and_test(config_path: Path, overrides: list[str], seed: int) -> tuple[dict, float]:
@@ -59,7 +65,8 @@ class RunLog:
     progress. A run is identified by data set, model (or variant), seed, overrides and a
     hash of the config file's values: changing a value in a shipped config retires its
     earlier runs (editing its comments does not), and so does a new CODE_VERSION, or a new
-    version of a setting the run's overrides turn on (records carry theirs as `code`)."""
+    version of a part the run's resolved config uses (PART_VERSIONS; records carry theirs
+    as `code`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -69,41 +76,37 @@ class RunLog:
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
-    def _matching(self, data: str, model: str, config_sha: str, overrides: list[str]) -> list[dict]:
+    def _matching(self, data: str, model: str, config_path: Path, overrides: list[str]) -> list[dict]:
         """The records of this run, any seed, at this config and the current code."""
-        key = (data, model, config_sha, overrides, code_version(overrides))
+        key = (data, model, config_hash(config_path), overrides, code_version(data, config_path, overrides))
         return [
             record for record in self.records()
             if (record["data"], record["model"], record.get("config_sha"), record["overrides"], record.get("code")) == key
         ]
 
-    def find(self, data: str, model: str, seed: int, config_sha: str, overrides: list[str]) -> dict | None:
-        return next((r for r in self._matching(data, model, config_sha, overrides) if r["seed"] == seed), None)
-
     def logged(self, data: str, model: str, seed: int, config_path: Path, overrides: list[str]) -> dict | None:
         """The logged record of this run at the current config file and code, or None."""
-        return self.find(data, model, seed, config_hash(config_path), overrides)
+        return next((r for r in self._matching(data, model, config_path, overrides) if r["seed"] == seed), None)
 
     def logged_seeds(self, data: str, model: str, config_path: Path, overrides: list[str]) -> list[dict]:
         """The logged record of every seed of this run at the current config file and code,
         by seed (one read of the log)."""
         by_seed = {}
-        for record in self._matching(data, model, config_hash(config_path), overrides):
-            by_seed.setdefault(record["seed"], record)  # the first, as find() takes
+        for record in self._matching(data, model, config_path, overrides):
+            by_seed.setdefault(record["seed"], record)  # the first, as logged() takes
         return [by_seed[seed] for seed in sorted(by_seed)]
 
     def run(self, data: str, model: str, seed: int, config_path: Path, overrides: list[str]) -> dict:
         """The logged record of this run, training it first if it is not there yet.
         `overrides` identify the run; they are applied after the config file."""
-        config_sha = config_hash(config_path)
-        record = self.find(data, model, seed, config_sha, overrides)
+        record = self.logged(data, model, seed, config_path, overrides)
         if record is not None:
             return record
         results, run_seconds = train_and_test(config_path, overrides, seed)
         test = results["metrics"]["test"]
         record = {
-            "data": data, "model": model, "seed": seed, "overrides": overrides, "code": code_version(overrides),
-            "config": config_path.name, "config_sha": config_sha, "seconds": run_seconds,
+            "data": data, "model": model, "seed": seed, "overrides": overrides, "code": code_version(data, config_path, overrides),
+            "config": config_path.name, "config_sha": config_hash(config_path), "seconds": run_seconds,
             "steps": results["training"]["steps"], "best_step": results["training"]["best_step"],
             "valid": results["metrics"]["valid"]["model"],
             "test": test["model"], "baselines": {b: test[b] for b in BASELINES if b in test},

@@ -61,7 +61,7 @@ from configs.names import HISTORY_TARGET, INCOMING_SOURCE  # noqa: E402
 from configs.schema import ExperimentConfig  # noqa: E402
 from data.batches import Batch  # noqa: E402
 from data.prepare import PreparedData, prepare  # noqa: E402
-from models.repeat import NUM_REPEAT_FEATURES  # noqa: E402
+from models.repeat import num_repeat_features  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 from trainer.metrics import MetricsLogger  # noqa: E402
 
@@ -220,7 +220,7 @@ def step_flops(config: ExperimentConfig, shape: BatchShape) -> dict[str, float]:
     if model.repeat_scoring:
         hidden = 32  # models/repeat.RepeatScorer
         forward["repeat_scorer"] = 2 * dim * 8 * batch + shape.contacts * (
-            2 * (NUM_REPEAT_FEATURES + 1 + 8) * hidden + 2 * hidden * hidden + 2 * hidden
+            2 * (num_repeat_features(model.merged_contact_stream) + 1 + 8) * hidden + 2 * hidden * hidden + 2 * hidden
         )
     flops = {name: 3.0 * float(value) for name, value in forward.items()}
     flops["similarity_mask"] = float(similarity)

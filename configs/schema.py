@@ -262,6 +262,12 @@ class ModelConfig:
     time, up to this many of the latest such events (people write back). 0 turns it off;
     logs with separate actor and target IDs (ratings) never have it."""
 
+    merged_contact_stream: bool = True
+    """In a shared ID space, the re-scorer also reads each contact's recency and decayed
+    counts over the actor's own and incoming events merged in time order (the statistic
+    of the two-way recency-frequency rule), not only per direction. No effect where
+    `incoming_window` is 0 or actors and targets are separate IDs."""
+
     def __post_init__(self) -> None:
         _require(self.repeat_window >= 0, f"model.repeat_window: expected >= 0, got {self.repeat_window}")
         _require(self.incoming_window >= 0, f"model.incoming_window: expected >= 0, got {self.incoming_window}")

@@ -10,11 +10,15 @@ A contact is a target of the actor's own history or, in a shared ID space (messa
 trust), someone whose event reached the actor before the query's time (data/incoming.py):
 people write back. The bonus is an MLP over features of (x, c) from both sources: how
 often and how recently (in events and in hours), decayed counts at several half-lives,
-plus the similarity and the next action type. Retrieval stays a dot product an index can
-serve; the bonus re-scores at most `repeat_window` + `incoming_window` contacts per
-query. It is trained in the same softmax, with the contacts as extra negatives (included
-with certainty, so their log q is 0). On logs without repeats (ratings) it learns a
-negative bonus instead, i.e. not to recommend what the actor already had.
+plus the similarity and the next action type. With `merged_stream` the same features are
+also computed over both sources merged in time order: what the two-way recency-frequency
+rule reads (on CollegeMsg the newest contact of either direction is the next target of
+over 40% of test queries: bench/contact_split.py), which per-source features can only
+approximate through hours. Retrieval stays a dot product an index can serve; the bonus
+re-scores at most `repeat_window` + `incoming_window` contacts per query. It is trained
+in the same softmax, with the contacts as extra negatives (included with certainty, so
+their log q is 0). On logs without repeats (ratings) it learns a negative bonus instead,
+i.e. not to recommend what the actor already had.
 
 Shape suffixes: B batch, N flat contact events, U distinct (row, target) pairs,
 H padded pairs per row, F features.
@@ -29,9 +33,15 @@ from torch import nn
 
 HALF_LIVES = (1.0, 4.0, 16.0, 64.0)
 FEATURES_PER_SOURCE = 6 + len(HALF_LIVES)
-NUM_REPEAT_FEATURES = 2 * FEATURES_PER_SOURCE
-"""Features of a pair: the same set from the actor's own history ("outgoing") and from
-the events that reached the actor ("incoming", zeros and a 0 flag when absent)."""
+
+
+def num_repeat_features(merged_stream: bool) -> int:
+    """Features of a pair: the same set from the actor's own history ("outgoing"), from
+    the events that reached the actor ("incoming", zeros and a 0 flag when absent) and,
+    with `merged_stream`, from both merged in time order (the outgoing stream alone when
+    there are no incoming events)."""
+    return (3 if merged_stream else 2) * FEATURES_PER_SOURCE
+
 _NEVER_HOURS = 1e6
 """Time since the last contact for a pair with none from one source: far older than any."""
 
@@ -91,8 +101,10 @@ def history_items(
     query_timestamp_B: torch.Tensor,
     num_targets: int,
     incoming: ContactEvents | None = None,
+    merged_stream: bool = False,
 ) -> HistoryItems:
-    """Group each row's contacts by target and compute the repeat features of each pair."""
+    """Group each row's contacts by target and compute the repeat features of each pair
+    (`num_repeat_features(merged_stream)` of them)."""
     batch = history.lengths_B.shape[0]
     device = history.target_N.device
     sources = [history] + ([incoming] if incoming is not None else [])
@@ -110,6 +122,11 @@ def history_items(
         offset += size
     if incoming is None:
         features.append(torch.zeros(num_pairs, FEATURES_PER_SOURCE, device=device))
+        if merged_stream:
+            features.append(features[0])
+    elif merged_stream:
+        merged, row, pair = _merged(sources, rows, inverse)
+        features.append(_source_features(merged, row, pair, row_U, num_pairs, query_timestamp_B))
     return HistoryItems(
         key_U=key_U,
         row_U=row_U,
@@ -118,6 +135,22 @@ def history_items(
         num_targets=num_targets,
         batch_size=batch,
     )
+
+
+def _merged(
+    sources: list[ContactEvents], rows: list[torch.Tensor], pair_N: torch.Tensor
+) -> tuple[ContactEvents, torch.Tensor, torch.Tensor]:
+    """The sources' events as one stream per row in time order (an incoming event at the
+    same second as an own one counts as the newer), with each event's row and pair index."""
+    target_N = torch.cat([s.target_N for s in sources])
+    timestamp_N = torch.cat([s.timestamp_N for s in sources])
+    row_N = torch.cat(rows)
+    # Two stable sorts: by time, then by row (keeps time order within a row).
+    order = torch.sort(timestamp_N, stable=True).indices
+    order = order[torch.sort(row_N[order], stable=True).indices]
+    lengths_B = sum(s.lengths_B for s in sources)
+    merged = ContactEvents(target_N[order], timestamp_N[order], lengths_B)
+    return merged, row_N[order], pair_N[order]
 
 
 def _source_features(
@@ -168,11 +201,12 @@ class RepeatScorer(nn.Module):
     where count and recency say more (measured: with the similarity left as additive
     noise, the joint model ordered past targets worse than recency alone)."""
 
-    def __init__(self, action_dim: int, hidden_dim: int = 32) -> None:
+    def __init__(self, action_dim: int, hidden_dim: int = 32, merged_stream: bool = False) -> None:
         super().__init__()
+        self.merged_stream = merged_stream
         self.action = nn.Linear(action_dim, 8)
         self.mlp = nn.Sequential(
-            nn.Linear(NUM_REPEAT_FEATURES + 1 + 8, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(num_repeat_features(merged_stream) + 1 + 8, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
             nn.Linear(hidden_dim, 1),
         )
 

@@ -111,7 +111,9 @@ class TwoTowerRetrieval(nn.Module):
         self.embeddings = IdEmbeddings(sizes, dim, device=device)
         self.query_tower = QueryTower(model_config, max_len)
         self.candidate_tower = CandidateTower(model_config)
-        self.repeat = RepeatScorer(dim) if model_config.repeat_scoring else None
+        # The merged stream exists only where people's events reach each other (one ID space).
+        merged_stream = model_config.merged_contact_stream and sizes.shared_id_table and model_config.incoming_window > 0
+        self.repeat = RepeatScorer(dim, merged_stream=merged_stream) if model_config.repeat_scoring else None
         if loss_config.logq_estimator == "streaming":
             estimator = StreamingFrequencyEstimator(loss_config.streaming_num_buckets, loss_config.streaming_ema)
             self.in_batch = InBatchNegativesSampler(estimator=estimator, gather=gather)
@@ -223,6 +225,7 @@ class TwoTowerRetrieval(nn.Module):
             next_timestamp,
             self.sizes.num_id_rows,
             received,
+            merged_stream=self.repeat.merged_stream,
         )
 
     def _encoder_window(self, history: KeyedJaggedTensor) -> KeyedJaggedTensor:

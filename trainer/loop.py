@@ -189,6 +189,11 @@ class Trainer:
         return {}
 
     def evaluate(self, split: str) -> dict[str, float]:
+        return metrics_from_ranks(self.query_ranks(split))
+
+    def query_ranks(self, split: str) -> np.ndarray:
+        """[Q] 1-based rank of each query's true target among every candidate, over every
+        rank's queries, in the order one process holds them (by actor)."""
         prepared, config, dist = self.prepared, self.config, self.dist
         queries = rank_queries(prepared, split, config.eval, dist)
         split_over_ranks = dist.world_size > 1
@@ -218,7 +223,7 @@ class Trainer:
             )
         finally:
             self.model.train()
-        return metrics_from_ranks(ranks)
+        return ranks
 
     def train(self) -> TrainSummary:
         config = self.config

@@ -107,9 +107,16 @@ def half_life_label(half_life: float | str) -> str:
 def _ranking_metrics(
     prepared: PreparedData, queries: Queries, scorer: object, eval_config: EvalConfig, dist: Distributed
 ) -> dict[str, float]:
-    """Metrics of a baseline over every rank's queries: each rank ranks its own queries
-    (a baseline needs only the actor's own data and the global counts) among every
-    candidate, and the ranks are gathered."""
+    """Metrics of a baseline over every rank's queries."""
+    return metrics_from_ranks(baseline_ranks(prepared, queries, scorer, eval_config, dist))
+
+
+def baseline_ranks(
+    prepared: PreparedData, queries: Queries, scorer: object, eval_config: EvalConfig, dist: Distributed = Distributed()
+) -> np.ndarray:
+    """[Q] rank of each query's true target under a baseline, over every rank's queries in
+    actor order: each rank ranks its own queries (a baseline needs only the actor's own
+    data and the global counts) among every candidate, and the ranks are gathered."""
     seen = seen_targets(prepared, queries) if eval_config.exclude_seen else None
     ranks = full_ranking_ranks(
         scorer,
@@ -119,7 +126,7 @@ def _ranking_metrics(
         candidate_chunk_size=eval_config.candidate_chunk_size,
         seen=seen,
     )
-    return metrics_from_ranks(gathered_in_actor_order(prepared, queries, ranks, dist))
+    return gathered_in_actor_order(prepared, queries, ranks, dist)
 
 
 def released_incoming(prepared: PreparedData, split: Literal["valid", "test"]) -> IncomingEvents:
@@ -148,7 +155,7 @@ def released_incoming(prepared: PreparedData, split: Literal["valid", "test"]) -
                           timestamps=seqs.timestamps[known], rows=rows[known])
 
 
-def _recency_scorers(prepared: PreparedData, split: Literal["valid", "test"], queries: Queries) -> dict[str, Callable]:
+def recency_scorers(prepared: PreparedData, split: Literal["valid", "test"], queries: Queries) -> dict[str, Callable]:
     """{model: half-life -> scorer} of the recency-frequency rules that apply to the log.
     Both read only what the split has released: the actor's own history before the query
     and, two-way, `released_incoming`."""
@@ -192,8 +199,8 @@ def baseline_results(
             prepared, queries[split], MostPopularScorer(counts), eval_config, dist
         )
     chosen: dict[str, dict] = {}
-    valid_rules = _recency_scorers(prepared, "valid", queries["valid"])
-    test_rules = _recency_scorers(prepared, "test", queries["test"]) if "test" in splits else {}
+    valid_rules = recency_scorers(prepared, "valid", queries["valid"])
+    test_rules = recency_scorers(prepared, "test", queries["test"]) if "test" in splits else {}
     for model, scorer_at in valid_rules.items():
         # A fixed half-life needs no validation pass unless validation figures are asked for
         # (one ranking of every candidate fewer where each costs minutes).

@@ -19,8 +19,8 @@ METRICS = {"ndcg@10": 0.5, "hr@10": 0.6, "hr@1": 0.3, "hr@50": 0.7, "mrr": 0.4, 
 def _record(data: str, model: str, seed: int, overrides: list[str], ndcg: float, config: str | None = None) -> dict:
     config = config or f"{data}.yaml"
     return {
-        "data": data, "model": model, "seed": seed, "overrides": overrides, "code": runs.CODE_VERSION,
-        "config": config, "config_sha": runs.config_hash(CONFIG_DIR / config),
+        "data": data, "model": model, "seed": seed, "overrides": overrides,
+        "code": runs.code_version(data, CONFIG_DIR / config, overrides), "config": config, "config_sha": runs.config_hash(CONFIG_DIR / config),
         "test": {**METRICS, "ndcg@10": ndcg}, "seconds": 100.0 + seed,
         "evaluated_actors": 1077, "candidates": 1862,
         "baselines": {b: dict(METRICS) for b in runs.BASELINES},
@@ -56,15 +56,32 @@ def test_a_new_version_of_a_setting_retires_only_the_runs_that_turn_it_on(run_lo
     default's stand."""
     config = CONFIG_DIR / "collegemsg.yaml"
     default = _record("collegemsg", "default", 0, [], 0.5)
-    old_random = _record("collegemsg", "rand_negs_4", 0, ["loader.num_rand_negs=4"], 0.5)
+    # Logged before the change: its code has no part version for random negatives.
+    old_random = {**_record("collegemsg", "rand_negs_4", 0, ["loader.num_rand_negs=4"], 0.5), "code": default["code"]}
     run_log.write_text(json.dumps(default) + "\n" + json.dumps(old_random) + "\n")
     log = runs.RunLog(run_log)
     assert log.logged("collegemsg", "default", 0, config, []) == default
     assert log.logged("collegemsg", "rand_negs_4", 0, config, ["loader.num_rand_negs=4"]) is None
-    assert runs.code_version(["loader.num_rand_negs=0"]) == runs.CODE_VERSION
-    current = {**old_random, "code": runs.code_version(["loader.num_rand_negs=4"])}
+    assert runs.code_version("collegemsg", config, ["loader.num_rand_negs=0"]) == runs.code_version(
+        "collegemsg", config, []
+    )
+    current = {**old_random, "code": runs.code_version("collegemsg", config, ["loader.num_rand_negs=4"])}
     run_log.write_text(json.dumps(current) + "\n")
     assert log.logged("collegemsg", "rand_negs_4", 0, config, ["loader.num_rand_negs=4"]) == current
+
+
+def test_the_merged_contact_stream_retires_only_the_runs_it_changes():
+    """Only shared-ID logs' runs with the re-scorer reading incoming contacts compute it:
+    ml-100k, the SASRec-style model (no re-scorer) and the variants without incoming
+    contacts are bitwise what they were and keep CODE_VERSION alone."""
+    version = runs.code_version
+    college, sasrec, movies = (CONFIG_DIR / f for f in ("collegemsg.yaml", "collegemsg-sasrec.yaml", "ml-100k.yaml"))
+    assert version("collegemsg", college, []) != runs.CODE_VERSION
+    assert version("collegemsg", college, ["model.merged_contact_stream=false"]) == runs.CODE_VERSION
+    assert version("collegemsg", college, ["model.incoming_window=0"]) == runs.CODE_VERSION
+    assert version("collegemsg", college, ["model.repeat_scoring=false"]) == runs.CODE_VERSION
+    assert version("collegemsg", sasrec, []) == runs.CODE_VERSION
+    assert version("ml-100k", movies, []) == runs.CODE_VERSION
 
 
 def test_a_config_is_identified_by_its_values_not_its_comments(tmp_path):

@@ -3,20 +3,22 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from data.batches import INCOMING_KEYS
-from models.repeat import FEATURES_PER_SOURCE, HALF_LIVES, ContactEvents, history_items
+from models.repeat import FEATURES_PER_SOURCE, HALF_LIVES, ContactEvents, history_items, num_repeat_features
 
 from tests.models.conftest import builder, tiny_model, tiny_sequences
 
 HOUR = 3600
 
 
-def _items():
+def _items(merged_stream: bool = False):
     # Row 0: history [3, 5, 3], incoming [5, 8] (8 never written to).  Row 1: history [2], no incoming.
     history = ContactEvents(
         torch.tensor([3, 5, 3, 2]), torch.tensor([0, HOUR, 2 * HOUR, 0]), torch.tensor([3, 1])
     )
     incoming = ContactEvents(torch.tensor([5, 8]), torch.tensor([3 * HOUR, 4 * HOUR]), torch.tensor([2, 0]))
-    return history_items(history, torch.tensor([5 * HOUR, HOUR]), num_targets=10, incoming=incoming)
+    return history_items(
+        history, torch.tensor([5 * HOUR, HOUR]), num_targets=10, incoming=incoming, merged_stream=merged_stream
+    )
 
 
 def test_contacts_are_the_union_of_history_targets_and_incoming_senders():
@@ -49,6 +51,50 @@ def test_without_incoming_the_incoming_features_are_zero():
     items = history_items(history, torch.tensor([2 * HOUR]), num_targets=10)
     assert items.features_UF.shape == (2, 2 * FEATURES_PER_SOURCE)
     assert (items.features_UF[:, FEATURES_PER_SOURCE:] == 0).all()
+
+
+def test_the_merged_stream_orders_both_directions_in_time():
+    """Row 0's merged stream is 3 5 3 5 8 (own, own, own, incoming, incoming): the two-way
+    rule's view, where 8 is the newest contact though the actor never wrote to it."""
+    plain, items = _items().features_UF, _items(merged_stream=True).features_UF
+    assert items.shape == (4, num_repeat_features(True)) and num_repeat_features(True) == 3 * FEATURES_PER_SOURCE
+    assert torch.equal(items[:, : 2 * FEATURES_PER_SOURCE], plain)
+    merged = items[:, 2 * FEATURES_PER_SOURCE :]
+    count, age, newest = 1, 2, 4
+    assert torch.allclose(merged[:, count], torch.log1p(torch.tensor([2.0, 2, 1, 1])))
+    assert torch.allclose(merged[:, age], torch.log1p(torch.tensor([2.0, 1, 0, 0])))
+    assert merged[:, newest].tolist() == [0, 0, 1, 1]
+    half_life_1 = merged[:, 6]
+    assert torch.allclose(half_life_1, torch.tensor([0.5**4 + 0.5**2, 0.5**3 + 0.5, 1.0, 1.0]))
+
+
+def test_an_incoming_event_at_the_same_second_is_the_newer():
+    history = ContactEvents(torch.tensor([3]), torch.tensor([HOUR]), torch.tensor([1]))
+    incoming = ContactEvents(torch.tensor([5]), torch.tensor([HOUR]), torch.tensor([1]))
+    items = history_items(history, torch.tensor([2 * HOUR]), 10, incoming, merged_stream=True)
+    assert items.features_UF[:, 2 * FEATURES_PER_SOURCE + 4].tolist() == [0, 1]  # target 5 newest
+
+
+def test_without_incoming_the_merged_stream_is_the_own_one():
+    history = ContactEvents(torch.tensor([3, 5, 3]), torch.tensor([0, HOUR, 2 * HOUR]), torch.tensor([3]))
+    items = history_items(history, torch.tensor([3 * HOUR]), num_targets=10, merged_stream=True)
+    own, merged = items.features_UF[:, :FEATURES_PER_SOURCE], items.features_UF[:, 2 * FEATURES_PER_SOURCE :]
+    assert torch.equal(own, merged)
+
+
+def test_the_merged_stream_leaves_separate_id_logs_bitwise_unchanged():
+    """Ratings logs have no incoming events: the option builds the same model (same
+    parameters drawn), so their runs stand; in one ID space the re-scorer reads more."""
+    seqs = tiny_sequences(num_targets=20)
+    models = {}
+    for merged in (False, True):
+        torch.manual_seed(0)
+        models[merged] = tiny_model(seqs, merged_contact_stream=merged)
+    on, off = models[True].state_dict(), models[False].state_dict()
+    assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)
+    torch.manual_seed(0)
+    shared = tiny_model(seqs, merged_contact_stream=True, shared_id_table=True)
+    assert shared.repeat.merged_stream and not models[True].repeat.merged_stream
 
 
 def _incoming_kjt(sources: list[list[int]], times: list[list[int]]) -> KeyedJaggedTensor:
