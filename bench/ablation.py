@@ -56,12 +56,21 @@ VARIANTS: dict[str, list[str]] = {
     "no_incoming": ["model.incoming_window=0"],
     # Issue 22 §1: without the contacts' features over both directions merged in time order.
     "no_merged_contact_stream": ["model.merged_contact_stream=false"],
+    # Issue 22 §4: the parts that had no row yet.
+    "streaming_logq": ["loss.logq_estimator=streaming"],
+    "mask_history": ["loss.mask_history=true"],
+    # A cosine never exceeds 1: nothing is masked.
+    "no_similarity_mask": ["loss.similarity_mask_threshold=2"],
+    # The active pool is where random negatives are drawn: on only with them (Δ against rand_negs_4).
+    "active_pool": ["loader.num_rand_negs=4", "data.active_since_fraction=0.5"],
+    "temperature_0.05": ["loss.temperature=0.05"],
+    "temperature_0.2": ["loss.temperature=0.2"],
     # Not a part of the method: what bf16 towers (train.precision) cost in quality, and buy in time.
     "bf16": ["train.precision=bf16"],
 }
 
 # What a variant is compared with (Δ NDCG@10), when not the default.
-COMPARED_WITH = {"transformer_no_projection": "transformer"}
+COMPARED_WITH = {"transformer_no_projection": "transformer", "active_pool": "rand_negs_4"}
 
 # Variants that change nothing on some logs: ml-100k has separate actor and target IDs,
 # so it has no incoming events to turn off.

@@ -1,7 +1,8 @@
 """Queries -> `Batch`: KeyedJaggedTensors the embedding tables (and later their sharded
 versions) take directly, plus the dense tensors the losses need.
 
-Example of the jagged history layout for a batch of three queries with max_len = 3:
+Example of the jagged history layout for a batch of three queries with a history window
+(`BatchSpec.history_window`) of 3:
 
     query             0          1        2        <-- batch index
     history_target    [7, 3, 9]  []       [4]
@@ -9,7 +10,8 @@ Example of the jagged history layout for a batch of three queries with max_len =
     history_timestamp [t, t, t]  []       [t]
     lengths           3          0        1
 
-Histories are the actor's last `max_len` events before the predicted one, oldest first.
+Histories are the actor's last `history_window` events before the predicted one, oldest
+first.
 """
 
 from __future__ import annotations
@@ -83,22 +85,49 @@ class Batch(Pipelineable):
 
 
 @dataclass(frozen=True)
+class BatchSpec:
+    """What each example of a batch carries, resolved once from the config and the log
+    (trainer/build.py `batch_spec`); the training loader and the evaluation scorer build
+    their batches from the same spec.
+
+        history_window    events of the actor's history, oldest first (the encoder reads
+                          the last data.max_len of them, the re-scorer all)
+        num_rand_negs     random negatives (training only; 0 when scoring)
+        incoming_window   the latest events that reached the actor before the query's
+                          time, for the re-scorer; 0: none (re-scorer off, the option at
+                          0, or actors and targets are separate IDs)
+    """
+
+    history_window: int
+    num_rand_negs: int = 0
+    incoming_window: int = 0
+
+    def __post_init__(self) -> None:
+        if self.history_window < 1 or self.num_rand_negs < 0 or self.incoming_window < 0:
+            raise ValueError(f"BatchSpec: expected history_window >= 1 and the rest >= 0, got {self}")
+
+
+@dataclass(frozen=True)
 class BatchBuilder:
-    """Builds `Batch`es for rows of a `Queries` table, vectorised in numpy."""
+    """Builds `Batch`es for rows of a `Queries` table, vectorised in numpy, as `spec` says."""
 
     seqs: Sequences
     queries: Queries
-    max_len: int
+    spec: BatchSpec
     active_pool: np.ndarray  # [P] target indices random negatives are drawn from
-    num_rand_negs: int = 0
     incoming: Incoming | None = None
-    """Known incoming events (shared ID space); each batch carries the last
-    `incoming_window` that reached the actor before the query's time."""
-    incoming_window: int = 0
+    """Known incoming events (shared ID space): given exactly when the spec carries them."""
+
+    def __post_init__(self) -> None:
+        if (self.incoming is not None) != (self.spec.incoming_window > 0):
+            raise ValueError(
+                f"BatchBuilder: incoming events {'given' if self.incoming is not None else 'missing'} for a spec with "
+                f"incoming_window {self.spec.incoming_window}"
+            )
 
     def random_negatives(self, rng: np.random.Generator, rows: int) -> np.ndarray:
         """[rows, num_rand_negs] target indices drawn uniformly from the active pool."""
-        return self.active_pool[rng.integers(0, len(self.active_pool), size=(rows, self.num_rand_negs))]
+        return self.active_pool[rng.integers(0, len(self.active_pool), size=(rows, self.spec.num_rand_negs))]
 
     def build(
         self, rows: np.ndarray, rng: np.random.Generator | None = None, *, negatives: np.ndarray | None = None
@@ -107,7 +136,7 @@ class BatchBuilder:
         (`negatives`, [B, num_rand_negs]), or none."""
         rows = np.asarray(rows, dtype=np.int64)
         position = self.queries.position[rows]
-        start = np.maximum(self.queries.history_start[rows], position - self.max_len)
+        start = np.maximum(self.queries.history_start[rows], position - self.spec.history_window)
         lengths = position - start
         flat = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths) + np.repeat(start, lengths)
 
@@ -136,9 +165,9 @@ class BatchBuilder:
             ),
             lengths=torch.ones(batch * len(QUERY_KEYS), dtype=torch.int64),
         )
-        if negatives is None and self.num_rand_negs and rng is not None:
+        if negatives is None and self.spec.num_rand_negs and rng is not None:
             negatives = self.random_negatives(rng, batch)
-        if negatives is None or not self.num_rand_negs:
+        if negatives is None or not self.spec.num_rand_negs:
             negatives = np.zeros((batch, 0), dtype=np.int64)
         return Batch(
             history=history,
@@ -149,9 +178,9 @@ class BatchBuilder:
         )
 
     def _incoming(self, actors: np.ndarray, before: np.ndarray) -> KeyedJaggedTensor | None:
-        if self.incoming is None or self.incoming_window <= 0:
+        if self.incoming is None:
             return None
-        flat, lengths = self.incoming.window(actors, before, self.incoming_window)
+        flat, lengths = self.incoming.window(actors, before, self.spec.incoming_window)
         return KeyedJaggedTensor.from_lengths_sync(
             keys=list(INCOMING_KEYS),
             values=torch.from_numpy(np.concatenate([self.incoming.sources[flat], self.incoming.timestamps[flat]])),

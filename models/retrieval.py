@@ -279,7 +279,7 @@ class TwoTowerRetrieval(nn.Module):
         bonus that must outweigh the similarity needs only O(1) weights, which Adam reaches
         in hundreds of steps (at lr 1e-3 it would need tens of thousands to reach O(1/tau))."""
         cosine_U = (query_BD[items.row_U] * contact_vectors_UD).sum(-1)
-        return cosine_U, self.repeat(items, cosine_U, next_action_BD) / self.loss_config.temperature
+        return cosine_U, self.repeat(items, cosine_U, next_action_BD) / self.loss_settings.temperature
 
     def forward(
         self,

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from configs.schema import ExperimentConfig
-from data.batches import BatchBuilder
+from data.batches import BatchBuilder, BatchSpec
+from data.incoming import Incoming
 from data.prepare import PreparedData
 from data.sequences import Queries
 from models.embeddings import VocabularySizes
@@ -20,6 +21,26 @@ from trainer.distributed import Distributed
 from trainer.scoring import ModelScorer
 
 
+def shared_id_table(config: ExperimentConfig, prepared: PreparedData) -> bool:
+    """One ID table for actors and targets: `model.shared_id_table`, or the log's own ID
+    space when unset (resolved here only)."""
+    shared = config.model.shared_id_table
+    return prepared.log.shared_id_space if shared is None else shared
+
+
+def batch_spec(config: ExperimentConfig, prepared: PreparedData, training: bool = True) -> BatchSpec:
+    """What each batch carries (data/batches.py BatchSpec), decided here only: the history
+    the encoder and the re-scorer need, random negatives when training, and incoming
+    contacts when the re-scorer reads them and the log has them (one ID space)."""
+    model = config.model
+    reads_incoming = model.repeat_scoring and model.incoming_window > 0 and prepared.log.shared_id_space
+    return BatchSpec(
+        history_window=config.history_window,
+        num_rand_negs=config.loader.num_rand_negs if training else 0,
+        incoming_window=model.incoming_window if reads_incoming else 0,
+    )
+
+
 def build_model(
     config: ExperimentConfig, prepared: PreparedData, device: torch.device | None = None, dist: Distributed | None = None
 ) -> TwoTowerRetrieval:
@@ -27,13 +48,12 @@ def build_model(
     the meta device (each rank later allocates only its own shards) and its in-batch
     negatives and loss denominators span the ranks."""
     seqs = prepared.seqs
-    shared = config.model.shared_id_table
     features = prepared.features
     sizes = VocabularySizes(
         num_targets=seqs.num_targets,
         num_actors=seqs.num_actors,
         num_actions=seqs.num_actions,
-        shared_id_table=prepared.log.shared_id_space if shared is None else shared,
+        shared_id_table=shared_id_table(config, prepared),
         num_feature_tokens=features.num_tokens if features is not None else 0,
     )
     return TwoTowerRetrieval(
@@ -60,13 +80,10 @@ def _pool_mask(prepared: PreparedData, sizes: VocabularySizes) -> torch.Tensor:
     return torch.from_numpy(mask)
 
 
-def incoming_inputs(config: ExperimentConfig, prepared: PreparedData, known: str) -> dict:
-    """BatchBuilder / ModelScorer arguments for the incoming contacts the repeat re-scorer
-    reads (none when it is off or the log has no shared ID space)."""
-    if not (config.model.repeat_scoring and config.model.incoming_window > 0):
-        return {}
-    incoming = prepared.incoming_events(known)
-    return {} if incoming is None else {"incoming": incoming, "incoming_window": config.model.incoming_window}
+def incoming_events(spec: BatchSpec, prepared: PreparedData, known: str) -> Incoming | None:
+    """The incoming events a builder of `spec` reads: those `known` at the queries' time
+    ("train", "valid", "test", "all"), or None when the spec carries none."""
+    return prepared.incoming_events(known) if spec.incoming_window else None
 
 
 def train_batch_builder(config: ExperimentConfig, prepared: PreparedData, queries: Queries | None = None) -> BatchBuilder:
@@ -74,9 +91,9 @@ def train_batch_builder(config: ExperimentConfig, prepared: PreparedData, querie
     `prepared`) with their history window, random negatives and incoming contacts."""
     if queries is None:
         queries = prepared.split.train_queries(prepared.seqs, config.loader.min_history)
+    spec = batch_spec(config, prepared)
     return BatchBuilder(
-        prepared.seqs, queries, config.history_window, prepared.stats.active_pool, config.loader.num_rand_negs,
-        **incoming_inputs(config, prepared, "train"),
+        prepared.seqs, queries, spec, prepared.stats.active_pool, incoming=incoming_events(spec, prepared, "train")
     )
 
 
@@ -87,10 +104,11 @@ def model_scorer(
     """The model as a scorer of `queries` against `candidates`, reading the incoming
     events `known` at the queries' time ("valid", "test", "all"), within the config's
     evaluation bounds (`options` override ModelScorer's arguments)."""
+    spec = batch_spec(config, prepared, training=False)
     arguments = {
         "query_chunk_size": config.eval.query_chunk_size,
         "max_held_bytes": config.eval.max_held_vectors_gb * 1e9,
-        **incoming_inputs(config, prepared, known),
+        "incoming": incoming_events(spec, prepared, known),
         **options,
     }
-    return ModelScorer(model, prepared.seqs, queries, config.history_window, candidates, dist=dist, **arguments)
+    return ModelScorer(model, prepared.seqs, queries, spec, candidates, dist=dist, **arguments)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from configs.names import ACTOR, NEXT_ACTION, NEXT_TIMESTAMP, TARGET_TABLE
-from data.batches import BatchBuilder
+from data.batches import BatchBuilder, BatchSpec
 from data.incoming import Incoming
 from data.sequences import Queries, Sequences
 from trainer.distributed import Distributed, local_table_rows
@@ -77,12 +77,11 @@ class ModelScorer:
         model: TwoTowerRetrieval,
         seqs: Sequences,
         queries: Queries,
-        max_len: int,
+        spec: BatchSpec,
         candidate_ids: np.ndarray,
         *,
         vector_chunk_size: int = 65536,
         incoming: Incoming | None = None,
-        incoming_window: int = 0,
         dist: Distributed = Distributed(),
         queries_split_over_ranks: bool = False,
         query_chunk_size: int = 1024,
@@ -91,9 +90,9 @@ class ModelScorer:
         """`candidate_ids`: the candidates this scorer scores (on several ranks, the ones
         this rank owns); their vectors are computed in blocks of `vector_chunk_size`, held
         when they take at most `max_held_bytes`, else computed again when scored
-        (`CandidateVectors`). `incoming`: the
-        incoming events the queries may read (their last `incoming_window` before each
-        query's time go to the repeat re-scorer).
+        (`CandidateVectors`). `spec`: what each query's batch carries (its random
+        negatives are not drawn); `incoming`: the incoming events the queries may read
+        (their last `spec.incoming_window` before each query's time go to the re-scorer).
 
         `queries_split_over_ranks`: each rank passes only its own actors' queries (its
         share of the log); each encodes its own, `query_chunk_size` at a time, and every
@@ -102,10 +101,10 @@ class ModelScorer:
         gathered queries' targets and past targets. Otherwise every rank passes the same
         queries and each query chunk is encoded when the evaluation asks for it."""
         self.model = model
-        self.temperature = model.loss_config.temperature
+        self.temperature = model.loss_settings.temperature
         self.builder = BatchBuilder(
-            seqs, queries, max_len, active_pool=np.zeros(1, dtype=np.int64),
-            incoming=incoming, incoming_window=incoming_window,
+            seqs, queries, dataclasses.replace(spec, num_rand_negs=0), active_pool=np.zeros(1, dtype=np.int64),
+            incoming=incoming,
         )
         self.num_targets = seqs.num_targets
         self.candidate_ids = torch.from_numpy(np.sort(np.asarray(candidate_ids, dtype=np.int64)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data.batches import BatchBuilder
+from data.batches import BatchBuilder, BatchSpec
 from data.sequences import Queries, Sequences
 
 
@@ -26,7 +26,7 @@ def _seqs() -> Sequences:
 def test_batch_holds_truncated_history_and_query_fields():
     seqs = _seqs()
     queries = Queries(sequence=np.array([0, 1]), position=np.array([4, 6]), history_start=np.array([0, 5]))
-    builder = BatchBuilder(seqs, queries, max_len=3, active_pool=np.array([1, 2]), num_rand_negs=0)
+    builder = BatchBuilder(seqs, queries, BatchSpec(history_window=3), active_pool=np.array([1, 2]))
     batch = builder.build(np.array([0, 1]))
     history = batch.history
     assert history["history_target"].lengths().tolist() == [3, 1]
@@ -43,7 +43,7 @@ def test_batch_holds_truncated_history_and_query_fields():
 def test_random_negatives_come_from_the_active_pool_and_follow_the_rng():
     seqs = _seqs()
     queries = Queries(sequence=np.array([0]), position=np.array([4]), history_start=np.array([0]))
-    builder = BatchBuilder(seqs, queries, max_len=3, active_pool=np.array([3, 7, 9]), num_rand_negs=50)
+    builder = BatchBuilder(seqs, queries, BatchSpec(3, num_rand_negs=50), active_pool=np.array([3, 7, 9]))
     a = builder.build(np.array([0]), np.random.default_rng(1)).random_negatives
     b = builder.build(np.array([0]), np.random.default_rng(1)).random_negatives
     assert a.shape == (1, 50)
@@ -54,7 +54,7 @@ def test_random_negatives_come_from_the_active_pool_and_follow_the_rng():
 def test_batch_moves_and_pins_as_a_whole():
     seqs = _seqs()
     queries = Queries(sequence=np.array([0]), position=np.array([2]), history_start=np.array([0]))
-    batch = BatchBuilder(seqs, queries, max_len=5, active_pool=np.array([1])).build(np.array([0]))
+    batch = BatchBuilder(seqs, queries, BatchSpec(5), active_pool=np.array([1])).build(np.array([0]))
     moved = batch.to(torch.device("cpu"))
     assert torch.equal(moved.target, batch.target)
     assert torch.equal(moved.history.values(), batch.history.values())

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from data.batches import INCOMING_KEYS, BatchBuilder
+from data.batches import INCOMING_KEYS, BatchBuilder, BatchSpec
 from data.incoming import Incoming
 from data.sequences import Sequences, Split
 
@@ -75,7 +75,7 @@ def test_batches_carry_the_incoming_window_of_each_query():
     seqs = _messaging_log(seed=4)
     incoming = Incoming.from_sequences(seqs)
     queries = Split.leave_last_out(seqs).queries(seqs, "test")
-    builder = BatchBuilder(seqs, queries, 4, np.arange(7), incoming=incoming, incoming_window=5)
+    builder = BatchBuilder(seqs, queries, BatchSpec(4, incoming_window=5), np.arange(7), incoming=incoming)
     rows = np.arange(len(queries))
     batch = builder.build(rows)
     assert batch.incoming is not None and list(batch.incoming.keys()) == list(INCOMING_KEYS)
@@ -87,4 +87,9 @@ def test_batches_carry_the_incoming_window_of_each_query():
     assert batch.incoming["incoming_timestamp"].values().tolist() == incoming.timestamps[flat].tolist()
     assert (batch.incoming["incoming_timestamp"].values().numpy() < np.repeat(times, lengths)).all()
     # Without incoming events (separate ID spaces, or turned off) batches carry none.
-    assert BatchBuilder(seqs, queries, 4, np.arange(7)).build(rows).incoming is None
+    assert BatchBuilder(seqs, queries, BatchSpec(4), np.arange(7)).build(rows).incoming is None
+    # The spec and the events agree, or the builder says which one is missing.
+    with pytest.raises(ValueError, match="incoming events missing"):
+        BatchBuilder(seqs, queries, BatchSpec(4, incoming_window=5), np.arange(7))
+    with pytest.raises(ValueError, match="incoming events given"):
+        BatchBuilder(seqs, queries, BatchSpec(4), np.arange(7), incoming=incoming)

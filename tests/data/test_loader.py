@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import torch
 
-from data.batches import BatchBuilder
+from data.batches import BatchBuilder, BatchSpec
 from data.loader import Share, TrainLoader
 from data.sequences import Queries, Sequences
 
@@ -25,7 +25,7 @@ def _builder(num_examples: int = 40, num_rand_negs: int = 2) -> BatchBuilder:
         num_actions=1,
     )
     queries = Queries(sequence=np.zeros(num_examples, np.int64), position=np.arange(1, n), history_start=np.zeros(num_examples, np.int64))
-    return BatchBuilder(seqs, queries, max_len=4, active_pool=np.arange(n), num_rand_negs=num_rand_negs)
+    return BatchBuilder(seqs, queries, BatchSpec(4, num_rand_negs), active_pool=np.arange(n))
 
 
 def _take(loader: TrainLoader, steps: int) -> list:

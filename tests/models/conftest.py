@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from configs.schema import HardNegativesConfig, LossConfig, ModelConfig
-from data.batches import BatchBuilder
+from data.batches import BatchBuilder, BatchSpec
 from data.sequences import Queries, Sequences
 from models.embeddings import VocabularySizes
 from models.retrieval import TwoTowerRetrieval
@@ -47,7 +47,7 @@ def last_event_queries(seqs: Sequences) -> Queries:
 
 
 def builder(seqs: Sequences, max_len: int = 8, num_rand_negs: int = 0) -> BatchBuilder:
-    return BatchBuilder(seqs, last_event_queries(seqs), max_len, np.arange(seqs.num_targets), num_rand_negs)
+    return BatchBuilder(seqs, last_event_queries(seqs), BatchSpec(max_len, num_rand_negs), np.arange(seqs.num_targets))
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from configs.loading import load_config
-from data.batches import BatchBuilder
+from data.batches import BatchBuilder, BatchSpec
 from data.dataset import PreparedDataset, ensure_prepared
 from data.loader import Share, TrainLoader
 from data.prepare import prepare, prepare_from_dataset, resolve_data_path
@@ -30,12 +30,11 @@ from trainer.distributed import (
     shard_model,
     unsharded_state_dict,
 )
-from trainer.build import build_model, incoming_inputs
+from trainer.build import build_model, model_scorer
 from trainer.loop import Trainer
 from trainer.metrics import MetricsLogger
 from trainer.predict import top_k
 from trainer.results import baseline_results
-from trainer.scoring import ModelScorer
 from trainer.table_optimizer import SparseOptimizerState
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
@@ -63,7 +62,7 @@ def _join(rank: int, port: int, world: int = WORLD):
 
 def _batch(prepared, config, rows: np.ndarray, negatives: torch.Tensor):
     queries = prepared.split.train_queries(prepared.seqs)
-    batch = BatchBuilder(prepared.seqs, queries, config.history_window, prepared.stats.active_pool).build(rows)
+    batch = BatchBuilder(prepared.seqs, queries, BatchSpec(config.history_window), prepared.stats.active_pool).build(rows)
     return dataclasses.replace(batch, random_negatives=negatives)
 
 
@@ -239,10 +238,7 @@ def _top_k_of(trainer, prepared, dist, k: int = 5):
     owned = owned_candidates(trainer.model, prepared.stats.candidates, dist)
     trainer.model.eval()
     with torch.no_grad():
-        scorer = ModelScorer(
-            trainer.model, prepared.seqs, queries, config.history_window, owned, dist=dist,
-            **incoming_inputs(config, prepared, "valid"),
-        )
+        scorer = model_scorer(trainer.model, config, prepared, queries, owned, "valid", dist)
         return top_k(scorer, len(queries), owned, k, seen=None, chunk=7, dist=dist)
 
 

@@ -10,8 +10,7 @@ import torch
 
 from tests.trainer.smoke import smoke_trainer
 from trainer.evaluation import SeenTargets, full_ranking_ranks, metrics_from_ranks
-from trainer.build import incoming_inputs
-from trainer.scoring import ModelScorer
+from trainer.build import model_scorer
 
 
 class DotScorer:
@@ -194,10 +193,7 @@ def test_the_models_ranks_do_not_depend_on_the_candidate_chunks():
     trainer = _smoke_trainer()  # the repeat re-scorer on: its bonus is added chunk by chunk
     prepared, config = trainer.prepared, trainer.config
     queries = prepared.split.queries(prepared.seqs, "test", config.eval.max_queries)
-    scorer = ModelScorer(
-        trainer.model.eval(), prepared.seqs, queries, config.history_window, prepared.stats.candidates,
-        **incoming_inputs(config, prepared, "test"),
-    )
+    scorer = model_scorer(trainer.model.eval(), config, prepared, queries, prepared.stats.candidates, "test")
     true = prepared.seqs.targets[queries.position]
     candidates = prepared.stats.candidates
     # One query chunk, one candidate chunk: the whole score matrix, ranked by the definition.
@@ -224,9 +220,9 @@ def test_candidate_vectors_computed_when_scored_rank_as_held_ones(block):
     true = prepared.seqs.targets[queries.position]
 
     def scorer(max_held_bytes):
-        return ModelScorer(
-            trainer.model.eval(), prepared.seqs, queries, config.history_window, candidates,
-            vector_chunk_size=block, max_held_bytes=max_held_bytes, **incoming_inputs(config, prepared, "test"),
+        return model_scorer(
+            trainer.model.eval(), config, prepared, queries, candidates, "test",
+            vector_chunk_size=block, max_held_bytes=max_held_bytes,
         )
 
     held, computed = scorer(float("inf")), scorer(0)
