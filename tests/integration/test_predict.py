@@ -70,8 +70,13 @@ def test_a_request_reads_only_the_partitions_of_its_actors_and_ranks_as_a_whole_
     assert read == [("events", expected_parts), ("incoming", expected_parts)]
     assert len(expected_parts) < dataset.partitions
     # The same top-k as when every partition is read: the request's time and default
-    # action are the whole log's, not the partitions'.
-    assert some.sort(["actor", "rank"]).equals(everyone.filter(pl.col("actor").is_in(wanted)).sort(["actor", "rank"]))
+    # action are the whole log's, not the partitions'. The scores within float rounding:
+    # a batch of other queries takes other kernel paths on some CPUs (measured on an AMD
+    # EPYC: 2e-6 apart; on the earlier machines identical).
+    some = some.sort(["actor", "rank"])
+    whole = everyone.filter(pl.col("actor").is_in(wanted)).sort(["actor", "rank"])
+    assert some.select("actor", "rank", "target").equals(whole.select("actor", "rank", "target"))
+    np.testing.assert_allclose(some["score"].to_numpy(), whole["score"].to_numpy(), rtol=1e-5)
 
 
 def test_next_action_file_and_odd_requests(run_dir, tmp_path):
