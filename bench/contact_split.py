@@ -58,7 +58,6 @@ def contact_groups(
     own = np.zeros(num, dtype=bool)
     latest = np.zeros(num, dtype=bool)
     reached = np.zeros(num, dtype=bool)
-    by_receiver: dict[int, np.ndarray] = {}
     order = np.argsort(incoming.receivers, kind="stable")
     receivers = incoming.receivers[order]
     bounds = np.searchsorted(receivers, actors[:, None] + np.array([0, 1]))
@@ -68,9 +67,9 @@ def contact_groups(
         own[q] = bool((own_targets == true[q]).any())
         into = order[bounds[q, 0] : bounds[q, 1]]
         into = into[(incoming.timestamps[into] < query_time[q]) & (incoming.senders[into] != actors[q])]
-        by_receiver[q] = into
         reached[q] = bool((incoming.senders[into] == true[q]).any())
-        # The merged stream's newest contact (ties by the later file row, as the rule orders).
+        # The merged stream's newest contact: within a source the last of its newest second;
+        # a tie across the sources is counted as no one's (the rule breaks it by file row).
         last_own = own_times.max(initial=-1)
         last_in = incoming.timestamps[into].max(initial=-1)
         if last_own >= 0 or last_in >= 0:

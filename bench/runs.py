@@ -16,6 +16,7 @@ import yaml
 
 from configs.loading import load_config
 from configs.schema import ExperimentConfig
+from trainer.build import reads_incoming
 from trainer.main import run
 
 DATASETS = ("collegemsg", "ml-100k")
@@ -38,8 +39,7 @@ PART_VERSIONS: dict[str, Callable[[str, ExperimentConfig], bool]] = {
     "2026-12-02 in-batch and random negatives corrected by their mixture's count":
         lambda data, config: config.loader.num_rand_negs > 0,
     "2026-12-02 contact features over the merged two-way stream": lambda data, config: (
-        data in SHARED_ID_LOGS and config.model.repeat_scoring and config.model.incoming_window > 0
-        and config.model.merged_contact_stream
+        config.model.merged_contact_stream and reads_incoming(config, data in SHARED_ID_LOGS)
     ),
 }
 

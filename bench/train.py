@@ -104,6 +104,8 @@ class BatchShape:
     """Distinct (row, target) pairs the repeat re-scorer scores (U); 0 when it is off."""
     contacts_width: int = 0
     """Most contacts of one row (H): the loss pads the history source to it."""
+    repeat_features: int = 0
+    """Features of each contact the re-scorer reads (models/repeat.num_repeat_features)."""
 
     @property
     def batch_size(self) -> int:
@@ -137,6 +139,7 @@ def batch_shape(trainer: Trainer, batch: Batch) -> BatchShape:
         keys = torch.unique(torch.cat(rows) * span + target)
         per_row = torch.bincount(keys // span, minlength=len(lengths))
         shape.contacts, shape.contacts_width = int(keys.numel()), int(per_row.max()) if len(lengths) else 0
+        shape.repeat_features = num_repeat_features(trainer.model.repeat.merged_stream)
     return shape
 
 
@@ -220,7 +223,7 @@ def step_flops(config: ExperimentConfig, shape: BatchShape) -> dict[str, float]:
     if model.repeat_scoring:
         hidden = 32  # models/repeat.RepeatScorer
         forward["repeat_scorer"] = 2 * dim * 8 * batch + shape.contacts * (
-            2 * (num_repeat_features(model.merged_contact_stream) + 1 + 8) * hidden + 2 * hidden * hidden + 2 * hidden
+            2 * (shape.repeat_features + 1 + 8) * hidden + 2 * hidden * hidden + 2 * hidden
         )
     flops = {name: 3.0 * float(value) for name, value in forward.items()}
     flops["similarity_mask"] = float(similarity)

@@ -206,7 +206,8 @@ class RepeatScorer(nn.Module):
         self.merged_stream = merged_stream
         self.action = nn.Linear(action_dim, 8)
         self.mlp = nn.Sequential(
-            nn.Linear(num_repeat_features(merged_stream) + 1 + 8, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+            nn.Linear(num_repeat_features(merged_stream) + 1 + 8, hidden_dim), nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
             nn.Linear(hidden_dim, 1),
         )
 

@@ -89,10 +89,13 @@ class TwoTowerRetrieval(nn.Module):
         target_feature_offsets: torch.Tensor | None = None,
         target_feature_tokens: torch.Tensor | None = None,
         bf16_towers: bool = False,
+        reads_incoming: bool = False,
     ) -> None:
         """`active_pool_mask` [T] bool: the random negatives' pool, for the mixture's logQ
         correction (needed only when random negatives are drawn). `bf16_towers`: run the
         towers under bf16 autocast in `train_forward` (train.precision = "bf16").
+        `reads_incoming`: its batches carry the events that reached each actor (the
+        re-scorer then also reads the merged two-way stream, `model.merged_contact_stream`).
         `target_feature_offsets` [T + 1] / `target_feature_tokens` [M]: each target's sparse
         feature tokens (jagged), when the log has them (`sizes.num_feature_tokens` > 0).
         `gather` / `count_sum`: the cross-rank operations (trainer/distributed.py); identity
@@ -111,8 +114,7 @@ class TwoTowerRetrieval(nn.Module):
         self.embeddings = IdEmbeddings(sizes, dim, device=device)
         self.query_tower = QueryTower(model_config, max_len)
         self.candidate_tower = CandidateTower(model_config)
-        # The merged stream exists only where people's events reach each other (one ID space).
-        merged_stream = model_config.merged_contact_stream and sizes.shared_id_table and model_config.incoming_window > 0
+        merged_stream = model_config.merged_contact_stream and reads_incoming
         self.repeat = RepeatScorer(dim, merged_stream=merged_stream) if model_config.repeat_scoring else None
         if loss_config.logq_estimator == "streaming":
             estimator = StreamingFrequencyEstimator(loss_config.streaming_num_buckets, loss_config.streaming_ema)

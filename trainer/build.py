@@ -28,16 +28,21 @@ def shared_id_table(config: ExperimentConfig, prepared: PreparedData) -> bool:
     return prepared.log.shared_id_space if shared is None else shared
 
 
-def batch_spec(config: ExperimentConfig, prepared: PreparedData, training: bool = True) -> BatchSpec:
-    """What each batch carries (data/batches.py BatchSpec), decided here only: the history
-    the encoder and the re-scorer need, random negatives when training, and incoming
-    contacts when the re-scorer reads them and the log has them (one ID space)."""
+def reads_incoming(config: ExperimentConfig, shared_id_space: bool) -> bool:
+    """Whether the re-scorer reads the events that reached each actor (decided here only):
+    it is on, its incoming window is not 0, and the log is one ID space."""
     model = config.model
-    reads_incoming = model.repeat_scoring and model.incoming_window > 0 and prepared.log.shared_id_space
+    return model.repeat_scoring and model.incoming_window > 0 and shared_id_space
+
+
+def batch_spec(config: ExperimentConfig, prepared: PreparedData) -> BatchSpec:
+    """What each training batch carries (data/batches.py BatchSpec): the history the
+    encoder and the re-scorer need, random negatives, and incoming contacts when the
+    re-scorer reads them (a scorer takes the same spec and draws no random negatives)."""
     return BatchSpec(
         history_window=config.history_window,
-        num_rand_negs=config.loader.num_rand_negs if training else 0,
-        incoming_window=model.incoming_window if reads_incoming else 0,
+        num_rand_negs=config.loader.num_rand_negs,
+        incoming_window=config.model.incoming_window if reads_incoming(config, prepared.log.shared_id_space) else 0,
     )
 
 
@@ -70,6 +75,7 @@ def build_model(
         target_feature_offsets=torch.from_numpy(features.offsets) if features is not None else None,
         target_feature_tokens=torch.from_numpy(features.tokens) if features is not None else None,
         bf16_towers=config.train.precision == "bf16",
+        reads_incoming=reads_incoming(config, prepared.log.shared_id_space),
     )
 
 
@@ -104,7 +110,7 @@ def model_scorer(
     """The model as a scorer of `queries` against `candidates`, reading the incoming
     events `known` at the queries' time ("valid", "test", "all"), within the config's
     evaluation bounds (`options` override ModelScorer's arguments)."""
-    spec = batch_spec(config, prepared, training=False)
+    spec = batch_spec(config, prepared)
     arguments = {
         "query_chunk_size": config.eval.query_chunk_size,
         "max_held_bytes": config.eval.max_held_vectors_gb * 1e9,

@@ -20,7 +20,8 @@ def _record(data: str, model: str, seed: int, overrides: list[str], ndcg: float,
     config = config or f"{data}.yaml"
     return {
         "data": data, "model": model, "seed": seed, "overrides": overrides,
-        "code": runs.code_version(data, CONFIG_DIR / config, overrides), "config": config, "config_sha": runs.config_hash(CONFIG_DIR / config),
+        "code": runs.code_version(data, CONFIG_DIR / config, overrides),
+        "config": config, "config_sha": runs.config_hash(CONFIG_DIR / config),
         "test": {**METRICS, "ndcg@10": ndcg}, "seconds": 100.0 + seed,
         "evaluated_actors": 1077, "candidates": 1862,
         "baselines": {b: dict(METRICS) for b in runs.BASELINES},

@@ -82,9 +82,10 @@ def test_without_incoming_the_merged_stream_is_the_own_one():
     assert torch.equal(own, merged)
 
 
-def test_the_merged_stream_leaves_separate_id_logs_bitwise_unchanged():
+def test_the_merged_stream_leaves_models_without_incoming_contacts_bitwise_unchanged():
     """Ratings logs have no incoming events: the option builds the same model (same
-    parameters drawn), so their runs stand; in one ID space the re-scorer reads more."""
+    parameters drawn), so their runs stand; where batches carry them, the re-scorer reads
+    more."""
     seqs = tiny_sequences(num_targets=20)
     models = {}
     for merged in (False, True):
@@ -93,8 +94,8 @@ def test_the_merged_stream_leaves_separate_id_logs_bitwise_unchanged():
     on, off = models[True].state_dict(), models[False].state_dict()
     assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)
     torch.manual_seed(0)
-    shared = tiny_model(seqs, merged_contact_stream=True, shared_id_table=True)
-    assert shared.repeat.merged_stream and not models[True].repeat.merged_stream
+    reading = tiny_model(seqs, merged_contact_stream=True, reads_incoming=True)
+    assert reading.repeat.merged_stream and not models[True].repeat.merged_stream
 
 
 def _incoming_kjt(sources: list[list[int]], times: list[list[int]]) -> KeyedJaggedTensor:
