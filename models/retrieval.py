@@ -9,6 +9,11 @@ Model code is written as if it ran on one device: the ID tables are one TorchRec
 `EmbeddingCollection` (sharded from outside by DistributedModelParallel), and the
 only cross-rank operation, gathering the in-batch negatives, is the `gather` callable.
 
+Who owns what: `models/embeddings.py` looks every ID up (one collection call) and hands
+the towers plain tensors; `models/towers.py` encodes; `models/samplers.py` holds the
+negative sources and their q; `models/losses.py` the sampled softmax; this module wires
+them into one step: towers, sources, loss, temporal loss.
+
 Shape suffixes: B batch, L history positions, N flat history events, R random
 negatives per example, H history columns per example, U history pairs, D width.
 """
@@ -25,12 +30,6 @@ from torchrec import KeyedJaggedTensor
 
 from configs.names import (
     ACTOR,
-    CANDIDATE_FEATURE,
-    CANDIDATE_TARGET,
-    CONTACT_FEATURE,
-    CONTACT_TARGET,
-    HISTORY_ACTION,
-    HISTORY_FEATURE,
     HISTORY_TARGET,
     HISTORY_TIMESTAMP,
     INCOMING_SOURCE,
@@ -40,11 +39,12 @@ from configs.names import (
 )
 from configs.schema import LossConfig, ModelConfig
 from data.batches import Batch
-from models.embeddings import IdEmbeddings, VocabularySizes
+from models.embeddings import IdEmbeddings, LookedUp, TargetRows, VocabularySizes
 from models.length_groups import Jagged, JaggedHistory, from_blocks, length_groups, to_block
 from models.losses import LossSettings, hard_topk_schedule, sampled_softmax_loss
 from models.repeat import ContactEvents, HistoryItems, RepeatScorer, history_items
 from models.samplers import (
+    ContactNegatives,
     Gather,
     InBatchNegativesSampler,
     RandomNegativesSampler,
@@ -111,11 +111,15 @@ class TwoTowerRetrieval(nn.Module):
             count_sum=count_sum,
         )
         dim = model_config.embedding_dim
-        self.embeddings = IdEmbeddings(sizes, dim, device=device)
+        self.embeddings = IdEmbeddings(
+            sizes, dim, max_len, device=device,
+            target_feature_offsets=target_feature_offsets, target_feature_tokens=target_feature_tokens,
+        )
         self.query_tower = QueryTower(model_config, max_len)
         self.candidate_tower = CandidateTower(model_config)
         merged_stream = model_config.merged_contact_stream and reads_incoming
         self.repeat = RepeatScorer(dim, merged_stream=merged_stream) if model_config.repeat_scoring else None
+        self.contacts = ContactNegatives() if self.repeat is not None else None
         if loss_config.logq_estimator == "streaming":
             estimator = StreamingFrequencyEstimator(loss_config.streaming_num_buckets, loss_config.streaming_ema)
             self.in_batch = InBatchNegativesSampler(estimator=estimator, gather=gather)
@@ -124,10 +128,6 @@ class TwoTowerRetrieval(nn.Module):
         self.random = RandomNegativesSampler(pool_size, active_pool_mask)
         # Needs a causal encoder: configs/schema.py checks that, once, for every config.
         self.temporal = loss_config.temporal_weight > 0
-        self.has_features = sizes.num_feature_tokens > 0
-        if self.has_features:
-            self.register_buffer("feature_offsets", target_feature_offsets.to(torch.int64), persistent=False)
-            self.register_buffer("feature_tokens", target_feature_tokens.to(torch.int64), persistent=False)
         # train.precision = "bf16": the towers run under bf16 autocast while training.
         self.bf16_towers = bf16_towers
         # The curriculum's position; a buffer so checkpoints carry it.
@@ -135,64 +135,13 @@ class TwoTowerRetrieval(nn.Module):
 
     # ------------------------------------------------------------------ lookups
 
-    def _features_of(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feature tokens of each target ID, jagged: (tokens [M], counts per ID [N])."""
-        starts = self.feature_offsets[ids]
-        counts = self.feature_offsets[ids + 1] - starts
-        first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        flat = torch.arange(int(counts.sum()), device=ids.device) - first + torch.repeat_interleave(starts, counts)
-        return self.feature_tokens[flat], counts
+    @property
+    def has_features(self) -> bool:
+        return self.embeddings.has_features
 
-    def _lookup(
-        self,
-        actor: torch.Tensor,
-        next_action: torch.Tensor,
-        history: KeyedJaggedTensor,
-        candidates_BC: torch.Tensor,
-        contacts: HistoryItems | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """One EmbeddingCollection call for every ID of the batch: the encoder's history
-        window, the candidates and the distinct contacts of the repeat re-scorer. Feature
-        embeddings are returned already pooled (mean) per target: [candidates or events, D]."""
-        batch = actor.shape[0]
-        history_target = history[HISTORY_TARGET]
-        history_lengths = history_target.lengths()
-        ones = torch.ones_like(actor)
-        parts = {
-            HISTORY_TARGET: (history_target.values(), history_lengths),
-            HISTORY_ACTION: (history[HISTORY_ACTION].values(), history_lengths),
-            ACTOR: (actor, ones),
-            NEXT_ACTION: (next_action, ones),
-            CANDIDATE_TARGET: (candidates_BC.reshape(-1), torch.full_like(actor, candidates_BC.shape[1])),
-        }
-        feature_sources = [
-            (CANDIDATE_FEATURE, candidates_BC.reshape(-1), torch.full_like(actor, candidates_BC.shape[1])),
-            (HISTORY_FEATURE, history_target.values(), history_lengths),
-        ]
-        if contacts is not None:
-            # Pairs are sorted by row, so the distinct contacts are already jagged by row.
-            per_row = torch.bincount(contacts.row_U, minlength=batch)
-            parts[CONTACT_TARGET] = (contacts.target_U, per_row)
-            feature_sources.append((CONTACT_FEATURE, contacts.target_U, per_row))
-        if self.has_features:
-            counts = {}
-            for key, ids, per_example in feature_sources:
-                tokens, counts[key] = self._features_of(ids)
-                example_of_id = torch.repeat_interleave(torch.arange(batch, device=actor.device), per_example)
-                token_lengths = torch.zeros(batch, dtype=torch.int64, device=actor.device).index_add_(0, example_of_id, counts[key])
-                parts[key] = (tokens, token_lengths)
-        looked_up = self.embeddings.lookup(parts, batch)
-        if self.has_features:
-            for key in counts:
-                looked_up[key] = _mean_per_id(looked_up[key], counts[key])
-        return looked_up
-
-    def _candidates(
-        self, looked_up: dict[str, torch.Tensor], target_key: str, feature_key: str, in_train_forward: bool = False
-    ) -> torch.Tensor:
-        target = looked_up[target_key]
-        with self._tower_autocast(target.device, in_train_forward):
-            return self.candidate_tower(target, looked_up.get(feature_key))
+    def _candidates(self, rows: TargetRows, in_train_forward: bool = False) -> torch.Tensor:
+        with self._tower_autocast(rows.target_ND.device, in_train_forward):
+            return self.candidate_tower(rows.target_ND, rows.feature_ND)
 
     def _tower_autocast(self, device: torch.device, in_train_forward: bool) -> torch.autocast:
         """bf16 autocast around a tower inside `train_forward` when `bf16_towers`
@@ -201,17 +150,15 @@ class TwoTowerRetrieval(nn.Module):
         digits) stay fp32; request-time encoding and evaluation always run in fp32."""
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16_towers and in_train_forward)
 
-    def _query_inputs(
-        self, looked_up: dict[str, torch.Tensor], history: KeyedJaggedTensor, next_timestamp: torch.Tensor
-    ) -> QueryInputs:
-        """`history` is the encoder window (`_encoder_window`), kept jagged."""
+    def _query_inputs(self, looked_up: LookedUp, history: KeyedJaggedTensor, next_timestamp: torch.Tensor) -> QueryInputs:
+        """`history` is the encoder window (`IdEmbeddings.encoder_window`), kept jagged."""
         jagged_history = JaggedHistory(
-            target_ND=looked_up[HISTORY_TARGET],
-            action_ND=looked_up[HISTORY_ACTION],
+            target_ND=looked_up.history.target_ND,
+            action_ND=looked_up.history_action_ND,
             timestamp_N=history[HISTORY_TIMESTAMP].values(),
             jagged=Jagged(history[HISTORY_TARGET].lengths().to(torch.int64)),
         )
-        return QueryInputs(jagged_history, looked_up[ACTOR], looked_up[NEXT_ACTION], next_timestamp)
+        return QueryInputs(jagged_history, looked_up.actor_BD, looked_up.next_action_BD, next_timestamp)
 
     def _history_items(
         self, history: KeyedJaggedTensor, next_timestamp: torch.Tensor, incoming: KeyedJaggedTensor | None
@@ -230,23 +177,6 @@ class TwoTowerRetrieval(nn.Module):
             merged_stream=self.repeat.merged_stream,
         )
 
-    def _encoder_window(self, history: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """Each row's last max_len events: batches may carry more for the repeat re-scorer,
-        which only counts them (cheap); the encoder attends over them (not cheap)."""
-        lengths = history[HISTORY_TARGET].lengths()
-        if lengths.numel() == 0 or int(lengths.max()) <= self.max_len:
-            return history
-        kept = lengths.clamp(max=self.max_len)
-        row = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
-        end = torch.cumsum(lengths, 0)
-        keep = torch.arange(row.numel(), device=lengths.device) >= (end - kept)[row]
-        keys = history.keys()
-        return KeyedJaggedTensor.from_lengths_sync(
-            keys=keys,
-            values=torch.cat([history[key].values()[keep] for key in keys]),
-            lengths=kept.repeat(len(keys)),
-        )
-
     # ---------------------------------------------------------------- inference
 
     def encode_queries(
@@ -263,14 +193,14 @@ class TwoTowerRetrieval(nn.Module):
         if next_timestamp is None:
             next_timestamp = _newest_timestamp(history)
         items = self._history_items(history, next_timestamp, incoming) if self.repeat is not None else None
-        encoder_history = self._encoder_window(history)
+        encoder_history = self.embeddings.encoder_window(history)
         empty = torch.zeros((actor.shape[0], 0), dtype=torch.int64, device=actor.device)
-        looked_up = self._lookup(actor, next_action, encoder_history, empty, items)
+        looked_up = self.embeddings.lookup_batch(actor, next_action, encoder_history, empty, _contact_ids(items))
         query = self.query_tower(self._query_inputs(looked_up, encoder_history, next_timestamp)).query_BD
         if items is None:
             return QueryEncoding(query, None, None)
-        contact_vectors_UD = self._candidates(looked_up, CONTACT_TARGET, CONTACT_FEATURE)
-        _, bonus_U = self._bonus(items, query, contact_vectors_UD, looked_up[NEXT_ACTION])
+        contact_vectors_UD = self._candidates(looked_up.contacts)
+        _, bonus_U = self._bonus(items, query, contact_vectors_UD, looked_up.next_action_BD)
         return QueryEncoding(query, items, bonus_U)
 
     def _bonus(
@@ -295,22 +225,14 @@ class TwoTowerRetrieval(nn.Module):
 
     def candidate_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """[N] target IDs -> [N, D] unit vectors."""
-        parts = {CANDIDATE_TARGET: (ids, torch.full((1,), ids.shape[0], dtype=torch.int64, device=ids.device))}
-        counts = None
-        if self.has_features:
-            tokens, counts = self._features_of(ids)
-            parts[CANDIDATE_FEATURE] = (tokens, counts.sum().reshape(1))
-        looked_up = self.embeddings.lookup(parts, 1)
-        if counts is not None:
-            looked_up[CANDIDATE_FEATURE] = _mean_per_id(looked_up[CANDIDATE_FEATURE], counts)
-        return self._candidates(looked_up, CANDIDATE_TARGET, CANDIDATE_FEATURE)
+        return self._candidates(self.embeddings.lookup_targets(ids))
 
     def candidate_vectors_of_rows(self, target_ND: torch.Tensor) -> torch.Tensor:
         """[N, D] rows of the target table (a model without target features) -> [N, D]
         unit vectors: `candidate_vectors` for a caller that read the rows itself."""
         if self.has_features:
             raise ValueError("candidate_vectors_of_rows: this model's candidates have features; use candidate_vectors")
-        return self._candidates({CANDIDATE_TARGET: target_ND}, CANDIDATE_TARGET, CANDIDATE_FEATURE)
+        return self._candidates(TargetRows(target_ND))
 
     # ------------------------------------------------------------------ training
 
@@ -346,49 +268,29 @@ class TwoTowerRetrieval(nn.Module):
         if self.repeat is not None or self.loss_config.mask_history:
             incoming = batch.incoming if self.repeat is not None else None
             items = self._history_items(batch.history, next_timestamp, incoming)
-        encoder_history = self._encoder_window(batch.history)
-        looked_up = self._lookup(
-            actor, next_action, encoder_history, candidates_BC, items if self.repeat is not None else None
+        encoder_history = self.embeddings.encoder_window(batch.history)
+        looked_up = self.embeddings.lookup_batch(
+            actor, next_action, encoder_history, candidates_BC, _contact_ids(items if self.repeat is not None else None)
         )
         inputs = self._query_inputs(looked_up, encoder_history, next_timestamp)
         with self._tower_autocast(actor.device, in_train_forward=True):
             query = self.query_tower(inputs, all_positions=self.temporal)
 
-        candidate_BCD = self._candidates(looked_up, CANDIDATE_TARGET, CANDIDATE_FEATURE, in_train_forward=True).reshape(
-            batch_size, 1 + num_random, -1
-        )
+        candidate_BCD = self._candidates(looked_up.candidates, in_train_forward=True).reshape(batch_size, 1 + num_random, -1)
         positive_BD, random_BRD = candidate_BCD[:, 0], candidate_BCD[:, 1:]
-        in_batch = self.in_batch(batch.target, positive_BD)
-        sources = [in_batch]
+        sources = [self.in_batch(batch.target, positive_BD)]
         if num_random:
             sources.append(self.random(random_ids_BR, random_BRD))
-            # One sample from both samplers: each column corrected by its count under both.
-            global_batch = in_batch.ids.shape[0]
-            sources = mixture_log_q(sources, [
-                lambda ids: self.in_batch.log_expected_count(ids, global_batch),
-                lambda ids: self.random.log_expected_count(ids, num_random),
-            ])
+        # One sample from every sampled source: each column corrected by its count under all.
+        sources = mixture_log_q(sources)
 
         # What changes from step to step: the curriculum's k, and whether to report.
         settings = dataclasses.replace(self.loss_settings, hard_topk=self.current_hard_topk(), telemetry=telemetry)
         positive_bonus_B = None
         if self.repeat is not None:
-            contact_vectors_UD = self._candidates(looked_up, CONTACT_TARGET, CONTACT_FEATURE, in_train_forward=True)
-            cosine_U, bonus_U = self._bonus(items, query.query_BD, contact_vectors_UD, looked_up[NEXT_ACTION])
-            ids_BH, index_BH, valid_BH = items.padded()
-            sources.append(
-                SampledNegatives(
-                    "history",
-                    ids_BH,
-                    None,
-                    torch.zeros(ids_BH.shape, device=ids_BH.device),
-                    valid=valid_BH,
-                    bonus=torch.where(valid_BH, bonus_U[index_BH], 0.0),
-                    cosine=torch.where(valid_BH, cosine_U[index_BH], 0.0),
-                    hard_mined=False,
-                    certain=True,
-                )
-            )
+            contact_vectors_UD = self._candidates(looked_up.contacts, in_train_forward=True)
+            cosine_U, bonus_U = self._bonus(items, query.query_BD, contact_vectors_UD, looked_up.next_action_BD)
+            sources.append(self.contacts(items, cosine_U, bonus_U))
             index_B, found_B = items.find(torch.arange(batch_size, device=actor.device), batch.target)
             positive_bonus_B = torch.where(found_B, bonus_U[index_B], 0.0)
 
@@ -417,7 +319,7 @@ class TwoTowerRetrieval(nn.Module):
         self,
         positions_PD: torch.Tensor,
         jagged_history: JaggedHistory,
-        looked_up: dict[str, torch.Tensor],
+        looked_up: LookedUp,
         history: KeyedJaggedTensor,
         sources: list[SampledNegatives],
         settings: LossSettings,
@@ -435,7 +337,7 @@ class TwoTowerRetrieval(nn.Module):
         j_M = torch.arange(pairs.total, device=row_M.device) - pairs.offsets[row_M] + (events.lengths - 1 - pairs_B)[row_M]
         query_MD = positions_PD[jagged_history.positions.offsets[row_M] + j_M]
         next_event_M = events.offsets[row_M] + j_M + 1
-        positive_MD = self._candidates(looked_up, HISTORY_TARGET, HISTORY_FEATURE, in_train_forward=True)[next_event_M]
+        positive_MD = self._candidates(looked_up.history, in_train_forward=True)[next_event_M]
         positive_ids_M = history[HISTORY_TARGET].values()[next_event_M]
         temporal_sources = [
             _per_pair(source, query_MD, row_M, pairs) for source in sources if not source.certain
@@ -465,12 +367,9 @@ def _per_pair(source: SampledNegatives, query_MD: torch.Tensor, row_M: torch.Ten
     )
 
 
-def _mean_per_id(token_embeddings_MD: torch.Tensor, counts_N: torch.Tensor) -> torch.Tensor:
-    """Mean of each ID's token embeddings (zeros for an ID without tokens). [N, D]."""
-    owner_M = torch.repeat_interleave(torch.arange(counts_N.shape[0], device=counts_N.device), counts_N)
-    summed = torch.zeros(counts_N.shape[0], token_embeddings_MD.shape[1], device=token_embeddings_MD.device)
-    summed = summed.index_add(0, owner_M, token_embeddings_MD)
-    return summed / counts_N.clamp(min=1)[:, None].to(summed.dtype)
+def _contact_ids(items: HistoryItems | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The re-scorer's contacts as the lookup takes them: (target [U], example [U])."""
+    return None if items is None else (items.target_U, items.row_U)
 
 
 def _newest_timestamp(history: KeyedJaggedTensor) -> torch.Tensor:

@@ -1,7 +1,10 @@
 """Negative sources for the sampled softmax and how their q is estimated.
 
-A sampler returns `SampledNegatives(ids, embeddings, log_q)`: the loss only subtracts
-`log_q`; the sampler owns what q means. For every source, log q of a column is the log
+Every source is a `NegativeSource`: its forward returns `SampledNegatives` (IDs,
+embeddings, log q and the flags the loss reads) and, for a sampled source, its own
+expected-count function for the step. The loss only subtracts `log_q` and reads the
+flags; the source owns what q means. A new source is a new subclass: neither the loss
+nor the mixture correction changes. For every source, log q of a column is the log
 of its expected number of appearances in that source, so the correction is right
 whatever mix of sources is chosen:
 
@@ -16,7 +19,8 @@ whatever mix of sources is chosen:
 With in-batch and random negatives both on, an example's columns are one sample from
 both samplers at once, so each column is corrected by its expected count under the two
 together, B * p_j + R * u_j (u_j = 1/|pool| for pool members, else 0:
-`mixture_log_q`). Corrected by each source's own count instead, each source's columns
+`mixture_log_q`, which asks every sampled source's `log_expected_count` about every
+column). Corrected by each source's own count instead, each source's columns
 would estimate the whole partition function, and the softmax would hold it about twice.
 
 p_j comes from the data layer's training frequencies (`static`, q ∝ count^0.75) or from
@@ -33,9 +37,12 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+from models.repeat import HistoryItems
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
@@ -70,10 +77,23 @@ class SampledNegatives:
     """Included with certainty, not sampled (the actor's own contacts): other sources'
     columns that duplicate one of its columns are masked, and the temporal loss, whose
     queries are earlier positions, leaves it out."""
+    log_expected_count: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """A sampled source's log of how often any ID appears among its columns of this step
+    (None for a certain source): the mixture correction asks it about every column."""
 
     @property
     def per_example(self) -> bool:
         return self.ids.dim() == 2
+
+
+class NegativeSource(nn.Module):
+    """One source of negative columns. Its forward returns them as `SampledNegatives`
+    labelled with the source's `name` (telemetry only), with the flags that say how the
+    loss treats them and, when sampled, `log_expected_count` for the step. The inputs
+    differ by source (the batch's positives, the loader's random IDs, the actor's
+    contacts); the output is the interface."""
+
+    name: ClassVar[str]
 
 
 class StreamingFrequencyEstimator(nn.Module):
@@ -115,12 +135,16 @@ class StreamingFrequencyEstimator(nn.Module):
         return -torch.log(self.gap[self._bucket(ids)]).to(torch.float32)
 
 
-class InBatchNegativesSampler(nn.Module):
+class InBatchNegativesSampler(NegativeSource):
     """The (global) batch's positives as negatives for every example.
 
     `log_p` maps IDs to the log probability of an ID being one example's positive (static
     frequencies), or a `StreamingFrequencyEstimator` gives expected counts per step.
+    Columns more similar to the positive than the threshold are masked (another example's
+    positive may be a near-copy of this one's).
     """
+
+    name = "in_batch"
 
     def __init__(
         self,
@@ -147,7 +171,11 @@ class InBatchNegativesSampler(nn.Module):
             log_q = self.estimator.log_expected_count(ids)
         else:
             log_q = self.log_expected_count(ids, ids.shape[0])
-        return SampledNegatives("in_batch", ids, embeddings, log_q, similarity_masked=True)
+        batch_size = ids.shape[0]
+        return SampledNegatives(
+            self.name, ids, embeddings, log_q, similarity_masked=True,
+            log_expected_count=lambda other: self.log_expected_count(other, batch_size),
+        )
 
     def log_expected_count(self, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
         """log of how often each ID appears among a batch of `batch_size` positives."""
@@ -156,8 +184,10 @@ class InBatchNegativesSampler(nn.Module):
         return self.log_p[ids] + math.log(batch_size)
 
 
-class RandomNegativesSampler(nn.Module):
+class RandomNegativesSampler(NegativeSource):
     """Wraps the random IDs the loader drew uniformly from the active pool."""
+
+    name = "random"
 
     def __init__(self, pool_size: int, in_pool: torch.Tensor | None = None) -> None:
         """`in_pool`: [T] bool, which IDs the pool holds (for `log_expected_count` of IDs
@@ -185,17 +215,49 @@ class RandomNegativesSampler(nn.Module):
         draws from the pool."""
         num = ids_BR.shape[1]
         log_q = torch.full(ids_BR.shape, self._log_count_in_pool(num), device=ids_BR.device)
-        return SampledNegatives("random", ids_BR, embeddings_BRD, log_q)
+        return SampledNegatives(
+            self.name, ids_BR, embeddings_BRD, log_q, log_expected_count=lambda other: self.log_expected_count(other, num)
+        )
 
 
-def mixture_log_q(
-    sources: list[SampledNegatives], expected_counts: list[Callable[[torch.Tensor], torch.Tensor]]
-) -> list[SampledNegatives]:
-    """`sources` (each one sampler's columns) with every column's log q replaced by the
-    log of its expected count under all the samplers together: log sum_s E_s[count],
-    each `expected_counts` entry giving one sampler's log expected count of any IDs."""
+class ContactNegatives(NegativeSource):
+    """The actor's own contacts (its history's targets and, in a shared ID space, the
+    senders of its incoming events) as columns of its row, each with the repeat
+    re-scorer's bonus. Included with certainty (log q = 0), never hard-mined, and left
+    out of the temporal loss; other sources' columns that duplicate them are masked."""
+
+    name = "history"
+
+    def forward(self, contacts: HistoryItems, cosine_U: torch.Tensor, bonus_U: torch.Tensor) -> SampledNegatives:
+        """The U (row, contact) pairs with their query cosines and bonuses -> each row's
+        contacts as H padded columns (invalid padding, cosine and bonus 0 there)."""
+        ids_BH, index_BH, valid_BH = contacts.padded()
+        return SampledNegatives(
+            self.name,
+            ids_BH,
+            None,
+            torch.zeros(ids_BH.shape, device=ids_BH.device),
+            valid=valid_BH,
+            bonus=torch.where(valid_BH, bonus_U[index_BH], 0.0),
+            cosine=torch.where(valid_BH, cosine_U[index_BH], 0.0),
+            hard_mined=False,
+            certain=True,
+        )
+
+
+def mixture_log_q(sources: list[SampledNegatives]) -> list[SampledNegatives]:
+    """`sources` with every sampled column's log q replaced by the log of its expected
+    count under all the sampled sources together, log sum_s E_s[count], each source
+    giving its own `log_expected_count`. Certain sources stay as they are; with one
+    sampled source its own count already is the mixture's, and nothing changes."""
+    counts = [source.log_expected_count for source in sources if source.log_expected_count is not None]
+    if len(counts) < 2:
+        return sources
     mixed = []
     for source in sources:
-        per_sampler = torch.stack([count(source.ids).to(source.log_q.dtype) for count in expected_counts])
+        if source.log_expected_count is None:
+            mixed.append(source)
+            continue
+        per_sampler = torch.stack([count(source.ids).to(source.log_q.dtype) for count in counts])
         mixed.append(dataclasses.replace(source, log_q=torch.logsumexp(per_sampler, dim=0)))
     return mixed

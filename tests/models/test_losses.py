@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from models.losses import LossSettings, hard_topk_schedule, sampled_softmax_loss
-from models.samplers import SampledNegatives, mixture_log_q
-
+from models.samplers import (
+    InBatchNegativesSampler,
+    NegativeSource,
+    RandomNegativesSampler,
+    SampledNegatives,
+    mixture_log_q,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -88,10 +93,12 @@ def test_in_batch_and_random_negatives_corrected_by_their_mixture_approach_the_f
         shared = torch.multinomial(p, in_batch, replacement=True, generator=gen)
         random = pool[torch.randint(len(pool), (len(queries), num_random), generator=gen)]
         sources = [
-            SampledNegatives("in_batch", shared, items[shared], counts[0](shared)),
-            SampledNegatives("random", random, items[random], torch.full(random.shape, random_log_q)),
+            SampledNegatives("in_batch", shared, items[shared], counts[0](shared), log_expected_count=counts[0]),
+            SampledNegatives(
+                "random", random, items[random], torch.full(random.shape, random_log_q), log_expected_count=counts[1]
+            ),
         ]
-        mixed = mixture_log_q(sources, counts)
+        mixed = mixture_log_q(sources)
         args = (queries[:, None], items[positives][:, None], positives[:, None])
         mixed_losses.append(sampled_softmax_loss(*args, mixed, LossSettings(temperature=tau)).loss)
         separate_losses.append(sampled_softmax_loss(*args, sources, LossSettings(temperature=tau)).loss)
@@ -104,6 +111,61 @@ def test_in_batch_and_random_negatives_corrected_by_their_mixture_approach_the_f
     torch.testing.assert_close(mixed[0].log_q[off_pool], counts[0](shared[off_pool]))
     column = random[0, 0]
     torch.testing.assert_close(mixed[1].log_q[0, 0], torch.logaddexp(counts[0](column), torch.tensor(random_log_q)))
+
+
+class _UniformNegatives(NegativeSource):
+    """A fourth source written as a user would: K IDs per example drawn uniformly from
+    the whole vocabulary. Nothing in the loss or the mixture knows it."""
+
+    name = "uniform"
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, ids_BK: torch.Tensor, embeddings_BKD: torch.Tensor) -> SampledNegatives:
+        num = ids_BK.shape[1]
+
+        def log_count(ids: torch.Tensor) -> torch.Tensor:
+            return torch.full(ids.shape, math.log(num / self.vocab))
+
+        return SampledNegatives(self.name, ids_BK, embeddings_BKD, log_count(ids_BK), log_expected_count=log_count)
+
+
+def test_a_new_negative_source_joins_the_mixture_without_touching_the_loss():
+    """In-batch (skewed), random (a pool) and a new uniform source, each the library's
+    own class or a subclass of NegativeSource: the mixture asks every source about every
+    column, and the corrected sampled loss approaches the full softmax."""
+    items, queries, positives = _setup(batch=4, vocab=20, seed=5)
+    tau, draws = 0.25, 300
+    gen = torch.Generator().manual_seed(6)
+    p = torch.linspace(1.0, 40.0, 20) ** 2
+    p = p / p.sum()
+    in_pool = torch.zeros(20, dtype=torch.bool)
+    in_pool[5:] = True
+    in_batch = InBatchNegativesSampler(log_p=torch.log(p))
+    random = RandomNegativesSampler(int(in_pool.sum()), in_pool)
+    uniform = _UniformNegatives(20)
+    full = torch.nn.functional.cross_entropy(queries @ items.T / tau, positives)
+    losses = []
+    for _ in range(draws):
+        shared = torch.multinomial(p, 100, replacement=True, generator=gen)
+        pooled = torch.nonzero(in_pool)[:, 0][torch.randint(15, (4, 40), generator=gen)]
+        anywhere = torch.randint(20, (4, 30), generator=gen)
+        sources = mixture_log_q([
+            in_batch(shared, items[shared]), random(pooled, items[pooled]), uniform(anywhere, items[anywhere])
+        ])
+        args = (queries[:, None], items[positives][:, None], positives[:, None])
+        losses.append(sampled_softmax_loss(*args, sources, LossSettings(temperature=tau, telemetry=True)).loss)
+    # Column 0 of the uniform source: its count under all three sources together.
+    column = anywhere[0, 0]
+    expected = torch.logsumexp(torch.stack([
+        torch.log(100 * p[column]),
+        torch.tensor(math.log(40 / 15) if in_pool[column] else float("-inf")),
+        torch.tensor(math.log(30 / 20)),
+    ]), 0)
+    torch.testing.assert_close(sources[2].log_q[0, 0], expected)
+    assert abs(torch.stack(losses).mean() - full) < 0.05 * full
 
 
 def test_accidental_hits_and_masked_columns_change_neither_loss_nor_gradient():

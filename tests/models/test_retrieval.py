@@ -27,19 +27,19 @@ def test_temporal_pretraining_equals_the_per_position_loop(last_k):
         # Per-position reference: for each example and history position j, the query vector
         # of the history truncated after j (causality makes it the same vector), predicting
         # the event at j + 1, against the same negatives.
-        looked_up = model._lookup(
+        looked_up = model.embeddings.lookup_batch(
             batch.query_values("actor"), batch.query_values("next_action"), batch.history,
             torch.cat([batch.target[:, None], batch.random_negatives], 1),
         )
         inputs = model._query_inputs(looked_up, batch.history, batch.query_values("next_timestamp"))
         positions = model.query_tower(inputs, all_positions=True).positions_PD
-        candidates = model.candidate_tower(looked_up["candidate_target"]).reshape(6, 4, -1)
-        sources = [model.in_batch(batch.target, candidates[:, 0]), model.random(batch.random_negatives, candidates[:, 1:])]
-        sources = mixture_log_q(sources, [lambda ids: model.in_batch.log_expected_count(ids, 6),
-                                          lambda ids: model.random.log_expected_count(ids, 3)])
+        candidates = model.candidate_tower(looked_up.candidates.target_ND).reshape(6, 4, -1)
+        sources = mixture_log_q(
+            [model.in_batch(batch.target, candidates[:, 0]), model.random(batch.random_negatives, candidates[:, 1:])]
+        )
         settings = LossSettings(temperature=model.loss_config.temperature)
         history_ids = batch.history["history_target"].values()
-        history_vectors = model.candidate_tower(looked_up["history_target"])
+        history_vectors = model.candidate_tower(looked_up.history.target_ND)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         losses = []
         for row, (start, length) in enumerate(zip(starts, lengths)):
