@@ -175,11 +175,21 @@ def prepare_from_dataset(
     features = _target_features(config, event_log)
     return PreparedData(
         event_log, seqs, Split.leave_last_out(seqs), TargetStats.from_target_table(table, config), features,
-        valid_counts=table["valid_count"].to_numpy().astype(np.int64),
+        valid_counts=_valid_counts(table),
         incoming_log=dataset.read_events(parts, "incoming") if event_log.shared_id_space else None,
         totals=dataset.manifest["counts"], partitions=dataset.partitions,
         share=(rank, world_size) if len(parts) == dataset.partitions or world_size > 1 else (-1, -1),
     )
+
+
+def _valid_counts(table: pl.DataFrame) -> np.ndarray:
+    """[T] validation events per target as int32: every rank holds one per target, and
+    leave-last-out gives each actor one validation event, so a count is at most the
+    number of actors."""
+    counts = table["valid_count"]
+    if counts.len() and counts.max() > np.iinfo(np.int32).max:
+        raise ValueError(f"targets.parquet: valid_count up to {counts.max():,}, more than one int32 holds")
+    return counts.to_numpy().astype(np.int32)
 
 
 def prepare_from_event_log(event_log: EventLog, config: DataConfig) -> PreparedData:

@@ -174,7 +174,8 @@ class TargetStats:
     """Target frequencies over training events, for popularity, logQ and the random pool."""
 
     counts: np.ndarray  # [T] training-event count of each target index
-    log_q: np.ndarray  # [T] log of the normalised sampling probability q(i) ∝ max(count, floor)^exponent
+    log_q: np.ndarray  # [T] float32 log of the normalised sampling probability q(i) ∝ max(count, floor)^exponent
+    # (computed in float64; float32 is what the loss reads, so the model shares this array)
     candidates: np.ndarray  # [C] target indices that appear anywhere in the log (the ranking candidates)
     active_pool: np.ndarray  # [P] target indices last seen in training at or after the cut-off
 
@@ -186,7 +187,7 @@ class TargetStats:
         counts = np.bincount(seqs.targets[train], minlength=seqs.num_targets)
 
         weights = np.maximum(counts.astype(np.float64), config.freq_count_floor) ** config.freq_exponent
-        log_q = np.log(weights) - np.log(weights.sum())
+        log_q = (np.log(weights) - np.log(weights.sum())).astype(np.float32)
 
         candidates = np.flatnonzero(np.bincount(seqs.targets, minlength=seqs.num_targets)).astype(np.int64)
         cutoff = active_cutoff(seqs.timestamps, config)
@@ -207,6 +208,7 @@ class TargetStats:
         total = log_q.sum()
         np.log(log_q, out=log_q)
         log_q -= np.log(total)
+        log_q = log_q.astype(np.float32)
         seen = (table["train_count"] + table["valid_count"] + table["test_count"]) > 0
         candidates = table["target"].filter(seen).to_numpy().astype(np.int64, copy=False)
         active_pool = table["target"].filter(table["active"]).to_numpy().astype(np.int64, copy=False)

@@ -34,6 +34,11 @@ if __package__ in (None, ""):
     # ran where the project was pip-installed.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from trainer import allocators  # noqa: E402
+
+# Before the data layer imports polars: freed memory must leave a rank (trainer/allocators.py).
+allocators.configure()
+
 import yaml  # noqa: E402
 
 from configs.loading import CONFIG_DIR, ConfigError, config_to_dict, load_config, resolve_config_path  # noqa: F401
