@@ -187,8 +187,9 @@ def _valid_counts(table: pl.DataFrame) -> np.ndarray:
     leave-last-out gives each actor one validation event, so a count is at most the
     number of actors."""
     counts = table["valid_count"]
-    if counts.len() and counts.max() > np.iinfo(np.int32).max:
-        raise ValueError(f"targets.parquet: valid_count up to {counts.max():,}, more than one int32 holds")
+    largest = counts.max() if counts.len() else 0
+    if largest > np.iinfo(np.int32).max:
+        raise ValueError(f"targets.parquet: valid_count up to {largest:,}, more than one int32 holds")
     return counts.to_numpy().astype(np.int32)
 
 

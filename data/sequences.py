@@ -186,8 +186,7 @@ class TargetStats:
         last_seen = frame.group_by("target").agg(pl.col("timestamp").max().alias("last_seen"))
         counts = np.bincount(seqs.targets[train], minlength=seqs.num_targets)
 
-        weights = np.maximum(counts.astype(np.float64), config.freq_count_floor) ** config.freq_exponent
-        log_q = (np.log(weights) - np.log(weights.sum())).astype(np.float32)
+        log_q = sampling_log_q(counts, config)
 
         candidates = np.flatnonzero(np.bincount(seqs.targets, minlength=seqs.num_targets)).astype(np.int64)
         cutoff = active_cutoff(seqs.timestamps, config)
@@ -202,17 +201,22 @@ class TargetStats:
         if not table["target"].is_sorted():  # as written here; another engine may not
             table = table.sort("target")
         counts = table["train_count"].to_numpy().astype(np.int64, copy=False)
-        # In place, one [T] float array at a time: this runs on every rank, at 1e7 targets.
-        log_q = np.maximum(counts.astype(np.float64), config.freq_count_floor)
-        log_q **= config.freq_exponent
-        total = log_q.sum()
-        np.log(log_q, out=log_q)
-        log_q -= np.log(total)
-        log_q = log_q.astype(np.float32)
+        log_q = sampling_log_q(counts, config)
         seen = (table["train_count"] + table["valid_count"] + table["test_count"]) > 0
         candidates = table["target"].filter(seen).to_numpy().astype(np.int64, copy=False)
         active_pool = table["target"].filter(table["active"]).to_numpy().astype(np.int64, copy=False)
         return cls(counts=counts, log_q=log_q, candidates=candidates, active_pool=active_pool)
+
+
+def sampling_log_q(counts: np.ndarray, config: DataConfig) -> np.ndarray:
+    """[T] float32 log q(i), q(i) ∝ max(count, floor)^exponent, normalised (in float64)."""
+    # In place, one [T] float array at a time: this runs on every rank, at 1e7 targets.
+    log_q = np.maximum(counts.astype(np.float64), config.freq_count_floor)
+    log_q **= config.freq_exponent
+    total = log_q.sum()
+    np.log(log_q, out=log_q)
+    log_q -= np.log(total)
+    return log_q.astype(np.float32)
 
 
 def active_cutoff(timestamps: np.ndarray, config: DataConfig) -> int:

@@ -216,9 +216,7 @@ class IdEmbeddings(nn.Module):
         counts = {}
         if self.has_features:
             for key, ids, per_example in feature_sources:
-                tokens, counts[key] = self._features_of(ids)
-                example_of_id = torch.repeat_interleave(torch.arange(batch, device=actor_B.device), per_example)
-                token_lengths = torch.zeros(batch, dtype=torch.int64, device=actor_B.device).index_add_(0, example_of_id, counts[key])
+                tokens, token_lengths, counts[key] = self._feature_part(ids, per_example)
                 parts[key] = (tokens, token_lengths)
         looked_up = self.lookup(parts, batch)
         pooled = {key: _mean_per_id(looked_up[key], counts[key]) for key in counts}
@@ -237,14 +235,26 @@ class IdEmbeddings(nn.Module):
 
     def lookup_targets(self, ids_N: torch.Tensor) -> TargetRows:
         """[N] target IDs -> what the candidate tower reads for them."""
-        parts = {CANDIDATE_TARGET: (ids_N, torch.full((1,), ids_N.shape[0], dtype=torch.int64, device=ids_N.device))}
+        one_example = torch.full((1,), ids_N.shape[0], dtype=torch.int64, device=ids_N.device)
+        parts = {CANDIDATE_TARGET: (ids_N, one_example)}
         counts = None
         if self.has_features:
-            tokens, counts = self._features_of(ids_N)
-            parts[CANDIDATE_FEATURE] = (tokens, counts.sum().reshape(1))
+            tokens, token_lengths, counts = self._feature_part(ids_N, one_example)
+            parts[CANDIDATE_FEATURE] = (tokens, token_lengths)
         looked_up = self.lookup(parts, 1)
         features = _mean_per_id(looked_up[CANDIDATE_FEATURE], counts) if counts is not None else None
         return TargetRows(looked_up[CANDIDATE_TARGET], features)
+
+    def _feature_part(
+        self, ids: torch.Tensor, per_example: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The feature tokens of `ids` (jagged by example, `per_example` IDs each) as one
+        part of the lookup: (tokens [M], tokens per example [B], tokens per ID [N])."""
+        tokens, counts = self._features_of(ids)
+        batch = per_example.shape[0]
+        example_of_id = torch.repeat_interleave(torch.arange(batch, device=ids.device), per_example)
+        token_lengths = torch.zeros(batch, dtype=torch.int64, device=ids.device).index_add_(0, example_of_id, counts)
+        return tokens, token_lengths, counts
 
     def _features_of(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feature tokens of each target ID, jagged: (tokens [M], counts per ID [N])."""

@@ -165,15 +165,11 @@ class InBatchNegativesSampler(NegativeSource):
     def forward(self, positive_ids: torch.Tensor, positive_embeddings: torch.Tensor) -> SampledNegatives:
         ids = self.gather(positive_ids)
         embeddings = self.gather(positive_embeddings)
-        if self.estimator is not None:
-            if self.training:
-                self.estimator.update(ids)
-            log_q = self.estimator.log_expected_count(ids)
-        else:
-            log_q = self.log_expected_count(ids, ids.shape[0])
+        if self.estimator is not None and self.training:
+            self.estimator.update(ids)
         batch_size = ids.shape[0]
         return SampledNegatives(
-            self.name, ids, embeddings, log_q, similarity_masked=True,
+            self.name, ids, embeddings, self.log_expected_count(ids, batch_size), similarity_masked=True,
             log_expected_count=lambda other: self.log_expected_count(other, batch_size),
         )
 
