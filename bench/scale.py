@@ -17,7 +17,8 @@ checkpoints not counted), test (the metrics over the sampled actors), and
 `baseline_rss_gb` (per rank: after imports and process-group set-up, before any data),
 `events_held_per_rank` (events in memory: a rank's actors' own and, in a shared ID space,
 those that reached them), the table and optimizer shards per rank, `eval_buffers_gb_per_rank`
-(the candidate vectors a rank scores: its table rows x D x 4 bytes) and `prepare`
+(the candidate vectors a rank holds while it ranks: its table rows x D x 4 bytes up to
+`eval.max_held_vectors_gb`, else two blocks of them) and `prepare`
 (`events`, `events_per_s`, `peak_rss_gb`). The whole table in fp32 is rows x dim x 4 bytes
 (2.56 GB at 1e7 x 64).
 """
@@ -38,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import prepare_dataset_in_child, write_result  # noqa: E402
 from configs.loading import load_config  # noqa: E402
+from trainer.scoring import held_vector_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -87,7 +89,9 @@ def main() -> None:
         "events_held_per_rank": resources["events_held_per_rank"],
         "table_gb_per_rank": resources["table_gb_per_rank"],
         "optimizer_gb_per_rank": resources["optimizer_gb_per_rank"],
-        "eval_buffers_gb_per_rank": [round(r * dim * 4 / 1e9, 3) for r in table_rows],
+        "eval_buffers_gb_per_rank": [
+            round(held_vector_bytes(r, dim, config.eval.max_held_vectors_gb * 1e9) / 1e9, 3) for r in table_rows
+        ],
         "table_rows_per_rank": resources["table_rows_per_rank"],
         "rss_gb_after_per_rank": resources["rss_gb_after_per_rank"],
         "examples_per_s": results["training"]["examples_per_s"],

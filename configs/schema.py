@@ -506,8 +506,9 @@ class EvalConfig:
     max_held_vectors_gb: float = 0.5
     """Candidate vectors a rank holds during an evaluation, at most (GB): up to this size
     they are computed once per evaluation and kept; beyond it (1.28 GB per rank for 1e7
-    rows x D 64 on 2 ranks) each block of 65,536 is computed from the rank's own table
-    rows when it is scored, about twice per query chunk, and only two blocks are held.
+    rows x D 64 on 2 ranks) each block of 8,192 (trainer/scoring.py VECTOR_BLOCK_ROWS)
+    is computed from the rank's own table rows when it is scored, about twice per query
+    chunk, and only two blocks are held.
     The metrics are the same either way (trainer/scoring.py CandidateVectors)."""
 
     def __post_init__(self) -> None:

@@ -71,6 +71,13 @@ class _BonusPairs:
         return torch.where(key_U[index] == key_Q, self.bonus_U[index], 0.0)
 
 
+# Candidate vectors are computed this many rows per candidate-tower call. The block's
+# tower activations are the evaluation's largest temporaries and the same on every rank
+# whatever its share: 65,536-row blocks put 0.08-0.16 GB on each rank's peak at 1e7 rows
+# x D 64 (bench/scale.py), while 8,192 rows are still about 1,200 calls per 1e7 rows.
+VECTOR_BLOCK_ROWS = 8192
+
+
 class ModelScorer:
     def __init__(
         self,
@@ -80,7 +87,7 @@ class ModelScorer:
         spec: BatchSpec,
         candidate_ids: np.ndarray,
         *,
-        vector_chunk_size: int = 65536,
+        vector_chunk_size: int = VECTOR_BLOCK_ROWS,
         incoming: Incoming | None = None,
         dist: Distributed = Distributed(),
         queries_split_over_ranks: bool = False,
@@ -249,6 +256,13 @@ class ModelScorer:
         if state.pairs is not None:
             scores_Q = scores_Q + state.pairs.bonus_of(target_ids)
         return scores_Q
+
+
+def held_vector_bytes(num_candidates: int, dim: int, max_held_bytes: float, block_rows: int = VECTOR_BLOCK_ROWS) -> int:
+    """What a rank's `CandidateVectors` holds (its table rows readable alone): every
+    vector up to `max_held_bytes`, else two blocks."""
+    every = num_candidates * dim * 4
+    return every if every <= max_held_bytes else 2 * min(block_rows, num_candidates) * dim * 4
 
 
 class CandidateVectors:

@@ -11,6 +11,7 @@ import torch
 from tests.trainer.smoke import smoke_trainer
 from trainer.evaluation import SeenTargets, full_ranking_ranks, metrics_from_ranks
 from trainer.build import model_scorer
+from trainer.scoring import held_vector_bytes
 
 
 class DotScorer:
@@ -228,6 +229,10 @@ def test_candidate_vectors_computed_when_scored_rank_as_held_ones(block):
     held, computed = scorer(float("inf")), scorer(0)
     assert held.vectors.held is not None and computed.vectors.held is None
     assert computed.vectors.held_bytes < held.vectors.held_bytes or block >= len(candidates)
+    # What bench/scale.py reports a rank holds is what the scorer holds, either way.
+    dim = config.model.embedding_dim
+    assert held.vectors.held_bytes == held_vector_bytes(len(candidates), dim, float("inf"), block)
+    assert computed.vectors.held_bytes == held_vector_bytes(len(candidates), dim, 0, block)
     ids = torch.from_numpy(np.sort(candidates))
     # The rows read from the table are the rows a lookup returns.
     first = ids[:block]
