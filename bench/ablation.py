@@ -65,6 +65,12 @@ VARIANTS: dict[str, list[str]] = {
     "active_pool": ["loader.num_rand_negs=4", "data.active_since_fraction=0.5"],
     "temperature_0.05": ["loss.temperature=0.05"],
     "temperature_0.2": ["loss.temperature=0.2"],
+    # The learning rates (issue 22 §1: every ml-100k seed's best model is its last step).
+    "lr_3e-3": ["optim.lr=3e-3"],
+    "sparse_lr_0.05": ["optim.sparse_lr=0.05"],
+    "sparse_lr_0.1": ["optim.sparse_lr=0.1"],
+    # The logs pull the two rates opposite ways (README Ablation): both raised at once.
+    "lr_3e-3_sparse_lr_0.05": ["optim.lr=3e-3", "optim.sparse_lr=0.05"],
     # Not a part of the method: what bf16 towers (train.precision) cost in quality, and buy in time.
     "bf16": ["train.precision=bf16"],
 }
