@@ -71,8 +71,6 @@ VARIANTS: dict[str, list[str]] = {
     "sparse_lr_0.1": ["optim.sparse_lr=0.1"],
     # The logs pull the two rates opposite ways (README Ablation): both raised at once.
     "lr_3e-3_sparse_lr_0.05": ["optim.lr=3e-3", "optim.sparse_lr=0.05"],
-    # Only the actor table faster: is ml-100k's gain from sparse_lr 0.05 its users' rows?
-    "actor_table_lr_0.05": ["optim.actor_table_lr=0.05"],
     # Not a part of the method: what bf16 towers (train.precision) cost in quality, and buy in time.
     "bf16": ["train.precision=bf16"],
 }
@@ -82,7 +80,7 @@ COMPARED_WITH = {"transformer_no_projection": "transformer", "active_pool": "ran
 
 # Variants that change nothing on some logs: ml-100k has separate actor and target IDs,
 # so it has no incoming events to turn off.
-SKIP = {"ml-100k": {"no_incoming", "no_merged_contact_stream"}, "collegemsg": {"actor_table_lr_0.05"}}
+SKIP = {"ml-100k": {"no_incoming", "no_merged_contact_stream"}}
 
 
 def run_variants(

@@ -386,19 +386,10 @@ class OptimConfig:
     """Learning rate of the ID tables, constant (no warm-up or decay): the optimizer runs
     inside backward, and (row-wise) Adagrad's accumulators already shrink a row's steps
     as it is updated."""
-    actor_table_lr: float | None = None
-    """Learning rate of the actor table alone (None: `sparse_lr`). Only logs whose actors
-    are no targets have one (on a shared ID space actors are rows of the target table); an
-    actor's row learns only from its own queries, where a target's row also learns as a
-    negative and from histories."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"optim.lr: expected > 0, got {self.lr}")
         _require(self.sparse_lr > 0, f"optim.sparse_lr: expected > 0, got {self.sparse_lr}")
-        _require(
-            self.actor_table_lr is None or self.actor_table_lr > 0,
-            f"optim.actor_table_lr: expected > 0 or null, got {self.actor_table_lr}",
-        )
         _require(self.repeat_lr > 0, f"optim.repeat_lr: expected > 0, got {self.repeat_lr}")
         _require(self.weight_decay >= 0, f"optim.weight_decay: expected >= 0, got {self.weight_decay}")
         _require(self.warmup_steps >= 0, f"optim.warmup_steps: expected >= 0, got {self.warmup_steps}")

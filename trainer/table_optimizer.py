@@ -25,7 +25,6 @@ import torch
 from torch import nn
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from configs.names import ACTOR_TABLE
 from configs.schema import OptimConfig
 from trainer.checkpoint import CheckpointError
 from trainer.distributed import Distributed
@@ -54,7 +53,7 @@ def _materialise_state(optimizer: torch.optim.Optimizer) -> None:
         group["lr"] = lr
 
 
-def _sparse_optimizer(config: OptimConfig, lr: float) -> tuple[type, dict]:
+def _sparse_optimizer(config: OptimConfig) -> tuple[type, dict]:
     """The optimizer class applied in backward to the ID tables. DMP turns each into the
     matching fused FBGEMM kernel when it shards the tables; unsharded, the class itself
     runs. So Adagrad and Adam are torch's own: torchrec.optim.Adagrad / Adam are only
@@ -63,22 +62,17 @@ def _sparse_optimizer(config: OptimConfig, lr: float) -> tuple[type, dict]:
     import torchrec.optim as sparse
 
     return {
-        "rowwise_adagrad": (sparse.RowWiseAdagrad, {"lr": lr}),
-        "adagrad": (torch.optim.Adagrad, {"lr": lr}),
-        "adam": (torch.optim.Adam, {"lr": lr}),
+        "rowwise_adagrad": (sparse.RowWiseAdagrad, {"lr": config.sparse_lr}),
+        "adagrad": (torch.optim.Adagrad, {"lr": config.sparse_lr}),
+        "adam": (torch.optim.Adam, {"lr": config.sparse_lr}),
     }[config.sparse_optimizer]
 
 
 def attach_table_optimizer(model: nn.Module, config: OptimConfig) -> None:
     """Give the model's ID tables their optimizer, run inside backward (before sharding:
     DMP then fuses it into the sharded tables' kernels)."""
-    for name, table in model.embeddings.named_parameters():
-        # Tables with other settings become fused kernels of their own once sharded.
-        # Parameter names end "<table>.weight".
-        is_actor_table = name.rsplit(".", 2)[-2] == ACTOR_TABLE
-        lr = config.actor_table_lr if is_actor_table and config.actor_table_lr is not None else config.sparse_lr
-        optimizer_class, kwargs = _sparse_optimizer(config, lr)
-        apply_optimizer_in_backward(optimizer_class, [table], kwargs)
+    optimizer_class, kwargs = _sparse_optimizer(config)
+    apply_optimizer_in_backward(optimizer_class, model.embeddings.parameters(), kwargs)
 
 
 def table_optimizers(model: nn.Module, task: nn.Module, dist: Distributed) -> dict[str, torch.optim.Optimizer]:
