@@ -74,7 +74,9 @@ class _BonusPairs:
 # Candidate vectors are computed this many rows per candidate-tower call. The block's
 # tower activations are the evaluation's largest temporaries and the same on every rank
 # whatever its share: 65,536-row blocks put 0.08-0.16 GB on each rank's peak at 1e7 rows
-# x D 64 (bench/scale.py), while 8,192 rows are still about 1,200 calls per 1e7 rows.
+# x D 64 (bench/scale.py). Nor are they slower: bench/eval.py computed its vectors in
+# 4.2-6.6 s (1e6 x D 256) and 7.3-7.7 s (1e7 x D 64) with 8,192-row blocks against 7.2 and
+# 10.4 s with 65,536, run back to back.
 VECTOR_BLOCK_ROWS = 8192
 
 
