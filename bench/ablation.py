@@ -71,9 +71,6 @@ VARIANTS: dict[str, list[str]] = {
     "sparse_lr_0.1": ["optim.sparse_lr=0.1"],
     # The logs pull the two rates opposite ways (README Ablation): both raised at once.
     "lr_3e-3_sparse_lr_0.05": ["optim.lr=3e-3", "optim.sparse_lr=0.05"],
-    # The ID tables' rate decayed like the dense one (fast early for ml-100k, slow late for CollegeMsg).
-    "sparse_decay": ["optim.sparse_decay=true"],
-    "sparse_lr_0.05_decay": ["optim.sparse_lr=0.05", "optim.sparse_decay=true"],
     # Not a part of the method: what bf16 towers (train.precision) cost in quality, and buy in time.
     "bf16": ["train.precision=bf16"],
 }

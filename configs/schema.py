@@ -383,12 +383,9 @@ class OptimConfig:
     there is not the sharded `adam` (the Adagrads are, up to float rounding: a zero
     gradient moves no row)."""
     sparse_lr: float = 0.02
-    """Learning rate of the ID tables, constant unless `sparse_decay` (no warm-up: the
-    optimizer runs inside backward, and (row-wise) Adagrad's accumulators already shrink
-    a row's steps as it is updated)."""
-    sparse_decay: bool = False
-    """Decay the ID tables' rate like the dense one after warm-up (`decay`, down to
-    `min_lr_ratio * sparse_lr`): fast early, slow late."""
+    """Learning rate of the ID tables, constant (no warm-up or decay): the optimizer runs
+    inside backward, and (row-wise) Adagrad's accumulators already shrink a row's steps
+    as it is updated."""
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, f"optim.lr: expected > 0, got {self.lr}")

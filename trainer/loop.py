@@ -141,8 +141,6 @@ class Trainer:
         factor = lr_factor(self.step, self.total_steps, self.config.optim)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
-        if self.config.optim.sparse_decay:
-            self._set_sparse_lr(self.step)
         # Backward from the loss DDP returned (its graph ends in DDP's reduction hook);
         # telemetry only for the steps whose scalars are logged (see train()).
         loss, output = self.task(batch.to(self.dist.device), telemetry=self._logs_step(self.step + 1))
@@ -169,16 +167,6 @@ class Trainer:
         scalars["grad_norm"] = float(grad_norm)
         scalars.update({f"retrieval/{k}": v for k, v in output.telemetry.items()})
         return scalars
-
-    def _set_sparse_lr(self, step: int) -> None:
-        """The ID tables' rate at `step`: the dense schedule's decay, without its warm-up."""
-        optim = self.config.optim
-        lr = optim.sparse_lr * lr_factor(max(step, optim.warmup_steps), self.total_steps, optim)
-        for optimizer in self._sparse_optimizers().values():
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            if self.dist.enabled:
-                optimizer.step()  # TorchRec's fused optimizer hands its lr to the kernel here (no update)
 
     def _logs_step(self, step: int) -> bool:
         return step % self.config.train.log_every_steps == 0 or step == 1
