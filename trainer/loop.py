@@ -26,6 +26,7 @@ from configs.schema import ExperimentConfig, OptimConfig
 from data.loader import Share, TrainLoader
 from data.prepare import PreparedData
 from data.readers import DataError
+from trainer.allocators import release_free_heap
 from trainer.build import build_model, model_scorer, train_batch_builder
 from trainer.checkpoint import (
     best_name, checkpoint_keys, load_best, load_checkpoint, load_optimizer_state_tensors, optimizer_state_tensors,
@@ -189,7 +190,16 @@ class Trainer:
         return {}
 
     def evaluate(self, split: str) -> dict[str, float]:
+        # From a trimmed heap: the evaluation's temporaries come on top of what is resident.
+        self._release_memory()
         return metrics_from_ranks(self.query_ranks(split))
+
+    def _release_memory(self, step: int | None = None) -> None:
+        """Hand the heap's free pages back (trainer/allocators.py): at every
+        `train.release_memory_every_steps`-th step, or now when no step is given."""
+        every = self.config.train.release_memory_every_steps
+        if every and (step is None or step % every == 0):
+            release_free_heap()
 
     def query_ranks(self, split: str) -> np.ndarray:
         """[Q] 1-based rank of each query's true target among every candidate, over every
@@ -240,6 +250,7 @@ class Trainer:
                 if self.step >= self.total_steps:
                     break
                 scalars = self.train_step(batch)
+                self._release_memory(self.step)
                 window_examples += batch.batch_size * self.dist.world_size  # the global batch
                 examples += batch.batch_size * self.dist.world_size
                 progress.update(1)

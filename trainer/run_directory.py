@@ -41,7 +41,8 @@ LEFTOVER_FILES = ("config.yaml", "results.md", "tensorboard")
 # how often it logs), never what it computes. Everything else must match the checkpoint.
 RESUMABLE_KEYS = (
     "name", "output_dir", "train.max_steps", "train.max_epochs", "train.patience", "train.resume",
-    "train.overwrite", "train.keep_checkpoints", "train.log_every_steps", "train.num_threads", "loader.num_workers",
+    "train.overwrite", "train.keep_checkpoints", "train.log_every_steps", "train.num_threads",
+    "train.release_memory_every_steps", "loader.num_workers",
     "eval.query_chunk_size", "eval.candidate_chunk_size", "eval.max_held_vectors_gb", "loader.batch_size",
     "distributed.backend", "distributed.sharding",
     "data.prepared_path", "baselines",
