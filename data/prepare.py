@@ -94,10 +94,15 @@ class PreparedData:
 
     def known_counts(self, split: Literal["valid", "test"]) -> np.ndarray:
         """[T] per-target event counts over the events known when the split's queries are
-        asked (training events for valid, and the validation events too for test)."""
+        asked (training events for valid, and the validation events too for test); for
+        valid, read from a prepared dataset, `stats.counts` itself, read-only."""
         if self.valid_counts is None:
             return self.split.known_counts(self.seqs, split)
-        return self.stats.counts + self.valid_counts if split == "test" else self.stats.counts.copy()
+        if split == "test":
+            return self.stats.counts + self.valid_counts
+        counts = self.stats.counts.view()  # [T] on every rank: not copied, and read-only
+        counts.flags.writeable = False
+        return counts
 
     def incoming_events(self, known: Literal["train", "valid", "test", "all"]) -> Incoming | None:
         """The incoming events the queries of a split may read (see data/incoming.py), or

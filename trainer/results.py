@@ -193,15 +193,15 @@ def baseline_results(
     fixed = baselines.recency_half_life_events
     half_lives = HALF_LIVES if fixed == "auto" else (float(fixed),)
     metrics: dict[str, dict[str, dict[str, float]]] = {split: {} for split in splits}
+    # One split's [T] arrays (known counts, popularity) at a time: every rank holds them
+    # whole, so they are a fixed cost per rank (tens of MB a million targets).
     for split in splits:
-        counts = prepared.known_counts(split)
         metrics[split]["most_popular"] = _ranking_metrics(
-            prepared, queries[split], MostPopularScorer(counts), eval_config, dist
+            prepared, queries[split], MostPopularScorer(prepared.known_counts(split)), eval_config, dist
         )
     chosen: dict[str, dict] = {}
-    valid_rules = recency_scorers(prepared, "valid", queries["valid"])
-    test_rules = recency_scorers(prepared, "test", queries["test"]) if "test" in splits else {}
-    for model, scorer_at in valid_rules.items():
+    best_half_life: dict[str, float] = {}
+    for model, scorer_at in recency_scorers(prepared, "valid", queries["valid"]).items():
         # A fixed half-life needs no validation pass unless validation figures are asked for
         # (one ranking of every candidate fewer where each costs minutes).
         ranked = half_lives if fixed == "auto" or "valid" in splits else ()
@@ -210,6 +210,7 @@ def baseline_results(
         if tried:
             # NaN (no query) never wins; the first (shortest) of equals does.
             best = max(tried, key=lambda h: -math.inf if math.isnan(tried[h]["ndcg@10"]) else tried[h]["ndcg@10"])
+        best_half_life[model] = best
         chosen[model] = {
             "half_life_events": "inf" if math.isinf(best) else best,
             "chosen_by": "config" if fixed != "auto" else "valid ndcg@10",
@@ -217,9 +218,10 @@ def baseline_results(
         }
         if "valid" in splits:
             metrics["valid"][model] = tried[best]
-        if "test" in splits:
+    if "test" in splits:
+        for model, scorer_at in recency_scorers(prepared, "test", queries["test"]).items():
             metrics["test"][model] = _ranking_metrics(
-                prepared, queries["test"], test_rules[model](best), eval_config, dist
+                prepared, queries["test"], scorer_at(best_half_life[model]), eval_config, dist
             )
     results = BaselineResults(metrics=metrics, half_lives=chosen)
     log.info("baselines: %s", results.note())

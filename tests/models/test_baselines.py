@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.baselines import IncomingEvents, RecencyFrequencyScorer, TwoWayRecencyFrequencyScorer
+from models.baselines import IncomingEvents, RecencyFrequencyScorer, TwoWayRecencyFrequencyScorer, popularity_rank
 
 
 def _two_way(events, released=None, counts=None, half_life=1.0, queries=None):
@@ -155,3 +155,17 @@ def test_two_way_orders_candidates_as_the_protocol_words_it(seed, half_life):
                 expected = (keys[q, c] > keys[q, d]) - (keys[q, c] < keys[q, d])
                 got = int(torch.sign(scores[q, c] - scores[q, d]))
                 assert got == expected, (q, c, d)
+
+
+@pytest.mark.parametrize("highest", [0, 7, 10_000, 10**12])  # the last: wider than the count table, sorted
+@pytest.mark.parametrize("num_targets", [1, 50, 3_000])
+def test_popularity_rank_is_the_dense_rank_of_the_counts(highest, num_targets):
+    rng = np.random.default_rng(num_targets + highest)
+    counts = rng.integers(0, highest + 1, size=num_targets, dtype=np.int64)
+    _, dense = np.unique(counts, return_inverse=True)  # the definition
+    ranks = popularity_rank(counts)
+    assert ranks.dtype == np.int32
+    assert np.array_equal(ranks, dense)
+    assert len(popularity_rank(counts[:0])) == 0
+    with pytest.raises(ValueError, match="counts must be >= 0"):
+        popularity_rank(np.array([3, -1]))
