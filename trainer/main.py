@@ -219,10 +219,11 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
         _note_memory(rss_after, "test")
         export_model(trainer.model, run_dir, dist)
         _note_memory(rss_after, "export")
-        held = prepared.log.num_events + (prepared.incoming_log.height if prepared.incoming_log is not None else 0)
-        resources = rank_resources(trainer.model, dist, events_held=held, rss_after=rss_after)
         # Every rank ranks its own actors' queries for the baselines too.
         baseline = baseline_results(prepared, config.baselines, config.eval, dist=dist)
+        _note_memory(rss_after, "baselines")
+        held = prepared.log.num_events + (prepared.incoming_log.height if prepared.incoming_log is not None else 0)
+        resources = rank_resources(trainer.model, dist, events_held=held, rss_after=rss_after)
         if not dist.is_main:
             return {}
         metrics.log({f"test/{k}": v for k, v in test.items()}, trainer.step)
