@@ -321,8 +321,14 @@ def owned_candidates(model: nn.Module, candidates: np.ndarray, dist: Distributed
     weight = model.embeddings.table_weights()[table]
     if not isinstance(weight, ShardedTensor):
         raise ValueError(f"owned_candidates: expected the {table!r} table to be sharded")
+    ranges = sorted(_local_row_ranges(weight))
+    if len(candidates) < 2 or bool((candidates[1:] >= candidates[:-1]).all()):
+        # Sorted (as prepared): each row range is a slice, the usual one range a view.
+        pieces = [candidates[np.searchsorted(candidates, start) : np.searchsorted(candidates, start + rows)]
+                  for start, rows in ranges]
+        return pieces[0] if len(pieces) == 1 else np.concatenate([candidates[:0], *pieces])
     keep = np.zeros(len(candidates), dtype=bool)
-    for start, rows in _local_row_ranges(weight):
+    for start, rows in ranges:
         keep |= (candidates >= start) & (candidates < start + rows)
     return candidates[keep]
 

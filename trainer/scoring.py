@@ -24,6 +24,7 @@ from data.batches import BatchBuilder, BatchSpec
 from data.incoming import Incoming
 from data.sequences import Queries, Sequences
 from trainer.distributed import Distributed, local_table_rows
+from trainer.evaluation import sorted_ids
 from trainer.evaluation import ColumnPairs
 from models.retrieval import QueryEncoding, TwoTowerRetrieval
 
@@ -116,7 +117,7 @@ class ModelScorer:
             incoming=incoming,
         )
         self.num_targets = seqs.num_targets
-        self.candidate_ids = torch.from_numpy(np.sort(np.asarray(candidate_ids, dtype=np.int64)))
+        self.candidate_ids = sorted_ids(candidate_ids)
         self.vectors = CandidateVectors(model, self.candidate_ids, vector_chunk_size, dist, max_held_bytes)
         self.dist = dist
         self.all_queries: _QueryChunk | None = None

@@ -202,10 +202,16 @@ def _evaluation_worker(rank, port, out, state, dataset_dir, overrides):
     trainer, prepared, dist = _sharded_trainer(rank, port, state, dataset_dir)
     trainer.config = dataclasses.replace(trainer.config, eval=dataclasses.replace(trainer.config.eval, **overrides))
     valid = trainer.evaluate("valid")
-    owned = len(owned_candidates(trainer.model, prepared.stats.candidates, dist))
+    owned_ids = owned_candidates(trainer.model, prepared.stats.candidates, dist)
+    owned = len(owned_ids)
     owned_total = int(dist.sum(torch.tensor(owned)))
+    # Sorted candidates give their row range as a view; any order gives the same IDs.
+    shuffled = np.random.default_rng(rank).permutation(prepared.stats.candidates)
+    same_unsorted = np.array_equal(np.sort(owned_candidates(trainer.model, shuffled, dist)), owned_ids)
+    view = np.shares_memory(owned_ids, prepared.stats.candidates)
     if rank == 0:
-        torch.save({"valid": valid, "owned": owned, "owned_total": owned_total}, out)
+        torch.save({"valid": valid, "owned": owned, "owned_total": owned_total, "same_unsorted": same_unsorted,
+                    "view": view}, out)
     close_distributed(dist)
 
 
@@ -231,6 +237,7 @@ def test_evaluation_over_shares_and_a_sharded_vocabulary_equals_the_single_proce
     # Each candidate is scored by exactly one rank, and rank 0 holds only its share.
     assert got["owned_total"] == len(prepared.stats.candidates)
     assert 0 < got["owned"] < len(prepared.stats.candidates)
+    assert got["same_unsorted"] and got["view"]
     assert got["valid"] == pytest.approx(expected, abs=1e-9)
 
 

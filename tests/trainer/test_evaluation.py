@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from tests.trainer.smoke import smoke_trainer
-from trainer.evaluation import SeenTargets, full_ranking_ranks, metrics_from_ranks
+from trainer.evaluation import SeenTargets, full_ranking_ranks, metrics_from_ranks, sorted_ids
 from trainer.build import model_scorer
 from trainer.scoring import held_vector_bytes
 
@@ -255,3 +256,18 @@ def test_a_target_that_is_no_candidate_is_ranked_among_the_candidates():
     # 5 scores 5: beaten by 6 and 8; 8 is a candidate, so its own column doesn't count.
     ranks = full_ranking_ranks(scorer, np.array([5, 8]), candidates, candidate_chunk_size=2)
     assert ranks.tolist() == [3, 1]
+
+
+def test_sorted_candidate_ids_share_memory_unless_they_need_sorting():
+    ids = np.array([2, 5, 5, 9], dtype=np.int64)
+    ids.flags.writeable = False  # as a prepared dataset's columns are
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        shared = sorted_ids(ids)
+    assert shared.tolist() == [2, 5, 5, 9] and np.shares_memory(shared.numpy(), ids)
+    unsorted = np.array([9, 2, 5], dtype=np.int64)
+    copied = sorted_ids(unsorted)
+    assert copied.tolist() == [2, 5, 9] and not np.shares_memory(copied.numpy(), unsorted)
+    assert unsorted.tolist() == [9, 2, 5]
+    assert sorted_ids(np.array([3], dtype=np.int32)).dtype == torch.int64
+    assert len(sorted_ids(np.zeros(0, dtype=np.int64))) == 0
