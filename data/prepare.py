@@ -94,14 +94,15 @@ class PreparedData:
 
     def known_counts(self, split: Literal["valid", "test"]) -> np.ndarray:
         """[T] per-target event counts over the events known when the split's queries are
-        asked (training events for valid, and the validation events too for test); for
-        valid, read from a prepared dataset, `stats.counts` itself, read-only."""
+        asked (training events for valid, and the validation events too for test).
+        Read-only: for valid, read from a prepared dataset, it is `stats.counts` itself."""
         if self.valid_counts is None:
-            return self.split.known_counts(self.seqs, split)
-        if split == "test":
-            return self.stats.counts + self.valid_counts
-        counts = self.stats.counts.view()  # [T] on every rank: not copied, and read-only
-        counts.flags.writeable = False
+            counts = self.split.known_counts(self.seqs, split)
+        elif split == "test":
+            counts = self.stats.counts + self.valid_counts
+        else:
+            counts = self.stats.counts.view()  # [T] on every rank: not copied
+        counts.flags.writeable = False  # read-only however made, so no caller writes into stats.counts
         return counts
 
     def incoming_events(self, known: Literal["train", "valid", "test", "all"]) -> Incoming | None:

@@ -35,6 +35,8 @@ def popularity_rank(counts: np.ndarray) -> np.ndarray:
     a log's event count and in practice far fewer than T, marks the values present and
     numbers them in order (np.unique's sort of [T] held 4 more [T] int64 arrays, 0.33 GB
     at 1e7 targets). Counts spread wider than 4 T take the sort."""
+    if counts.dtype == bool or not np.issubdtype(counts.dtype, np.integer):
+        raise TypeError(f"popularity_rank: expected integer counts, got {counts.dtype}")
     dtype = np.int32 if len(counts) < 2**31 else np.int64
     if len(counts) == 0:
         return np.zeros(0, dtype=dtype)
@@ -46,7 +48,8 @@ def popularity_rank(counts: np.ndarray) -> np.ndarray:
         return inverse.astype(dtype)
     present = np.zeros(highest + 1, dtype=bool)
     present[counts] = True
-    rank_of_count = (np.cumsum(present, dtype=np.int64) - 1).astype(dtype)
+    rank_of_count = np.cumsum(present, dtype=dtype)  # at most T distinct counts: dtype holds them
+    rank_of_count -= 1
     return rank_of_count[counts]
 
 

@@ -36,7 +36,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import logging
 import os
+
+log = logging.getLogger(__name__)
 
 POLARS_JEMALLOC_CONF = "dirty_decay_ms:0,muzzy_decay_ms:0"
 
@@ -48,13 +51,19 @@ def configure() -> None:
 @functools.cache
 def _malloc_trim():
     """glibc's `malloc_trim`, or None where the C library has none (macOS, musl)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
-    if trim is not None:
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    # The process's own symbols first (the C library it runs on, found without
+    # find_library's ldconfig / gcc lookups, which a slim image may lack).
+    libraries = [lambda: ctypes.CDLL(None), lambda: ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")]
+    for open_library in libraries:
+        try:
+            trim = getattr(open_library(), "malloc_trim", None)
+        except OSError:
+            continue
+        if trim is not None:
+            trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+            return trim
+    log.info("the C library has no malloc_trim (not glibc): freed heap memory is left to it")
+    return None
 
 
 def release_free_heap() -> bool:

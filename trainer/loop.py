@@ -250,7 +250,9 @@ class Trainer:
                 if self.step >= self.total_steps:
                     break
                 scalars = self.train_step(batch)
-                self._release_memory(self.step)
+                validates = self.step % self.eval_every == 0 or self.step == self.total_steps
+                if not validates:  # the validation releases it itself
+                    self._release_memory(self.step)
                 window_examples += batch.batch_size * self.dist.world_size  # the global batch
                 examples += batch.batch_size * self.dist.world_size
                 progress.update(1)
@@ -266,7 +268,7 @@ class Trainer:
                             "step %d/%d loss %.4f lr %.2e %.0f examples/s eta %.0fs",
                             self.step, self.total_steps, scalars["loss/total"], scalars["lr"], scalars["examples_per_s"], eta,
                         )
-                if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                if validates:
                     validation_start = time.perf_counter()
                     valid = self.evaluate("valid")
                     self.metrics.log({f"valid/{k}": v for k, v in valid.items()}, self.step)

@@ -201,7 +201,8 @@ def baseline_results(
         )
     chosen: dict[str, dict] = {}
     best_half_life: dict[str, float] = {}
-    for model, scorer_at in recency_scorers(prepared, "valid", queries["valid"]).items():
+    valid_rules = recency_scorers(prepared, "valid", queries["valid"])
+    for model, scorer_at in valid_rules.items():
         # A fixed half-life needs no validation pass unless validation figures are asked for
         # (one ranking of every candidate fewer where each costs minutes).
         ranked = half_lives if fixed == "auto" or "valid" in splits else ()
@@ -218,6 +219,7 @@ def baseline_results(
         }
         if "valid" in splits:
             metrics["valid"][model] = tried[best]
+    del valid_rules, scorer_at  # their validation arrays, before the test's are made
     if "test" in splits:
         for model, scorer_at in recency_scorers(prepared, "test", queries["test"]).items():
             metrics["test"][model] = _ranking_metrics(

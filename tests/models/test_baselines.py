@@ -169,3 +169,5 @@ def test_popularity_rank_is_the_dense_rank_of_the_counts(highest, num_targets):
     assert len(popularity_rank(counts[:0])) == 0
     with pytest.raises(ValueError, match="counts must be >= 0"):
         popularity_rank(np.array([3, -1]))
+    with pytest.raises(TypeError, match="integer counts"):
+        popularity_rank(np.array([True, False]))
