@@ -29,6 +29,7 @@ from torch import nn
 
 from configs.names import TARGET_TABLE
 from configs.schema import DistributedConfig
+from trainer.evaluation import sorted_ids
 
 log = logging.getLogger(__name__)
 
@@ -313,7 +314,8 @@ def owned_candidates(model: nn.Module, candidates: np.ndarray, dist: Distributed
     """The candidates whose rows of `table` this rank holds (all of them in one process),
     so evaluation computes each candidate vector where its embedding lives. Every
     candidate is owned by exactly one rank (row-wise: a row range each; table-wise: the
-    rank holding the table)."""
+    rank holding the table). On several ranks, in ascending order: sorted candidates (as
+    prepared) give each row range as a slice, the usual single range a view."""
     if not dist.enabled:
         return candidates
     from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -321,16 +323,10 @@ def owned_candidates(model: nn.Module, candidates: np.ndarray, dist: Distributed
     weight = model.embeddings.table_weights()[table]
     if not isinstance(weight, ShardedTensor):
         raise ValueError(f"owned_candidates: expected the {table!r} table to be sharded")
-    ranges = sorted(_local_row_ranges(weight))
-    if len(candidates) < 2 or bool((candidates[1:] >= candidates[:-1]).all()):
-        # Sorted (as prepared): each row range is a slice, the usual one range a view.
-        pieces = [candidates[np.searchsorted(candidates, start) : np.searchsorted(candidates, start + rows)]
-                  for start, rows in ranges]
-        return pieces[0] if len(pieces) == 1 else np.concatenate([candidates[:0], *pieces])
-    keep = np.zeros(len(candidates), dtype=bool)
-    for start, rows in ranges:
-        keep |= (candidates >= start) & (candidates < start + rows)
-    return candidates[keep]
+    ascending = sorted_ids(candidates).numpy()
+    pieces = [ascending[np.searchsorted(ascending, start) : np.searchsorted(ascending, start + rows)]
+              for start, rows in sorted(_local_row_ranges(weight))]
+    return pieces[0] if len(pieces) == 1 else np.concatenate([ascending[:0], *pieces])
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from data.prepare import prepare_from_dataset
 from data.readers import DataError
 from data.sequences import Queries, Sequences
 from trainer.distributed import Distributed
+from trainer.evaluation import sorted_ids
 from trainer.export import EXPORT_DIR, ExportError, load_exported
 from trainer.build import build_model, model_scorer
 from trainer.scoring import ModelScorer
@@ -69,7 +70,7 @@ def top_k(
     every rank's top-k of each query chunk is gathered and merged, so every rank returns
     the top-k over the whole vocabulary without any rank holding it. Collective then:
     every rank must call it with the same queries."""
-    candidates_t = torch.from_numpy(np.sort(candidates))
+    candidates_t = sorted_ids(candidates)
     ids_out = np.empty((num_queries, k), dtype=np.int64)
     scores_out = np.empty((num_queries, k), dtype=np.float32)
     for q0 in range(0, num_queries, 256):

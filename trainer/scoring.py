@@ -24,8 +24,7 @@ from data.batches import BatchBuilder, BatchSpec
 from data.incoming import Incoming
 from data.sequences import Queries, Sequences
 from trainer.distributed import Distributed, local_table_rows
-from trainer.evaluation import sorted_ids
-from trainer.evaluation import ColumnPairs
+from trainer.evaluation import ColumnPairs, sorted_ids
 from models.retrieval import QueryEncoding, TwoTowerRetrieval
 
 

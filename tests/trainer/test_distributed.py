@@ -205,9 +205,9 @@ def _evaluation_worker(rank, port, out, state, dataset_dir, overrides):
     owned_ids = owned_candidates(trainer.model, prepared.stats.candidates, dist)
     owned = len(owned_ids)
     owned_total = int(dist.sum(torch.tensor(owned)))
-    # Sorted candidates give their row range as a view; any order gives the same IDs.
+    # Sorted candidates give their row range as a view; any order gives the same IDs, sorted.
     shuffled = np.random.default_rng(rank).permutation(prepared.stats.candidates)
-    same_unsorted = np.array_equal(np.sort(owned_candidates(trainer.model, shuffled, dist)), owned_ids)
+    same_unsorted = np.array_equal(owned_candidates(trainer.model, shuffled, dist), owned_ids)
     view = np.shares_memory(owned_ids, prepared.stats.candidates)
     if rank == 0:
         torch.save({"valid": valid, "owned": owned, "owned_total": owned_total, "same_unsorted": same_unsorted,
