@@ -36,6 +36,10 @@ if __package__ in (None, ""):
 
 from trainer import allocators  # noqa: E402
 
+if __name__ == "__main__":
+    # Before anything heavy is imported: glibc reads its malloc settings once, at start
+    # (trainer/allocators.py). Not on import, so tests calling main() keep their process.
+    allocators.relaunch_with_glibc_tunables()
 # Before the data layer imports polars: freed memory must leave a rank (trainer/allocators.py).
 allocators.configure()
 

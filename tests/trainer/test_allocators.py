@@ -109,3 +109,55 @@ def test_release_free_heap_is_a_no_op_without_glibc(monkeypatch):
         assert allocators.release_free_heap() is False
     finally:
         allocators._malloc_trim.cache_clear()
+
+
+# --- glibc's tcache and fast bins off, by re-executing the entry point -------------------
+
+_RELAUNCH_PROBE = """
+import os, runpy, sys
+sys.path.insert(0, {root!r})
+print("tunables:", os.environ.get("GLIBC_TUNABLES", ""), flush=True)
+sys.argv = ["trainer/main.py", "--help"]
+runpy.run_path({main!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(not allocators._is_glibc(), reason="GLIBC_TUNABLES: glibc only")
+def test_the_entry_point_runs_again_with_the_tunables_once():
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocators.RELAUNCHED_ENV)}
+    env["GLIBC_TUNABLES"] = "glibc.malloc.arena_max=4"  # a user's own tunable is kept
+    probe = _RELAUNCH_PROBE.format(root=str(ROOT), main=str(ROOT / "trainer" / "main.py"))
+    out = subprocess.run([sys.executable, "-c", probe], env=env, check=False, capture_output=True, text=True)
+    # main.py exits with argparse's 0 after --help, in the process image started again.
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("tunables:")]
+    assert lines == [
+        "tunables: glibc.malloc.arena_max=4",
+        f"tunables: glibc.malloc.arena_max=4:{allocators.GLIBC_MALLOC_TUNABLES}",
+    ]
+    assert "usage:" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("environ", "glibc", "relaunches"),
+    [
+        ({}, True, True),
+        ({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=7"}, True, False),  # the user's choice wins
+        ({allocators.RELAUNCHED_ENV: "1"}, True, False),  # never twice, even if glibc ignored them
+        ({}, False, False),  # macOS, musl
+    ],
+)
+def test_relaunch_only_where_it_applies(monkeypatch, environ, glibc, relaunches):
+    for key in ("GLIBC_TUNABLES", allocators.RELAUNCHED_ENV):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(allocators, "_is_glibc", lambda: glibc)
+    calls = []
+    monkeypatch.setattr(allocators.os, "execve", lambda path, argv, env: calls.append((path, argv, env)))
+    allocators.relaunch_with_glibc_tunables()
+    assert bool(calls) == relaunches
+    if calls:
+        path, argv, env = calls[0]
+        assert path == sys.executable and argv[1:] == sys.orig_argv[1:]
+        assert env["GLIBC_TUNABLES"] == allocators.GLIBC_MALLOC_TUNABLES and env[allocators.RELAUNCHED_ENV] == "1"
