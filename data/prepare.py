@@ -99,7 +99,10 @@ class PreparedData:
         if self.valid_counts is None:
             counts = self.split.known_counts(self.seqs, split)
         elif split == "test":
-            counts = self.stats.counts + self.valid_counts
+            # In int32 when no sum can overflow it: a [T] array on every rank, held while
+            # the test baselines rank.
+            fits = int(self.stats.counts.max(initial=0)) + int(self.valid_counts.max(initial=0)) <= np.iinfo(np.int32).max
+            counts = np.add(self.stats.counts, self.valid_counts, dtype=np.int32 if fits else np.int64)
         else:
             counts = self.stats.counts.view()  # [T] on every rank: not copied
         counts.flags.writeable = False  # read-only however made, so no caller writes into stats.counts

@@ -173,7 +173,7 @@ class Split:
 class TargetStats:
     """Target frequencies over training events, for popularity, logQ and the random pool."""
 
-    counts: np.ndarray  # [T] training-event count of each target index
+    counts: np.ndarray  # [T] training-event count of each target index (`narrowest_counts`)
     log_q: np.ndarray  # [T] float32 log of the normalised sampling probability q(i) ∝ max(count, floor)^exponent
     # (computed in float64; float32 is what the loss reads, so the model shares this array)
     candidates: np.ndarray  # [C] target indices that appear anywhere in the log (the ranking candidates)
@@ -184,7 +184,7 @@ class TargetStats:
         train = split.train_mask(seqs)
         frame = pl.DataFrame({"target": seqs.targets[train], "timestamp": seqs.timestamps[train]})
         last_seen = frame.group_by("target").agg(pl.col("timestamp").max().alias("last_seen"))
-        counts = np.bincount(seqs.targets[train], minlength=seqs.num_targets)
+        counts = narrowest_counts(np.bincount(seqs.targets[train], minlength=seqs.num_targets))
 
         log_q = sampling_log_q(counts, config)
 
@@ -200,12 +200,20 @@ class TargetStats:
         which counts every event, so a rank holding a share of the log still has them whole."""
         if not table["target"].is_sorted():  # as written here; another engine may not
             table = table.sort("target")
-        counts = table["train_count"].to_numpy().astype(np.int64, copy=False)
+        counts = narrowest_counts(table["train_count"].to_numpy())
         log_q = sampling_log_q(counts, config)
         seen = (table["train_count"] + table["valid_count"] + table["test_count"]) > 0
         candidates = table["target"].filter(seen).to_numpy().astype(np.int64, copy=False)
         active_pool = table["target"].filter(table["active"]).to_numpy().astype(np.int64, copy=False)
         return cls(counts=counts, log_q=log_q, candidates=candidates, active_pool=active_pool)
+
+
+def narrowest_counts(counts: np.ndarray) -> np.ndarray:
+    """[T] counts as int32 when the largest fits (every rank holds them for every target:
+    40 MB at 1e7 targets, not 80), else int64."""
+    if len(counts) and int(counts.max()) > np.iinfo(np.int32).max:
+        return counts.astype(np.int64, copy=False)
+    return counts.astype(np.int32, copy=False)
 
 
 def sampling_log_q(counts: np.ndarray, config: DataConfig) -> np.ndarray:

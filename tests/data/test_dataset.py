@@ -5,6 +5,7 @@ damaged or half-written, never read half-written."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -277,3 +278,24 @@ def test_the_prepare_command_writes_the_dataset(tmp_path, capsys):
     assert sorted(os.listdir(out / "events")) == [f"part-{p:05d}.parquet" for p in range(4)]
     assert prepare_main(["--config", "smoke", "--out", str(out), "data.partitions=0"]) == 2
     assert "data.partitions" in capsys.readouterr().err
+
+
+def test_counts_are_int32_unless_a_count_outgrows_it():
+    """Every rank holds the per-target counts whole: int32 halves them, and a count
+    (or a training plus validation sum) beyond int32 keeps them exact in int64."""
+    config = DataConfig(path="embedded:collegemsg")
+    small = pl.DataFrame({"target": [0, 1], "train_count": [3, 0], "valid_count": [1, 1], "test_count": [0, 1],
+                          "active": [True, False]})
+    assert TargetStats.from_target_table(small, config).counts.dtype == np.int32
+    huge = small.with_columns(train_count=pl.Series([2**31 + 5, 0]))
+    counts = TargetStats.from_target_table(huge, config).counts
+    assert counts.dtype == np.int64 and counts.tolist() == [2**31 + 5, 0]
+
+    reference = prepare(config)
+    assert reference.stats.counts.dtype == np.int32
+    near = np.iinfo(np.int32).max
+    for train, expected_dtype in ((near - 1, np.int32), (near, np.int64)):
+        stats = dataclasses.replace(reference.stats, counts=np.array([train, 0], dtype=np.int32))
+        shared = dataclasses.replace(reference, stats=stats, valid_counts=np.array([1, 1], dtype=np.int32))
+        test_counts = shared.known_counts("test")
+        assert test_counts.dtype == expected_dtype and test_counts.tolist() == [train + 1, 1]
