@@ -127,6 +127,8 @@ class BatchBuilder:
 
     def random_negatives(self, rng: np.random.Generator, rows: int) -> np.ndarray:
         """[rows, num_rand_negs] target indices drawn uniformly from the active pool."""
+        if not self.spec.num_rand_negs:  # no draw (the pool may then be left empty)
+            return np.zeros((rows, 0), dtype=np.int64)
         return self.active_pool[rng.integers(0, len(self.active_pool), size=(rows, self.spec.num_rand_negs))]
 
     def build(

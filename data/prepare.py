@@ -146,7 +146,7 @@ class PreparedData:
             "has_actions": self.log.has_actions,
             "evaluated_actors": totals.get("evaluated_actors", int(len(self.split.evaluated))),
             "candidates": int(len(self.stats.candidates)),
-            "active_pool": int(len(self.stats.active_pool)),
+            "active_pool": self.stats.pool_size,
             **self.log.report,
             **({"target_features": self.features.report} if self.features is not None else {}),
         }

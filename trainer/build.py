@@ -67,7 +67,7 @@ def build_model(
         sizes,
         max_len=config.data.max_len,
         target_log_p=torch.from_numpy(prepared.stats.log_q),
-        pool_size=len(prepared.stats.active_pool),
+        pool_size=prepared.stats.pool_size,
         active_pool_mask=_pool_mask(prepared, sizes) if config.loader.num_rand_negs else None,
         device=torch.device("meta") if dist is not None and dist.enabled else device,
         gather=dist.gather if dist is not None else identity_gather,
@@ -82,7 +82,8 @@ def build_model(
 def _pool_mask(prepared: PreparedData, sizes: VocabularySizes) -> torch.Tensor:
     """[rows of the target table] bool: the random negatives' pool."""
     mask = np.zeros(sizes.num_id_rows, dtype=bool)
-    mask[prepared.stats.active_pool] = True  # read-only when read from the prepared dataset: indexed, not wrapped
+    active = prepared.stats.active  # target index = row: the targets are the table's first rows
+    mask[: len(active)] = active  # a copy: read-only when read from the prepared dataset
     return torch.from_numpy(mask)
 
 
@@ -98,9 +99,9 @@ def train_batch_builder(config: ExperimentConfig, prepared: PreparedData, querie
     if queries is None:
         queries = prepared.split.train_queries(prepared.seqs, config.loader.min_history)
     spec = batch_spec(config, prepared)
-    return BatchBuilder(
-        prepared.seqs, queries, spec, prepared.stats.active_pool, incoming=incoming_events(spec, prepared, "train")
-    )
+    # The pool's IDs only when random negatives are drawn from it (68 MB at 1e7 targets).
+    pool = prepared.stats.active_pool if spec.num_rand_negs else np.zeros(0, dtype=np.int64)
+    return BatchBuilder(prepared.seqs, queries, spec, pool, incoming=incoming_events(spec, prepared, "train"))
 
 
 def model_scorer(
