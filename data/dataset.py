@@ -78,6 +78,13 @@ def partition_of(ids: np.ndarray | pl.Expr, partitions: int):
     return ((low * np.uint64(_HASH_MULTIPLIER)) % np.uint64(1 << 32) % np.uint64(partitions)).astype(np.int64)
 
 
+def target_rows_of_rank(num_targets: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of the target IDs whose per-target counts rank `rank` of `world_size`
+    keeps, and ranks the baselines over: an even split of the IDs, independent of the ID
+    tables' sharding plan."""
+    return num_targets * rank // world_size, num_targets * (rank + 1) // world_size
+
+
 def assign_partitions(events_per_partition: list[int], world_size: int) -> list[list[int]]:
     """Partitions of each rank, balanced by event count: the largest partition first, each
     to the rank holding the fewest events so far (ties: the lower rank). Deterministic, so

@@ -10,6 +10,7 @@ once and read back), which `python -m data.prepare --config CONFIG` also writes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,9 @@ from configs.schema import DataConfig
 import numpy as np
 import polars as pl
 
-from data.dataset import SPLIT_LABELS, PreparedDataset, assign_partitions, ensure_prepared, partition_of
+from data.dataset import (
+    SPLIT_LABELS, PreparedDataset, assign_partitions, ensure_prepared, partition_of, target_rows_of_rank,
+)
 from data.events import EventLog, load_events
 from data.features import TargetFeatures, load_target_features
 from data.incoming import Incoming
@@ -62,7 +65,12 @@ class PreparedData:
     valid_counts: np.ndarray | None = None
     """[T] validation events of each target over the whole log (targets.parquet; the
     training counts are `stats.counts`); None when prepared in memory, where the share is
-    the whole log and `split` counts it."""
+    the whole log and `split` counts it. Of `target_rows` only, when set."""
+    target_rows: tuple[int, int] | None = None
+    """[start, stop): the targets whose counts (`stats.counts`, `valid_counts`) a share
+    read for one of several ranks holds, the rows it ranks the baselines over
+    (trainer/distributed.py `target_rows_of_rank`); None: every target's. The rest of
+    `stats` is every target's."""
     incoming_log: pl.DataFrame | None = None
     """Events reaching this share's actors (actor, target, action, timestamp, row, split), from the
     prepared dataset's incoming partitions; None in memory (built from `seqs` then)."""
@@ -94,8 +102,9 @@ class PreparedData:
 
     def known_counts(self, split: Literal["valid", "test"]) -> np.ndarray:
         """[T] per-target event counts over the events known when the split's queries are
-        asked (training events for valid, and the validation events too for test).
-        Read-only: for valid, read from a prepared dataset, it is `stats.counts` itself."""
+        asked (training events for valid, and the validation events too for test), of
+        `target_rows` when set. Read-only: for valid, read from a prepared dataset, it is
+        `stats.counts` itself."""
         if self.valid_counts is None:
             counts = self.split.known_counts(self.seqs, split)
         elif split == "test":
@@ -182,9 +191,18 @@ def prepare_from_dataset(
     seqs = Sequences.from_event_log(event_log)
     table = dataset.targets(["target", "train_count", "valid_count", "test_count", "active"])
     features = _target_features(config, event_log)
+    stats, valid_counts, target_rows = TargetStats.from_target_table(table, config), _valid_counts(table), None
+    del table
+    if world_size > 1:
+        # The counts serve the baselines alone once log q is made, and each rank ranks them
+        # over its own targets: it keeps theirs (copies, so the whole arrays go).
+        target_rows = target_rows_of_rank(len(stats.counts), rank, world_size)
+        owned = slice(*target_rows)
+        stats = dataclasses.replace(stats, counts=stats.counts[owned].copy())
+        valid_counts = valid_counts[owned].copy()
     return PreparedData(
-        event_log, seqs, Split.leave_last_out(seqs), TargetStats.from_target_table(table, config), features,
-        valid_counts=_valid_counts(table),
+        event_log, seqs, Split.leave_last_out(seqs), stats, features,
+        valid_counts=valid_counts, target_rows=target_rows,
         incoming_log=dataset.read_events(parts, "incoming") if event_log.shared_id_space else None,
         totals=dataset.manifest["counts"], partitions=dataset.partitions,
         share=(rank, world_size) if len(parts) == dataset.partitions or world_size > 1 else (-1, -1),

@@ -17,6 +17,7 @@ are ties and nothing depends on float rounding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import polars as pl
@@ -26,31 +27,53 @@ HALF_LIVES = (1.0, 5.0, 20.0, float("inf"))
 """The half-lives (in events) the protocol chooses among by validation NDCG@10."""
 
 
-def popularity_rank(counts: np.ndarray) -> np.ndarray:
-    """Dense rank of counts (>= 0): 0 for the least counted, equal counts share a rank.
-    [T] int32 (int64 past 2^31 targets).
+class Ranks(Protocol):
+    """The collectives a baseline needs when each rank holds the counts of some targets
+    (trainer/distributed.py `Distributed` is one)."""
 
-    Every rank computes it over all T targets (the true targets it scores can be any), so
-    it is computed without sorting them: a table over the count values, which are at most
-    a log's event count and in practice far fewer than T, marks the values present and
-    numbers them in order (np.unique's sort of [T] held 4 more [T] int64 arrays, 0.33 GB
-    at 1e7 targets). Counts spread wider than 4 T take the sort."""
+    def max(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def gather_varying(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+def popularity_rank(counts: np.ndarray, ranks: Ranks | None = None) -> np.ndarray:
+    """Dense rank of counts (>= 0): 0 for the least counted, equal counts share a rank.
+    [T] int32 (int64 past 2^31 targets). With `ranks`, `counts` are this rank's targets'
+    and the ranks are over every rank's counts (collective)."""
+    return popularity_levels(counts, ranks)[0]
+
+
+def popularity_levels(counts: np.ndarray, ranks: Ranks | None = None) -> tuple[np.ndarray, int]:
+    """(`popularity_rank`, the number of distinct counts over every rank).
+
+    Computed without sorting the targets: a table over the count values, which are at
+    most a log's event count and in practice far fewer than the targets, marks the values
+    present and numbers them in order (np.unique's sort of [T] held 4 more [T] int64
+    arrays, 0.33 GB at 1e7 targets); on several ranks the tables are merged (a maximum).
+    Counts spread wider than 4 T take the sort, and on several ranks a gather of each
+    rank's distinct values."""
     if counts.dtype == bool or not np.issubdtype(counts.dtype, np.integer):
         raise TypeError(f"popularity_rank: expected integer counts, got {counts.dtype}")
     dtype = np.int32 if len(counts) < 2**31 else np.int64
-    if len(counts) == 0:
-        return np.zeros(0, dtype=dtype)
-    highest = int(counts.max())
-    if int(counts.min()) < 0:
+    if len(counts) and int(counts.min()) < 0:
         raise ValueError(f"popularity_rank: counts must be >= 0, got {int(counts.min())}")
-    if highest > 4 * len(counts) + 1024:
-        _, inverse = np.unique(counts, return_inverse=True)
-        return inverse.astype(dtype)
+    highest = int(counts.max(initial=0))
+    spread = 4 * len(counts) + 1024
+    if ranks is not None:
+        highest, spread = (int(v) for v in ranks.max(torch.tensor([highest, spread], dtype=torch.int64)))
+    if highest > spread:
+        distinct = np.unique(counts)
+        if ranks is not None:
+            distinct = np.unique(ranks.gather_varying(torch.from_numpy(distinct.astype(np.int64))).numpy())
+        return np.searchsorted(distinct, counts).astype(dtype), len(distinct)
     present = np.zeros(highest + 1, dtype=bool)
     present[counts] = True
+    if ranks is not None:
+        present = ranks.max(torch.from_numpy(present.view(np.uint8))).numpy().view(bool)
     rank_of_count = np.cumsum(present, dtype=dtype)  # at most T distinct counts: dtype holds them
+    levels = int(rank_of_count[-1])
     rank_of_count -= 1
-    return rank_of_count[counts]
+    return rank_of_count[counts], levels
 
 
 def _ranges(start: np.ndarray, stop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -61,26 +84,52 @@ def _ranges(start: np.ndarray, stop: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return rows, flat.astype(np.int64)
 
 
+class _Popularity:
+    """Popularity ranks of the targets `first_target ..` (all of them in one process), read
+    by target ID: -inf for a target outside them (another rank's, on several ranks)."""
+
+    _pop_T: torch.Tensor
+    _first: int
+
+    def _set_popularity(self, counts: np.ndarray, first_target: int, ranks: Ranks | None) -> int:
+        """Sets the ranks; returns the number of distinct counts over every rank."""
+        pop, levels = popularity_levels(counts, ranks)
+        self._pop_T, self._first = torch.from_numpy(pop), first_target
+        return levels
+
+    def _popularity(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """[N] float64 popularity rank of each ID."""
+        index = target_ids - self._first
+        inside = (index >= 0) & (index < len(self._pop_T))
+        if bool(inside.all()):
+            return self._pop_T[index].to(torch.float64)
+        pop = torch.full(target_ids.shape, float("-inf"), dtype=torch.float64)
+        pop[inside] = self._pop_T[index[inside]].to(torch.float64)
+        return pop
+
+
 @dataclass
-class MostPopularScorer:
-    counts: np.ndarray  # [T] training-event count per target index
+class MostPopularScorer(_Popularity):
+    counts: np.ndarray  # [T] training-event count per target index (from `first_target` on)
+    first_target: int = 0
+    ranks: Ranks | None = None  # when each rank holds some targets' counts (popularity agreed)
 
     def __post_init__(self) -> None:
-        self._rank_T = torch.from_numpy(popularity_rank(self.counts))
+        self._set_popularity(self.counts, self.first_target, self.ranks)
 
     def query_state(self, queries: slice) -> int:
         return queries.stop - queries.start
 
     def score(self, num_queries: int, candidate_ids: torch.Tensor) -> torch.Tensor:
         # A tensor of its own (the evaluation writes into it), not an expanded view.
-        return self._rank_T[candidate_ids].to(torch.float64).expand(num_queries, -1).clone()
+        return self._popularity(candidate_ids).expand(num_queries, -1).clone()
 
     def score_pairs(self, num_queries: int, target_ids: torch.Tensor) -> torch.Tensor:
-        return self._rank_T[target_ids].to(torch.float64)
+        return self._popularity(target_ids)
 
 
 @dataclass(frozen=True)
-class _SeenScores:
+class SeenScores:
     """The chunk's (query row, target, primary key) triples, sorted by (row, target)."""
 
     num_queries: int
@@ -91,7 +140,7 @@ class _SeenScores:
 
 def _decayed_counts(
     num_queries: int, rows: np.ndarray, targets: np.ndarray, age: np.ndarray, half_life_events: float
-) -> _SeenScores:
+) -> SeenScores:
     """The primary key of each (query row, target) of a stream: the dense rank, within the
     query, of sum over its events of 0.5 ** (age / half-life); 1 for the query's lowest, so
     that a target not in the stream (primary 0) is below every one in it. [L] inputs:
@@ -102,7 +151,7 @@ def _decayed_counts(
     per_target = per_target.with_columns(
         primary=pl.col("weight").rank("dense").over("row").cast(pl.Int64)
     ).sort("row", "target")
-    return _SeenScores(
+    return SeenScores(
         num_queries=num_queries,
         rows=torch.from_numpy(per_target["row"].to_numpy().astype(np.int64)),
         targets=torch.from_numpy(per_target["target"].to_numpy().astype(np.int64)),
@@ -110,27 +159,25 @@ def _decayed_counts(
     )
 
 
-class _DecayedCountScorer:
+class _DecayedCountScorer(_Popularity):
     """Score = primary (a query's decayed count rank, 0 when unseen) * (P + 1) + popularity
-    rank. Subclasses set `_pop_T` [T] and `_base` = P + 1 and build `_SeenScores`."""
+    rank. Subclasses call `_set_base` and build `SeenScores`."""
 
-    _pop_T: np.ndarray
     _base: float
 
-    def _set_popularity(self, counts: np.ndarray) -> None:
-        self._pop_T = popularity_rank(counts)
-        self._base = float(int(self._pop_T.max()) + 1) if len(self._pop_T) else 1.0
+    def _set_base(self, counts: np.ndarray, first_target: int, ranks: Ranks | None) -> None:
+        # P + 1 = the number of distinct counts: the same on every rank.
+        self._base = float(max(self._set_popularity(counts, first_target, ranks), 1))
 
-    def score(self, state: _SeenScores, candidate_ids: torch.Tensor) -> torch.Tensor:
-        pop = torch.from_numpy(self._pop_T)[candidate_ids].to(torch.float64)
-        scores = pop.expand(state.num_queries, -1).clone()
+    def score(self, state: SeenScores, candidate_ids: torch.Tensor) -> torch.Tensor:
+        scores = self._popularity(candidate_ids).expand(state.num_queries, -1).clone()
         column = torch.searchsorted(candidate_ids, state.targets).clamp(max=len(candidate_ids) - 1)
         hit = candidate_ids[column] == state.targets
         scores[state.rows[hit], column[hit]] += state.primary[hit] * self._base
         return scores
 
-    def score_pairs(self, state: _SeenScores, target_ids: torch.Tensor) -> torch.Tensor:
-        scores = torch.from_numpy(self._pop_T)[target_ids].to(torch.float64)
+    def score_pairs(self, state: SeenScores, target_ids: torch.Tensor) -> torch.Tensor:
+        scores = self._popularity(target_ids)
         hit = state.targets == target_ids[state.rows]
         scores[state.rows[hit]] += state.primary[hit] * self._base
         return scores
@@ -145,11 +192,13 @@ class RecencyFrequencyScorer(_DecayedCountScorer):
     history_start: np.ndarray  # [Q] flat index of each query's first history event
     position: np.ndarray  # [Q] flat index of the event to predict (history ends before it)
     half_life_events: float = 1.0
+    first_target: int = 0  # `counts` are of the targets from this one on
+    ranks: Ranks | None = None  # when each rank holds some targets' counts (popularity agreed)
 
     def __post_init__(self) -> None:
-        self._set_popularity(self.counts)
+        self._set_base(self.counts, self.first_target, self.ranks)
 
-    def query_state(self, queries: slice) -> _SeenScores:
+    def query_state(self, queries: slice) -> SeenScores:
         stop = self.position[queries]
         rows, flat = _ranges(self.history_start[queries], stop)
         age = stop[rows] - 1 - flat  # newer events of the actor after this one
@@ -200,9 +249,11 @@ class TwoWayRecencyFrequencyScorer(_DecayedCountScorer):
     history_start: np.ndarray  # [Q] flat index of each query's first own event
     position: np.ndarray  # [Q] flat index of the event to predict
     half_life_events: float = 1.0
+    first_target: int = 0  # `counts` are of the targets from this one on
+    ranks: Ranks | None = None  # when each rank holds some targets' counts (popularity agreed)
 
     def __post_init__(self) -> None:
-        self._set_popularity(self.counts)
+        self._set_base(self.counts, self.first_target, self.ranks)
         self._query_actor = self.event_actor[self.position]
         self._query_time = self.event_timestamps[self.position]
         # The incoming events jagged by receiver, each receiver's in (timestamp, row) order.
@@ -221,7 +272,7 @@ class TwoWayRecencyFrequencyScorer(_DecayedCountScorer):
         self._stride = len(self._times) + 1
         self._keys = receiver * self._stride + time_rank.reshape(-1)
 
-    def query_state(self, queries: slice) -> _SeenScores:
+    def query_state(self, queries: slice) -> SeenScores:
         actor, time = self._query_actor[queries], self._query_time[queries]
         own_rows, own = _ranges(self.history_start[queries], self.position[queries])
         end = np.searchsorted(

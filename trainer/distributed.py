@@ -310,6 +310,58 @@ def load_unsharded_state(model: nn.Module, state: dict[str, torch.Tensor]) -> No
             value.copy_(state[key])
 
 
+@dataclass(frozen=True)
+class QueryGather:
+    """Every rank's queries gathered and put in the order one process holding them all has
+    (by actor, stable): per-query values, jagged per-query lists and row indices of this
+    rank's queries. Each method is collective: every rank calls it."""
+
+    dist: Distributed
+    order: np.ndarray
+    """[Q] gathered index (rank order) of each query in actor order."""
+    position: np.ndarray
+    """[Q] inverse of `order`: where the query of each gathered index goes."""
+    offset: int
+    """The gathered index of this rank's first query."""
+
+    @staticmethod
+    def of(actor_Q: np.ndarray, dist: Distributed) -> QueryGather:
+        """From the actor of each of this rank's queries."""
+        sizes = dist.gather_objects(len(actor_Q))
+        all_actor_Q = dist.gather_varying(torch.from_numpy(np.ascontiguousarray(actor_Q, dtype=np.int64)))
+        order = torch.argsort(all_actor_Q, stable=True).numpy()
+        position = np.empty_like(order)
+        position[order] = np.arange(len(order))
+        return QueryGather(dist, order, position, int(sum(sizes[: dist.rank])))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def values(self, local: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """A per-query array (or tensor, rows first) of this rank's queries, gathered."""
+        if isinstance(local, torch.Tensor):
+            return self.dist.gather_varying(local)[torch.from_numpy(self.order)]
+        return self.dist.gather_varying(torch.from_numpy(np.ascontiguousarray(local))).numpy()[self.order]
+
+    def rows(self, local_rows: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Where rows of this rank's queries go among the gathered ones, gathered (every
+        rank's rows, in rank order: gather their companions with `dist.gather_varying`)."""
+        if isinstance(local_rows, torch.Tensor):
+            return torch.from_numpy(self.position)[self.dist.gather_varying(local_rows + self.offset)]
+        return self.position[self.dist.gather_varying(torch.from_numpy(local_rows + self.offset)).numpy()]
+
+    def jagged(self, lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-query lists of this rank's queries (`lengths`, flat `values`), gathered:
+        (offsets [Q + 1], flat values)."""
+        all_lengths = self.dist.gather_varying(torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64))).numpy()
+        all_values = self.dist.gather_varying(torch.from_numpy(np.ascontiguousarray(values))).numpy()
+        starts = np.r_[0, np.cumsum(all_lengths)][:-1]
+        lengths_out = all_lengths[self.order]
+        offsets = np.r_[0, np.cumsum(lengths_out)].astype(np.int64)
+        flat = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths_out) + np.repeat(starts[self.order], lengths_out)
+        return offsets, all_values[flat]
+
+
 def owned_candidates(model: nn.Module, candidates: np.ndarray, dist: Distributed, table: str = TARGET_TABLE) -> np.ndarray:
     """The candidates whose rows of `table` this rank holds (all of them in one process),
     so evaluation computes each candidate vector where its embedding lives. Every

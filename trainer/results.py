@@ -15,13 +15,13 @@ import polars as pl
 import torch
 
 from configs.schema import BaselineConfig, EvalConfig
-from data.dataset import SPLIT_LABELS
+from data.dataset import SPLIT_LABELS, target_rows_of_rank
 from data.prepare import PreparedData
 from data.sequences import Queries
 from models.baselines import (
-    HALF_LIVES, IncomingEvents, MostPopularScorer, RecencyFrequencyScorer, TwoWayRecencyFrequencyScorer,
+    HALF_LIVES, IncomingEvents, MostPopularScorer, RecencyFrequencyScorer, SeenScores, TwoWayRecencyFrequencyScorer,
 )
-from trainer.distributed import Distributed
+from trainer.distributed import Distributed, QueryGather
 from trainer.evaluation import METRIC_NAMES, SeenTargets, full_ranking_ranks, metrics_from_ranks
 
 if TYPE_CHECKING:
@@ -52,16 +52,6 @@ def rank_queries(
         chosen = np.random.default_rng(0).choice(len(everyone), size=max_queries, replace=False)
         everyone = everyone[np.sort(chosen)]
     return queries.subset(np.isin(actors, everyone))
-
-
-def gathered_in_actor_order(prepared: PreparedData, queries: Queries, values: np.ndarray, dist: Distributed) -> np.ndarray:
-    """Per-query `values` of every rank's queries, in the order one process holding every
-    query has them (by actor): what makes a mean over them the same to the last bit."""
-    if dist.world_size == 1:
-        return values
-    actors = dist.gather_varying(torch.from_numpy(prepared.seqs.actor[queries.sequence]))
-    gathered = dist.gather_varying(torch.from_numpy(np.ascontiguousarray(values)))
-    return gathered[torch.argsort(actors, stable=True)].numpy()
 
 
 def seen_targets(prepared: PreparedData, queries: Queries) -> SeenTargets:
@@ -115,18 +105,75 @@ def baseline_ranks(
     prepared: PreparedData, queries: Queries, scorer: object, eval_config: EvalConfig, dist: Distributed = Distributed()
 ) -> np.ndarray:
     """[Q] rank of each query's true target under a baseline, over every rank's queries in
-    actor order: each rank ranks its own queries (a baseline needs only the actor's own
-    data and the global counts) among every candidate, and the ranks are gathered."""
+    actor order. On several ranks they are ranked as the model is: each rank computes its
+    own queries' states (they need only the actor's own data), the states are gathered,
+    and each rank scores every query against the candidates among its targets
+    (`target_rows_of_rank`, whose counts `baseline_counts` gave the scorer), the counts
+    summed over ranks. No rank holds a per-target array of every target."""
     seen = seen_targets(prepared, queries) if eval_config.exclude_seen else None
-    ranks = full_ranking_ranks(
-        scorer,
-        prepared.seqs.targets[queries.position],
-        prepared.stats.candidates,
-        query_chunk_size=eval_config.query_chunk_size,
-        candidate_chunk_size=eval_config.candidate_chunk_size,
-        seen=seen,
+    true_targets = prepared.seqs.targets[queries.position]
+    options = dict(query_chunk_size=eval_config.query_chunk_size, candidate_chunk_size=eval_config.candidate_chunk_size)
+    if dist.world_size == 1:
+        return full_ranking_ranks(scorer, true_targets, prepared.stats.candidates, seen=seen, **options)
+    gather = QueryGather.of(prepared.seqs.actor[queries.sequence], dist)
+    if seen is not None:
+        seen = SeenTargets(*gather.jagged(np.diff(seen.offsets), seen.targets))
+    start, stop = target_rows_of_rank(prepared.seqs.num_targets, dist.rank, dist.world_size)
+    candidates = prepared.stats.candidates
+    owned = candidates[np.searchsorted(candidates, start) : np.searchsorted(candidates, stop)]
+    return full_ranking_ranks(
+        _GatheredQueries(scorer, gather, len(queries)), gather.values(true_targets), owned, seen=seen,
+        count_sum=dist.sum, score_max=dist.max, **options,
     )
-    return gathered_in_actor_order(prepared, queries, ranks, dist)
+
+
+def baseline_counts(prepared: PreparedData, split: Literal["valid", "test"], dist: Distributed) -> dict:
+    """The popularity arguments of a baseline scorer: the split's known counts (of this
+    rank's targets, `target_rows_of_rank`, on several ranks, with the ranks to agree
+    the popularity ranks over)."""
+    counts = prepared.known_counts(split)
+    if dist.world_size == 1:
+        return {"counts": counts}
+    start, stop = target_rows_of_rank(prepared.seqs.num_targets, dist.rank, dist.world_size)
+    if prepared.target_rows is None:  # every target's counts (the whole log, in memory)
+        counts = counts[start:stop]
+    elif prepared.target_rows != (start, stop):
+        raise ValueError(f"baselines: the data holds the counts of targets {prepared.target_rows}, rank "
+                         f"{dist.rank} of {dist.world_size} ranks targets {(start, stop)}")
+    return {"counts": counts, "first_target": start, "ranks": dist}
+
+
+class _GatheredQueries:
+    """A baseline scorer of this rank's queries as a scorer of every rank's, in actor
+    order: their states (a count of queries, or `SeenScores`) computed here at once and
+    gathered. Targets the scorer's counts leave out score -inf, so a true target's score
+    (`score_pairs`) is the maximum over ranks."""
+
+    def __init__(self, scorer, gather: QueryGather, num_local: int) -> None:
+        self.scorer, self.dist = scorer, gather.dist
+        local = scorer.query_state(slice(0, num_local))
+        if isinstance(local, SeenScores):
+            rows = gather.rows(local.rows)
+            targets = self.dist.gather_varying(local.targets)
+            primary = self.dist.gather_varying(local.primary)
+            order = torch.argsort(rows, stable=True)  # query_state takes a query chunk's rows as a slice
+            self.seen = (rows[order], targets[order], primary[order])
+        else:
+            self.seen = None
+
+    def query_state(self, rows: slice):
+        if self.seen is None:
+            return rows.stop - rows.start
+        all_rows, targets, primary = self.seen
+        bounds = torch.searchsorted(all_rows, torch.tensor([rows.start, rows.stop], dtype=all_rows.dtype))
+        lo, hi = int(bounds[0]), int(bounds[1])
+        return SeenScores(rows.stop - rows.start, all_rows[lo:hi] - rows.start, targets[lo:hi], primary[lo:hi])
+
+    def score(self, state, candidate_ids: torch.Tensor) -> torch.Tensor:
+        return self.scorer.score(state, candidate_ids)
+
+    def score_pairs(self, state, target_ids: torch.Tensor) -> torch.Tensor:
+        return self.dist.max(self.scorer.score_pairs(state, target_ids))
 
 
 def released_incoming(prepared: PreparedData, split: Literal["valid", "test"]) -> IncomingEvents:
@@ -155,15 +202,18 @@ def released_incoming(prepared: PreparedData, split: Literal["valid", "test"]) -
                           timestamps=seqs.timestamps[known], rows=rows[known])
 
 
-def recency_scorers(prepared: PreparedData, split: Literal["valid", "test"], queries: Queries) -> dict[str, Callable]:
+def recency_scorers(
+    prepared: PreparedData, split: Literal["valid", "test"], queries: Queries, dist: Distributed = Distributed()
+) -> dict[str, Callable]:
     """{model: half-life -> scorer} of the recency-frequency rules that apply to the log.
     Both read only what the split has released: the actor's own history before the query
     and, two-way, `released_incoming`."""
     seqs = prepared.seqs
-    counts = prepared.known_counts(split)
+    popularity = baseline_counts(prepared, split, dist)
     rules: dict[str, Callable] = {
         "recency_frequency": lambda h: RecencyFrequencyScorer(
-            counts, seqs.targets, queries.history_start, queries.position, h
+            history_targets=seqs.targets, history_start=queries.history_start, position=queries.position,
+            half_life_events=h, **popularity,
         )
     }
     if prepared.log.shared_id_space:
@@ -171,7 +221,9 @@ def recency_scorers(prepared: PreparedData, split: Literal["valid", "test"], que
         rows = prepared.log.events["row"].to_numpy().astype(np.int64)
         incoming = released_incoming(prepared, split)
         rules["two_way_recency_frequency"] = lambda h: TwoWayRecencyFrequencyScorer(
-            counts, actor, seqs.targets, seqs.timestamps, rows, incoming, queries.history_start, queries.position, h
+            event_actor=actor, event_targets=seqs.targets, event_timestamps=seqs.timestamps, event_rows=rows,
+            incoming=incoming, history_start=queries.history_start, position=queries.position, half_life_events=h,
+            **popularity,
         )
     return rules
 
@@ -197,11 +249,11 @@ def baseline_results(
     # whole, so they are a fixed cost per rank (tens of MB a million targets).
     for split in splits:
         metrics[split]["most_popular"] = _ranking_metrics(
-            prepared, queries[split], MostPopularScorer(prepared.known_counts(split)), eval_config, dist
+            prepared, queries[split], MostPopularScorer(**baseline_counts(prepared, split, dist)), eval_config, dist
         )
     chosen: dict[str, dict] = {}
     best_half_life: dict[str, float] = {}
-    valid_rules = recency_scorers(prepared, "valid", queries["valid"])
+    valid_rules = recency_scorers(prepared, "valid", queries["valid"], dist)
     for model, scorer_at in valid_rules.items():
         # A fixed half-life needs no validation pass unless validation figures are asked for
         # (one ranking of every candidate fewer where each costs minutes).
@@ -221,7 +273,7 @@ def baseline_results(
             metrics["valid"][model] = tried[best]
     del valid_rules, scorer_at  # their validation arrays, before the test's are made
     if "test" in splits:
-        for model, scorer_at in recency_scorers(prepared, "test", queries["test"]).items():
+        for model, scorer_at in recency_scorers(prepared, "test", queries["test"], dist).items():
             metrics["test"][model] = _ranking_metrics(
                 prepared, queries["test"], scorer_at(best_half_life[model]), eval_config, dist
             )

@@ -23,7 +23,7 @@ from configs.names import ACTOR, NEXT_ACTION, NEXT_TIMESTAMP, TARGET_TABLE
 from data.batches import BatchBuilder, BatchSpec
 from data.incoming import Incoming
 from data.sequences import Queries, Sequences
-from trainer.distributed import Distributed, local_table_rows
+from trainer.distributed import Distributed, QueryGather, local_table_rows
 from trainer.evaluation import ColumnPairs, sorted_ids
 from models.retrieval import QueryEncoding, TwoTowerRetrieval
 
@@ -159,21 +159,14 @@ class ModelScorer:
                 pairs.append(_BonusPairs(pair.row_U + int(rows[0]), pair.target_U, pair.bonus_U, self.num_targets))
         dim = self.model.model_config.embedding_dim
         local_QD = torch.cat(vectors) if vectors else torch.zeros(0, dim)
-        actor_Q = torch.from_numpy(seqs.actor[queries.sequence])
-        sizes = dist.gather_objects(local)
-        offset = sum(sizes[: dist.rank])
-        all_actor_Q = dist.gather_varying(actor_Q)
-        order = torch.argsort(all_actor_Q, stable=True)
-        position = torch.empty_like(order)
-        position[order] = torch.arange(len(order))
-        gathered_QD = dist.gather_varying(local_QD)[order]
-        self.order = order.numpy()
+        self.gather = QueryGather.of(seqs.actor[queries.sequence], dist)
+        gathered_QD = self.gather.values(local_QD)
         gathered_pairs = None
         if self.model.repeat is not None:
             row_U = torch.cat([p.row_U for p in pairs]) if pairs else torch.zeros(0, dtype=torch.int64)
             target_U = torch.cat([p.target_U for p in pairs]) if pairs else torch.zeros(0, dtype=torch.int64)
             bonus_U = torch.cat([p.bonus_U for p in pairs]) if pairs else torch.zeros(0)
-            row_U = position[dist.gather_varying(row_U + offset)]
+            row_U = self.gather.rows(row_U)
             gathered_pairs = _BonusPairs(
                 row_U, dist.gather_varying(target_U), dist.gather_varying(bonus_U), self.num_targets
             ).sorted()
@@ -193,19 +186,12 @@ class ModelScorer:
     def gathered_jagged(self, lengths: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-query lists of this rank's queries (`lengths`, flat `values`), gathered and
         put in the scorer's query order: (offsets [Q + 1], flat values)."""
-        all_lengths = self.dist.gather_varying(torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.int64))).numpy()
-        all_values = self.dist.gather_varying(torch.from_numpy(np.ascontiguousarray(values))).numpy()
-        starts = np.r_[0, np.cumsum(all_lengths)][:-1]
-        lengths_out = all_lengths[self.order]
-        offsets = np.r_[0, np.cumsum(lengths_out)].astype(np.int64)
-        flat = np.arange(offsets[-1]) - np.repeat(offsets[:-1], lengths_out) + np.repeat(starts[self.order], lengths_out)
-        return offsets, all_values[flat]
+        return self.gather.jagged(lengths, values)
 
     def gathered(self, local: np.ndarray) -> np.ndarray:
         """A per-query array of this rank's queries, gathered from every rank and put in
         the scorer's query order (queries split over ranks only)."""
-        values = self.dist.gather_varying(torch.from_numpy(np.ascontiguousarray(local)))
-        return values[torch.from_numpy(self.order)].numpy()
+        return self.gather.values(local)
 
     def _run_start(self, ids: torch.Tensor) -> int | None:
         """Where `ids` starts among the scorer's sorted candidates, when it is a contiguous

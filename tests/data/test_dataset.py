@@ -26,6 +26,7 @@ from data.dataset import (
     assign_partitions,
     ensure_prepared,
     partition_of,
+    target_rows_of_rank,
 )
 from data.prepare import main as prepare_main
 from data.prepare import prepare, prepare_from_dataset, resolve_data_path
@@ -253,9 +254,14 @@ def test_a_share_holds_its_actors_their_incoming_events_and_the_global_statistic
     people = np.arange(reference.seqs.num_targets)
     for rank, (share, owned) in enumerate(zip(shares, actors)):
         assert share.summary() == reference.summary()  # the whole log's figures, on every rank
+        # The counts (the baselines') of its own targets on several ranks; the rest whole.
+        rows = slice(*target_rows_of_rank(reference.seqs.num_targets, rank, world_size)) if world_size > 1 else slice(None)
+        assert share.seqs.num_targets == reference.seqs.num_targets
+        assert share.target_rows == (None if world_size == 1 else (rows.start, rows.stop))
         for split in ("valid", "test"):
-            assert np.array_equal(share.known_counts(split), reference.known_counts(split))
-        for field in ("counts", "log_q", "candidates", "active_pool"):
+            assert np.array_equal(share.known_counts(split), reference.known_counts(split)[rows])
+        assert np.array_equal(share.stats.counts, reference.stats.counts[rows])
+        for field in ("log_q", "candidates", "active_pool"):
             assert np.array_equal(getattr(share.stats, field), getattr(reference.stats, field)), field
         # The events that reached the share's actors, as the whole log's would show them,
         # for every set of known events and query time.
