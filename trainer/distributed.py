@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,7 +30,9 @@ from torch import nn
 
 from configs.names import TARGET_TABLE
 from configs.schema import DistributedConfig
-from trainer.evaluation import sorted_ids
+
+if TYPE_CHECKING:
+    from data.sequences import TargetStats
 
 log = logging.getLogger(__name__)
 
@@ -362,23 +365,21 @@ class QueryGather:
         return offsets, all_values[flat]
 
 
-def owned_candidates(model: nn.Module, candidates: np.ndarray, dist: Distributed, table: str = TARGET_TABLE) -> np.ndarray:
-    """The candidates whose rows of `table` this rank holds (all of them in one process),
-    so evaluation computes each candidate vector where its embedding lives. Every
-    candidate is owned by exactly one rank (row-wise: a row range each; table-wise: the
-    rank holding the table). On several ranks, in ascending order: sorted candidates (as
-    prepared) give each row range as a slice, the usual single range a view."""
+def owned_candidates(model: nn.Module, stats: TargetStats, dist: Distributed, table: str = TARGET_TABLE) -> np.ndarray:
+    """[C'] int64 the candidates (`stats.is_candidate`) whose rows of `table` this rank
+    holds (all of them in one process), ascending, so evaluation computes each candidate
+    vector where its embedding lives. Every candidate is owned by exactly one rank
+    (row-wise: a row range each; table-wise: the rank holding the table). Built from the
+    mask for the rank's rows alone: no rank makes the IDs of every candidate."""
     if not dist.enabled:
-        return candidates
+        return stats.candidates
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     weight = model.embeddings.table_weights()[table]
     if not isinstance(weight, ShardedTensor):
         raise ValueError(f"owned_candidates: expected the {table!r} table to be sharded")
-    ascending = sorted_ids(candidates).numpy()
-    pieces = [ascending[np.searchsorted(ascending, start) : np.searchsorted(ascending, start + rows)]
-              for start, rows in sorted(_local_row_ranges(weight))]
-    return pieces[0] if len(pieces) == 1 else np.concatenate([ascending[:0], *pieces])
+    pieces = [stats.candidates_in(start, start + rows) for start, rows in sorted(_local_row_ranges(weight))]
+    return pieces[0] if len(pieces) == 1 else np.concatenate([np.zeros(0, dtype=np.int64), *pieces])
 
 
 @dataclass(frozen=True)

@@ -211,7 +211,7 @@ class Trainer:
         try:
             # On several ranks each encodes its own actors' queries, every rank scores every
             # query against the candidates whose rows it holds, and the counts are summed.
-            candidates = owned_candidates(self.model, prepared.stats.candidates, dist)
+            candidates = owned_candidates(self.model, prepared.stats, dist)
             scorer = model_scorer(
                 self.model, config, prepared, queries, candidates, split, dist, queries_split_over_ranks=split_over_ranks
             )

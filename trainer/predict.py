@@ -142,10 +142,11 @@ def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, ex
     queries = Queries.requests(
         seqs, sequence, _next_actions(event_log, seqs, sequence, actions, most_frequent), counts["max_timestamp"]
     )
-    scorer = model_scorer(model, config, prepared, queries, stats.candidates, "all")
+    candidates = stats.candidates  # built from the mask: once
+    scorer = model_scorer(model, config, prepared, queries, candidates, "all")
     seen = [seqs.targets[seqs.offsets[s] : seqs.offsets[s + 1]] for s in sequence] if exclude_seen else None
-    ids, scores = top_k(scorer, len(sequence), stats.candidates, k, seen)
-    kept = min(k, len(stats.candidates))
+    ids, scores = top_k(scorer, len(sequence), candidates, k, seen)
+    kept = min(k, len(candidates))
     return pl.DataFrame(
         {
             "actor": np.repeat(event_log.actor_ids.to_raw(seqs.actor[sequence]), kept),

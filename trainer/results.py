@@ -119,8 +119,7 @@ def baseline_ranks(
     if seen is not None:
         seen = SeenTargets(*gather.jagged(np.diff(seen.offsets), seen.targets))
     start, stop = target_rows_of_rank(prepared.seqs.num_targets, dist.rank, dist.world_size)
-    candidates = prepared.stats.candidates
-    owned = candidates[np.searchsorted(candidates, start) : np.searchsorted(candidates, stop)]
+    owned = prepared.stats.candidates_in(start, stop)
     return full_ranking_ranks(
         _GatheredQueries(scorer, gather, len(queries)), gather.values(true_targets), owned, seen=seen,
         count_sum=dist.sum, score_max=dist.max, **options,

@@ -26,6 +26,7 @@ from trainer.distributed import (
     close_distributed,
     init_distributed,
     load_unsharded_state,
+    local_table_rows,
     owned_candidates,
     shard_model,
     unsharded_state_dict,
@@ -202,16 +203,18 @@ def _evaluation_worker(rank, port, out, state, dataset_dir, overrides):
     trainer, prepared, dist = _sharded_trainer(rank, port, state, dataset_dir)
     trainer.config = dataclasses.replace(trainer.config, eval=dataclasses.replace(trainer.config.eval, **overrides))
     valid = trainer.evaluate("valid")
-    owned_ids = owned_candidates(trainer.model, prepared.stats.candidates, dist)
+    owned_ids = owned_candidates(trainer.model, prepared.stats, dist)
     owned = len(owned_ids)
     owned_total = int(dist.sum(torch.tensor(owned)))
-    # Sorted candidates give their row range as a view; any order gives the same IDs, sorted.
-    shuffled = np.random.default_rng(rank).permutation(prepared.stats.candidates)
-    same_unsorted = np.array_equal(owned_candidates(trainer.model, shuffled, dist), owned_ids)
-    view = np.shares_memory(owned_ids, prepared.stats.candidates)
+    # The candidates among this rank's table rows, ascending, read from the mask.
+    rows = local_table_rows(trainer.model)
+    inside = np.zeros(len(prepared.stats.is_candidate), dtype=bool)
+    for start, shard in rows.shards:
+        inside[start : start + shard.shape[0]] = True
+    expected_ids = np.flatnonzero(prepared.stats.is_candidate & inside)
+    same_ids = np.array_equal(owned_ids, expected_ids) and owned_ids.dtype == np.int64
     if rank == 0:
-        torch.save({"valid": valid, "owned": owned, "owned_total": owned_total, "same_unsorted": same_unsorted,
-                    "view": view}, out)
+        torch.save({"valid": valid, "owned": owned, "owned_total": owned_total, "same_ids": same_ids}, out)
     close_distributed(dist)
 
 
@@ -237,7 +240,7 @@ def test_evaluation_over_shares_and_a_sharded_vocabulary_equals_the_single_proce
     # Each candidate is scored by exactly one rank, and rank 0 holds only its share.
     assert got["owned_total"] == len(prepared.stats.candidates)
     assert 0 < got["owned"] < len(prepared.stats.candidates)
-    assert got["same_unsorted"] and got["view"]
+    assert got["same_ids"]
     assert got["valid"] == pytest.approx(expected, abs=1e-9)
 
 
@@ -246,7 +249,7 @@ def _top_k_of(trainer, prepared, dist, k: int = 5):
     scores the candidates it owns and the per-rank lists are merged."""
     config = trainer.config
     queries = prepared.split.queries(prepared.seqs, "valid")
-    owned = owned_candidates(trainer.model, prepared.stats.candidates, dist)
+    owned = owned_candidates(trainer.model, prepared.stats, dist)
     trainer.model.eval()
     with torch.no_grad():
         scorer = model_scorer(trainer.model, config, prepared, queries, owned, "valid", dist)
