@@ -67,10 +67,10 @@ class PreparedData:
     training counts are `stats.counts`); None when prepared in memory, where the share is
     the whole log and `split` counts it. Of `target_rows` only, when set."""
     target_rows: tuple[int, int] | None = None
-    """[start, stop): the targets whose counts (`stats.counts`, `valid_counts`) a share
-    read for one of several ranks holds, the rows it ranks the baselines over
-    (trainer/distributed.py `target_rows_of_rank`); None: every target's. The rest of
-    `stats` is every target's."""
+    """[start, stop): the targets whose counts and log q (`stats.counts`, `stats.log_q`,
+    `valid_counts`) a share read for one of several ranks holds, the rows it ranks the
+    baselines over (data/dataset.py `target_rows_of_rank`); None: every target's. The
+    masks of `stats` are every target's."""
     incoming_log: pl.DataFrame | None = None
     """Events reaching this share's actors (actor, target, action, timestamp, row, split), from the
     prepared dataset's incoming partitions; None in memory (built from `seqs` then)."""
@@ -194,11 +194,12 @@ def prepare_from_dataset(
     stats, valid_counts, target_rows = TargetStats.from_target_table(table, config), _valid_counts(table), None
     del table
     if world_size > 1:
-        # The counts serve the baselines alone once log q is made, and each rank ranks them
-        # over its own targets: it keeps theirs (copies, so the whole arrays go).
+        # Each rank keeps the counts and log q of its own even share of the targets (copies,
+        # so the whole arrays go): it ranks the baselines over those targets, and the loss
+        # reads log q of any target through every rank (models/samplers.py RowShare).
         target_rows = target_rows_of_rank(len(stats.counts), rank, world_size)
         owned = slice(*target_rows)
-        stats = dataclasses.replace(stats, counts=stats.counts[owned].copy())
+        stats = dataclasses.replace(stats, counts=stats.counts[owned].copy(), log_q=stats.log_q[owned].copy())
         valid_counts = valid_counts[owned].copy()
     return PreparedData(
         event_log, seqs, Split.leave_last_out(seqs), stats, features,

@@ -50,6 +50,7 @@ from models.samplers import (
     RandomNegativesSampler,
     SampledNegatives,
     StreamingFrequencyEstimator,
+    RowShare,
     mixture_log_q,
     identity_gather,
 )
@@ -82,6 +83,7 @@ class TwoTowerRetrieval(nn.Module):
         max_len: int,
         target_log_p: torch.Tensor,
         pool_size: int,
+        target_log_p_share: RowShare | None = None,
         active_pool_mask: torch.Tensor | None = None,
         gather: Gather = identity_gather,
         count_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -98,6 +100,8 @@ class TwoTowerRetrieval(nn.Module):
         re-scorer then also reads the merged two-way stream, `model.merged_contact_stream`).
         `target_feature_offsets` [T + 1] / `target_feature_tokens` [M]: each target's sparse
         feature tokens (jagged), when the log has them (`sizes.num_feature_tokens` > 0).
+        `target_log_p_share`: `target_log_p` holds only these targets' rows (a share read
+        for one of several ranks), read through every rank.
         `gather` / `count_sum`: the cross-rank operations (trainer/distributed.py); identity
         and None in one process."""
         super().__init__()
@@ -124,7 +128,7 @@ class TwoTowerRetrieval(nn.Module):
             estimator = StreamingFrequencyEstimator(loss_config.streaming_num_buckets, loss_config.streaming_ema)
             self.in_batch = InBatchNegativesSampler(estimator=estimator, gather=gather)
         else:
-            self.in_batch = InBatchNegativesSampler(log_p=target_log_p, gather=gather)
+            self.in_batch = InBatchNegativesSampler(log_p=target_log_p, gather=gather, log_p_share=target_log_p_share)
         self.random = RandomNegativesSampler(pool_size, active_pool_mask)
         # Needs a causal encoder: configs/schema.py checks that, once, for every config.
         self.temporal = loss_config.temporal_weight > 0

@@ -135,6 +135,32 @@ class StreamingFrequencyEstimator(nn.Module):
         return -torch.log(self.gap[self._bucket(ids)]).to(torch.float32)
 
 
+@dataclass(frozen=True)
+class RowShare:
+    """This rank holds rows `first ..` of a per-target array (an even share on several
+    ranks), and reads any target's value through every rank: `lookup` gathers every rank's
+    IDs, each rank fills the values of the ones it holds (0 elsewhere), a sum over ranks
+    gives every value (exactly: one term is not 0) and each rank takes its own back.
+    Collective: every rank calls it at the same point of its step."""
+
+    first: int
+    rank: int
+    gather_varying: Gather
+    sum: Gather
+
+    def lookup(self, held: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        sizes = self.gather_varying(torch.tensor([flat.numel()], device=flat.device))
+        everyone = self.gather_varying(flat)
+        index = everyone - self.first
+        inside = (index >= 0) & (index < held.numel())
+        values = torch.zeros(everyone.shape, dtype=held.dtype, device=held.device)
+        values[inside] = held[index[inside]]
+        values = self.sum(values)
+        offset = int(sizes[: self.rank].sum())
+        return values[offset : offset + flat.numel()].reshape(ids.shape)
+
+
 class InBatchNegativesSampler(NegativeSource):
     """The (global) batch's positives as negatives for every example.
 
@@ -151,10 +177,14 @@ class InBatchNegativesSampler(NegativeSource):
         log_p: torch.Tensor | None = None,
         estimator: StreamingFrequencyEstimator | None = None,
         gather: Gather = identity_gather,
+        log_p_share: RowShare | None = None,
     ) -> None:
+        """`log_p_share`: `log_p` holds only these rows of the targets' (several ranks,
+        each holding an even share), read through every rank."""
         super().__init__()
         if (log_p is None) == (estimator is None):
             raise ValueError("InBatchNegativesSampler: give exactly one of log_p or estimator")
+        self.log_p_share = log_p_share
         if log_p is not None:
             self.register_buffer("log_p", log_p.to(torch.float32), persistent=False)
         else:
@@ -177,7 +207,8 @@ class InBatchNegativesSampler(NegativeSource):
         """log of how often each ID appears among a batch of `batch_size` positives."""
         if self.estimator is not None:
             return self.estimator.log_expected_count(ids)
-        return self.log_p[ids] + math.log(batch_size)
+        log_p = self.log_p[ids] if self.log_p_share is None else self.log_p_share.lookup(self.log_p, ids)
+        return log_p + math.log(batch_size)
 
 
 class RandomNegativesSampler(NegativeSource):

@@ -16,7 +16,7 @@ from data.prepare import PreparedData
 from data.sequences import Queries
 from models.embeddings import VocabularySizes
 from models.retrieval import TwoTowerRetrieval
-from models.samplers import identity_gather
+from models.samplers import RowShare, identity_gather
 from trainer.distributed import Distributed
 from trainer.scoring import ModelScorer
 
@@ -68,6 +68,7 @@ def build_model(
         max_len=config.data.max_len,
         target_log_p=torch.from_numpy(prepared.stats.log_q),
         pool_size=prepared.stats.pool_size,
+        target_log_p_share=_log_p_share(prepared, dist),
         active_pool_mask=_pool_mask(prepared, sizes) if config.loader.num_rand_negs else None,
         device=torch.device("meta") if dist is not None and dist.enabled else device,
         gather=dist.gather if dist is not None else identity_gather,
@@ -77,6 +78,16 @@ def build_model(
         bf16_towers=config.train.precision == "bf16",
         reads_incoming=reads_incoming(config, prepared.log.shared_id_space),
     )
+
+
+def _log_p_share(prepared: PreparedData, dist: Distributed | None) -> RowShare | None:
+    """How the loss reads log q when the data holds its rows for some targets only (a share
+    read for one of several ranks): through every rank."""
+    if prepared.target_rows is None:
+        return None
+    if dist is None or not dist.enabled:
+        raise ValueError(f"build_model: the data holds log q of targets {prepared.target_rows} only; give its ranks (dist)")
+    return RowShare(prepared.target_rows[0], dist.rank, dist.gather_varying, dist.sum)
 
 
 def _pool_mask(prepared: PreparedData, sizes: VocabularySizes) -> torch.Tensor:

@@ -261,7 +261,8 @@ def test_a_share_holds_its_actors_their_incoming_events_and_the_global_statistic
         for split in ("valid", "test"):
             assert np.array_equal(share.known_counts(split), reference.known_counts(split)[rows])
         assert np.array_equal(share.stats.counts, reference.stats.counts[rows])
-        for field in ("log_q", "candidates", "active_pool"):
+        assert np.array_equal(share.stats.log_q, reference.stats.log_q[rows])
+        for field in ("candidates", "active_pool"):
             assert np.array_equal(getattr(share.stats, field), getattr(reference.stats, field)), field
         # The events that reached the share's actors, as the whole log's would show them,
         # for every set of known events and query time.
