@@ -148,16 +148,19 @@ class RowShare:
     gather_varying: Gather
     sum: Gather
 
-    def lookup(self, held: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def lookup(self, held: torch.Tensor, ids: torch.Tensor, same_on_every_rank: bool = False) -> torch.Tensor:
+        """`same_on_every_rank`: every rank asks for the same IDs (the gathered batch's),
+        so they need no gathering: one sum over ranks instead of three collectives."""
         flat = ids.reshape(-1)
-        sizes = self.gather_varying(torch.tensor([flat.numel()], device=flat.device))
-        everyone = self.gather_varying(flat)
+        everyone, offset = flat, 0
+        if not same_on_every_rank:
+            sizes = self.gather_varying(torch.tensor([flat.numel()], device=flat.device))
+            everyone, offset = self.gather_varying(flat), int(sizes[: self.rank].sum())
         index = everyone - self.first
         inside = (index >= 0) & (index < held.numel())
         values = torch.zeros(everyone.shape, dtype=held.dtype, device=held.device)
         values[inside] = held[index[inside]]
         values = self.sum(values)
-        offset = int(sizes[: self.rank].sum())
         return values[offset : offset + flat.numel()].reshape(ids.shape)
 
 
@@ -198,16 +201,22 @@ class InBatchNegativesSampler(NegativeSource):
         if self.estimator is not None and self.training:
             self.estimator.update(ids)
         batch_size = ids.shape[0]
+        # The gathered positives are the same on every rank (identity_gather: one rank).
+        own = self.log_expected_count(ids, batch_size, same_on_every_rank=True)
         return SampledNegatives(
-            self.name, ids, embeddings, self.log_expected_count(ids, batch_size), similarity_masked=True,
+            self.name, ids, embeddings, own, similarity_masked=True,
             log_expected_count=lambda other: self.log_expected_count(other, batch_size),
         )
 
-    def log_expected_count(self, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """log of how often each ID appears among a batch of `batch_size` positives."""
+    def log_expected_count(self, ids: torch.Tensor, batch_size: int, same_on_every_rank: bool = False) -> torch.Tensor:
+        """log of how often each ID appears among a batch of `batch_size` positives.
+        Collective when `log_p` is a share (`same_on_every_rank`: see RowShare.lookup)."""
         if self.estimator is not None:
             return self.estimator.log_expected_count(ids)
-        log_p = self.log_p[ids] if self.log_p_share is None else self.log_p_share.lookup(self.log_p, ids)
+        if self.log_p_share is None:
+            log_p = self.log_p[ids]
+        else:
+            log_p = self.log_p_share.lookup(self.log_p, ids, same_on_every_rank)
         return log_p + math.log(batch_size)
 
 
