@@ -444,9 +444,14 @@ def _in_row_pieces(state):
         return {key: _in_row_pieces(value) for key, value in state.items()}
     if not isinstance(state, ShardedTensor) or state.dim() != 2:
         return state
-    shards = state.local_shards()
-    if all(shard.tensor.nbytes <= PIECE_BYTES for shard in shards):
+    # Decided from the global layout, the same on every rank: the re-sharding below is
+    # collective, and a rank holding no shard (a table-wise table) or a smaller one must
+    # join it all the same.
+    metadata = state.metadata()
+    row_bytes = state.size(1) * metadata.tensor_properties.dtype.itemsize
+    if all(meta.shard_sizes[0] * row_bytes <= PIECE_BYTES for meta in metadata.shards_metadata):
         return state
+    shards = state.local_shards()
     pieces = []
     for shard in shards:
         meta, tensor = shard.metadata, shard.tensor
