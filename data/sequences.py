@@ -173,7 +173,8 @@ class Split:
 class TargetStats:
     """Target frequencies over training events, for popularity, logQ and the random pool."""
 
-    counts: np.ndarray  # [T] training-event count of each target index (`narrowest_counts`)
+    counts: np.ndarray  # [T] training-event count of each target index (`narrowest_counts`); a share read
+    # for one of several ranks keeps its `PreparedData.target_rows` only, as for log_q
     log_q: np.ndarray  # [T] float32 log of the normalised sampling probability q(i) ∝ max(count, floor)^exponent
     # (computed in float64; float32 is what the loss reads, so the model shares this array)
     is_candidate: np.ndarray
@@ -230,7 +231,11 @@ class TargetStats:
         counts = narrowest_counts(table["train_count"].to_numpy())
         log_q = sampling_log_q(counts, config)
         seen = (table["train_count"] + table["valid_count"] + table["test_count"]) > 0
-        return cls(counts=counts, log_q=log_q, is_candidate=seen.to_numpy(), active=table["active"].to_numpy())
+        # A null (another engine's file) is not a candidate, nor in the pool, as a filter reads it.
+        return cls(
+            counts=counts, log_q=log_q, is_candidate=seen.fill_null(False).to_numpy(),
+            active=table["active"].fill_null(False).to_numpy(),
+        )
 
 
 def narrowest_counts(counts: np.ndarray) -> np.ndarray:

@@ -55,12 +55,13 @@ def popularity_levels(counts: np.ndarray, ranks: Ranks | None = None) -> tuple[n
     if counts.dtype == bool or not np.issubdtype(counts.dtype, np.integer):
         raise TypeError(f"popularity_rank: expected integer counts, got {counts.dtype}")
     dtype = np.int32 if len(counts) < 2**31 else np.int64
-    if len(counts) and int(counts.min()) < 0:
-        raise ValueError(f"popularity_rank: counts must be >= 0, got {int(counts.min())}")
-    highest = int(counts.max(initial=0))
+    highest, negated_lowest = int(counts.max(initial=0)), -int(counts.min(initial=0))
     spread = 4 * len(counts) + 1024
-    if ranks is not None:
-        highest, spread = (int(v) for v in ranks.max(torch.tensor([highest, spread], dtype=torch.int64)))
+    if ranks is not None:  # agreed before any rank may raise: the others would wait for it
+        agreed = ranks.max(torch.tensor([highest, spread, negated_lowest], dtype=torch.int64))
+        highest, spread, negated_lowest = (int(v) for v in agreed)
+    if negated_lowest > 0:
+        raise ValueError(f"popularity_rank: counts must be >= 0, got {-negated_lowest}")
     if highest > spread:
         distinct = np.unique(counts)
         if ranks is not None:
@@ -110,7 +111,7 @@ class _Popularity:
 
 @dataclass
 class MostPopularScorer(_Popularity):
-    counts: np.ndarray  # [T] training-event count per target index (from `first_target` on)
+    counts: np.ndarray  # training-event count per target index, from `first_target` on
     first_target: int = 0
     ranks: Ranks | None = None  # when each rank holds some targets' counts (popularity agreed)
 
@@ -187,7 +188,7 @@ class _DecayedCountScorer(_Popularity):
 class RecencyFrequencyScorer(_DecayedCountScorer):
     """Query i's history is `history_targets[history_start[i]:position[i]]` (time order)."""
 
-    counts: np.ndarray  # [T] training-event count per target index
+    counts: np.ndarray  # training-event count per target index, from `first_target` on
     history_targets: np.ndarray  # [N] flat target of every event
     history_start: np.ndarray  # [Q] flat index of each query's first history event
     position: np.ndarray  # [Q] flat index of the event to predict (history ends before it)
@@ -240,7 +241,7 @@ class TwoWayRecencyFrequencyScorer(_DecayedCountScorer):
     A self-message (a -> a) in `incoming` is skipped: it is one of the actor's own events.
     """
 
-    counts: np.ndarray  # [T] known-event count per target index (popularity)
+    counts: np.ndarray  # known-event count per target index, from `first_target` on (popularity)
     event_actor: np.ndarray  # [N] flat actor index of every event (actor order)
     event_targets: np.ndarray  # [N] flat target index
     event_timestamps: np.ndarray  # [N] flat timestamp

@@ -83,7 +83,9 @@ def relaunch_with_glibc_tunables() -> None:
     current = os.environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.tcache_count" in current:
         return
-    env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, [current, GLIBC_MALLOC_TUNABLES])), RELAUNCHED_ENV: "1"}
+    # glibc takes the last value of a key: a key the user set is not appended after theirs.
+    added = [item for item in GLIBC_MALLOC_TUNABLES.split(":") if item.split("=")[0] not in current]
+    env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, [current, *added])), RELAUNCHED_ENV: "1"}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

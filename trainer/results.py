@@ -118,7 +118,7 @@ def baseline_ranks(
     gather = QueryGather.of(prepared.seqs.actor[queries.sequence], dist)
     if seen is not None:
         seen = SeenTargets(*gather.jagged(np.diff(seen.offsets), seen.targets))
-    start, stop = target_rows_of_rank(prepared.seqs.num_targets, dist.rank, dist.world_size)
+    start, stop = baseline_target_rows(prepared, dist)
     owned = prepared.stats.candidates_in(start, stop)
     return full_ranking_ranks(
         _GatheredQueries(scorer, gather, len(queries)), gather.values(true_targets), owned, seen=seen,
@@ -133,13 +133,18 @@ def baseline_counts(prepared: PreparedData, split: Literal["valid", "test"], dis
     counts = prepared.known_counts(split)
     if dist.world_size == 1:
         return {"counts": counts}
-    start, stop = target_rows_of_rank(prepared.seqs.num_targets, dist.rank, dist.world_size)
+    start, stop = baseline_target_rows(prepared, dist)
     if prepared.target_rows is None:  # every target's counts (the whole log, in memory)
         counts = counts[start:stop]
-    elif prepared.target_rows != (start, stop):
-        raise ValueError(f"baselines: the data holds the counts of targets {prepared.target_rows}, rank "
-                         f"{dist.rank} of {dist.world_size} ranks targets {(start, stop)}")
     return {"counts": counts, "first_target": start, "ranks": dist}
+
+
+def baseline_target_rows(prepared: PreparedData, dist: Distributed) -> tuple[int, int]:
+    """The targets this rank ranks the baselines over: those whose counts a share holds,
+    else its even share of them all."""
+    if prepared.target_rows is not None:
+        return prepared.target_rows
+    return target_rows_of_rank(prepared.seqs.num_targets, dist.rank, dist.world_size)
 
 
 class _GatheredQueries:
@@ -244,8 +249,7 @@ def baseline_results(
     fixed = baselines.recency_half_life_events
     half_lives = HALF_LIVES if fixed == "auto" else (float(fixed),)
     metrics: dict[str, dict[str, dict[str, float]]] = {split: {} for split in splits}
-    # One split's [T] arrays (known counts, popularity) at a time: every rank holds them
-    # whole, so they are a fixed cost per rank (tens of MB a million targets).
+    # One split's per-target arrays (known counts, popularity) at a time.
     for split in splits:
         metrics[split]["most_popular"] = _ranking_metrics(
             prepared, queries[split], MostPopularScorer(**baseline_counts(prepared, split, dist)), eval_config, dist

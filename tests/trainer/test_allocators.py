@@ -161,3 +161,13 @@ def test_relaunch_only_where_it_applies(monkeypatch, environ, glibc, relaunches)
         path, argv, env = calls[0]
         assert path == sys.executable and argv[1:] == sys.orig_argv[1:]
         assert env["GLIBC_TUNABLES"] == allocators.GLIBC_MALLOC_TUNABLES and env[allocators.RELAUNCHED_ENV] == "1"
+
+
+def test_a_tunable_the_user_set_is_not_overridden(monkeypatch):
+    monkeypatch.delenv(allocators.RELAUNCHED_ENV, raising=False)
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mxfast=3")
+    monkeypatch.setattr(allocators, "_is_glibc", lambda: True)
+    calls = []
+    monkeypatch.setattr(allocators.os, "execve", lambda path, argv, env: calls.append(env))
+    allocators.relaunch_with_glibc_tunables()
+    assert calls[0]["GLIBC_TUNABLES"] == "glibc.malloc.mxfast=3:glibc.malloc.tcache_count=0"
