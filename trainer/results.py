@@ -149,29 +149,30 @@ def baseline_target_rows(prepared: PreparedData, dist: Distributed) -> tuple[int
 
 class _GatheredQueries:
     """A baseline scorer of this rank's queries as a scorer of every rank's, in actor
-    order: their states (a count of queries, or `SeenScores`) computed here at once and
-    gathered. Targets the scorer's counts leave out score -inf, so a true target's score
-    (`score_pairs`) is the maximum over ranks."""
+    order. For each chunk of those, each rank computes the states (`SeenScores`) of its
+    own queries in it and the chunk's are gathered: no rank holds more than a chunk's
+    (collective: every rank asks for the same chunks, in the same order). Targets the
+    scorer's counts leave out score -inf, so a true target's score (`score_pairs`) is the
+    maximum over ranks."""
 
     def __init__(self, scorer, gather: QueryGather, num_local: int) -> None:
         self.scorer, self.dist = scorer, gather.dist
-        local = scorer.query_state(slice(0, num_local))
-        if isinstance(local, SeenScores):
-            rows = gather.rows(local.rows)
-            targets = self.dist.gather_varying(local.targets)
-            primary = self.dist.gather_varying(local.primary)
-            order = torch.argsort(rows, stable=True)  # query_state takes a query chunk's rows as a slice
-            self.seen = (rows[order], targets[order], primary[order])
-        else:
-            self.seen = None
+        # Where each of this rank's queries goes among all: ascending, as a rank's queries
+        # come in actor order, so a chunk's are a run of them.
+        self.rows_of_local = gather.position[gather.offset : gather.offset + num_local]
+        if np.any(np.diff(self.rows_of_local) <= 0):
+            raise ValueError("baselines: a rank's queries must come in actor order")
 
     def query_state(self, rows: slice):
-        if self.seen is None:
+        lo, hi = (int(i) for i in np.searchsorted(self.rows_of_local, [rows.start, rows.stop]))
+        local = self.scorer.query_state(slice(lo, hi))
+        if not isinstance(local, SeenScores):  # the chunk's number of queries (most popular)
             return rows.stop - rows.start
-        all_rows, targets, primary = self.seen
-        bounds = torch.searchsorted(all_rows, torch.tensor([rows.start, rows.stop], dtype=all_rows.dtype))
-        lo, hi = int(bounds[0]), int(bounds[1])
-        return SeenScores(rows.stop - rows.start, all_rows[lo:hi] - rows.start, targets[lo:hi], primary[lo:hi])
+        chunk_rows = torch.from_numpy(self.rows_of_local[lo:hi] - rows.start)[local.rows]
+        chunk_rows = self.dist.gather_varying(chunk_rows)
+        targets, primary = self.dist.gather_varying(local.targets), self.dist.gather_varying(local.primary)
+        order = torch.argsort(chunk_rows, stable=True)
+        return SeenScores(rows.stop - rows.start, chunk_rows[order], targets[order], primary[order])
 
     def score(self, state, candidate_ids: torch.Tensor) -> torch.Tensor:
         return self.scorer.score(state, candidate_ids)

@@ -459,9 +459,13 @@ def test_a_run_resumed_on_other_rank_counts_ends_as_an_uninterrupted_one(tmp_pat
     assert last["valid"] == pytest.approx(whole["valid"], abs=1e-6)
 
 
+# Chunks of 97 queries: many, each split unevenly between the ranks.
+BASELINE_OVERRIDES = {"eval.exclude_seen": "true", "eval.query_chunk_size": "97"}
+
+
 def _baselines_worker(rank, port, out, dataset_dir):
     _join(rank, port)
-    config = _config(**{"eval.exclude_seen": "true"})
+    config = _config(**BASELINE_OVERRIDES)
     prepared = _share(config, dataset_dir, rank, WORLD)
     dist = init_distributed(config.distributed)
     results = baseline_results(prepared, config.baselines, config.eval, dist=dist)
@@ -472,9 +476,10 @@ def _baselines_worker(rank, port, out, dataset_dir):
 
 @pytest.mark.slow
 def test_baselines_over_shares_equal_the_single_process_ones(tmp_path):
-    """Each rank ranks its own actors' queries (its share's histories and incoming events,
-    the global counts); the gathered ranks give one process's figures exactly."""
-    config = _config(**{"eval.exclude_seen": "true"})
+    """Each rank computes its own actors' query states (its share's histories and incoming
+    events), gathered a query chunk at a time, and ranks every query over the targets whose
+    counts it holds; the summed counts give one process's figures exactly."""
+    config = _config(**BASELINE_OVERRIDES)
     expected = baseline_results(prepare(config.data), config.baselines, config.eval)
     dataset_dir = tmp_path / "prepared"
     ensure_prepared(config.data, dataset_dir, resolve_data_path(config.data.path))
