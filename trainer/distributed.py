@@ -261,9 +261,12 @@ def shard_model(model: nn.Module, dist: Distributed, config: DistributedConfig) 
     plan = sharding_plan(task, dist, config)
     if dist.is_main:
         log.info("sharding plan:\n%s", plan)
-    # DMP's DDP does not broadcast buffers: the ones that change (training step, streaming
-    # frequency estimates) change identically on every rank, and the static ones (log q,
-    # feature offsets) are as large as the vocabulary.
+    # DMP's DDP does not broadcast buffers (broadcast_buffers=False), and must not: the
+    # ones that change (training step, streaming frequency estimates) change identically on
+    # every rank, the static ones (feature offsets) are as large as the vocabulary, and log q
+    # differs by rank where each holds its own share of the targets' (models/samplers.py
+    # RowShare). tests/trainer/test_distributed.py's 2-rank training test would catch a
+    # broadcast (its ranks hold different rows of log q).
     sharded = DistributedModelParallel(task, device=dist.device, plan=plan)
     ddp = sharded._dmp_wrapped_module
     if isinstance(ddp, nn.parallel.DistributedDataParallel):
