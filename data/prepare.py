@@ -108,12 +108,11 @@ class PreparedData:
         if self.valid_counts is None:
             counts = self.split.known_counts(self.seqs, split)
         elif split == "test":
-            # In int32 when no sum can overflow it: a [T] array on every rank, held while
-            # the test baselines rank.
+            # In int32 when no sum can overflow it: held while the test baselines rank.
             fits = int(self.stats.counts.max(initial=0)) + int(self.valid_counts.max(initial=0)) <= np.iinfo(np.int32).max
             counts = np.add(self.stats.counts, self.valid_counts, dtype=np.int32 if fits else np.int64)
         else:
-            counts = self.stats.counts.view()  # [T] on every rank: not copied
+            counts = self.stats.counts.view()  # not copied
         counts.flags.writeable = False  # read-only however made, so no caller writes into stats.counts
         return counts
 
@@ -211,9 +210,8 @@ def prepare_from_dataset(
 
 
 def _valid_counts(table: pl.DataFrame) -> np.ndarray:
-    """[T] validation events per target as int32: every rank holds one per target, and
-    leave-last-out gives each actor one validation event, so a count is at most the
-    number of actors."""
+    """[T] validation events per target as int32 (leave-last-out gives each actor one
+    validation event, so a count is at most the number of actors)."""
     counts = table["valid_count"]
     largest = counts.max() if counts.len() else 0
     if largest > np.iinfo(np.int32).max:

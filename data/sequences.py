@@ -225,7 +225,8 @@ class TargetStats:
     @classmethod
     def from_target_table(cls, table: pl.DataFrame, config: DataConfig) -> TargetStats:
         """The same statistics from the prepared dataset's targets.parquet (data/dataset.py),
-        which counts every event, so a rank holding a share of the log still has them whole."""
+        which counts every event, so a rank holding a share of the log still reads them whole
+        (data/prepare.py then keeps its `target_rows` of the counts and log q)."""
         if not table["target"].is_sorted():  # as written here; another engine may not
             table = table.sort("target")
         counts = narrowest_counts(table["train_count"].to_numpy())
@@ -239,7 +240,7 @@ class TargetStats:
 
 
 def narrowest_counts(counts: np.ndarray) -> np.ndarray:
-    """[T] counts as int32 when the largest fits (every rank holds them for every target:
+    """[T] counts as int32 when the largest fits (per-target arrays add up on every rank:
     40 MB at 1e7 targets, not 80), else int64."""
     if len(counts) and int(counts.max()) > np.iinfo(np.int32).max:
         return counts.astype(np.int64, copy=False)

@@ -48,11 +48,11 @@ from models.samplers import (
     Gather,
     InBatchNegativesSampler,
     RandomNegativesSampler,
+    RowShare,
     SampledNegatives,
     StreamingFrequencyEstimator,
-    RowShare,
-    mixture_log_q,
     identity_gather,
+    mixture_log_q,
 )
 from models.towers import CandidateTower, QueryInputs, QueryTower
 

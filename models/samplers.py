@@ -150,7 +150,8 @@ class RowShare:
 
     def lookup(self, held: torch.Tensor, ids: torch.Tensor, same_on_every_rank: bool = False) -> torch.Tensor:
         """`same_on_every_rank`: every rank asks for the same IDs (the gathered batch's),
-        so they need no gathering: one sum over ranks instead of three collectives."""
+        so they need no gathering: one sum over ranks, where other IDs take two gathers
+        of sizes and IDs besides (`gather_varying` exchanges sizes again inside)."""
         flat = ids.reshape(-1)
         everyone, offset = flat, 0
         if not same_on_every_rank:

@@ -172,7 +172,7 @@ def pad_to_width(ids: torch.Tensor, width: int) -> torch.Tensor:
 
 def sorted_ids(ids: np.ndarray) -> torch.Tensor:
     """[C] int64 `ids` in ascending order as a tensor, sharing their memory when they are
-    sorted already (the candidates as prepared, and a rank's slice of them), else a
+    sorted already (candidates built from the mask, and a rank's share of them), else a
     sorted copy. Candidate IDs are the one [C] array of an evaluation: a copy per user
     of them was a copy of the rank's whole share (40 MB for 5e6 candidates)."""
     ids = np.asarray(ids, dtype=np.int64)

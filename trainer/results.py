@@ -244,8 +244,8 @@ def baseline_results(
     `baselines.recency_half_life_events: auto` each rule's half-life is the one of
     HALF_LIVES with the best validation NDCG@10 (the first, i.e. shortest, of equals), as
     ../shared/BENCHMARK.md says; the validation passes are computed once and give the
-    validation figures too. The choice is logged. On several ranks every rank calls it,
-    each ranking its own actors' queries."""
+    validation figures too. The choice is logged. On several ranks every rank calls it
+    (collective: `baseline_ranks`)."""
     queries = {split: rank_queries(prepared, split, eval_config, dist) for split in ("valid", "test")}
     fixed = baselines.recency_half_life_events
     half_lives = HALF_LIVES if fixed == "auto" else (float(fixed),)
