@@ -189,7 +189,7 @@ class TargetStats:
     @property
     def candidates(self) -> np.ndarray:
         """[C] int64 every candidate's target index, ascending (a new array at every call)."""
-        return np.flatnonzero(self.is_candidate)
+        return self.candidates_in(0, len(self.is_candidate))
 
     def candidates_in(self, start: int, stop: int) -> np.ndarray:
         """[C'] int64 the candidates among target indices start .. stop - 1, ascending."""

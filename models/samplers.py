@@ -20,8 +20,9 @@ With in-batch and random negatives both on, an example's columns are one sample 
 both samplers at once, so each column is corrected by its expected count under the two
 together, B * p_j + R * u_j (u_j = 1/|pool| for pool members, else 0:
 `mixture_log_q`, which asks every sampled source's `log_expected_count` about every
-column). Corrected by each source's own count instead, each source's columns
-would estimate the whole partition function, and the softmax would hold it about twice.
+other source's columns; a source's count of its own columns is its log q). Corrected by
+each source's own count instead, each source's columns would estimate the whole
+partition function, and the softmax would hold it about twice.
 
 p_j comes from the data layer's training frequencies (`static`, q ∝ count^0.75) or from
 `StreamingFrequencyEstimator` (Yi et al. 2019), which needs no pass over the data.
@@ -295,6 +296,11 @@ def mixture_log_q(sources: list[SampledNegatives]) -> list[SampledNegatives]:
         if source.log_expected_count is None:
             mixed.append(source)
             continue
-        per_sampler = torch.stack([count(source.ids).to(source.log_q.dtype) for count in counts])
+        # A source's own count of its columns is its log q already: not asked again (for
+        # in-batch on several ranks the question is a collective lookup of log q).
+        per_sampler = torch.stack([
+            source.log_q if count is source.log_expected_count else count(source.ids).to(source.log_q.dtype)
+            for count in counts
+        ])
         mixed.append(dataclasses.replace(source, log_q=torch.logsumexp(per_sampler, dim=0)))
     return mixed
