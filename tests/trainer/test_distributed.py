@@ -402,8 +402,8 @@ def test_the_streaming_estimate_is_identical_on_every_rank_after_each_step(tmp_p
     assert got["step"] == 6 and got["seen"][0] > BATCH
 
 
-def _chain(tmp_path, chain: list[tuple[str, int]]) -> tuple[dict, dict]:
-    """Run `chain` of (launch, ranks) segments of 10 steps, each resuming from the last
+def _chain(tmp_path, chain: list[tuple[str, int]], segment_steps: int = 10) -> tuple[dict, dict]:
+    """Run `chain` of (launch, ranks) segments of `segment_steps` steps, each resuming from the last
     one's final checkpoint, and an uninterrupted 2-rank run as long; check that every
     resume starts from exactly the state the segment before ended with. Returns the last
     segment's record and the uninterrupted run's."""
@@ -413,7 +413,7 @@ def _chain(tmp_path, chain: list[tuple[str, int]]) -> tuple[dict, dict]:
     initial = Trainer(config, prepare(config.data), MetricsLogger(None, enabled=False)).model.state_dict()
     previous, checkpoint = None, None
     for i, (launch, world) in enumerate(chain):
-        steps = 10 * (i + 1)
+        steps = segment_steps * (i + 1)
         out = tmp_path / f"segment{i}.pt"
         _spawn(_segment_worker, out, launch, world, initial, dataset_dir, tmp_path / f"run{i}", checkpoint, steps,
                world=world)
@@ -426,7 +426,7 @@ def _chain(tmp_path, chain: list[tuple[str, int]]) -> tuple[dict, dict]:
             assert not torch.equal(got["momentum"], got["resumed_momentum"])  # and it trained on
         previous, checkpoint = got, tmp_path / f"run{i}" / "checkpoints" / f"step-{steps:08d}"
     _spawn(_segment_worker, tmp_path / "whole.pt", "torchrun", WORLD, initial, dataset_dir, tmp_path / "whole", None,
-           10 * len(chain))
+           segment_steps * len(chain))
     return previous, torch.load(tmp_path / "whole.pt", weights_only=True)
 
 
@@ -445,15 +445,21 @@ def test_resume_across_launch_modes_starts_from_the_state_written(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_resumed_on_other_rank_counts_ends_as_an_uninterrupted_one(tmp_path):
-    """2 ranks -> 1 rank -> 2 ranks, 10 steps each, the same global batches throughout,
+    """2 ranks -> 1 rank -> 2 ranks, 2 steps each, the same global batches throughout,
     ends where an uninterrupted 2-rank run ends, within the rounding the two orders of
-    summing gradients over ranks accumulate in 30 steps (measured: tables 1.2e-5,
-    Adagrad sums 1.0e-4; NDCG@10 and HR equal, mean rank 0.002 apart; on an AMD EPYC one
-    Adagrad sum of 1,899 was 1.9e-3 apart, 0.2% of it)."""
-    last, whole = _chain(tmp_path, [("torchrun", WORLD), ("torchrun", 1), ("torchrun", WORLD)])
-    torch.testing.assert_close(last["momentum"], whole["momentum"], rtol=1e-2, atol=5e-4)
+    summing gradients over ranks accumulate. Every resume starts from exactly the state
+    written (`_chain`); the end is compared after few steps because training amplifies
+    rounding: 1 rank against 2 on the same global batches, from the same start, without
+    any resume (this log, an Intel Xeon), the target table was 7e-8 apart after 2 steps,
+    2e-6 after 4, 1.5e-5 after 6, 1.0e-4 after 8 and 4.6e-4 after 10 (2.6x a step; on the
+    machine this test was written on, 30 steps of 10 ended 1.2e-5 apart, and on an AMD
+    EPYC an Adagrad sum of 1,899 ended 1.9e-3 apart, while on the Xeon 30 steps left one
+    23% apart and the metrics off in the third digit)."""
+    last, whole = _chain(tmp_path, [("torchrun", WORLD), ("torchrun", 1), ("torchrun", WORLD)], segment_steps=2)
+    # Measured on the Xeon: tables 1.2e-7 apart, Adagrad sums 1.4e-7.
+    torch.testing.assert_close(last["momentum"], whole["momentum"], rtol=1e-4, atol=1e-5)
     for name, value in whole["state"].items():
-        torch.testing.assert_close(last["state"][name], value, rtol=0, atol=1e-4, msg=name)
+        torch.testing.assert_close(last["state"][name], value, rtol=0, atol=1e-5, msg=name)
     mean_rank = last["valid"].pop("mean_rank") - whole["valid"].pop("mean_rank")
     assert abs(mean_rank) < 0.05
     assert last["valid"] == pytest.approx(whole["valid"], abs=1e-6)
