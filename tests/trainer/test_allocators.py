@@ -46,6 +46,38 @@ def test_a_rank_returns_the_polars_buffers_it_freed():
     assert _kept_gb(through_main=False) > 0.15
 
 
+# GELU (oneDNN) over 500 shapes, as jagged batches give it; prints the resident GB it kept.
+_KERNELS_PROBE = """
+import sys
+sys.path.insert(0, {root!r})
+if {through_main}:
+    import trainer.main  # noqa: F401  (as a rank starts)
+import torch
+from trainer.distributed import current_rss_gb
+torch.set_num_threads(1)
+x = torch.randn(1000, 64)
+torch.nn.functional.gelu(x)
+before = current_rss_gb()
+for rows in range(500, 1000):
+    torch.nn.functional.gelu(x[:rows])
+print(current_rss_gb() - before)
+"""
+
+
+def _kernels_kept_gb(through_main: bool) -> float:
+    env = {key: value for key, value in os.environ.items() if key != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    probe = _KERNELS_PROBE.format(root=str(ROOT), through_main=through_main)
+    out = subprocess.run([sys.executable, "-c", probe], env=env, check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def test_a_rank_keeps_few_compiled_kernels_of_shapes_it_met_once():
+    # Started as trainer.main starts a rank, oneDNN keeps a few of the 500 kernels...
+    assert _kernels_kept_gb(through_main=True) < 0.03
+    # ...where by default it keeps every one (so the check above can fail).
+    assert _kernels_kept_gb(through_main=False) > 0.06
+
+
 # Leaves 175 MB of freed 64 KB chunks as holes in glibc's heap, between chunks still
 # live (which keep the heap from shrinking at its top, as long-lived objects do in a
 # training run); prints the resident GB above the start before and after
