@@ -64,6 +64,18 @@ def _share_generator(seed: int, epoch: int, share: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch] if share == 0 else [seed, epoch, share])
 
 
+def _shuffled(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """`rows[rng.permutation(len(rows))]`, the same order from the same draws (permutation
+    is a shuffle of an arange; the same swaps applied to `rows` give `rows` permuted
+    alike), without the [n] int64 permutation beside it, and in int32 where the indices
+    fit: a rank holds its epoch's order for the whole epoch (a quarter of the int64
+    order and permutation it held: 36 MB on rank 0 of 4 of bench/scale.py, 9 MB now)."""
+    fits = len(rows) == 0 or int(rows.max()) <= np.iinfo(np.int32).max
+    order = rows.astype(np.int32 if fits else rows.dtype)  # a copy
+    rng.shuffle(order)
+    return order
+
+
 class EpochBatchSampler(Sampler[BatchRequest]):
     """Yields this process's `BatchRequest`s for one epoch: batches of `batch_size`
     examples of each share, from its `start_example`-th example of the epoch on, as many
@@ -80,8 +92,7 @@ class EpochBatchSampler(Sampler[BatchRequest]):
         return (self.epoch_examples - self.start_example) // self.batch_size
 
     def __iter__(self) -> Iterator[BatchRequest]:
-        orders = [share.rows[_share_generator(self.seed, self.epoch, share.id).permutation(len(share.rows))]
-                  for share in self.shares]
+        orders = [_shuffled(share.rows, _share_generator(self.seed, self.epoch, share.id)) for share in self.shares]
         for i in range(len(self)):
             lo = self.start_example + i * self.batch_size
             # The random negatives' generator is keyed by the step, which for a run that

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from data.batches import BatchBuilder, BatchSpec
-from data.loader import Share, TrainLoader
+from data.loader import Share, TrainLoader, _shuffled
 from data.sequences import Queries, Sequences
 
 
@@ -128,3 +128,17 @@ def test_too_few_examples_for_one_batch_is_a_clear_error():
     with pytest.raises(ValueError, match="cannot fill one batch"):
         TrainLoader(_builder(4), batch_size=8, seed=0)
     assert torch.tensor(1)  # keep torch imported for the workers test above
+
+
+def test_an_epoch_order_is_the_permutation_of_its_rows_without_holding_it():
+    # The order every logged run drew (rows[permutation]), from a shuffled copy of the rows.
+    rows = np.flatnonzero(np.random.default_rng(5).random(5000) < 0.7)
+    order = _shuffled(rows, np.random.default_rng([0, 3]))
+    assert np.array_equal(order, rows[np.random.default_rng([0, 3]).permutation(len(rows))])
+    assert order.dtype == np.int32 and rows.dtype == np.int64  # held at half the width; rows untouched
+    assert np.array_equal(rows, np.flatnonzero(np.random.default_rng(5).random(5000) < 0.7))
+    # Indices past int32 keep their width, and the same order.
+    wide = rows + 2**31
+    assert np.array_equal(_shuffled(wide, np.random.default_rng(1)), wide[np.random.default_rng(1).permutation(len(wide))])
+    assert _shuffled(wide, np.random.default_rng(1)).dtype == np.int64
+    assert len(_shuffled(np.zeros(0, dtype=np.int64), np.random.default_rng(1))) == 0
