@@ -153,7 +153,7 @@ class PreparedData:
             "has_timestamps": self.log.has_timestamps,
             "has_actions": self.log.has_actions,
             "evaluated_actors": totals.get("evaluated_actors", int(len(self.split.evaluated))),
-            "candidates": int(np.count_nonzero(self.stats.is_candidate)),
+            "candidates": self.stats.num_candidates,
             "active_pool": self.stats.pool_size,
             **self.log.report,
             **({"target_features": self.features.report} if self.features is not None else {}),

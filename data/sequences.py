@@ -177,23 +177,50 @@ class TargetStats:
     # for one of several ranks keeps its `PreparedData.target_rows` only, as for log_q
     log_q: np.ndarray  # [T] float32 log of the normalised sampling probability q(i) ∝ max(count, floor)^exponent
     # (computed in float64; float32 is what the loss reads, so the model shares this array)
-    is_candidate: np.ndarray
-    """[T] bool: the target appears anywhere in the log (a ranking candidate). A mask, like
-    `active`: every rank holds it, and a rank ranks only its own candidates
-    (`candidates_in`): 10 MB at 1e7 targets where the IDs took 80."""
-    active: np.ndarray
-    """[T] bool: last seen in training at or after the cut-off (the random negatives' pool).
-    A mask, not the pool's IDs: every rank holds it, and without random negatives (the
-    default) nothing needs the IDs (10 MB at 1e7 targets, where the IDs took 68 MB)."""
+    num_targets: int
+    candidate_bits: np.ndarray
+    """[ceil(T / 8)] uint8: `np.packbits` of the [T] bool "the target appears anywhere in
+    the log" (a ranking candidate). Every rank holds it, and a rank ranks only its own
+    candidates (`candidates_in`): 1.25 MB at 1e7 targets, where the bool mask took 10 and
+    the IDs 80 (per rank, whatever the number of ranks)."""
+    active_bits: np.ndarray
+    """[ceil(T / 8)] uint8: packed "last seen in training at or after the cut-off" (the
+    random negatives' pool). Bits, not the pool's IDs: without random negatives (the
+    default) nothing needs the IDs (68 MB at 1e7 targets)."""
+
+    @classmethod
+    def of_masks(cls, counts: np.ndarray, log_q: np.ndarray, is_candidate: np.ndarray, active: np.ndarray) -> TargetStats:
+        """From the [T] bool masks (packed here)."""
+        if len(is_candidate) != len(active):
+            raise ValueError(f"TargetStats: {len(is_candidate)} candidate flags but {len(active)} pool flags")
+        return cls(
+            counts=counts, log_q=log_q, num_targets=len(is_candidate),
+            candidate_bits=np.packbits(is_candidate), active_bits=np.packbits(active),
+        )
+
+    @property
+    def is_candidate(self) -> np.ndarray:
+        """[T] bool, unpacked (a new array at every call)."""
+        return np.unpackbits(self.candidate_bits, count=self.num_targets).view(bool)
+
+    @property
+    def active(self) -> np.ndarray:
+        """[T] bool: the random negatives' pool, unpacked (a new array at every call)."""
+        return np.unpackbits(self.active_bits, count=self.num_targets).view(bool)
 
     @property
     def candidates(self) -> np.ndarray:
         """[C] int64 every candidate's target index, ascending (a new array at every call)."""
-        return self.candidates_in(0, len(self.is_candidate))
+        return self.candidates_in(0, self.num_targets)
 
     def candidates_in(self, start: int, stop: int) -> np.ndarray:
         """[C'] int64 the candidates among target indices start .. stop - 1, ascending."""
-        ids = np.flatnonzero(self.is_candidate[start:stop])
+        start, stop = max(start, 0), min(stop, self.num_targets)
+        if start >= stop:
+            return np.zeros(0, dtype=np.int64)
+        first_byte = start // 8  # unpack only the bytes holding start .. stop - 1
+        flags = np.unpackbits(self.candidate_bits[first_byte : (stop + 7) // 8])
+        ids = np.flatnonzero(flags[start - 8 * first_byte : stop - 8 * first_byte])
         ids += start
         return ids
 
@@ -203,8 +230,12 @@ class TargetStats:
         return np.flatnonzero(self.active)
 
     @property
+    def num_candidates(self) -> int:
+        return int(np.bitwise_count(self.candidate_bits).sum(dtype=np.int64))  # packbits pads with 0
+
+    @property
     def pool_size(self) -> int:
-        return int(np.count_nonzero(self.active))
+        return int(np.bitwise_count(self.active_bits).sum(dtype=np.int64))
 
     @classmethod
     def compute(cls, seqs: Sequences, split: Split, config: DataConfig) -> TargetStats:
@@ -219,7 +250,7 @@ class TargetStats:
         cutoff = active_cutoff(seqs.timestamps, config)
         active = np.zeros(seqs.num_targets, dtype=bool)
         active[last_seen.filter(pl.col("last_seen") >= cutoff)["target"].to_numpy()] = True
-        return cls(counts=counts, log_q=log_q, is_candidate=is_candidate, active=active)
+        return cls.of_masks(counts, log_q, is_candidate, active)
 
 
     @classmethod
@@ -233,9 +264,8 @@ class TargetStats:
         log_q = sampling_log_q(counts, config)
         seen = (table["train_count"] + table["valid_count"] + table["test_count"]) > 0
         # A null (another engine's file) is not a candidate, nor in the pool, as a filter reads it.
-        return cls(
-            counts=counts, log_q=log_q, is_candidate=seen.fill_null(False).to_numpy(),
-            active=table["active"].fill_null(False).to_numpy(),
+        return cls.of_masks(
+            counts, log_q, seen.fill_null(False).to_numpy(), table["active"].fill_null(False).to_numpy()
         )
 
 

@@ -94,7 +94,7 @@ def _pool_mask(prepared: PreparedData, sizes: VocabularySizes) -> torch.Tensor:
     """[rows of the target table] bool: the random negatives' pool."""
     mask = np.zeros(sizes.num_id_rows, dtype=bool)
     active = prepared.stats.active  # target index = row: the targets are the table's first rows
-    mask[: len(active)] = active  # a copy: read-only when read from the prepared dataset
+    mask[: len(active)] = active
     return torch.from_numpy(mask)
 
 

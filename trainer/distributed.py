@@ -369,7 +369,7 @@ class QueryGather:
 
 
 def owned_candidates(model: nn.Module, stats: TargetStats, dist: Distributed, table: str = TARGET_TABLE) -> np.ndarray:
-    """[C'] int64 the candidates (`stats.is_candidate`) whose rows of `table` this rank
+    """[C'] int64 the candidates (`stats.candidate_bits`) whose rows of `table` this rank
     holds (all of them in one process), ascending, so evaluation computes each candidate
     vector where its embedding lives. Every candidate is owned by exactly one rank
     (row-wise: a row range each; table-wise: the rank holding the table). Built from the

@@ -86,3 +86,20 @@ def test_target_stats_frequency_floor_and_active_pool(write):
     ids = load_events(config).target_ids
     assert ids.to_raw(stats.active_pool) == [3]
     assert sorted(ids.to_raw(stats.candidates)) == [1, 2, 3, 5, 6, 7, 8, 9]
+
+
+def test_target_masks_are_held_as_bits_and_read_back_exactly():
+    rng = np.random.default_rng(3)
+    for num_targets in (0, 1, 7, 8, 9, 61):
+        is_candidate, active = rng.random(num_targets) < 0.5, rng.random(num_targets) < 0.3
+        stats = TargetStats.of_masks(np.zeros(num_targets, np.int32), np.zeros(num_targets, np.float32), is_candidate, active)
+        assert stats.candidate_bits.nbytes == stats.active_bits.nbytes == (num_targets + 7) // 8
+        assert np.array_equal(stats.is_candidate, is_candidate) and np.array_equal(stats.active, active)
+        assert stats.num_candidates == is_candidate.sum() and stats.pool_size == active.sum()
+        assert np.array_equal(stats.active_pool, np.flatnonzero(active))
+        for start in range(-1, num_targets + 2):
+            for stop in range(start, num_targets + 3):
+                inside = np.flatnonzero(is_candidate)
+                expected = inside[(inside >= start) & (inside < stop)]
+                got = stats.candidates_in(start, stop)
+                assert got.dtype == np.int64 and np.array_equal(got, expected), (num_targets, start, stop)
