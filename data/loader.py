@@ -68,8 +68,8 @@ def _shuffled(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """`rows[rng.permutation(len(rows))]`, the same order from the same draws (permutation
     is a shuffle of an arange; the same swaps applied to `rows` give `rows` permuted
     alike), without the [n] int64 permutation beside it, and in int32 where the indices
-    fit: a rank holds its epoch's order for the whole epoch (a quarter of the int64
-    order and permutation it held: 36 MB on rank 0 of 4 of bench/scale.py, 9 MB now)."""
+    fit: a rank holds its epoch's order for the whole epoch. On rank 0 of 4 of
+    bench/scale.py: 9 MB held instead of 18, and 9 MB at the peak instead of 36."""
     fits = len(rows) == 0 or int(rows.max()) <= np.iinfo(np.int32).max
     order = rows.astype(np.int32 if fits else rows.dtype)  # a copy
     rng.shuffle(order)

@@ -41,9 +41,14 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
-import polars as pl
-import torch
+from trainer import allocators
+
+# Before polars and torch allocate anything, as in the trainer's ranks (trainer/allocators.py).
+allocators.configure()
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+import torch  # noqa: E402
 
 from configs.loading import ConfigError, load_config
 from data.dataset import PreparedDataset, partition_of, prepared_config

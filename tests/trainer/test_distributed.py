@@ -451,10 +451,12 @@ def test_a_run_resumed_on_other_rank_counts_ends_as_an_uninterrupted_one(tmp_pat
     written (`_chain`); the end is compared after few steps because training amplifies
     rounding: 1 rank against 2 on the same global batches, from the same start, without
     any resume (this log, an Intel Xeon), the target table was 7e-8 apart after 2 steps,
-    2e-6 after 4, 1.5e-5 after 6, 1.0e-4 after 8 and 4.6e-4 after 10 (2.6x a step; on the
-    machine this test was written on, 30 steps of 10 ended 1.2e-5 apart, and on an AMD
-    EPYC an Adagrad sum of 1,899 ended 1.9e-3 apart, while on the Xeon 30 steps left one
-    23% apart and the metrics off in the third digit)."""
+    2e-6 after 4, 1.5e-5 after 6, 1.0e-4 after 8 and 4.6e-4 after 10 (2.5-3x a step). On
+    the machine this test was written on, 30 steps of 10 ended 1.2e-5 apart, and on an
+    AMD EPYC an Adagrad sum of 1,899 ended 1.9e-3 apart: with such growth those machines
+    must have summed bit-identically in most steps, where on the Xeon 30 steps left one
+    Adagrad sum 23% apart and the metrics off in the third digit. Each segment still ends
+    with a validation and a checkpoint, which the next one resumes from."""
     last, whole = _chain(tmp_path, [("torchrun", WORLD), ("torchrun", 1), ("torchrun", WORLD)], segment_steps=2)
     # Measured on the Xeon: tables 1.2e-7 apart, Adagrad sums 1.4e-7.
     torch.testing.assert_close(last["momentum"], whole["momentum"], rtol=1e-4, atol=1e-5)
