@@ -66,21 +66,25 @@ class Distributed:
             return tensor
         return _GatherWithGradient.apply(tensor.contiguous(), self.gather_group, self.rank, self.world_size)
 
+    # sum, max and gather_varying take tensors where their callers hold them (counts and
+    # IDs from numpy on the CPU, log q, the loss's counts) and communicate on `device`:
+    # NCCL moves CUDA tensors only, gloo CPU ones. On the CPU the moves are no-ops.
+
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks, without gradient (counts, logged values)."""
+        """Sum over ranks, without gradient (counts, logged values), on `tensor`'s device."""
         if self.world_size == 1:
             return tensor
-        total = tensor.detach().clone()
+        total = tensor.detach().to(self.device, copy=True)
         torch_dist.all_reduce(total)
-        return total
+        return total.to(tensor.device)
 
     def max(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Maximum over ranks, without gradient."""
+        """Maximum over ranks, without gradient, on `tensor`'s device."""
         if self.world_size == 1:
             return tensor
-        result = tensor.detach().clone()
+        result = tensor.detach().to(self.device, copy=True)
         torch_dist.all_reduce(result, op=torch_dist.ReduceOp.MAX)
-        return result
+        return result.to(tensor.device)
 
     def barrier(self) -> None:
         if self.enabled:
@@ -91,15 +95,15 @@ class Distributed:
         when the ranks hold different numbers of rows (no gradient)."""
         if self.world_size == 1:
             return tensor
-        tensor = tensor.detach().contiguous()
-        sizes = torch.zeros(self.world_size, dtype=torch.int64)
+        sizes = torch.zeros(self.world_size, dtype=torch.int64, device=self.device)
         sizes[self.rank] = tensor.shape[0]
         torch_dist.all_reduce(sizes)
-        padded = torch.zeros((int(sizes.max()), *tensor.shape[1:]), dtype=tensor.dtype)
-        padded[: tensor.shape[0]] = tensor
+        sizes = sizes.cpu()
+        padded = torch.zeros((int(sizes.max()), *tensor.shape[1:]), dtype=tensor.dtype, device=self.device)
+        padded[: tensor.shape[0]] = tensor.detach()
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         torch_dist.all_gather(parts, padded)
-        return torch.cat([part[: int(size)] for part, size in zip(parts, sizes)])
+        return torch.cat([part[: int(size)] for part, size in zip(parts, sizes)]).to(tensor.device)
 
     def gather_objects(self, value: object) -> list:
         """Every rank's `value` (picklable, small), in rank order, on every rank. The
