@@ -12,7 +12,7 @@ synthetic parquet log written to disk first (actors and targets distinct). Then
 `torch.distributed.run` (what torchx's dist.ddp runs) launches trainer/main.py on the
 prepared dataset, one thread per rank, and the run's results.json gives every rank's
 figures. Writes bench/results/scale.json (scale_1e8.json for --events 1e8,
-scale_4ranks.json for --ranks 4; each rewritten by its own run): rows, dim, ranks, peak_rss_gb_per_rank, examples_per_s (global, validation and
+scale_4ranks.json for --ranks 4, scale_1ranks.json for --ranks 1; each rewritten by its own run): rows, dim, ranks, peak_rss_gb_per_rank, examples_per_s (global, validation and
 checkpoints not counted), test (the metrics over the sampled actors), and
 `baseline_rss_gb` (per rank: after imports and process-group set-up, before any data),
 `events_held_per_rank` (events in memory: a rank's actors' own and, in a shared ID space,
