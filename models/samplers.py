@@ -46,6 +46,8 @@ from torch import nn
 from models.repeat import HistoryItems
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
+GatherWithSizes = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""Every rank's rows concatenated in rank order, and the [ranks] rows each gave."""
 
 
 def identity_gather(tensor: torch.Tensor) -> torch.Tensor:
@@ -146,18 +148,17 @@ class RowShare:
 
     first: int
     rank: int
-    gather_varying: Gather
+    gather_varying_with_sizes: GatherWithSizes
     sum: Gather
 
     def lookup(self, held: torch.Tensor, ids: torch.Tensor, same_on_every_rank: bool = False) -> torch.Tensor:
         """`same_on_every_rank`: every rank asks for the same IDs (the gathered batch's),
-        so they need no gathering: one sum over ranks, where other IDs take two gathers
-        of sizes and IDs besides (`gather_varying` exchanges sizes again inside)."""
+        so they need no gathering: one sum over ranks, where other IDs are gathered first."""
         flat = ids.reshape(-1)
         everyone, offset = flat, 0
         if not same_on_every_rank:
-            sizes = self.gather_varying(torch.tensor([flat.numel()], device=flat.device))
-            everyone, offset = self.gather_varying(flat), int(sizes[: self.rank].sum())
+            everyone, sizes = self.gather_varying_with_sizes(flat)
+            offset = int(sizes[: self.rank].sum())
         index = everyone - self.first
         inside = (index >= 0) & (index < held.numel())
         values = torch.zeros(everyone.shape, dtype=held.dtype, device=held.device)

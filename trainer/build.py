@@ -87,7 +87,7 @@ def _log_p_share(prepared: PreparedData, dist: Distributed | None) -> RowShare |
         return None
     if dist is None or not dist.enabled:
         raise ValueError(f"build_model: the data holds log q of targets {prepared.target_rows} only; give its ranks (dist)")
-    return RowShare(prepared.target_rows[0], dist.rank, dist.gather_varying, dist.sum)
+    return RowShare(prepared.target_rows[0], dist.rank, dist.gather_varying_with_sizes, dist.sum)
 
 
 def _pool_mask(prepared: PreparedData, sizes: VocabularySizes) -> torch.Tensor:

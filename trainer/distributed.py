@@ -93,8 +93,14 @@ class Distributed:
     def gather_varying(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's `tensor` concatenated along dim 0 in rank order, on every rank,
         when the ranks hold different numbers of rows (no gradient)."""
+        return self.gather_varying_with_sizes(tensor)[0]
+
+    def gather_varying_with_sizes(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`gather_varying`, and the [world_size] int64 rows each rank gave (on the CPU): the
+        sizes are exchanged to gather anyway, so a caller placing its own rows needs no
+        collective of its own."""
         if self.world_size == 1:
-            return tensor
+            return tensor, torch.tensor([tensor.shape[0]], dtype=torch.int64)
         sizes = torch.zeros(self.world_size, dtype=torch.int64, device=self.device)
         sizes[self.rank] = tensor.shape[0]
         torch_dist.all_reduce(sizes)
@@ -103,7 +109,7 @@ class Distributed:
         padded[: tensor.shape[0]] = tensor.detach()
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         torch_dist.all_gather(parts, padded)
-        return torch.cat([part[: int(size)] for part, size in zip(parts, sizes)]).to(tensor.device)
+        return torch.cat([part[: int(size)] for part, size in zip(parts, sizes)]).to(tensor.device), sizes
 
     def gather_objects(self, value: object) -> list:
         """Every rank's `value` (picklable, small), in rank order, on every rank. The
@@ -337,12 +343,11 @@ class QueryGather:
     @staticmethod
     def of(actor_Q: np.ndarray, dist: Distributed) -> QueryGather:
         """From the actor of each of this rank's queries."""
-        sizes = dist.gather_objects(len(actor_Q))
-        all_actor_Q = dist.gather_varying(torch.from_numpy(np.ascontiguousarray(actor_Q, dtype=np.int64)))
+        all_actor_Q, sizes = dist.gather_varying_with_sizes(torch.from_numpy(np.ascontiguousarray(actor_Q, dtype=np.int64)))
         order = torch.argsort(all_actor_Q, stable=True).numpy()
         position = np.empty_like(order)
         position[order] = np.arange(len(order))
-        return QueryGather(dist, order, position, int(sum(sizes[: dist.rank])))
+        return QueryGather(dist, order, position, int(sizes[: dist.rank].sum()))
 
     def __len__(self) -> int:
         return len(self.order)
