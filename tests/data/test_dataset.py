@@ -288,8 +288,9 @@ def test_the_prepare_command_writes_the_dataset(tmp_path, capsys):
 
 
 def test_counts_are_int32_unless_a_count_outgrows_it():
-    """Every rank holds the per-target counts whole: int32 halves them, and a count
-    (or a training plus validation sum) beyond int32 keeps them exact in int64."""
+    """Every rank holds per-target counts (its share of them on several ranks): int32
+    halves them, and a count (or a training plus validation sum) beyond int32 keeps them
+    exact in int64."""
     config = DataConfig(path="embedded:collegemsg")
     small = pl.DataFrame({"target": [0, 1], "train_count": [3, 0], "valid_count": [1, 1], "test_count": [0, 1],
                           "active": [True, False]})

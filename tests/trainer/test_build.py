@@ -23,7 +23,7 @@ def test_the_model_reads_the_statistics_log_q_without_a_copy():
 
 
 def test_the_random_pool_is_held_as_ids_only_where_random_negatives_are_drawn():
-    """The pool is a [T] mask in the statistics; its [P] int64 IDs (68 MB at 1e7 targets)
+    """The pool is a [T] mask in the statistics (packed in bits); its [P] int64 IDs (68 MB at 1e7 targets)
     go to the training batches' builder only when they draw from it."""
     config = load_config(CONFIG, ["loader.num_rand_negs=4"])
     prepared = prepare(config.data)
