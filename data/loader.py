@@ -20,16 +20,24 @@ training process or in DataLoader workers, and after a resume.
 The position (epoch, examples of each share consumed in it) is counted where batches
 are *consumed*, not where workers prefetch them, so `state_dict()` is exact. It is kept
 in examples, not steps, so a run resumed with another batch size goes on at the next
-unseen example of each share. Resumed on another number of shares (ranks) mid-epoch,
-the shares hold other examples in another order, so which ones were seen is not known
-per example: the new shares go on from the same fraction of the epoch (a warning says
-so); every example is still drawn once per epoch in expectation.
+unseen example of each share, in the same order.
+
+Resumed on another number of shares (ranks) mid-epoch, the new shares hold other
+examples, so the position alone cannot say which were drawn. What can: `drawn()`, the
+examples drawn so far this epoch as bits per *partition* (the unit a share is made of,
+data/dataset.py), over the partition's examples in row order -- the same bits whatever
+the layout that wrote them. `load_state_dict(state, drawn)` then draws exactly the
+examples not drawn yet, shuffled afresh (a *remainder* epoch), as many steps as the
+share with the fewest left fills (the rest sit out, as the larger shares' few do in any
+epoch); the next epoch starts whole. A resume into a remainder epoch takes the same path.
+Without the bits (a checkpoint written before they were), the shares go on from the same
+fraction of the epoch, and a warning says so.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +52,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Share:
-    """The training examples of one rank: `rows` index the builder's queries."""
+    """The training examples of one rank: `rows` index the builder's queries, ascending."""
 
     id: int
     rows: np.ndarray
@@ -56,6 +64,7 @@ class BatchRequest:
     step: int
     rows: np.ndarray  # example indices, share after share
     shares: tuple[tuple[int, int], ...]  # (share id, rows of it) in `rows` order
+    remainder: bool = False  # a remainder epoch's batch (its own random negatives' stream)
 
 
 def _share_generator(seed: int, epoch: int, share: int) -> np.random.Generator:
@@ -63,6 +72,26 @@ def _share_generator(seed: int, epoch: int, share: int) -> np.random.Generator:
     # run draws the examples it drew before shares existed (the logged runs stand).
     return np.random.default_rng([seed, epoch] if share == 0 else [seed, epoch, share])
 
+
+_REMAINDER_STREAM = 1
+"""Appended to a generator's key for a remainder epoch's order and negatives: streams of
+their own, never those of a whole epoch's steps."""
+
+
+def _remainder_generator(seed: int, epoch: int, share: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, share, _REMAINDER_STREAM])
+
+
+def _partition_positions(partitions: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(partition, positions of its entries in ascending order) for each partition in
+    `partitions`. One pass a partition (a rank holds a few dozen): no [n] int64 argsort
+    held beside a share at every checkpoint."""
+    for part in np.unique(partitions).tolist():
+        yield part, np.flatnonzero(partitions == part)
+
+
+_LOOKUP_CHUNK = 1 << 20
+"""Rows looked up at a time when marking drawn examples: bounded temporaries."""
 
 def _shuffled(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """`rows[rng.permutation(len(rows))]`, the same order from the same draws (permutation
@@ -78,21 +107,21 @@ def _shuffled(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 class EpochBatchSampler(Sampler[BatchRequest]):
     """Yields this process's `BatchRequest`s for one epoch: batches of `batch_size`
-    examples of each share, from its `start_example`-th example of the epoch on, as many
-    as fit in `epoch_examples` (what the smallest share of any rank holds)."""
+    examples of each share's `orders`, from its `start_example`-th example of the epoch
+    on, as many as fit in `epoch_examples` (what the smallest share of any rank holds)."""
 
     def __init__(
-        self, shares: list[Share], batch_size: int, epoch_examples: int, *, seed: int, epoch: int,
-        start_example: int = 0,
+        self, share_ids: list[int], orders: list[np.ndarray], batch_size: int, epoch_examples: int, *, epoch: int,
+        start_example: int = 0, remainder: bool = False,
     ) -> None:
-        self.shares, self.batch_size, self.epoch_examples = shares, batch_size, epoch_examples
-        self.seed, self.epoch, self.start_example = seed, epoch, start_example
+        self.share_ids, self.orders, self.batch_size, self.epoch_examples = share_ids, orders, batch_size, epoch_examples
+        self.epoch, self.start_example, self.remainder = epoch, start_example, remainder
 
     def __len__(self) -> int:
         return (self.epoch_examples - self.start_example) // self.batch_size
 
     def __iter__(self) -> Iterator[BatchRequest]:
-        orders = [_shuffled(share.rows, _share_generator(self.seed, self.epoch, share.id)) for share in self.shares]
+        orders = self.orders
         for i in range(len(self)):
             lo = self.start_example + i * self.batch_size
             # The random negatives' generator is keyed by the step, which for a run that
@@ -100,7 +129,7 @@ class EpochBatchSampler(Sampler[BatchRequest]):
             step = lo // self.batch_size
             yield BatchRequest(
                 self.epoch, step, np.concatenate([order[lo : lo + self.batch_size] for order in orders]),
-                tuple((share.id, self.batch_size) for share in self.shares),
+                tuple((share, self.batch_size) for share in self.share_ids), self.remainder,
             )
 
 
@@ -112,7 +141,9 @@ class _RequestedBatches(Dataset):
 
     def __getitem__(self, request: BatchRequest) -> Batch:
         negatives = [
-            self.builder.random_negatives(np.random.default_rng([self.seed, request.epoch, request.step, share]), rows)
+            self.builder.random_negatives(np.random.default_rng(
+                [self.seed, request.epoch, request.step, share] + ([_REMAINDER_STREAM] if request.remainder else [])
+            ), rows)
             for share, rows in request.shares
         ]
         return self.builder.build(request.rows, negatives=np.concatenate(negatives))
@@ -132,10 +163,12 @@ class TrainLoader:
 
         loader = TrainLoader(builder, batch_size=128, seed=0)        # one share: every example
         loader = TrainLoader(builder, batch_size=128, seed=0, shares=[Share(rank, rows)],
-                             epoch_examples=least_over_ranks, num_shares=world_size)  # one rank's share
+                             epoch_examples=least_over_ranks, num_shares=world_size,
+                             partition_of_rows=..., least_over_ranks=...)  # one rank's share
         for batch in loader: ...            # runs until the caller stops
         state = loader.state_dict()         # epoch, examples of each share consumed in it, layout
-        loader.load_state_dict(state)       # the next batch starts at the next unseen example
+        drawn = loader.drawn()              # {partition: bits}, the examples drawn this epoch
+        loader.load_state_dict(state, drawn)  # the next batch starts at the next unseen example
     """
 
     def __init__(
@@ -147,20 +180,32 @@ class TrainLoader:
         shares: list[Share] | None = None,
         epoch_examples: int | None = None,
         num_shares: int | None = None,
+        partition_of_rows: Callable[[np.ndarray], np.ndarray] | None = None,
+        least_over_ranks: Callable[[int], int] | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
     ) -> None:
         """`shares`: the shares this process builds batches of (default: one of every
         example). `epoch_examples`: the examples the smallest share of any rank holds
         (every rank must run as many steps); default: the least over `shares`.
-        `num_shares`: the shares over all ranks (default: this process's)."""
+        `num_shares`: the shares over all ranks (default: this process's).
+        `partition_of_rows`: the partition of each row; a partition lies in one share
+        (default: each share is one, numbered by its id). `least_over_ranks`: the least of a number over every
+        rank, a collective (default: this process holds every share)."""
         self.builder, self.batch_size, self.seed = builder, batch_size, seed
         self.shares = shares if shares is not None else [Share(0, np.arange(len(builder.queries)))]
         fewest = min(len(share.rows) for share in self.shares)
         self.epoch_examples = fewest if epoch_examples is None else min(epoch_examples, fewest)
         self.num_shares = len(self.shares) if num_shares is None else num_shares
+        self.partition_of_rows = partition_of_rows
+        self.least_over_ranks = least_over_ranks or (lambda n: n)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.epoch, self.examples = 0, 0
+        # A remainder epoch (after a resume into another layout): per share, the rows not
+        # drawn before it, and the examples each share draws in it. None in a whole epoch.
+        self._undrawn: list[np.ndarray] | None = None
+        self._remainder_examples = 0
+        self._orders: tuple[int, list[np.ndarray]] | None = None  # (epoch, each share's order), once drawn
         if self.steps_per_epoch == 0:
             # A user error (a tiny or degenerate log, or a batch too large for it), so a
             # DataError: the entry point prints it in one line.
@@ -176,25 +221,73 @@ class TrainLoader:
 
     @property
     def steps_per_epoch(self) -> int:
+        """Steps of a whole epoch."""
         return self.epoch_examples // self.batch_size
 
-    def state_dict(self) -> dict[str, int]:
-        """The epoch, the examples of each share consumed in it, and the layout they were
-        counted in (shares over all ranks, the examples an epoch draws of each)."""
-        return {"epoch": self.epoch, "examples": self.examples, "num_shares": self.num_shares,
-                "epoch_examples": self.epoch_examples}
+    @property
+    def in_remainder(self) -> bool:
+        return self._undrawn is not None
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def state_dict(self) -> dict[str, int]:
+        """The epoch, the examples of each share consumed in it, the layout they were
+        counted in (shares over all ranks, the examples a whole epoch draws of each), and
+        whether the epoch is a remainder (its examples count from the resume)."""
+        return {"epoch": self.epoch, "examples": self.examples, "num_shares": self.num_shares,
+                "epoch_examples": self.epoch_examples, "remainder": int(self.in_remainder)}
+
+    def _partitions(self, share: Share) -> np.ndarray:
+        if self.partition_of_rows is None:
+            return np.full(len(share.rows), share.id, dtype=np.int32)
+        return self.partition_of_rows(share.rows)
+
+    def partition_sizes(self) -> dict[int, int]:
+        """The examples of each partition of this process's shares."""
+        sizes: dict[int, int] = {}
+        for share in self.shares:
+            for part, positions in _partition_positions(self._partitions(share)):
+                if part in sizes:
+                    raise ValueError(f"partition {part} lies in two of this process's shares")
+                sizes[part] = len(positions)
+        return sizes
+
+    def drawn(self) -> dict[int, np.ndarray]:
+        """The examples drawn so far this epoch, for each partition of this process's
+        shares: bits (np.packbits order) over the partition's examples in row order, 1 for
+        drawn. Whatever layout writes them, a partition's bits are the same."""
+        bits: dict[int, np.ndarray] = {}
+        orders = self._epoch_orders() if self.examples else None
+        for i, share in enumerate(self.shares):
+            drawn = np.ones(len(share.rows), dtype=bool) if self._undrawn is not None else np.zeros(len(share.rows), bool)
+            if self._undrawn is not None:
+                drawn[np.searchsorted(share.rows, self._undrawn[i])] = False
+            if orders is not None:
+                consumed = orders[i][: self.examples]
+                for lo in range(0, len(consumed), _LOOKUP_CHUNK):
+                    drawn[np.searchsorted(share.rows, consumed[lo : lo + _LOOKUP_CHUNK])] = True
+            for part, positions in _partition_positions(self._partitions(share)):
+                if part in bits:
+                    raise ValueError(f"partition {part} lies in two of this process's shares")
+                bits[part] = np.packbits(drawn[positions])
+        return bits
+
+    def load_state_dict(self, state: dict[str, int], drawn: dict[int, np.ndarray] | None = None) -> None:
+        """Go on from `state` (`state_dict()` of this or another layout). `drawn` (`drawn()`
+        of every rank that wrote `state`; at least this process's partitions) is needed
+        to go on exactly in another layout or in a remainder epoch; see `needs_drawn`.
+        With several ranks, every rank calls this (`least_over_ranks` is collective)."""
         self.epoch, examples = int(state["epoch"]), int(state["examples"])
-        same_layout = (int(state["num_shares"]), int(state["epoch_examples"])) == (self.num_shares, self.epoch_examples)
-        if examples and not same_layout:
-            # Other shares: the same fraction of the epoch, in this layout's examples.
+        self._undrawn, self._orders = None, None
+        if self.needs_drawn(state):
+            if drawn is not None:
+                self._begin_remainder(drawn)
+                return
+            # Written before the bits were: the same fraction of the epoch, in this layout's examples.
             fraction = examples / max(int(state["epoch_examples"]), 1)
             moved = min(round(fraction * self.epoch_examples), self.epoch_examples)
             log.warning(
-                "resumed %.1f%% into epoch %d on %d shares of %d examples (written on %d of %d): which examples "
-                "were drawn is not known per example in another layout, so each share goes on from the same "
-                "fraction of its epoch", 100 * fraction, self.epoch, self.num_shares, self.epoch_examples,
+                "resumed %.1f%% into epoch %d on %d shares of %d examples (written on %d of %d): the checkpoint "
+                "does not say which examples were drawn, so each share goes on from the same fraction of its "
+                "epoch", 100 * fraction, self.epoch, self.num_shares, self.epoch_examples,
                 int(state["num_shares"]), int(state["epoch_examples"]),
             )
             examples = moved
@@ -202,10 +295,57 @@ class TrainLoader:
         if self.examples + self.batch_size > self.epoch_examples:  # no full batch left in this epoch
             self.epoch, self.examples = self.epoch + 1, 0
 
+    def needs_drawn(self, state: dict[str, int]) -> bool:
+        """Whether going on from `state` exactly needs the drawn examples' bits: mid-epoch
+        in another layout, or in a remainder epoch. (Another batch size alone does not:
+        the same order goes on.)"""
+        if int(state.get("remainder", 0)):
+            return True
+        same_layout = (int(state["num_shares"]), int(state["epoch_examples"])) == (self.num_shares, self.epoch_examples)
+        return int(state["examples"]) > 0 and not same_layout
+
+    def _begin_remainder(self, drawn: dict[int, np.ndarray]) -> None:
+        """A remainder epoch over the examples `drawn` leaves: each share's undrawn rows,
+        shuffled by a stream of its own, as many of each as the fewest any rank has left."""
+        undrawn = []
+        for share in self.shares:
+            flags = np.zeros(len(share.rows), dtype=bool)
+            for part, positions in _partition_positions(self._partitions(share)):
+                if part not in drawn:
+                    raise ValueError(f"the checkpoint's drawn examples lack partition {part}")
+                bits = np.asarray(drawn[part], dtype=np.uint8)
+                if len(bits) != (len(positions) + 7) // 8:
+                    raise ValueError(
+                        f"the checkpoint's drawn examples of partition {part} cover {8 * len(bits)} bits, but it "
+                        f"holds {len(positions)} examples here: written for other data or another loader config"
+                    )
+                flags[positions] = np.unpackbits(bits, count=len(positions)).astype(bool)
+            undrawn.append(share.rows[~flags])
+        left = self.least_over_ranks(min(len(rows) for rows in undrawn))
+        self.examples = 0
+        if left < self.batch_size:  # not one full batch left on some rank: the next epoch
+            self.epoch += 1
+            return
+        self._undrawn, self._remainder_examples = undrawn, left
+        log.info("resumed into epoch %d's remainder: %d examples of each share left to draw", self.epoch, left)
+
+    def _epoch_orders(self) -> list[np.ndarray]:
+        """This epoch's order of each share (computed once an epoch)."""
+        if self._orders is None or self._orders[0] != self.epoch:
+            if self._undrawn is not None:
+                orders = [_shuffled(rows, _remainder_generator(self.seed, self.epoch, share.id))
+                          for share, rows in zip(self.shares, self._undrawn)]
+            else:
+                orders = [_shuffled(share.rows, _share_generator(self.seed, self.epoch, share.id))
+                          for share in self.shares]
+            self._orders = (self.epoch, orders)
+        return self._orders[1]
+
     def _epoch_loader(self) -> DataLoader:
+        epoch_examples = self._remainder_examples if self.in_remainder else self.epoch_examples
         sampler = EpochBatchSampler(
-            self.shares, self.batch_size, self.epoch_examples, seed=self.seed, epoch=self.epoch,
-            start_example=self.examples,
+            [share.id for share in self.shares], self._epoch_orders(), self.batch_size, epoch_examples,
+            epoch=self.epoch, start_example=self.examples, remainder=self.in_remainder,
         )
         return DataLoader(
             _RequestedBatches(self.builder, self.seed),
@@ -227,3 +367,4 @@ class TrainLoader:
                 self.examples += self.batch_size
                 yield batch
             self.epoch, self.examples = self.epoch + 1, 0
+            self._undrawn, self._orders = None, None

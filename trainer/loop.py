@@ -23,6 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from configs.loading import config_to_dict
 from configs.schema import ExperimentConfig, OptimConfig
+from data.dataset import partition_of
 from data.loader import Share, TrainLoader
 from data.prepare import PreparedData
 from data.readers import DataError
@@ -30,7 +31,7 @@ from trainer.allocators import release_free_heap
 from trainer.build import build_model, model_scorer, train_batch_builder
 from trainer.checkpoint import (
     best_name, checkpoint_keys, load_best, load_checkpoint, load_optimizer_state_tensors, optimizer_state_tensors,
-    save_best, save_checkpoint,
+    read_metadata, save_best, save_checkpoint,
 )
 from trainer.distributed import Distributed, owned_candidates, shard_model
 from trainer.evaluation import METRIC_NAMES, SeenTargets, full_ranking_ranks, metrics_from_ranks
@@ -54,6 +55,28 @@ def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
 
 class NonFiniteTrainingError(RuntimeError):
     """Too many steps in a row with a NaN or inf loss or gradient."""
+
+
+DRAWN_KEY = "loader_drawn"
+"""The checkpoint's key of the examples drawn this epoch, a partition each (data/loader.py)."""
+
+
+def _drawn_key(part: int) -> str:
+    return f"part{part:05d}"
+
+
+def _partition_of_rows(rows: np.ndarray, sequence_of_row: np.ndarray, prepared: PreparedData) -> np.ndarray:
+    """The partition of each training example `rows` (its actor's): the unit the loader's
+    drawn examples are written in, the same whatever the rank count (data/loader.py).
+    Built a chunk at a time into the narrowest integers that hold it: it is asked at every
+    checkpoint, for every example of the rank's share."""
+    of_sequence = partition_of(prepared.seqs.actor, prepared.partitions)
+    dtype = np.uint16 if prepared.partitions <= np.iinfo(np.uint16).max else np.int64
+    out = np.empty(len(rows), dtype=dtype)
+    chunk = 1 << 20
+    for lo in range(0, len(rows), chunk):
+        out[lo : lo + chunk] = of_sequence[sequence_of_row[rows[lo : lo + chunk]]]
+    return out
 
 
 @dataclass
@@ -123,7 +146,10 @@ class Trainer:
             )
         self.loader = TrainLoader(
             builder, batch_size=batch_size, seed=config.seed, shares=[Share(dist.rank, rows)],
-            epoch_examples=min(shares), num_shares=dist.world_size, num_workers=config.loader.num_workers,
+            epoch_examples=min(shares), num_shares=dist.world_size,
+            partition_of_rows=lambda rows: _partition_of_rows(rows, queries.sequence, prepared),
+            least_over_ranks=lambda n: min(dist.gather_objects(n)),
+            num_workers=config.loader.num_workers,
         )
         epoch_steps = self.loader.steps_per_epoch
         self.total_steps = int(math.ceil(config.train.max_epochs * epoch_steps))
@@ -313,7 +339,10 @@ class Trainer:
         of its own beside this one) and this rank's RNG."""
         # One layout whether the tables' optimizer ran fused (torchrun) or not (plain).
         sparse = SparseOptimizerState(self._sparse_optimizers(), fused=self.dist.enabled)
-        return self._state({SPARSE_KEY: sparse.entries()})
+        # Each rank writes its own partitions' drawn examples, read back by whichever rank
+        # holds a partition on resume.
+        drawn = {_drawn_key(part): torch.from_numpy(bits) for part, bits in self.loader.drawn().items()}
+        return {**self._state({SPARSE_KEY: sparse.entries()}), DRAWN_KEY: drawn}
 
     def _state(self, sparse: dict) -> dict:
         """The checkpoint's state dict, with `sparse`: the tables' optimizer entries."""
@@ -342,6 +371,8 @@ class Trainer:
                 del state["progress"][f"loader_{key}"]
             state["progress"]["loader_step"] = torch.tensor(0, dtype=torch.int64)
             state["progress"]["loader_epoch"] = torch.tensor(0, dtype=torch.int64)
+        elif "progress.loader_remainder" not in metadata:  # written before remainder epochs were
+            del state["progress"]["loader_remainder"]
         rng_key = f"rng_rank{self.dist.rank}"
         if not any(key.startswith(rng_key) for key in metadata):
             # Written by fewer ranks: this rank's random stream starts afresh.
@@ -359,13 +390,30 @@ class Trainer:
         if "step" in loader:  # written in steps of this batch size (which could not change then)
             layout = self.loader.state_dict()
             loader = {**layout, "epoch": loader["epoch"], "examples": loader["step"] * self.loader.batch_size}
-        self.loader.load_state_dict(loader)
+        drawn = self._load_drawn(path) if self.loader.needs_drawn(loader) else None
+        self.loader.load_state_dict(loader, drawn)
         self.best_ndcg = float(state["best_ndcg"])
         best = {k: float(v) for k, v in state["best_valid"].items()}
         self.best_valid = {} if all(math.isnan(v) for v in best.values()) else best
         if rng_key in state:
             torch.set_rng_state(state[rng_key])
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _load_drawn(self, path: Path) -> dict[int, np.ndarray] | None:
+        """This rank's partitions' drawn examples from checkpoint `path` (None when it was
+        written before they were). A partition it lacks is left out, and one of another
+        size is read at its written size: the loader refuses either in one line."""
+        stored = read_metadata(path).state_dict_metadata
+        if not any(key.startswith(f"{DRAWN_KEY}.") for key in stored):
+            return None
+        wanted = {}
+        for part in self.loader.partition_sizes():
+            size = getattr(stored.get(f"{DRAWN_KEY}.{_drawn_key(part)}"), "size", None)
+            if isinstance(size, torch.Size) and len(size) == 1:
+                wanted[_drawn_key(part)] = torch.empty(size, dtype=torch.uint8)
+        state = {DRAWN_KEY: wanted}
+        load_checkpoint(path, state, self.dist)
+        return {int(key.removeprefix("part")): bits.numpy() for key, bits in state[DRAWN_KEY].items()}
 
     def _keep_best(self) -> None:
         """The model as the best so far: its own checkpoint (trainer/checkpoint.py

@@ -75,7 +75,7 @@ def test_restored_position_continues_exactly():
     loader = TrainLoader(builder, batch_size=8, seed=0)
     head = _take(loader, 7)
     state = loader.state_dict()
-    assert state == {"epoch": 1, "examples": 16, "num_shares": 1, "epoch_examples": 40}
+    assert state == {"epoch": 1, "examples": 16, "num_shares": 1, "epoch_examples": 40, "remainder": 0}
     resumed = TrainLoader(builder, batch_size=8, seed=0)
     resumed.load_state_dict(state)
     assert head + _take(resumed, 5) == uninterrupted
@@ -102,15 +102,94 @@ def test_resumed_with_another_batch_size_the_run_goes_on_at_the_next_unseen_exam
         assert _take(resumed, 1) == fresh[-1:]
 
 
-def test_resumed_on_other_shares_mid_epoch_goes_on_from_the_same_fraction_and_says_so(caplog):
+def _partitions(rows: np.ndarray) -> np.ndarray:
+    """Example i lies in partition i % 4: partitions interleave in row order, as hashed actors do."""
+    return rows % 4
+
+
+def _partitioned_shares(parts_of_share: list[list[int]], n: int = 40) -> list[Share]:
+    rows = np.arange(n)
+    return [Share(i, rows[np.isin(_partitions(rows), parts)]) for i, parts in enumerate(parts_of_share)]
+
+
+def _layout(builder, parts_of_share: list[list[int]], batch_size: int, **kwargs) -> TrainLoader:
+    """One process holding every share of a layout, as N ranks would hold them."""
+    return TrainLoader(builder, batch_size=batch_size, seed=0, shares=_partitioned_shares(parts_of_share),
+                       partition_of_rows=_partitions, **kwargs)
+
+
+def _drawn_rows(bits: dict[int, np.ndarray], n: int = 40) -> set[int]:
+    rows = np.arange(n)
+    drawn = set()
+    for part, packed in bits.items():
+        in_part = rows[_partitions(rows) == part]
+        drawn |= set(in_part[np.unpackbits(packed, count=len(in_part)).astype(bool)].tolist())
+    return drawn
+
+
+def test_resumed_on_other_rank_counts_mid_epoch_the_run_draws_exactly_the_examples_not_drawn_yet():
+    builder = _builder()  # example i's target is i + 1
+    two = _layout(builder, [[0, 2], [1, 3]], batch_size=3)  # 2 ranks: 20 examples each
+    head = _targets(_take(two, 2))  # 6 of each share
+    drawn = two.drawn()
+    assert sorted(drawn) == [0, 1, 2, 3] and _drawn_rows(drawn) == {t - 1 for t in head}
+    # On 1 rank (one share of everything): the 28 examples left, once each, shuffled afresh.
+    one = _layout(builder, [[0, 1, 2, 3]], batch_size=4)
+    one.load_state_dict(two.state_dict(), drawn)
+    assert one.in_remainder and one.epoch == 0
+    rest = _targets(_take(one, 7))
+    assert sorted(head + rest) == list(range(1, 41))
+    # Then whole epochs, as a 1-rank run draws them.
+    assert _take(one, 10) == _take(_layout(builder, [[0, 1, 2, 3]], batch_size=4), 20)[10:]
+    assert one.epoch == 1 and not one.in_remainder
+
+
+def test_a_resume_inside_a_remainder_epoch_still_draws_each_example_once():
+    builder = _builder()
+    one = _layout(builder, [[0, 1, 2, 3]], batch_size=2)
+    first = _targets(_take(one, 5))  # 10 of 40
+    four = _layout(builder, [[0], [1], [2], [3]], batch_size=2, epoch_examples=10)  # 4 ranks of 10
+    four.load_state_dict(one.state_dict(), one.drawn())
+    # Each share has 10 less what the 1-rank run drew of it left; the fewest sets the steps.
+    left = [10 - sum(1 for t in first if (t - 1) % 4 == part) for part in range(4)]
+    assert four._remainder_examples == min(left)
+    second = _targets(_take(four, 1))  # one step: 2 of each share
+    assert four.state_dict()["remainder"] == 1
+    two = _layout(builder, [[0, 3], [1, 2]], batch_size=1, epoch_examples=20)
+    two.load_state_dict(four.state_dict(), four.drawn())
+    third = _targets(_take(two, two._remainder_examples))
+    drawn = first + second + third
+    assert len(drawn) == len(set(drawn))  # never twice in the epoch
+    # What sits out: only the larger share's surplus over the share with the fewest left.
+    undrawn_per_share = [sum(1 for t in set(range(1, 41)) - set(drawn) if (t - 1) % 4 in parts) for parts in ([0, 3], [1, 2])]
+    assert min(undrawn_per_share) == 0
+    _take(two, 1)
+    assert two.epoch == 1 and not two.in_remainder
+
+
+def test_drawn_examples_that_do_not_fit_this_data_are_refused():
+    import pytest
+
+    builder = _builder()
+    two = _layout(builder, [[0, 2], [1, 3]], batch_size=3)
+    _take(two, 1)
+    one = _layout(builder, [[0, 1, 2, 3]], batch_size=4)
+    with pytest.raises(ValueError, match="lack partition 3"):
+        one.load_state_dict(two.state_dict(), {p: b for p, b in two.drawn().items() if p != 3})
+    with pytest.raises(ValueError, match="partition 1 cover 8 bits, but it holds 10 examples here"):
+        one.load_state_dict(two.state_dict(), {**two.drawn(), 1: np.zeros(1, np.uint8)})
+
+
+def test_resumed_on_other_shares_without_the_drawn_examples_goes_on_from_the_same_fraction_and_says_so(caplog):
     builder = _builder()
     two = [TrainLoader(builder, batch_size=4, seed=0, shares=[s], epoch_examples=20, num_shares=2)
            for s in _shares([20, 20])]
     for loader in two:
         _take(loader, 2)  # 8 of each share's 20 examples: 40% of the epoch
     one = TrainLoader(builder, batch_size=4, seed=0)
+    assert one.needs_drawn(two[0].state_dict())
     with caplog.at_level("WARNING", logger="data.loader"):
-        one.load_state_dict(two[0].state_dict())
+        one.load_state_dict(two[0].state_dict())  # a checkpoint written before the bits were
     assert one.state_dict()["examples"] == 16 and one.epoch == 0  # 40% of 40
     assert "40.0% into epoch 0 on 1 shares" in caplog.text
 

@@ -135,7 +135,8 @@ def _hold_every_share(trainer, prepared) -> None:
     shares = [
         Share(r, np.flatnonzero(prepared.sequences_of_rank(r, WORLD)[builder.queries.sequence])) for r in range(WORLD)
     ]
-    trainer.loader = TrainLoader(builder, batch_size=BATCH, seed=trainer.config.seed, shares=shares)
+    trainer.loader = TrainLoader(builder, batch_size=BATCH, seed=trainer.config.seed, shares=shares,
+                                 partition_of_rows=trainer.loader.partition_of_rows)
 
 
 def _training_worker(rank, port, out, state, steps, world, dataset_dir):
@@ -465,6 +466,77 @@ def test_a_run_resumed_on_other_rank_counts_ends_as_an_uninterrupted_one(tmp_pat
     mean_rank = last["valid"].pop("mean_rank") - whole["valid"].pop("mean_rank")
     assert abs(mean_rank) < 0.05
     assert last["valid"] == pytest.approx(whole["valid"], abs=1e-6)
+
+
+DRAWN_BATCH = 1024  # per rank: an epoch of the smoke log is 27 steps on 2 ranks, 55 on 1
+
+
+def _drawn_worker(rank, port, out, world, dataset_dir, run_dir, resume_from, steps):
+    """Train to global step `steps` on `world` ranks (from `resume_from` when given), each
+    rank reading its own share, and record which examples each step drew, as (actor,
+    index of the event in the actor's sequence): the same example whatever the layout."""
+    _join(rank, port, world)
+    config = _config(**{"loader.batch_size": DRAWN_BATCH, "train.max_steps": steps, "train.max_epochs": 10,
+                        "train.eval_every_steps": 5, "train.patience": 100})
+    prepared = _share(config, dataset_dir, rank, world)
+    dist = init_distributed(config.distributed)
+    trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False), dist, run_dir=run_dir)
+    if resume_from is not None:
+        trainer.load_state_dict(resume_from)
+    first_step, loader, seqs = trainer.step, trainer.loader, prepared.seqs
+    queries, build = loader.builder.queries, loader.builder.build
+    built = []
+
+    def recording_build(rows, **kwargs):
+        sequence = queries.sequence[rows]
+        keys = seqs.actor[sequence].astype(np.int64) * 10**6 + queries.position[rows] - seqs.offsets[sequence]
+        built.append((loader.epoch, loader.in_remainder, keys.tolist()))
+        return build(rows, **kwargs)
+
+    object.__setattr__(loader.builder, "build", recording_build)  # a frozen dataclass
+    trainer.train()
+    consumed = built[: trainer.step - first_step]  # the loop builds one batch past its last step
+    every = dist.gather_objects({"consumed": consumed, "examples": len(queries.sequence)})
+    if rank == 0:
+        torch.save({"ranks": every, "step": trainer.step}, out)
+    close_distributed(dist)
+
+
+@pytest.mark.slow
+def test_resumed_on_other_rank_counts_mid_epoch_each_example_is_drawn_once(tmp_path):
+    """2 ranks -> 1 rank -> 2 ranks, each resumed mid-epoch (the second inside the 1-rank
+    run's remainder epoch): the epoch draws every example at most once, and leaves out
+    only what the last layout's share with the fewest examples left could not fill a
+    batch with, on the other shares; the next epoch is whole."""
+    config = _config()
+    dataset_dir = tmp_path / "prepared"
+    ensure_prepared(config.data, dataset_dir, resolve_data_path(config.data.path))
+    segments, checkpoint = [], None
+    for i, (world, steps) in enumerate([(WORLD, 5), (1, 25), (WORLD, 50)]):
+        out = tmp_path / f"segment{i}.pt"
+        _spawn(_drawn_worker, out, world, dataset_dir, tmp_path / f"run{i}", checkpoint, steps, world=world)
+        got = torch.load(out, weights_only=True)
+        assert got["step"] == steps
+        segments.append(got["ranks"])
+        checkpoint = tmp_path / f"run{i}" / "checkpoints" / f"step-{steps:08d}"
+    every_example = segments[1][0]["examples"]  # the 1-rank run holds them all
+    drawn_in = {0: [], 1: []}
+    for segment in segments:
+        for rank in segment:
+            for epoch, _, keys in rank["consumed"]:
+                drawn_in[epoch] += keys
+    first, second = drawn_in[0], drawn_in[1]
+    # The 1-rank segment drew a remainder (every batch after its resume), and so did the
+    # last segment until the epoch ended.
+    assert all(remainder for epoch, remainder, _ in segments[1][0]["consumed"])
+    assert {remainder for rank in segments[2] for epoch, remainder, _ in rank["consumed"] if epoch == 0} == {True}
+    assert len(first) == len(set(first))  # never twice in an epoch
+    left_out = every_example - len(first)
+    last_shares = [rank["examples"] for rank in segments[2]]
+    assert 0 <= left_out < WORLD * DRAWN_BATCH + abs(last_shares[0] - last_shares[1])
+    assert len(second) == len(set(second)) > 0
+    # Epoch 1 is whole: it draws from every example again, the ones drawn in epoch 0 too.
+    assert set(second) & set(first)
 
 
 # Chunks of 97 queries: many, each split unevenly between the ranks.
