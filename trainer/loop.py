@@ -30,8 +30,8 @@ from data.readers import DataError
 from trainer.allocators import release_free_heap
 from trainer.build import build_model, model_scorer, train_batch_builder
 from trainer.checkpoint import (
-    best_name, checkpoint_keys, load_best, load_checkpoint, load_optimizer_state_tensors, optimizer_state_tensors,
-    read_metadata, save_best, save_checkpoint,
+    CheckpointError, best_name, checkpoint_keys, load_best, load_checkpoint, load_optimizer_state_tensors,
+    optimizer_state_tensors, read_metadata, save_best, save_checkpoint,
 )
 from trainer.distributed import Distributed, owned_candidates, shard_model
 from trainer.evaluation import METRIC_NAMES, SeenTargets, full_ranking_ranks, metrics_from_ranks
@@ -391,7 +391,10 @@ class Trainer:
             layout = self.loader.state_dict()
             loader = {**layout, "epoch": loader["epoch"], "examples": loader["step"] * self.loader.batch_size}
         drawn = self._load_drawn(path) if self.loader.needs_drawn(loader) else None
-        self.loader.load_state_dict(loader, drawn)
+        try:
+            self.loader.load_state_dict(loader, drawn)
+        except ValueError as e:  # the drawn examples do not fit this data: a refusal in one line
+            raise CheckpointError(f"{path}: {e}") from None
         self.best_ndcg = float(state["best_ndcg"])
         best = {k: float(v) for k, v in state["best_valid"].items()}
         self.best_valid = {} if all(math.isnan(v) for v in best.values()) else best

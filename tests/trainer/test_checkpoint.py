@@ -105,6 +105,30 @@ def test_a_run_resumed_with_another_batch_size_goes_on_at_the_next_unseen_exampl
     assert batch.target.tolist() == order[examples:]
 
 
+def test_drawn_examples_that_do_not_fit_the_data_are_refused_and_a_checkpoint_without_them_resumes(tmp_path):
+    """A checkpoint says which examples its epoch drew, a partition each (data/loader.py);
+    a resume that needs them (here: inside a remainder epoch) refuses bits of another
+    size in one line naming the checkpoint and the partition. One written before they
+    existed (no bits, no remainder flag) resumes as it did."""
+    written = _trainer(tmp_path / "written", **{"train.max_steps": "4"})
+    written.train()
+    state = written.state_dict()
+    part = sorted(state["loader_drawn"])[3]
+    state["loader_drawn"][part] = torch.zeros(1, dtype=torch.uint8)
+    state["progress"]["loader_remainder"] = torch.tensor(1)
+    save_checkpoint(tmp_path / "crafted", 4, state, Distributed(), keep=1)
+    with pytest.raises(CheckpointError, match=f"step-00000004: the checkpoint's drawn examples of partition "
+                                              f"{int(part.removeprefix('part'))} cover 8 bits"):
+        _trainer(tmp_path / "resumed").load_state_dict(tmp_path / "crafted" / "step-00000004")
+
+    state = written.state_dict()
+    del state["loader_drawn"], state["progress"]["loader_remainder"]
+    save_checkpoint(tmp_path / "before", 4, state, Distributed(), keep=1)
+    resumed = _trainer(tmp_path / "resumed")
+    resumed.load_state_dict(tmp_path / "before" / "step-00000004")
+    assert resumed.loader.state_dict() == written.loader.state_dict()
+
+
 @pytest.mark.parametrize("written, read, error", [
     ("rowwise_adagrad", "adam", "no 'momentum2' state for table 'target_ids'.*another optim.sparse_optimizer"),
     ("adam", "rowwise_adagrad", "does not load into this model.*momentum1"),
