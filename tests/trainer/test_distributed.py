@@ -436,12 +436,17 @@ def test_resume_across_launch_modes_starts_from_the_state_written(tmp_path):
     """plain -> torchrun 1 rank -> torchrun 2 ranks -> plain, 10 steps each: the tables'
     optimizer state is written in one layout (trainer/table_optimizer.py), so each resume
     starts from exactly the tables, dense weights and optimizer state the last segment
-    ended with. (A plain process runs TorchRec's Python row-wise Adagrad, a torchrun
-    launch FBGEMM's fused kernel; they differ from the first step, measured 1.7e-3 on
-    this log's table, so this chain is not compared with an uninterrupted run: the
-    next test is.)"""
+    ended with (`_chain`, tolerance 0), and the chain ends with the validation metrics of
+    an uninterrupted 2-rank run of the same global batches, within 0.015 for the rates
+    and 2% for the mean rank. Not closer: a plain process runs TorchRec's Python row-wise
+    Adagrad, a torchrun launch FBGEMM's fused kernel, which differ from the first step
+    (1.7e-3 on this log's table), and training amplifies such gaps 2.5-3x a step (the
+    next test). Measured (an Intel Xeon): NDCG@10 0.6288 against 0.6268, HR@1 0.4865
+    against 0.4800 (the largest gap), mean rank 186.7 against 186.0."""
     last, whole = _chain(tmp_path, [("plain", 1), ("torchrun", 1), ("torchrun", WORLD), ("plain", 1)])
-    assert last["valid"]["ndcg@10"] > 0
+    mean_rank = last["valid"].pop("mean_rank"), whole["valid"].pop("mean_rank")
+    assert mean_rank[0] == pytest.approx(mean_rank[1], rel=0.02)
+    assert last["valid"] == pytest.approx(whole["valid"], abs=0.015)
 
 
 @pytest.mark.slow
