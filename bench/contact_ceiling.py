@@ -2,7 +2,7 @@
 learned ranker over each query's contacts, with feature groups added one at a time, on a
 shared-ID-space log under the benchmark protocol (../shared/BENCHMARK.md).
 
-    .venv/bin/python bench/contact_ceiling.py                 # CollegeMsg (~4 min)
+    .venv/bin/python bench/contact_ceiling.py                 # CollegeMsg (~2.5 min)
     .venv/bin/python bench/contact_ceiling.py --seeds 1 --per-actor 10   # quicker
 
 Why: the issue-22 bar asks the model for the two-way recency-frequency rule plus 5%
@@ -329,7 +329,11 @@ def main() -> None:
     index = EventIndex(*(events[c].to_numpy() for c in ("actor", "target", "timestamp", "row")))
     queries = build_queries(index, args.per_actor, seed=0)
     test = queries["test"]
-    reference = baseline_results(prepared, config.baselines, config.eval).metrics["test"]["two_way_recency_frequency"]
+    baselines = baseline_results(prepared, config.baselines, config.eval)
+    chosen = baselines.half_lives["two_way_recency_frequency"]["half_life_events"]
+    if float(chosen) != 1.0:
+        raise SystemExit(f"{args.data}: the two-way rule's half-life is {chosen}; this harness computes it at 1")
+    reference = baselines.metrics["test"]["two_way_recency_frequency"]
     result = {
         "data": args.data,
         "queries": {split: len(q) for split, q in queries.items()},

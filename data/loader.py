@@ -64,7 +64,7 @@ class BatchRequest:
     step: int
     rows: np.ndarray  # example indices, share after share
     shares: tuple[tuple[int, int], ...]  # (share id, rows of it) in `rows` order
-    remainder: bool = False  # a remainder epoch's batch (its own random negatives' stream)
+    streams: tuple[tuple[int, ...], ...] = ()  # per share, its remainder's key (random negatives); () whole epochs
 
 
 def _share_generator(seed: int, epoch: int, share: int) -> np.random.Generator:
@@ -73,19 +73,22 @@ def _share_generator(seed: int, epoch: int, share: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch] if share == 0 else [seed, epoch, share])
 
 
-_REMAINDER_STREAM = 1
-"""Appended to a generator's key for a remainder epoch's order and negatives: streams of
-their own, never those of a whole epoch's steps."""
+_REMAINDER_TAG = 2**31
+"""Marks a remainder epoch's generator keys (never a share id or a step): its order is keyed
+(seed, epoch, share, tag, examples of the share drawn before it) and its random negatives
+(seed, epoch, step, share, tag, the same count), so neither repeats a whole epoch's
+streams, nor an earlier remainder's of the same epoch."""
 
 
-def _remainder_generator(seed: int, epoch: int, share: int) -> np.random.Generator:
-    return np.random.default_rng([seed, epoch, share, _REMAINDER_STREAM])
+def _remainder_key(share: int, drawn_before: int) -> tuple[int, ...]:
+    return (share, _REMAINDER_TAG, drawn_before)
 
 
 def _partition_positions(partitions: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """(partition, positions of its entries in ascending order) for each partition in
-    `partitions`. One pass a partition (a rank holds a few dozen): no [n] int64 argsort
-    held beside a share at every checkpoint."""
+    `partitions`. One pass a partition (a rank holds P / ranks of them; one process all
+    P, 64 by default): time, not memory -- no [n] int64 argsort held beside a share at
+    every checkpoint."""
     for part in np.unique(partitions).tolist():
         yield part, np.flatnonzero(partitions == part)
 
@@ -108,14 +111,16 @@ def _shuffled(rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 class EpochBatchSampler(Sampler[BatchRequest]):
     """Yields this process's `BatchRequest`s for one epoch: batches of `batch_size`
     examples of each share's `orders`, from its `start_example`-th example of the epoch
-    on, as many as fit in `epoch_examples` (what the smallest share of any rank holds)."""
+    on, as many as fit in `epoch_examples` (what every rank's share fills: the smallest
+    share of any rank, or in a remainder epoch the fewest examples any rank has left).
+    `streams`: per share, its remainder's key (() in a whole epoch)."""
 
     def __init__(
         self, share_ids: list[int], orders: list[np.ndarray], batch_size: int, epoch_examples: int, *, epoch: int,
-        start_example: int = 0, remainder: bool = False,
+        start_example: int = 0, streams: tuple[tuple[int, ...], ...] = (),
     ) -> None:
         self.share_ids, self.orders, self.batch_size, self.epoch_examples = share_ids, orders, batch_size, epoch_examples
-        self.epoch, self.start_example, self.remainder = epoch, start_example, remainder
+        self.epoch, self.start_example, self.streams = epoch, start_example, streams
 
     def __len__(self) -> int:
         return (self.epoch_examples - self.start_example) // self.batch_size
@@ -129,7 +134,7 @@ class EpochBatchSampler(Sampler[BatchRequest]):
             step = lo // self.batch_size
             yield BatchRequest(
                 self.epoch, step, np.concatenate([order[lo : lo + self.batch_size] for order in orders]),
-                tuple((share, self.batch_size) for share in self.share_ids), self.remainder,
+                tuple((share, self.batch_size) for share in self.share_ids), self.streams,
             )
 
 
@@ -140,11 +145,12 @@ class _RequestedBatches(Dataset):
         self.builder, self.seed = builder, seed
 
     def __getitem__(self, request: BatchRequest) -> Batch:
+        streams = request.streams or ((),) * len(request.shares)
         negatives = [
-            self.builder.random_negatives(np.random.default_rng(
-                [self.seed, request.epoch, request.step, share] + ([_REMAINDER_STREAM] if request.remainder else [])
-            ), rows)
-            for share, rows in request.shares
+            self.builder.random_negatives(
+                np.random.default_rng([self.seed, request.epoch, request.step, share, *stream[1:]]), rows
+            )
+            for (share, rows), stream in zip(request.shares, streams)
         ]
         return self.builder.build(request.rows, negatives=np.concatenate(negatives))
 
@@ -194,6 +200,9 @@ class TrainLoader:
         rank, a collective (default: this process holds every share)."""
         self.builder, self.batch_size, self.seed = builder, batch_size, seed
         self.shares = shares if shares is not None else [Share(0, np.arange(len(builder.queries)))]
+        for share in self.shares:
+            if len(share.rows) > 1 and not bool(np.all(share.rows[1:] > share.rows[:-1])):
+                raise ValueError(f"share {share.id}: rows must be ascending and distinct")
         fewest = min(len(share.rows) for share in self.shares)
         self.epoch_examples = fewest if epoch_examples is None else min(epoch_examples, fewest)
         self.num_shares = len(self.shares) if num_shares is None else num_shares
@@ -201,11 +210,11 @@ class TrainLoader:
         self.least_over_ranks = least_over_ranks or (lambda n: n)
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.epoch, self.examples = 0, 0
-        # A remainder epoch (after a resume into another layout): per share, the rows not
-        # drawn before it, and the examples each share draws in it. None in a whole epoch.
-        self._undrawn: list[np.ndarray] | None = None
-        self._remainder_examples = 0
         self._orders: tuple[int, list[np.ndarray]] | None = None  # (epoch, each share's order), once drawn
+        # A remainder epoch (after a resume into another layout): each share's key, and
+        # the examples each share draws in it. () in a whole epoch.
+        self._streams: tuple[tuple[int, ...], ...] = ()
+        self._remainder_examples = 0
         if self.steps_per_epoch == 0:
             # A user error (a tiny or degenerate log, or a batch too large for it), so a
             # DataError: the entry point prints it in one line.
@@ -226,14 +235,24 @@ class TrainLoader:
 
     @property
     def in_remainder(self) -> bool:
-        return self._undrawn is not None
+        return bool(self._streams)
+
+    def _epoch_done(self) -> bool:
+        """No full batch left in this epoch (the next one starts when a batch is asked for)."""
+        examples = self._remainder_examples if self.in_remainder else self.epoch_examples
+        return self.examples + self.batch_size > examples
 
     def state_dict(self) -> dict[str, int]:
         """The epoch, the examples of each share consumed in it, the layout they were
         counted in (shares over all ranks, the examples a whole epoch draws of each), and
-        whether the epoch is a remainder (its examples count from the resume)."""
-        return {"epoch": self.epoch, "examples": self.examples, "num_shares": self.num_shares,
-                "epoch_examples": self.epoch_examples, "remainder": int(self.in_remainder)}
+        whether the epoch is a remainder (its examples count from the resume). At an
+        epoch's end: the next epoch, from its start."""
+        if self._epoch_done():
+            epoch, examples, remainder = self.epoch + 1, 0, 0
+        else:
+            epoch, examples, remainder = self.epoch, self.examples, int(self.in_remainder)
+        return {"epoch": epoch, "examples": examples, "num_shares": self.num_shares,
+                "epoch_examples": self.epoch_examples, "remainder": remainder}
 
     def _partitions(self, share: Share) -> np.ndarray:
         if self.partition_of_rows is None:
@@ -253,17 +272,18 @@ class TrainLoader:
     def drawn(self) -> dict[int, np.ndarray]:
         """The examples drawn so far this epoch, for each partition of this process's
         shares: bits (np.packbits order) over the partition's examples in row order, 1 for
-        drawn. Whatever layout writes them, a partition's bits are the same."""
+        drawn. Whatever layout writes them, a partition's bits are the same. (At an
+        epoch's end, none: `state_dict` names the next epoch.)"""
         bits: dict[int, np.ndarray] = {}
-        orders = self._epoch_orders() if self.examples else None
+        done = self._epoch_done()
+        orders = self._epoch_orders() if not done and (self.examples or self.in_remainder) else None
         for i, share in enumerate(self.shares):
-            drawn = np.ones(len(share.rows), dtype=bool) if self._undrawn is not None else np.zeros(len(share.rows), bool)
-            if self._undrawn is not None:
-                drawn[np.searchsorted(share.rows, self._undrawn[i])] = False
+            # A whole epoch marks what its order has drawn; a remainder, what it has not yet.
+            drawn = np.full(len(share.rows), self.in_remainder and not done, dtype=bool)
             if orders is not None:
-                consumed = orders[i][: self.examples]
-                for lo in range(0, len(consumed), _LOOKUP_CHUNK):
-                    drawn[np.searchsorted(share.rows, consumed[lo : lo + _LOOKUP_CHUNK])] = True
+                marked = orders[i][self.examples :] if self.in_remainder else orders[i][: self.examples]
+                for lo in range(0, len(marked), _LOOKUP_CHUNK):
+                    drawn[np.searchsorted(share.rows, marked[lo : lo + _LOOKUP_CHUNK])] = not self.in_remainder
             for part, positions in _partition_positions(self._partitions(share)):
                 if part in bits:
                     raise ValueError(f"partition {part} lies in two of this process's shares")
@@ -276,11 +296,13 @@ class TrainLoader:
         to go on exactly in another layout or in a remainder epoch; see `needs_drawn`.
         With several ranks, every rank calls this (`least_over_ranks` is collective)."""
         self.epoch, examples = int(state["epoch"]), int(state["examples"])
-        self._undrawn, self._orders = None, None
+        self._orders, self._streams = None, ()
         if self.needs_drawn(state):
             if drawn is not None:
                 self._begin_remainder(drawn)
                 return
+            if int(state.get("remainder", 0)):
+                raise ValueError("a remainder epoch's position without the examples it has drawn")
             # Written before the bits were: the same fraction of the epoch, in this layout's examples.
             fraction = examples / max(int(state["epoch_examples"]), 1)
             moved = min(round(fraction * self.epoch_examples), self.epoch_examples)
@@ -292,7 +314,7 @@ class TrainLoader:
             )
             examples = moved
         self.examples = examples
-        if self.examples + self.batch_size > self.epoch_examples:  # no full batch left in this epoch
+        if self._epoch_done():  # no full batch left in this epoch
             self.epoch, self.examples = self.epoch + 1, 0
 
     def needs_drawn(self, state: dict[str, int]) -> bool:
@@ -306,38 +328,44 @@ class TrainLoader:
 
     def _begin_remainder(self, drawn: dict[int, np.ndarray]) -> None:
         """A remainder epoch over the examples `drawn` leaves: each share's undrawn rows,
-        shuffled by a stream of its own, as many of each as the fewest any rank has left."""
-        undrawn = []
+        shuffled by a stream of its own, as many of each as the fewest any rank has left.
+        Bits that do not fit this data are refused on every rank (a rank that raised
+        alone would leave the others waiting in the collective)."""
+        flags_of_share, refusal = [], None
         for share in self.shares:
             flags = np.zeros(len(share.rows), dtype=bool)
             for part, positions in _partition_positions(self._partitions(share)):
-                if part not in drawn:
-                    raise ValueError(f"the checkpoint's drawn examples lack partition {part}")
-                bits = np.asarray(drawn[part], dtype=np.uint8)
-                if len(bits) != (len(positions) + 7) // 8:
-                    raise ValueError(
+                bits = drawn.get(part)
+                if bits is None:
+                    refusal = refusal or f"the checkpoint's drawn examples lack partition {part}"
+                elif len(bits) != (len(positions) + 7) // 8:
+                    refusal = refusal or (
                         f"the checkpoint's drawn examples of partition {part} cover {8 * len(bits)} bits, but it "
                         f"holds {len(positions)} examples here: written for other data or another loader config"
                     )
-                flags[positions] = np.unpackbits(bits, count=len(positions)).astype(bool)
-            undrawn.append(share.rows[~flags])
-        left = self.least_over_ranks(min(len(rows) for rows in undrawn))
+                else:
+                    flags[positions] = np.unpackbits(np.asarray(bits, dtype=np.uint8), count=len(positions)).astype(bool)
+            flags_of_share.append(flags)
+        left = -1 if refusal else min(len(flags) - int(flags.sum()) for flags in flags_of_share)
+        left = self.least_over_ranks(left)
+        if refusal or left < 0:
+            raise ValueError(refusal or "another rank refused the checkpoint's drawn examples")
         self.examples = 0
         if left < self.batch_size:  # not one full batch left on some rank: the next epoch
             self.epoch += 1
             return
-        self._undrawn, self._remainder_examples = undrawn, left
+        orders, streams = [], []
+        for share, flags in zip(self.shares, flags_of_share):
+            key = _remainder_key(share.id, int(flags.sum()))
+            orders.append(_shuffled(share.rows[~flags], np.random.default_rng([self.seed, self.epoch, *key])))
+            streams.append(key)
+        self._orders, self._streams, self._remainder_examples = (self.epoch, orders), tuple(streams), left
         log.info("resumed into epoch %d's remainder: %d examples of each share left to draw", self.epoch, left)
 
     def _epoch_orders(self) -> list[np.ndarray]:
-        """This epoch's order of each share (computed once an epoch)."""
+        """This epoch's order of each share (computed once an epoch; a remainder's when it begins)."""
         if self._orders is None or self._orders[0] != self.epoch:
-            if self._undrawn is not None:
-                orders = [_shuffled(rows, _remainder_generator(self.seed, self.epoch, share.id))
-                          for share, rows in zip(self.shares, self._undrawn)]
-            else:
-                orders = [_shuffled(share.rows, _share_generator(self.seed, self.epoch, share.id))
-                          for share in self.shares]
+            orders = [_shuffled(share.rows, _share_generator(self.seed, self.epoch, share.id)) for share in self.shares]
             self._orders = (self.epoch, orders)
         return self._orders[1]
 
@@ -345,7 +373,7 @@ class TrainLoader:
         epoch_examples = self._remainder_examples if self.in_remainder else self.epoch_examples
         sampler = EpochBatchSampler(
             [share.id for share in self.shares], self._epoch_orders(), self.batch_size, epoch_examples,
-            epoch=self.epoch, start_example=self.examples, remainder=self.in_remainder,
+            epoch=self.epoch, start_example=self.examples, streams=self._streams,
         )
         return DataLoader(
             _RequestedBatches(self.builder, self.seed),
@@ -367,4 +395,4 @@ class TrainLoader:
                 self.examples += self.batch_size
                 yield batch
             self.epoch, self.examples = self.epoch + 1, 0
-            self._undrawn, self._orders = None, None
+            self._orders, self._streams = None, ()

@@ -96,7 +96,9 @@ def test_resumed_with_another_batch_size_the_run_goes_on_at_the_next_unseen_exam
         rest = _targets(_take(resumed, (40 - 16) // batch_size))
         # The same order, from example 16 on, in batches of the new size; nothing repeated.
         assert head + rest == epoch[: len(head) + len(rest)]
-        assert resumed.state_dict()["examples"] == 16 + len(rest)
+        assert resumed.examples == 16 + len(rest)
+        # No full batch left: a checkpoint now names the next epoch, from its start.
+        assert (resumed.state_dict()["epoch"], resumed.state_dict()["examples"]) == (1, 0)
         # Then the next epoch, from its start.
         fresh = _take(TrainLoader(builder, batch_size=batch_size, seed=0), 40 // batch_size + 1)
         assert _take(resumed, 1) == fresh[-1:]
@@ -167,6 +169,31 @@ def test_a_resume_inside_a_remainder_epoch_still_draws_each_example_once():
     assert two.epoch == 1 and not two.in_remainder
 
 
+def test_a_checkpoint_at_an_epochs_end_resumes_on_other_ranks_at_the_next_epochs_start():
+    builder = _builder()
+    two = _layout(builder, [[0, 2], [1, 3]], batch_size=3)  # 6 steps of 3 from each share of 20
+    _take(two, 6)  # the epoch's last step: 2 examples of each share sit out
+    state, drawn = two.state_dict(), two.drawn()
+    assert (state["epoch"], state["examples"], state["remainder"]) == (1, 0, 0)
+    assert _drawn_rows(drawn) == set()
+    one = _layout(builder, [[0, 1, 2, 3]], batch_size=4)
+    assert not one.needs_drawn(state)
+    one.load_state_dict(state, drawn)
+    assert (one.epoch, one.examples, one.in_remainder) == (1, 0, False)
+
+
+def test_a_remainder_draws_its_own_random_negatives():
+    builder = _builder()
+    one = _layout(builder, [[0, 1, 2, 3]], batch_size=4)
+    _take(one, 2)
+    two = _layout(builder, [[0, 2], [1, 3]], batch_size=2, epoch_examples=20)
+    two.load_state_dict(one.state_dict(), one.drawn())
+    whole = _layout(builder, [[0, 2], [1, 3]], batch_size=2, epoch_examples=20)
+    remainder_negatives = [negatives for _, negatives in _take(two, 3)]
+    whole_negatives = [negatives for _, negatives in _take(whole, 3)]
+    assert remainder_negatives != whole_negatives  # not a whole epoch's steps' streams
+
+
 def test_drawn_examples_that_do_not_fit_this_data_are_refused():
     import pytest
 
@@ -178,6 +205,14 @@ def test_drawn_examples_that_do_not_fit_this_data_are_refused():
         one.load_state_dict(two.state_dict(), {p: b for p, b in two.drawn().items() if p != 3})
     with pytest.raises(ValueError, match="partition 1 cover 8 bits, but it holds 10 examples here"):
         one.load_state_dict(two.state_dict(), {**two.drawn(), 1: np.zeros(1, np.uint8)})
+    # A rank whose bits fit still refuses when another's did not: none waits in the collective.
+    with pytest.raises(ValueError, match="another rank refused"):
+        _layout(builder, [[0, 1, 2, 3]], batch_size=4, least_over_ranks=lambda n: min(n, -1)).load_state_dict(
+            two.state_dict(), two.drawn())
+    with pytest.raises(ValueError, match="a remainder epoch's position without the examples it has drawn"):
+        one.load_state_dict({**two.state_dict(), "remainder": 1})
+    with pytest.raises(ValueError, match="rows must be ascending"):
+        TrainLoader(builder, batch_size=2, seed=0, shares=[Share(0, np.array([3, 1, 2]))])
 
 
 def test_resumed_on_other_shares_without_the_drawn_examples_goes_on_from_the_same_fraction_and_says_so(caplog):

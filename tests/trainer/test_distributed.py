@@ -437,7 +437,8 @@ def test_resume_across_launch_modes_starts_from_the_state_written(tmp_path):
     optimizer state is written in one layout (trainer/table_optimizer.py), so each resume
     starts from exactly the tables, dense weights and optimizer state the last segment
     ended with (`_chain`, tolerance 0), and the chain ends with the validation metrics of
-    an uninterrupted 2-rank run of the same global batches, within 0.015 for the rates
+    an uninterrupted 2-rank run of the same global batches (a 1-rank segment holds both
+    ranks' shares, `_hold_every_share`), within 0.015 for the rates
     and 2% for the mean rank. Not closer: a plain process runs TorchRec's Python row-wise
     Adagrad, a torchrun launch FBGEMM's fused kernel, which differ from the first step
     (1.7e-3 on this log's table), and training amplifies such gaps 2.5-3x a step (the
