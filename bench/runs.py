@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from bench.common import cpu_model
 from configs.loading import load_config
 from configs.schema import ExperimentConfig
 from trainer.build import reads_incoming
@@ -111,6 +113,9 @@ class RunLog:
             "valid": results["metrics"]["valid"]["model"],
             "test": test["model"], "baselines": {b: test[b] for b in BASELINES if b in test},
             "evaluated_actors": results["data"]["evaluated_actors"], "candidates": results["data"]["candidates"],
+            # Which CPU: its rounding moves figures (CollegeMsg seeds by up to 0.008), so
+            # deltas should pair runs of one machine (records before this field lack it).
+            "machine": {"cpu": cpu_model(), "platform": platform.platform()},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:

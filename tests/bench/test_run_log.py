@@ -223,3 +223,18 @@ def test_the_bar_is_not_judged_on_fewer_than_three_seeds(run_log, monkeypatch):
     _, table = _quality_main(run_log, monkeypatch, "--data", "collegemsg", "--seeds", "1", "--models", "default")
     assert "CollegeMsg: bar not judged, 1 seed(s) logged of the 3 it takes" in table
     assert ">= 0.476 (mean of" not in table
+
+
+def test_a_new_run_records_the_cpu_it_ran_on(run_log, monkeypatch):
+    """Figures move with the CPU's rounding, so each run says which CPU it ran on."""
+    from bench.common import cpu_model
+
+    results = {
+        "metrics": {"test": {"model": dict(METRICS), **{b: dict(METRICS) for b in runs.BASELINES}},
+                    "valid": {"model": dict(METRICS)}},
+        "training": {"steps": 10, "best_step": 10}, "data": {"evaluated_actors": 1077, "candidates": 1862},
+    }
+    monkeypatch.setattr(runs, "train_and_test", lambda config, overrides, seed: (results, 1.0))
+    record = runs.RunLog(run_log).run("collegemsg", "default", 0, CONFIG_DIR / "collegemsg.yaml", [])
+    assert record["machine"]["cpu"] == cpu_model() and cpu_model()
+    assert json.loads(run_log.read_text().splitlines()[-1])["machine"] == record["machine"]
