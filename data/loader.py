@@ -80,17 +80,9 @@ _REMAINDER_TAG = 2**31
 streams, nor an earlier remainder's of the same epoch."""
 
 
-def _remainder_key(share: int, drawn_before: int) -> tuple[int, ...]:
-    return (share, _REMAINDER_TAG, drawn_before)
-
-
-def _partition_positions(partitions: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """(partition, positions of its entries in ascending order) for each partition in
-    `partitions`. One pass a partition (a rank holds P / ranks of them; one process all
-    P, 64 by default): time, not memory -- no [n] int64 argsort held beside a share at
-    every checkpoint."""
-    for part in np.unique(partitions).tolist():
-        yield part, np.flatnonzero(partitions == part)
+def _remainder_key(drawn_before: int) -> tuple[int, ...]:
+    """What a remainder's generator keys add after the share (see _REMAINDER_TAG)."""
+    return (_REMAINDER_TAG, drawn_before)
 
 
 _LOOKUP_CHUNK = 1 << 20
@@ -148,7 +140,7 @@ class _RequestedBatches(Dataset):
         streams = request.streams or ((),) * len(request.shares)
         negatives = [
             self.builder.random_negatives(
-                np.random.default_rng([self.seed, request.epoch, request.step, share, *stream[1:]]), rows
+                np.random.default_rng([self.seed, request.epoch, request.step, share, *stream]), rows
             )
             for (share, rows), stream in zip(request.shares, streams)
         ]
@@ -237,10 +229,14 @@ class TrainLoader:
     def in_remainder(self) -> bool:
         return bool(self._streams)
 
+    @property
+    def _this_epoch_examples(self) -> int:
+        """The examples of each share this epoch draws: a whole epoch's, or the remainder's."""
+        return self._remainder_examples if self.in_remainder else self.epoch_examples
+
     def _epoch_done(self) -> bool:
         """No full batch left in this epoch (the next one starts when a batch is asked for)."""
-        examples = self._remainder_examples if self.in_remainder else self.epoch_examples
-        return self.examples + self.batch_size > examples
+        return self.examples + self.batch_size > self._this_epoch_examples
 
     def state_dict(self) -> dict[str, int]:
         """The epoch, the examples of each share consumed in it, the layout they were
@@ -254,29 +250,35 @@ class TrainLoader:
         return {"epoch": epoch, "examples": examples, "num_shares": self.num_shares,
                 "epoch_examples": self.epoch_examples, "remainder": remainder}
 
-    def _partitions(self, share: Share) -> np.ndarray:
-        if self.partition_of_rows is None:
-            return np.full(len(share.rows), share.id, dtype=np.int32)
-        return self.partition_of_rows(share.rows)
+    def _partition_groups(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(share index, partition, positions of its examples in the share, ascending) for
+        each partition of this process's shares. One pass over a share per partition (a
+        rank holds P / ranks of them; one process all P, 64 by default): time, not memory
+        -- no [n] int64 argsort held beside a share at every checkpoint."""
+        seen: set[int] = set()
+        for i, share in enumerate(self.shares):
+            if self.partition_of_rows is None:  # each share is one partition
+                partitions = np.full(len(share.rows), share.id, dtype=np.int32)
+            else:
+                partitions = self.partition_of_rows(share.rows)
+            for part in np.unique(partitions).tolist():
+                if part in seen:
+                    raise ValueError(f"partition {part} lies in two of this process's shares")
+                seen.add(part)
+                yield i, part, np.flatnonzero(partitions == part)
 
     def partition_sizes(self) -> dict[int, int]:
         """The examples of each partition of this process's shares."""
-        sizes: dict[int, int] = {}
-        for share in self.shares:
-            for part, positions in _partition_positions(self._partitions(share)):
-                if part in sizes:
-                    raise ValueError(f"partition {part} lies in two of this process's shares")
-                sizes[part] = len(positions)
-        return sizes
+        return {part: len(positions) for _, part, positions in self._partition_groups()}
 
     def drawn(self) -> dict[int, np.ndarray]:
         """The examples drawn so far this epoch, for each partition of this process's
         shares: bits (np.packbits order) over the partition's examples in row order, 1 for
         drawn. Whatever layout writes them, a partition's bits are the same. (At an
         epoch's end, none: `state_dict` names the next epoch.)"""
-        bits: dict[int, np.ndarray] = {}
         done = self._epoch_done()
         orders = self._epoch_orders() if not done and (self.examples or self.in_remainder) else None
+        drawn_of_share = []
         for i, share in enumerate(self.shares):
             # A whole epoch marks what its order has drawn; a remainder, what it has not yet.
             drawn = np.full(len(share.rows), self.in_remainder and not done, dtype=bool)
@@ -284,11 +286,8 @@ class TrainLoader:
                 marked = orders[i][self.examples :] if self.in_remainder else orders[i][: self.examples]
                 for lo in range(0, len(marked), _LOOKUP_CHUNK):
                     drawn[np.searchsorted(share.rows, marked[lo : lo + _LOOKUP_CHUNK])] = not self.in_remainder
-            for part, positions in _partition_positions(self._partitions(share)):
-                if part in bits:
-                    raise ValueError(f"partition {part} lies in two of this process's shares")
-                bits[part] = np.packbits(drawn[positions])
-        return bits
+            drawn_of_share.append(drawn)
+        return {part: np.packbits(drawn_of_share[i][positions]) for i, part, positions in self._partition_groups()}
 
     def load_state_dict(self, state: dict[str, int], drawn: dict[int, np.ndarray] | None = None) -> None:
         """Go on from `state` (`state_dict()` of this or another layout). `drawn` (`drawn()`
@@ -331,21 +330,18 @@ class TrainLoader:
         shuffled by a stream of its own, as many of each as the fewest any rank has left.
         Bits that do not fit this data are refused on every rank (a rank that raised
         alone would leave the others waiting in the collective)."""
-        flags_of_share, refusal = [], None
-        for share in self.shares:
-            flags = np.zeros(len(share.rows), dtype=bool)
-            for part, positions in _partition_positions(self._partitions(share)):
-                bits = drawn.get(part)
-                if bits is None:
-                    refusal = refusal or f"the checkpoint's drawn examples lack partition {part}"
-                elif len(bits) != (len(positions) + 7) // 8:
-                    refusal = refusal or (
-                        f"the checkpoint's drawn examples of partition {part} cover {8 * len(bits)} bits, but it "
-                        f"holds {len(positions)} examples here: written for other data or another loader config"
-                    )
-                else:
-                    flags[positions] = np.unpackbits(np.asarray(bits, dtype=np.uint8), count=len(positions)).astype(bool)
-            flags_of_share.append(flags)
+        flags_of_share, refusal = [np.zeros(len(share.rows), dtype=bool) for share in self.shares], None
+        for i, part, positions in self._partition_groups():
+            bits = drawn.get(part)
+            if bits is None:
+                refusal = refusal or f"the checkpoint's drawn examples lack partition {part}"
+            elif len(bits) != (len(positions) + 7) // 8:
+                refusal = refusal or (
+                    f"the checkpoint's drawn examples of partition {part} cover {8 * len(bits)} bits, but it "
+                    f"holds {len(positions)} examples here: written for other data or another loader config"
+                )
+            else:
+                flags_of_share[i][positions] = np.unpackbits(np.asarray(bits, dtype=np.uint8), count=len(positions))
         left = -1 if refusal else min(len(flags) - int(flags.sum()) for flags in flags_of_share)
         left = self.least_over_ranks(left)
         if refusal or left < 0:
@@ -356,8 +352,8 @@ class TrainLoader:
             return
         orders, streams = [], []
         for share, flags in zip(self.shares, flags_of_share):
-            key = _remainder_key(share.id, int(flags.sum()))
-            orders.append(_shuffled(share.rows[~flags], np.random.default_rng([self.seed, self.epoch, *key])))
+            key = _remainder_key(int(flags.sum()))
+            orders.append(_shuffled(share.rows[~flags], np.random.default_rng([self.seed, self.epoch, share.id, *key])))
             streams.append(key)
         self._orders, self._streams, self._remainder_examples = (self.epoch, orders), tuple(streams), left
         log.info("resumed into epoch %d's remainder: %d examples of each share left to draw", self.epoch, left)
@@ -370,9 +366,8 @@ class TrainLoader:
         return self._orders[1]
 
     def _epoch_loader(self) -> DataLoader:
-        epoch_examples = self._remainder_examples if self.in_remainder else self.epoch_examples
         sampler = EpochBatchSampler(
-            [share.id for share in self.shares], self._epoch_orders(), self.batch_size, epoch_examples,
+            [share.id for share in self.shares], self._epoch_orders(), self.batch_size, self._this_epoch_examples,
             epoch=self.epoch, start_example=self.examples, streams=self._streams,
         )
         return DataLoader(
