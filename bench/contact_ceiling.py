@@ -205,9 +205,8 @@ def contact_query(index: EventIndex, actor: int, k: int, released: str) -> Conta
     features, people, decayed[0], popularity = features[keep], people[keep], decayed[0][keep], popularity[keep]
     hit = np.flatnonzero(people == true)
     non_contact_rank = 0
-    if not len(hit):  # ranked after every contact by popularity, ties against it (BENCHMARK.md)
-        others = np.setdiff1d(index.candidates, people)
-        non_contact_rank = int(np.sum(index.popularity[released][others] >= index.popularity[released][true]))
+    if not len(hit):
+        non_contact_rank = _rank_after_contacts(index, people, true, released)
     return ContactQuery(features.astype(np.float32), decayed[0], popularity, int(hit[0]) if len(hit) else -1,
                         non_contact_rank)
 
@@ -305,11 +304,18 @@ def build_queries(index: EventIndex, per_actor: int, seed: int) -> dict[str, lis
     return out
 
 
+def _rank_after_contacts(index: EventIndex, contacts: np.ndarray, true: int, released: str) -> int:
+    """A new contact's rank among the candidates that are not contacts, by popularity,
+    ties against it (BENCHMARK.md): it ranks after every contact."""
+    popularity = index.popularity[released]
+    others = np.setdiff1d(index.candidates, contacts)
+    return int(np.sum(popularity[others] >= popularity[true]))
+
+
 def _no_contacts(index: EventIndex, actor: int, k: int, released: str) -> ContactQuery:
     """A query without any contact: its target ranks by popularity alone."""
     event = index.own_events(actor)[k]
-    popularity = index.popularity[released]
-    rank = int(np.sum(popularity[index.candidates] >= popularity[index.target[event]]))
+    rank = _rank_after_contacts(index, np.zeros(0, dtype=np.int64), int(index.target[event]), released)
     width = sum(GROUP_WIDTHS.values())
     return ContactQuery(np.zeros((0, width), np.float32), np.zeros(0), np.zeros(0), -1, rank)
 
