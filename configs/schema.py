@@ -344,6 +344,13 @@ class LossConfig:
     temporal_last_k: int = 0
     """Temporal loss only on the last K positions of each history (0 = all)."""
 
+    temporal_decay: Literal["none", "linear"] = "none"
+    """Schedule of temporal_weight over the run. "linear": from temporal_weight at the first
+    step down to 0 at the run's last (train.max_epochs, or train.max_steps): pretraining
+    that hands the end of the run to the main loss alone. The logs pull temporal_weight
+    opposite ways (README Ablation); decayed, it keeps ml-100k's gain while CollegeMsg's
+    best models, which come once the weight has fallen, lose nothing."""
+
     def __post_init__(self) -> None:
         _require(self.temperature > 0, f"loss.temperature: expected > 0, got {self.temperature}")
         _require(self.temporal_weight >= 0, f"loss.temporal_weight: expected >= 0, got {self.temporal_weight}")

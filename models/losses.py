@@ -70,6 +70,14 @@ def hard_topk_schedule(step: int, start: int, end: int, num_steps: int, schedule
     return int(round(start + (end - start) * progress))
 
 
+def temporal_weight_at(step: int, weight: float, decay_steps: int) -> float:
+    """The temporal loss's weight at a training step: `weight` throughout (decay_steps 0),
+    or falling linearly from `weight` at step 0 to 0 at `decay_steps`."""
+    if not decay_steps:
+        return weight
+    return weight * max(0.0, 1.0 - max(step, 0) / decay_steps)
+
+
 def _column_scores(query_BPD: torch.Tensor, source: SampledNegatives) -> torch.Tensor:
     if source.cosine is not None:
         if query_BPD.shape[1] != 1:

@@ -41,7 +41,7 @@ from configs.schema import LossConfig, ModelConfig
 from data.batches import Batch
 from models.embeddings import IdEmbeddings, LookedUp, TargetRows, VocabularySizes
 from models.length_groups import Jagged, JaggedHistory, from_blocks, length_groups, to_block
-from models.losses import LossSettings, hard_topk_schedule, sampled_softmax_loss
+from models.losses import LossSettings, hard_topk_schedule, sampled_softmax_loss, temporal_weight_at
 from models.repeat import ContactEvents, HistoryItems, RepeatScorer, history_items
 from models.samplers import (
     ContactNegatives,
@@ -132,6 +132,9 @@ class TwoTowerRetrieval(nn.Module):
         self.random = RandomNegativesSampler(pool_size, active_pool_mask)
         # Needs a causal encoder: configs/schema.py checks that, once, for every config.
         self.temporal = loss_config.temporal_weight > 0
+        self.temporal_decay_steps = 0
+        """Steps over which temporal_weight falls to 0 (0: constant); the trainer sets it
+        to the run's length when loss.temporal_decay is "linear"."""
         # train.precision = "bf16": the towers run under bf16 autocast while training.
         self.bf16_towers = bf16_towers
         # The curriculum's position; a buffer so checkpoints carry it.
@@ -314,7 +317,8 @@ class TwoTowerRetrieval(nn.Module):
             temporal = self._temporal_loss(query.positions_PD, inputs.history, looked_up, encoder_history, sources, settings)
             losses["temporal"] = temporal.loss
             telemetry.update({f"temporal/{k}": v for k, v in temporal.telemetry.items() if k.startswith("sim/")})
-            total = total + self.loss_config.temporal_weight * temporal.loss
+            weight = temporal_weight_at(int(self.training_step), self.loss_config.temporal_weight, self.temporal_decay_steps)
+            total = total + weight * temporal.loss
         if self.training:
             self.training_step += 1
         return RetrievalOutput(loss=total, losses=losses, telemetry=telemetry)

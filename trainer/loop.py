@@ -156,6 +156,8 @@ class Trainer:
         if config.train.max_steps:
             self.total_steps = min(self.total_steps, config.train.max_steps)
         self.eval_every = config.train.eval_every_steps or epoch_steps
+        if config.loss.temporal_decay == "linear":
+            self.model.temporal_decay_steps = self.total_steps
         self.step = 0
         # Where training stands, all of it in the checkpoint (see state_dict).
         self.best_ndcg, self.best_step, self.evals_without_gain = -1.0, 0, 0

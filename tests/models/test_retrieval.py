@@ -150,3 +150,22 @@ def test_bf16_towers_run_their_matmuls_in_bf16_and_keep_the_loss_near_fp32(encod
     model.candidate_vectors(torch.arange(seqs.num_targets))
     model(batch.query_values("actor"), batch.query_values("next_action"), batch.history)
     assert linear_dtypes == {torch.float32}
+
+
+def test_a_decayed_temporal_weight_falls_linearly_and_leaves_the_main_loss_at_the_end():
+    """loss.temporal_decay = "linear": the total is main + w(step) * temporal with w from
+    temporal_weight at step 0 down to 0 at the decay's last step, and 0 after it."""
+    seqs = tiny_sequences()
+    model = tiny_model(seqs, encoder="hstu", repeat_scoring=False, loss={"temporal_weight": 0.5}).eval()
+    batch = builder(seqs, max_len=8, num_rand_negs=3).build(np.arange(6), np.random.default_rng(0))
+    model.temporal_decay_steps = 10
+    weights = {}
+    with torch.no_grad():
+        for step in [0, 4, 10, 25]:
+            model.training_step.fill_(step)
+            out = model.train_forward(batch)
+            assert out.losses["temporal"] > 0
+            weights[step] = float((out.loss - out.losses["main"]) / out.losses["temporal"])
+    assert weights[0] == pytest.approx(0.5, rel=1e-5)
+    assert weights[4] == pytest.approx(0.3, rel=1e-5)
+    assert weights[10] == 0.0 and weights[25] == 0.0

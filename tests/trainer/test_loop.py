@@ -82,3 +82,13 @@ def test_every_shipped_real_data_config_trains_a_step(name):
     trainer = config_trainer(name)
     scalars = trainer.train_step(next(iter(trainer.loader)))
     assert math.isfinite(scalars["loss/total"]) and scalars["grad_norm"] > 0
+
+
+def test_a_linear_temporal_decay_spans_the_run():
+    """The weight reaches 0 at the run's last step, whether the length comes from
+    train.max_epochs or train.max_steps; without the decay it stays constant."""
+    whole = smoke_trainer("loss.temporal_decay=linear")
+    assert whole.total_steps > 7 and whole.model.temporal_decay_steps == whole.total_steps
+    short = smoke_trainer("loss.temporal_decay=linear", "train.max_steps=7")
+    assert short.total_steps == 7 and short.model.temporal_decay_steps == 7
+    assert smoke_trainer().model.temporal_decay_steps == 0
