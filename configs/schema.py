@@ -338,8 +338,8 @@ class LossConfig:
     temporal_weight: float = 0.5
     """Weight of temporal pretraining: every history position predicts the next event
     (one causal pass). 0 turns it off. 0 and 0.25 are measured in README Ablation: the
-    logs disagree on it (0 is +0.010 NDCG@10 on CollegeMsg, -0.008 on ml-100k), 0.25 is
-    within noise of 0.5 on both."""
+    logs disagree on it (0 is +0.006 NDCG@10 on CollegeMsg, -0.008 on ml-100k), 0.25 is
+    within noise of 0.5 on both; see temporal_decay."""
 
     temporal_last_k: int = 0
     """Temporal loss only on the last K positions of each history (0 = all)."""
