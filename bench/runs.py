@@ -31,7 +31,7 @@ RUN_LOG_PATH = Path(__file__).resolve().parent / "results" / "runs.jsonl"
 BASELINES = ("most_popular", "recency_frequency", "two_way_recency_frequency")
 # Part of every run's identity: bump it with a code change that changes results, so the
 # runs logged before it are retired (kept in the log, no longer matched).
-CODE_VERSION = "2026-12-01 cyclic time features off by default"
+CODE_VERSION = "2026-12-04 temporal weight decayed linearly and ID tables' learning rate 0.05 by default"
 # Logs whose actors and targets are one ID space (the two-way rule and incoming contacts).
 SHARED_ID_LOGS = frozenset({"collegemsg"})
 # A change that alters only the runs using one part retires only those: a run whose

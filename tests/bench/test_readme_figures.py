@@ -27,17 +27,29 @@ def _rows(lines: list[str]) -> dict[str, list[str]]:
     return rows
 
 
-def test_the_readme_ablation_table_shows_the_generated_figures():
-    """Cell for cell (the README's change column says in words what ablation.md's lists
-    as overrides)."""
-    generated = (ROOT / "bench" / "results" / "ablation.md").read_text().split("\n\n")
-    first_table = next(block for block in generated if block.startswith("| variant"))
-    expected = _rows(first_table.splitlines())
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Ablation", 1)[1].splitlines()
-    start = next(i for i, line in enumerate(section) if line.startswith("| "))
-    end = next((i for i in range(start, len(section)) if not section[i].startswith("| ")), len(section))
-    shown = _rows(section[start:end])  # the section's first table
-    assert expected and set(shown) == set(expected), "README's Ablation table lists other variants than ablation.md"
+def _first_table(lines: list[str]) -> dict[str, list[str]]:
+    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("| ")), len(lines))
+    return _rows(lines[start:end])
+
+
+def _assert_readme_table_matches(generated_file: str, readme_marker: str) -> None:
+    """The README's first table after `readme_marker` shows the first table of
+    bench/results/`generated_file` cell for cell (the README's change column says in
+    words what the file lists as overrides)."""
+    generated = (ROOT / "bench" / "results" / generated_file).read_text().split("\n\n")
+    expected = _first_table(next(block for block in generated if block.startswith("| variant")).splitlines())
+    section = (ROOT / "README.md").read_text().split(readme_marker, 1)[1].splitlines()
+    shown = _first_table(section)
+    assert expected and set(shown) == set(expected), f"README's table after {readme_marker!r} lists other variants than {generated_file}"
     for variant, cells in expected.items():
-        assert shown[variant] == cells, f"README's Ablation row {variant!r} differs from bench/results/ablation.md"
+        assert shown[variant] == cells, f"README's row {variant!r} after {readme_marker!r} differs from {generated_file}"
+
+
+def test_the_readme_ablation_table_shows_the_generated_figures():
+    _assert_readme_table_matches("ablation.md", "### Ablation")
+
+
+def test_the_readme_shows_the_previous_defaults_ablation_as_frozen():
+    """The ablation at the default before 2026-12-04, frozen when the default changed."""
+    _assert_readme_table_matches("ablation_previous_default.md", "#### At the previous default")

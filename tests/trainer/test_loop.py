@@ -86,9 +86,9 @@ def test_every_shipped_real_data_config_trains_a_step(name):
 
 def test_a_linear_temporal_decay_spans_the_run():
     """The weight reaches 0 at the run's last step, whether the length comes from
-    train.max_epochs or train.max_steps; without the decay it stays constant."""
-    whole = smoke_trainer("loss.temporal_decay=linear")
+    train.max_epochs or train.max_steps (the default decays it); "none" keeps it constant."""
+    whole = smoke_trainer()
     assert whole.total_steps > 7 and whole.model.temporal_decay_steps == whole.total_steps
-    short = smoke_trainer("loss.temporal_decay=linear", "train.max_steps=7")
+    short = smoke_trainer("train.max_steps=7")
     assert short.total_steps == 7 and short.model.temporal_decay_steps == 7
-    assert smoke_trainer().model.temporal_decay_steps == 0
+    assert smoke_trainer("loss.temporal_decay=none").model.temporal_decay_steps == 0
