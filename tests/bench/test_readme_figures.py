@@ -28,8 +28,10 @@ def _rows(lines: list[str]) -> dict[str, list[str]]:
 
 
 def _first_table(lines: list[str]) -> dict[str, list[str]]:
-    start = next(i for i, line in enumerate(lines) if line.startswith("| "))
-    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("| ")), len(lines))
+    # Any line opening with "|" belongs to the table: generated files write the separator
+    # row as "|---|", the README as "| --- |".
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
     return _rows(lines[start:end])
 
 
