@@ -56,6 +56,9 @@ VARIANTS: dict[str, list[str]] = {
     "no_incoming": ["model.incoming_window=0"],
     # Issue 22 §1: without the contacts' features over both directions merged in time order.
     "no_merged_contact_stream": ["model.merged_contact_stream=false"],
+    # Off by default: the re-scorer also reads the actor's idle time (bench/contact_ceiling.py
+    # found it the one query-side input that lifts a ranker over the contacts).
+    "actor_idle": ["model.actor_idle_feature=true"],
     # Issue 22 §4: the parts that had no row yet.
     "streaming_logq": ["loss.logq_estimator=streaming"],
     "mask_history": ["loss.mask_history=true"],

@@ -22,8 +22,10 @@ Feature groups (each adds to the ones before it):
   direction's count and hours since its last, whether it is the newest, the popularity;
 - `unanswered`: whether the pair's newest message reached the actor (not answered yet),
   and the share of the pair's messages that reached it;
+- `idle`: the actor's idle time (hours since its own newest event of either direction):
+  read from the query alone, so the model could have it without anyone else's events;
 - `activity`: the candidate's own recent activity with anyone (hours since its last
-  event, its events in the last hour and day, all its events), and the actor's idle time;
+  event, its events in the last hour and day, all its events);
 - `co_occurrence`: how many of the actor's 10 newest contacts are among the candidate's
   20 newest partners (DyGFormer's neighbour co-occurrence, at its simplest);
 - `candidate_view`: the actor as the candidate sees it: the candidate's events since it
@@ -58,8 +60,8 @@ from data.prepare import prepare  # noqa: E402
 from trainer.main import CONFIG_DIR  # noqa: E402
 from trainer.results import baseline_results  # noqa: E402
 
-GROUPS = ("stream", "unanswered", "activity", "co_occurrence", "candidate_view")
-GROUP_WIDTHS = {"stream": 13, "unanswered": 2, "activity": 5, "co_occurrence": 1, "candidate_view": 3}
+GROUPS = ("stream", "unanswered", "idle", "activity", "co_occurrence", "candidate_view")
+GROUP_WIDTHS = {"stream": 13, "unanswered": 2, "idle": 1, "activity": 4, "co_occurrence": 1, "candidate_view": 3}
 _HALF_LIVES = (1.0, 4.0, 16.0, 64.0)
 
 
@@ -198,7 +200,7 @@ def contact_query(index: EventIndex, actor: int, k: int, released: str) -> Conta
         their_age = (before - 1 - with_actor).astype(float)
         candidate_view.append([np.log1p(since)] + [float(np.sum(0.5 ** (their_age / h))) for h in (1.0, 4.0)])
     idle = np.full((size, 1), np.log1p(max(now - times[-1], 0) / 3600.0) / 5.0)
-    features = np.c_[stream, unanswered, np.array(activity), idle, np.log1p(co_occurrence)[:, None],
+    features = np.c_[stream, unanswered, idle, np.array(activity), np.log1p(co_occurrence)[:, None],
                      np.array(candidate_view)]
     # A sender who never receives is no candidate: it reads as a feature of nobody's rank.
     keep = index.is_candidate[people]

@@ -268,6 +268,12 @@ class ModelConfig:
     of the two-way recency-frequency rule), not only per direction. No effect where
     `incoming_window` is 0 or actors and targets are separate IDs."""
 
+    actor_idle_feature: bool = False
+    """The re-scorer also reads the actor's idle time: hours from its newest contact event
+    (own or incoming) to the query's time, the same for every contact of the query. It
+    tells a reply mid-conversation from a return after a day (models/repeat.py
+    history_items). Off by default until its ablation row holds on both logs."""
+
     def __post_init__(self) -> None:
         _require(self.repeat_window >= 0, f"model.repeat_window: expected >= 0, got {self.repeat_window}")
         _require(self.incoming_window >= 0, f"model.incoming_window: expected >= 0, got {self.incoming_window}")

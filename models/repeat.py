@@ -35,12 +35,12 @@ HALF_LIVES = (1.0, 4.0, 16.0, 64.0)
 FEATURES_PER_SOURCE = 6 + len(HALF_LIVES)
 
 
-def num_repeat_features(merged_stream: bool) -> int:
+def num_repeat_features(merged_stream: bool, actor_idle: bool = False) -> int:
     """Features of a pair: the same set from the actor's own history ("outgoing"), from
     the events that reached the actor ("incoming", zeros and a 0 flag when absent) and,
     with `merged_stream`, from both merged in time order (the outgoing stream alone when
-    there are no incoming events)."""
-    return (3 if merged_stream else 2) * FEATURES_PER_SOURCE
+    there are no incoming events); with `actor_idle`, one more: the row's idle time."""
+    return (3 if merged_stream else 2) * FEATURES_PER_SOURCE + int(actor_idle)
 
 _NEVER_HOURS = 1e6
 """Time since the last contact for a pair with none from one source: far older than any."""
@@ -102,9 +102,16 @@ def history_items(
     num_targets: int,
     incoming: ContactEvents | None = None,
     merged_stream: bool = False,
+    actor_idle: bool = False,
 ) -> HistoryItems:
     """Group each row's contacts by target and compute the repeat features of each pair
-    (`num_repeat_features(merged_stream)` of them)."""
+    (`num_repeat_features(merged_stream, actor_idle)` of them).
+
+    `actor_idle` adds the row's idle time, hours from its newest contact event of either
+    source to the query's time, to every pair of the row. It is a feature of the query,
+    not the pair: the MLP scores each pair on its own and cannot otherwise tell an actor
+    mid-conversation (where the newest contact is the likely next one) from one returning
+    after a day (where the frequent ones are). bench/contact_ceiling.py measured it."""
     batch = history.lengths_B.shape[0]
     device = history.target_N.device
     sources = [history] + ([incoming] if incoming is not None else [])
@@ -127,6 +134,8 @@ def history_items(
     elif merged_stream:
         merged, row, pair = _merged(sources, rows, inverse)
         features.append(_source_features(merged, row, pair, row_U, num_pairs, query_timestamp_B))
+    if actor_idle:
+        features.append(_idle_hours(sources, rows, query_timestamp_B)[row_U, None])
     return HistoryItems(
         key_U=key_U,
         row_U=row_U,
@@ -151,6 +160,17 @@ def _merged(
     lengths_B = sum(s.lengths_B for s in sources)
     merged = ContactEvents(target_N[order], timestamp_N[order], lengths_B)
     return merged, row_N[order], pair_N[order]
+
+
+def _idle_hours(
+    sources: list[ContactEvents], rows: list[torch.Tensor], query_timestamp_B: torch.Tensor
+) -> torch.Tensor:
+    """[B] log1p(hours since the row's newest event of any source) / 5, the scale of the
+    per-source hour features; a row without events reads 0 (it has no pairs to score)."""
+    timestamp_N = torch.cat([s.timestamp_N for s in sources]).to(query_timestamp_B.dtype)
+    newest_B = query_timestamp_B.scatter_reduce(0, torch.cat(rows), timestamp_N, "amax", include_self=False)
+    hours_B = (query_timestamp_B - newest_B).clamp(min=0).to(torch.float32) / 3600.0
+    return torch.log1p(hours_B) / 5.0
 
 
 def _source_features(
@@ -201,12 +221,14 @@ class RepeatScorer(nn.Module):
     where count and recency say more (measured: with the similarity left as additive
     noise, the joint model ordered past targets worse than recency alone)."""
 
-    def __init__(self, action_dim: int, hidden_dim: int = 32, merged_stream: bool = False) -> None:
+    def __init__(
+        self, action_dim: int, hidden_dim: int = 32, merged_stream: bool = False, actor_idle: bool = False
+    ) -> None:
         super().__init__()
-        self.merged_stream = merged_stream
+        self.merged_stream, self.actor_idle = merged_stream, actor_idle
         self.action = nn.Linear(action_dim, 8)
         self.mlp = nn.Sequential(
-            nn.Linear(num_repeat_features(merged_stream) + 1 + 8, hidden_dim), nn.GELU(),
+            nn.Linear(num_repeat_features(merged_stream, actor_idle) + 1 + 8, hidden_dim), nn.GELU(),
             nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
             nn.Linear(hidden_dim, 1),
         )

@@ -122,7 +122,11 @@ class TwoTowerRetrieval(nn.Module):
         self.query_tower = QueryTower(model_config, max_len)
         self.candidate_tower = CandidateTower(model_config)
         merged_stream = model_config.merged_contact_stream and reads_incoming
-        self.repeat = RepeatScorer(dim, merged_stream=merged_stream) if model_config.repeat_scoring else None
+        self.repeat = (
+            RepeatScorer(dim, merged_stream=merged_stream, actor_idle=model_config.actor_idle_feature)
+            if model_config.repeat_scoring
+            else None
+        )
         self.contacts = ContactNegatives() if self.repeat is not None else None
         if loss_config.logq_estimator == "streaming":
             estimator = StreamingFrequencyEstimator(loss_config.streaming_num_buckets, loss_config.streaming_ema)
@@ -182,6 +186,7 @@ class TwoTowerRetrieval(nn.Module):
             self.sizes.num_id_rows,
             received,
             merged_stream=self.repeat.merged_stream,
+            actor_idle=self.repeat.actor_idle,
         )
 
     # ---------------------------------------------------------------- inference

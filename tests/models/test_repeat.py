@@ -82,6 +82,36 @@ def test_without_incoming_the_merged_stream_is_the_own_one():
     assert torch.equal(own, merged)
 
 
+def test_the_actor_idle_time_is_the_same_for_every_pair_of_a_row_and_counts_both_sources():
+    # Row 0: own events at 0 h and 1 h, an incoming one at 3 h, query at 5 h -> idle 2 h.
+    # Row 1: one own event at 4 h, nothing incoming, query at 4.5 h -> idle 0.5 h.
+    history = ContactEvents(torch.tensor([3, 5, 7]), torch.tensor([0, HOUR, 4 * HOUR]), torch.tensor([2, 1]))
+    incoming = ContactEvents(torch.tensor([6]), torch.tensor([3 * HOUR]), torch.tensor([1, 0]))
+    query = torch.tensor([5 * HOUR, 4 * HOUR + HOUR // 2])
+    without = history_items(history, query, 10, incoming, merged_stream=True)
+    items = history_items(history, query, 10, incoming, merged_stream=True, actor_idle=True)
+    assert items.features_UF.shape[1] == num_repeat_features(True, actor_idle=True) == num_repeat_features(True) + 1
+    assert torch.equal(items.features_UF[:, :-1], without.features_UF)  # the other features untouched
+    idle = items.features_UF[:, -1]
+    expected = {0: np.log1p(2.0) / 5, 1: np.log1p(0.5) / 5}
+    assert items.row_U.tolist() == [0, 0, 0, 1]
+    assert torch.allclose(idle, torch.tensor([expected[int(r)] for r in items.row_U], dtype=torch.float32))
+
+
+def test_the_actor_idle_feature_widens_the_rescorer_and_trains():
+    seqs = tiny_sequences(num_targets=20)
+    torch.manual_seed(0)
+    model = tiny_model(seqs, actor_idle_feature=True)
+    assert model.repeat.actor_idle
+    assert model.repeat.mlp[0].in_features == num_repeat_features(False, actor_idle=True) + 1 + 8
+    batch = builder(seqs).build(np.arange(4))
+    loss = model.train_forward(batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    idle_column = num_repeat_features(False, actor_idle=True) - 1
+    assert model.repeat.mlp[0].weight.grad[:, idle_column].abs().sum() > 0  # the idle time reaches the loss
+
+
 def test_the_merged_stream_leaves_models_without_incoming_contacts_bitwise_unchanged():
     """Ratings logs have no incoming events: the option builds the same model (same
     parameters drawn), so their runs stand; where batches carry them, the re-scorer reads
