@@ -169,8 +169,17 @@ def _idle_hours(
     per-source hour features; a row without events reads 0 (it has no pairs to score)."""
     timestamp_N = torch.cat([s.timestamp_N for s in sources]).to(query_timestamp_B.dtype)
     newest_B = query_timestamp_B.scatter_reduce(0, torch.cat(rows), timestamp_N, "amax", include_self=False)
-    hours_B = (query_timestamp_B - newest_B).clamp(min=0).to(torch.float32) / 3600.0
-    return torch.log1p(hours_B) / 5.0
+    return _scaled_hours(_hours_since(query_timestamp_B, newest_B))
+
+
+def _hours_since(now: torch.Tensor, then: torch.Tensor) -> torch.Tensor:
+    """Hours from `then` to `now` (seconds), never negative."""
+    return (now - then).clamp(min=0).to(torch.float32) / 3600.0
+
+
+def _scaled_hours(hours: torch.Tensor) -> torch.Tensor:
+    """Every hour feature's scale: log1p(hours) / 5 (about 0-3 over a century)."""
+    return torch.log1p(hours) / 5.0
 
 
 def _source_features(
@@ -199,13 +208,13 @@ def _source_features(
     time_last_U = torch.zeros(num_pairs, dtype=torch.int64, device=device).scatter_reduce_(
         0, pair_N, source.timestamp_N, "amax", include_self=False
     )
-    hours_since_U = (query_timestamp_B[row_U] - time_last_U).clamp(min=0).to(torch.float32) / 3600.0
+    hours_since_U = _hours_since(query_timestamp_B[row_U], time_last_U)
     hours_since_U = torch.where(present_U, hours_since_U, _NEVER_HOURS)
     features = [
         present_U.to(torch.float32),
         torch.log1p(count_U),
         torch.log1p(age_last_U),
-        torch.log1p(hours_since_U) / 5.0,
+        _scaled_hours(hours_since_U),
         (present_U & (age_last_U == 0)).to(torch.float32),
         count_U / length_U.clamp(min=1),
     ] + [scatter_sum(torch.pow(0.5, age_N / half_life)) for half_life in HALF_LIVES]
