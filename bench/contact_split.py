@@ -4,6 +4,7 @@ the query, with the model's and the rule's ranks in each group.
 
     .venv/bin/python bench/contact_split.py                      # CollegeMsg, seed 0 (~3 min)
     .venv/bin/python bench/contact_split.py --seed 1 -- loss.temperature=0.05
+    .venv/bin/python bench/contact_split.py --tag late -- data.path=runs/derived/collegemsg-late.txt
 
 Groups (every test query is in exactly one):
 - `own`: the target is one the actor wrote to before (its own history);
@@ -108,6 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="collegemsg")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="results file contact_split_<data>_<tag>.json (for overrides)")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (after --)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -135,7 +137,7 @@ def main() -> None:
         "data": args.data, "seed": args.seed, "overrides": args.overrides, "best_step": summary.best_step,
         "rule_half_life_events": half_life["half_life_events"], "groups": table,
     }
-    path = write_result(f"contact_split_{args.data}", result)
+    path = write_result(f"contact_split_{args.data}" + (f"_{args.tag}" if args.tag else ""), result)
     print(f"{'group':<14} {'queries':>8} {'share':>6}  {'model NDCG@10':>13} {'rule':>6}  {'model HR@1':>10} {'rule':>6}"
           f"  {'better':>6} {'worse':>6}")
     for name, row in table.items():

@@ -32,8 +32,9 @@ BASELINES = ("most_popular", "recency_frequency", "two_way_recency_frequency")
 # Part of every run's identity: bump it with a code change that changes results, so the
 # runs logged before it are retired (kept in the log, no longer matched).
 CODE_VERSION = "2026-12-04 temporal weight decayed linearly and ID tables' learning rate 0.05 by default"
-# Logs whose actors and targets are one ID space (the two-way rule and incoming contacts).
-SHARED_ID_LOGS = frozenset({"collegemsg"})
+# Logs whose actors and targets are one ID space (the two-way rule and incoming contacts),
+# bench/generalisation.py's logs derived from CollegeMsg included.
+SHARED_ID_LOGS = frozenset({"collegemsg", "collegemsg-first-contact", "collegemsg-late"})
 # A change that alters only the runs using one part retires only those: a run whose
 # resolved config (config file, then overrides) uses the part carries the part's version
 # after CODE_VERSION. Every other run is bitwise what it was and stands.

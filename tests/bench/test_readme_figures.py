@@ -1,4 +1,5 @@
-"""The README shows the quality table exactly as bench/quality.py last wrote it."""
+"""The README shows the quality, ablation and derived-log tables exactly as the benchmarks
+last wrote them."""
 
 from __future__ import annotations
 
@@ -15,6 +16,15 @@ def test_the_readme_quality_table_is_the_generated_one():
     assert table in readme, "README's Quality table differs from bench/results/quality.md: paste it again"
     verdicts = [line for line in generated.splitlines() if line.startswith("- ")]
     assert verdicts and all(line in readme for line in verdicts)
+
+
+def test_the_readme_shows_the_generated_table_of_logs_it_was_not_tuned_on():
+    generated = (ROOT / "bench" / "results" / "generalisation.md").read_text()
+    table = "\n".join(line for line in generated.splitlines() if line.startswith("| "))
+    assert table, "generalisation.md has no table"
+    assert table in (ROOT / "README.md").read_text(), (
+        "README's table of derived logs differs from bench/results/generalisation.md: paste it again"
+    )
 
 
 def _rows(lines: list[str]) -> dict[str, list[str]]:

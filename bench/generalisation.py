@@ -1,0 +1,185 @@
+"""Does the default hold on logs it was not tuned on? Logs of other kinds derived from the
+embedded ones, trained with the base log's shipped config (only its data path changed),
+3 seeds, against every baseline, under ../shared/BENCHMARK.md's protocol.
+
+    .venv/bin/python bench/generalisation.py                 # every derived log, 3 seeds (~35 min)
+    .venv/bin/python bench/generalisation.py --logs collegemsg-first-contact --seeds 1
+    .venv/bin/python bench/generalisation.py --logged-only   # the table from the runs logged so far
+
+Why: quality is judged on public logs of other kinds (messaging, e-mail, trust, edits,
+ratings, purchases) that no one here sees, and every default was chosen on CollegeMsg and
+ml-100k. A derived log is not independent of its base, but each removes the regime a
+default could have been fitted to:
+- `collegemsg-first-contact`: each ordered pair's first message only, as a trust or follow
+  log records a relation once. No target ever repeats, so what the re-scorer reads of the
+  actor's own contacts is worthless; only reciprocity (the people who wrote first) is left.
+- `collegemsg-late`: the second half of CollegeMsg's time span (events at or after the
+  median timestamp): the same community after its launch, with fewer newcomers, and a
+  third of the events.
+- `ml-100k-liked`: ml-100k's ratings of 4 and 5 only, the implicit positive feedback a
+  purchase or like log holds (the rating stays the action).
+
+Each derived log keeps its base file's format and lines (header and comments included),
+so it is read exactly as a user's file would be. The logs are written under
+runs/derived/ (rebuilt when missing); runs go through the run log
+(bench/results/runs.jsonl, shared with bench/quality.py and bench/ablation.py), so the
+benchmark resumes. Writes bench/results/generalisation.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import RESULTS_DIR, write_result  # noqa: E402
+from bench.runs import BASELINES, RUN_LOG_PATH, RunLog, format_mean_std, mean_std  # noqa: E402
+from configs.loading import load_config  # noqa: E402
+from data.prepare import resolve_data_path  # noqa: E402
+from data.readers import read_log  # noqa: E402
+from trainer.main import CONFIG_DIR  # noqa: E402
+
+DERIVED_DIR = Path("runs") / "derived"  # relative to the repository root: part of each run's identity
+METRICS = ("ndcg@10", "hr@10", "hr@1", "mrr")
+
+
+def first_contact(events: pl.DataFrame) -> pl.Series:
+    """Lines of each ordered (actor, target) pair's first event in time, ties by file
+    order."""
+    first = events.sort(["timestamp", "line"]).unique(["actor", "target"], keep="first")
+    return first["line"]
+
+
+def late_half(events: pl.DataFrame) -> pl.Series:
+    """Lines of the events at or after the median timestamp."""
+    return events.filter(pl.col("timestamp") >= pl.col("timestamp").median())["line"]
+
+
+def liked(events: pl.DataFrame) -> pl.Series:
+    """Lines of the events whose action (a rating) is 4 or more."""
+    return events.filter(pl.col("action") >= 4)["line"]
+
+
+@dataclass(frozen=True)
+class DerivedLog:
+    base: str  # the shipped config (configs/<base>.yaml) and its log
+    keep: Callable[[pl.DataFrame], pl.Series]
+    kind: str  # what it stands for, in the table
+
+
+DERIVED_LOGS: dict[str, DerivedLog] = {
+    "collegemsg-first-contact": DerivedLog("collegemsg", first_contact, "trust / follow: each pair once, no repeats"),
+    "collegemsg-late": DerivedLog("collegemsg", late_half, "messaging, a later period"),
+    "ml-100k-liked": DerivedLog("ml-100k", liked, "likes / purchases: ratings of 4 and 5"),
+}
+
+
+def write_derived(name: str, root: Path = ROOT) -> Path:
+    """Write the derived log `name` (if missing) from its base file: the base's lines kept
+    whole, in file order, every non-event line (header, comments) included."""
+    spec = DERIVED_LOGS[name]
+    config = load_config(CONFIG_DIR / f"{spec.base}.yaml", [])
+    source = Path(resolve_data_path(config.data.path))
+    target = root / DERIVED_DIR / f"{name}{source.suffix}"
+    if target.exists():
+        return target
+    frame = read_log(source, config.data).frame.collect()
+    numeric = [c for c in ("timestamp", "action") if c in frame.columns]
+    events = frame.with_columns(pl.col(c).cast(pl.Float64) for c in numeric)
+    kept = set(spec.keep(events).to_list())
+    event_lines = set(frame["line"].to_list())
+    lines = source.read_text().splitlines(keepends=True)
+    text = "".join(line for number, line in enumerate(lines, 1) if number in kept or number not in event_lines)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    partial.write_text(text)
+    partial.replace(target)  # a crash never leaves a half-written log that the next run would trust
+    return target
+
+
+def run_overrides(name: str) -> list[str]:
+    spec = DERIVED_LOGS[name]
+    source = Path(resolve_data_path(load_config(CONFIG_DIR / f"{spec.base}.yaml", []).data.path))
+    return [f"data.path={DERIVED_DIR / (name + source.suffix)}"]
+
+
+def aggregate(records: list[dict]) -> dict:
+    """The model's mean and spread over seeds; the baselines, deterministic, from the first
+    record; the model against the best baseline (by test NDCG@10), as a ratio."""
+    out = {"seeds": [r["seed"] for r in records], "runs": len(records)}
+    out["model"] = {m: mean_std([r["test"][m] for r in records]) for m in METRICS}
+    out["baselines"] = {b: {m: records[0]["baselines"][b][m] for m in METRICS}
+                        for b in BASELINES if b in records[0]["baselines"]}
+    best = max(out["baselines"], key=lambda b: out["baselines"][b]["ndcg@10"])
+    out["best_baseline"] = best
+    out["model_over_best_baseline"] = out["model"]["ndcg@10"]["mean"] / out["baselines"][best]["ndcg@10"] - 1.0
+    out["per_seed_ndcg@10"] = [r["test"]["ndcg@10"] for r in records]
+    out["best_step_of_steps"] = [[r["best_step"], r["steps"]] for r in records]
+    out["evaluated_actors"] = records[0]["evaluated_actors"]
+    out["candidates"] = records[0]["candidates"]
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        "| log | kind | seeds | model NDCG@10 | model HR@10 | two-way rule | recency-frequency | most popular | model / best baseline |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in results.items():
+        base = r["baselines"]
+        cells = [f"{base[b]['ndcg@10']:.4f}" if b in base else "-"
+                 for b in ("two_way_recency_frequency", "recency_frequency", "most_popular")]
+        lines.append(
+            f"| {name} | {DERIVED_LOGS[name].kind} | {r['runs']} | {format_mean_std(r['model']['ndcg@10'], r['runs'])} | "
+            f"{format_mean_std(r['model']['hr@10'], r['runs'])} | " + " | ".join(cells) +
+            f" | {r['model_over_best_baseline']:+.1%} |"
+        )
+    lines += ["", "Test NDCG@10 (HR@10 for the model too); baselines: one deterministic figure each, the "
+              "recency-frequency half-lives chosen on validation; the last column: the model's mean over the "
+              "best baseline's figure, minus 1."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--logs", default=",".join(DERIVED_LOGS), help="comma-separated subset of: " + ",".join(DERIVED_LOGS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--logged-only", action="store_true", help="train nothing: the table from the runs logged so far")
+    args = parser.parse_args()
+    names = args.logs.split(",")
+    unknown = [n for n in names if n not in DERIVED_LOGS]
+    if unknown:
+        parser.error(f"unknown log(s) {unknown}; choose from {', '.join(DERIVED_LOGS)}")
+    logging.basicConfig(level=logging.WARNING, force=True)
+    os.chdir(ROOT)  # the runs name their logs relative to the repository root
+    run_log = RunLog(RUN_LOG_PATH)
+    results = {}
+    for name in DERIVED_LOGS:  # every log in the table; only those asked for are trained
+        config_path = CONFIG_DIR / f"{DERIVED_LOGS[name].base}.yaml"
+        overrides = run_overrides(name)
+        if name in names and not args.logged_only:
+            write_derived(name)
+            for seed in range(args.seeds):
+                record = run_log.run(name, "default", seed, config_path, overrides)
+                logging.getLogger("generalisation").warning("%s seed %d: ndcg@10 %.4f", name, seed, record["test"]["ndcg@10"])
+        records = run_log.logged_seeds(name, "default", config_path, overrides)
+        if records:
+            results[name] = aggregate(records)
+    table = markdown(results)
+    path = write_result("generalisation", {"results": results})
+    (RESULTS_DIR / "generalisation.md").write_text(table)
+    print(table)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
