@@ -118,6 +118,8 @@ class RunLog:
             # deltas should pair runs of one machine (records before this field lack it).
             "machine": {"cpu": cpu_model(), "platform": platform.platform()},
         }
+        if "contact_offset" in results:  # model.contact_offset_on_validation: what validation chose
+            record["contact_offset"] = results["contact_offset"]["chosen"]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

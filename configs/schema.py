@@ -276,7 +276,21 @@ class ModelConfig:
     CollegeMsg and +0.004 on ml-100k, though a ranker over the contacts gained 0.005 from
     it on CollegeMsg (bench/contact_ceiling.py)."""
 
+    contact_offset_on_validation: bool = False
+    """After training, at the best model, choose one offset added to every contact's score
+    (in logits, among models/repeat.py CONTACT_OFFSETS) by validation NDCG@10, and keep it
+    with the model: the test, the export and predict use it. Why: the model learns how far
+    contacts stand above everyone else from training queries at every event of a history,
+    where new contacts are more common than at its end (on CollegeMsg a third of all events
+    open a pair, a fifth of the test events); the validation query is the history's
+    next-to-last event, as the test query is its last. Chosen on validation as the rules'
+    half-lives are. Costs one validation per offset, once."""
+
     def __post_init__(self) -> None:
+        _require(
+            self.repeat_scoring or not self.contact_offset_on_validation,
+            "model.contact_offset_on_validation: needs model.repeat_scoring (there is no contact score to offset)",
+        )
         _require(self.repeat_window >= 0, f"model.repeat_window: expected >= 0, got {self.repeat_window}")
         _require(self.incoming_window >= 0, f"model.incoming_window: expected >= 0, got {self.incoming_window}")
         _require(self.embedding_dim >= 2, f"model.embedding_dim: expected >= 2, got {self.embedding_dim}")

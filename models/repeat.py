@@ -42,6 +42,12 @@ def num_repeat_features(merged_stream: bool, actor_idle: bool = False) -> int:
     there are no incoming events); with `actor_idle`, one more: the row's idle time."""
     return (3 if merged_stream else 2) * FEATURES_PER_SOURCE + int(actor_idle)
 
+# The offsets `model.contact_offset_on_validation` tries (logits, added to every contact's
+# score), in this order: a tie on validation keeps the one tried first, the smaller
+# change. On CollegeMsg validation stopped changing beyond +2 (+4 and +100 scored the
+# same: by then every contact that can rise is above the other candidates).
+CONTACT_OFFSETS = (0.0, 1.0, -1.0, 2.0, -2.0, 4.0, -4.0)
+
 _NEVER_HOURS = 1e6
 """Time since the last contact for a pair with none from one source: far older than any."""
 
@@ -231,10 +237,19 @@ class RepeatScorer(nn.Module):
     noise, the joint model ordered past targets worse than recency alone)."""
 
     def __init__(
-        self, action_dim: int, hidden_dim: int = 32, merged_stream: bool = False, actor_idle: bool = False
+        self, action_dim: int, hidden_dim: int = 32, merged_stream: bool = False, actor_idle: bool = False,
+        contact_offset: bool = False,
     ) -> None:
         super().__init__()
         self.merged_stream, self.actor_idle = merged_stream, actor_idle
+        # With `contact_offset`, a logit added to every contact's score, chosen after
+        # training (CONTACT_OFFSETS); 0 until then. A buffer, so checkpoints and the export
+        # carry it and predict applies it.
+        self.contact_offset: torch.Tensor | None
+        if contact_offset:
+            self.register_buffer("contact_offset", torch.zeros(()))
+        else:
+            self.contact_offset = None
         self.action = nn.Linear(action_dim, 8)
         self.mlp = nn.Sequential(
             nn.Linear(num_repeat_features(merged_stream, actor_idle) + 1 + 8, hidden_dim), nn.GELU(),

@@ -123,7 +123,10 @@ class TwoTowerRetrieval(nn.Module):
         self.candidate_tower = CandidateTower(model_config)
         merged_stream = model_config.merged_contact_stream and reads_incoming
         self.repeat = (
-            RepeatScorer(dim, merged_stream=merged_stream, actor_idle=model_config.actor_idle_feature)
+            RepeatScorer(
+                dim, merged_stream=merged_stream, actor_idle=model_config.actor_idle_feature,
+                contact_offset=model_config.contact_offset_on_validation,
+            )
             if model_config.repeat_scoring
             else None
         )
@@ -223,7 +226,16 @@ class TwoTowerRetrieval(nn.Module):
         bonus that must outweigh the similarity needs only O(1) weights, which Adam reaches
         in hundreds of steps (at lr 1e-3 it would need tens of thousands to reach O(1/tau))."""
         cosine_U = (query_BD[items.row_U] * contact_vectors_UD).sum(-1)
-        return cosine_U, self.repeat(items, cosine_U, next_action_BD) / self.loss_settings.temperature
+        bonus_U = self.repeat(items, cosine_U, next_action_BD) / self.loss_settings.temperature
+        if self.repeat.contact_offset is not None:
+            bonus_U = bonus_U + self.repeat.contact_offset
+        return cosine_U, bonus_U
+
+    def set_contact_offset(self, offset: float) -> None:
+        """Set the logit added to every contact's score (model.contact_offset_on_validation)."""
+        if self.repeat is None or self.repeat.contact_offset is None:
+            raise ValueError("set_contact_offset: this model has no contact offset (model.contact_offset_on_validation)")
+        self.repeat.contact_offset.fill_(offset)
 
     def forward(
         self,

@@ -27,6 +27,7 @@ from data.dataset import partition_of
 from data.loader import Share, TrainLoader
 from data.prepare import PreparedData
 from data.readers import DataError
+from models.repeat import CONTACT_OFFSETS
 from trainer.allocators import release_free_heap
 from trainer.build import build_model, model_scorer, train_batch_builder
 from trainer.checkpoint import (
@@ -164,6 +165,7 @@ class Trainer:
         self.best_valid: dict[str, float] = {}
         self.best_state: dict | None = None
         self.best_path: Path | None = None  # the best model's checkpoint, once there is one
+        self.contact_offset: dict | None = None  # choose_contact_offset's, once tested
         self.nonfinite_steps, self.nonfinite_in_a_row = 0, 0
 
     def train_step(self, batch) -> dict[str, float]:
@@ -438,9 +440,28 @@ class Trainer:
             self.model.load_state_dict(self.best_state)
 
     def test(self) -> dict[str, float]:
-        """The test split, evaluated once, at the best model."""
+        """The test split, evaluated once, at the best model (with its contact offset chosen
+        on validation first, under model.contact_offset_on_validation)."""
         self._restore_best()
+        if self.config.model.contact_offset_on_validation:
+            self.contact_offset = self.choose_contact_offset()
         return self.evaluate("test")
+
+    def choose_contact_offset(self) -> dict:
+        """Validate the current model at every offset of CONTACT_OFFSETS (on every rank: the
+        ranks are summed, so each makes the same choice), keep the best; a tie keeps the
+        offset tried first. Returns {"chosen", "valid_ndcg@10": {offset: value}}."""
+        tried: dict[float, float] = {}
+        for offset in CONTACT_OFFSETS:
+            self.model.set_contact_offset(offset)
+            tried[offset] = self.evaluate("valid")["ndcg@10"]
+        chosen = max(tried, key=lambda offset: (tried[offset], -CONTACT_OFFSETS.index(offset)))
+        self.model.set_contact_offset(chosen)
+        log.info(
+            "contact offset %+g chosen on validation (NDCG@10 %s)", chosen,
+            ", ".join(f"{offset:+g}: {value:.4f}" for offset, value in tried.items()),
+        )
+        return {"chosen": chosen, "valid_ndcg@10": {str(offset): value for offset, value in tried.items()}}
 
     def close(self) -> None:
         self.metrics.close()

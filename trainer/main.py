@@ -236,6 +236,10 @@ def _run_locked(config: ExperimentConfig, dist: Distributed, run_dir: Path) -> d
         trainer.close()
 
     results, table = run_results(config.name, summary, summary_train, test, baseline, resources)
+    if trainer.contact_offset is not None:
+        results["contact_offset"] = trainer.contact_offset
+        table += (f"\n\nContact offset {trainer.contact_offset['chosen']:+g} (logits, on every contact's score), chosen on "
+                  "validation NDCG@10 (model.contact_offset_on_validation; results.json has every offset tried).")
     write_results(run_dir, results, table)
     print(table)
     print(f"\nresults: {run_dir / 'results.json'}; TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")

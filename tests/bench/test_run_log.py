@@ -238,3 +238,17 @@ def test_a_new_run_records_the_cpu_it_ran_on(run_log, monkeypatch):
     record = runs.RunLog(run_log).run("collegemsg", "default", 0, CONFIG_DIR / "collegemsg.yaml", [])
     assert record["machine"]["cpu"] == cpu_model() and cpu_model()
     assert json.loads(run_log.read_text().splitlines()[-1])["machine"] == record["machine"]
+
+
+def test_a_run_with_a_contact_offset_logs_the_one_validation_chose(tmp_path, monkeypatch):
+    metrics = {**METRICS}
+    results = {
+        "metrics": {"test": {"model": metrics, **{b: metrics for b in runs.BASELINES}}, "valid": {"model": metrics}},
+        "training": {"steps": 10, "best_step": 5}, "data": {"evaluated_actors": 3, "candidates": 4},
+        "contact_offset": {"chosen": 2.0, "valid_ndcg@10": {"0.0": 0.1, "2.0": 0.2}},
+    }
+    monkeypatch.setattr(runs, "train_and_test", lambda *args: (results, 1.0))
+    overrides = ["model.contact_offset_on_validation=true"]
+    record = runs.RunLog(tmp_path / "runs.jsonl").run("collegemsg", "contact_offset", 0, CONFIG_DIR / "collegemsg.yaml", overrides)
+    assert record["contact_offset"] == 2.0
+    assert json.loads((tmp_path / "runs.jsonl").read_text())["contact_offset"] == 2.0

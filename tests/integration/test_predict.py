@@ -17,7 +17,9 @@ import torch
 from configs.loading import load_config
 from data.dataset import PreparedDataset, partition_of, prepared_config
 from data.readers import DataError
+from models.repeat import CONTACT_OFFSETS
 import trainer.predict as predict_module
+from trainer.export import load_exported
 from trainer.main import main
 from trainer.predict import main as predict_main
 from trainer.predict import predict
@@ -255,3 +257,21 @@ def test_a_prepared_dataset_rebuilt_from_other_data_is_refused(run_dir, tmp_path
     manifest.write_text(json.dumps(values))
     assert predict_main(["--run", str(copy), "--k", "3", "--out", str(tmp_path / "p.json")]) == 2
     assert "events 59,835 -> 59836" in capsys.readouterr().err
+
+
+def test_a_contact_offset_chosen_on_validation_is_reported_exported_and_served(tmp_path, monkeypatch):
+    args = ["--config", str(ROOT / "configs" / "smoke.yaml"), f"output_dir={tmp_path}", "train.max_steps=8",
+            "model.contact_offset_on_validation=true"]
+    assert main(args) == 0
+    run = tmp_path / "smoke"
+    reported = json.loads((run / "results.json").read_text())["contact_offset"]
+    tried = {float(offset): value for offset, value in reported["valid_ndcg@10"].items()}
+    assert set(tried) == set(CONTACT_OFFSETS)
+    best = next(offset for offset in CONTACT_OFFSETS if tried[offset] == max(tried.values()))
+    assert reported["chosen"] == best
+    assert load_exported(run)["repeat.contact_offset"].item() == best
+    built = []
+    real_build = predict_module.build_model
+    monkeypatch.setattr(predict_module, "build_model", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    predict(run, k=3, actors=[1], actions=None, exclude_seen=False)
+    assert built and built[0].repeat.contact_offset.item() == best  # predict scores with it

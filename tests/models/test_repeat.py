@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
@@ -163,3 +164,32 @@ def test_the_encoder_sees_only_the_last_max_len_events():
                      batch.query_values("next_timestamp"))
 
     assert torch.allclose(query(long_batch), query(short_batch), atol=1e-6)
+
+
+def test_the_contact_offset_adds_one_logit_to_every_contact_and_nothing_else():
+    seqs = tiny_sequences(num_targets=20)
+    torch.manual_seed(0)
+    model = tiny_model(seqs, contact_offset_on_validation=True).eval()
+    batch = builder(seqs).build(np.arange(4))
+    args = (batch.query_values("actor"), batch.query_values("next_action"), batch.history,
+            batch.query_values("next_timestamp"))
+    before = model.encode_queries(*args)
+    assert model.repeat.contact_offset.item() == 0.0  # until one is chosen
+    model.set_contact_offset(2.5)
+    after = model.encode_queries(*args)
+    assert torch.equal(before.query_BD, after.query_BD)
+    assert torch.allclose(after.bonus_U - before.bonus_U, torch.full_like(before.bonus_U, 2.5))
+    assert model.state_dict()["repeat.contact_offset"].item() == 2.5  # checkpoints and the export carry it
+
+
+def test_without_the_option_the_model_has_no_offset_and_its_parameters_are_unchanged():
+    seqs = tiny_sequences(num_targets=20)
+    models = {}
+    for option in (False, True):
+        torch.manual_seed(0)
+        models[option] = tiny_model(seqs, contact_offset_on_validation=option)
+    off, on = models[False].state_dict(), models[True].state_dict()
+    assert set(on) - set(off) == {"repeat.contact_offset"}
+    assert all(torch.equal(off[k], on[k]) for k in off)  # the same draws: runs without it stand
+    with pytest.raises(ValueError, match="no contact offset"):
+        models[False].set_contact_offset(1.0)

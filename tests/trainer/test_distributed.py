@@ -578,3 +578,35 @@ def test_baselines_over_shares_equal_the_single_process_ones(tmp_path):
     got = torch.load(tmp_path / "rank0.pt", weights_only=True)
     assert got["metrics"] == expected.metrics and got["half_lives"] == expected.half_lives
     assert set(got["metrics"]["test"]) == {"most_popular", "recency_frequency", "two_way_recency_frequency"}
+
+
+OFFSET_ON = {"model.contact_offset_on_validation": "true"}
+
+
+def _contact_offset_worker(rank, port, out, state, dataset_dir):
+    _join(rank, port)
+    config = _config(**OFFSET_ON)
+    dist = init_distributed(config.distributed)
+    trainer = Trainer(config, _share(config, dataset_dir, rank, WORLD), MetricsLogger(None, enabled=False), dist)
+    load_unsharded_state(trainer.model, state)
+    chosen = trainer.choose_contact_offset()
+    torch.save({"chosen": chosen, "buffer": trainer.model.repeat.contact_offset.item()}, out / f"rank{rank}.pt")
+    close_distributed(dist)
+
+
+@pytest.mark.slow
+def test_every_rank_chooses_the_contact_offset_one_process_chooses(tmp_path):
+    """The offset is chosen from the summed ranks of every rank's queries: each rank holds
+    the same choice, the one a single process makes."""
+    config = _config(**OFFSET_ON)
+    prepared = prepare(config.data)
+    trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False))
+    state = trainer.model.state_dict()
+    expected = trainer.choose_contact_offset()
+    assert len(set(expected["valid_ndcg@10"].values())) > 1  # the offsets rank differently: the choice means something
+    dataset_dir = tmp_path / "prepared"
+    ensure_prepared(config.data, dataset_dir, resolve_data_path(config.data.path))
+    _spawn(_contact_offset_worker, tmp_path, state, dataset_dir)
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["chosen"] == expected and got["buffer"] == expected["chosen"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from configs.schema import OptimConfig
+from models.repeat import CONTACT_OFFSETS
 from tests.trainer.smoke import config_trainer, smoke_trainer
 from trainer.loop import lr_factor
 
@@ -92,3 +93,20 @@ def test_a_linear_temporal_decay_spans_the_run():
     short = smoke_trainer("train.max_steps=7")
     assert short.total_steps == 7 and short.model.temporal_decay_steps == 7
     assert smoke_trainer("loss.temporal_decay=none").model.temporal_decay_steps == 0
+
+
+def test_the_contact_offset_is_the_best_on_validation_and_a_tie_keeps_the_one_tried_first(monkeypatch):
+    trainer = smoke_trainer("model.contact_offset_on_validation=true")
+    ndcg = {0.0: 0.50, 1.0: 0.60, -1.0: 0.10, 2.0: 0.60, -2.0: 0.20, 4.0: 0.55, -4.0: 0.0}
+    assert set(ndcg) == set(CONTACT_OFFSETS)
+    splits = []
+
+    def evaluate(split):
+        splits.append(split)
+        return {"ndcg@10": ndcg[trainer.model.repeat.contact_offset.item()]}
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    chosen = trainer.choose_contact_offset()
+    assert chosen["chosen"] == 1.0 and trainer.model.repeat.contact_offset.item() == 1.0  # 2.0 ties, tried later
+    assert set(splits) == {"valid"} and len(splits) == len(CONTACT_OFFSETS)
+    assert chosen["valid_ndcg@10"] == {str(k): v for k, v in ndcg.items()}
