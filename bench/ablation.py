@@ -59,6 +59,8 @@ VARIANTS: dict[str, list[str]] = {
     # Off by default: the re-scorer also reads the actor's idle time (bench/contact_ceiling.py
     # found it the one query-side input that lifts a ranker over the contacts).
     "actor_idle": ["model.actor_idle_feature=true"],
+    # Off by default: one offset on every contact's score, chosen on validation after training.
+    "contact_offset": ["model.contact_offset_on_validation=true"],
     # Issue 22 §4: the parts that had no row yet.
     "streaming_logq": ["loss.logq_estimator=streaming"],
     "mask_history": ["loss.mask_history=true"],

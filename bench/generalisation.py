@@ -5,6 +5,7 @@ embedded ones, trained with the base log's shipped config (only its data path ch
     .venv/bin/python bench/generalisation.py                 # every derived log, 3 seeds (~35 min)
     .venv/bin/python bench/generalisation.py --logs collegemsg-first-contact --seeds 1
     .venv/bin/python bench/generalisation.py --logged-only   # the table from the runs logged so far
+    .venv/bin/python bench/generalisation.py --variants contact_offset   # an ablation variant (bench/ablation.py)
 
 Why: quality is judged on public logs of other kinds (messaging, e-mail, trust, edits,
 ratings, purchases) that no one here sees, and every default was chosen on CollegeMsg and
@@ -41,6 +42,7 @@ import polars as pl
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.ablation import VARIANTS  # noqa: E402
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
 from bench.runs import BASELINES, RUN_LOG_PATH, RunLog, format_mean_std, mean_std  # noqa: E402
 from configs.loading import load_config  # noqa: E402
@@ -130,19 +132,22 @@ def aggregate(records: list[dict]) -> dict:
 
 
 def markdown(results: dict) -> str:
+    """One row per log and variant: `results` is {log: {variant: aggregate(...)}}."""
     lines = [
-        "| log | kind | seeds | model NDCG@10 | model HR@10 | two-way rule | recency-frequency | most popular | model / best baseline |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| log | kind | variant | seeds | model NDCG@10 | model HR@10 | two-way rule | recency-frequency | most popular "
+        "| model / best baseline |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, r in results.items():
-        base = r["baselines"]
-        cells = [f"{base[b]['ndcg@10']:.4f}" if b in base else "-"
-                 for b in ("two_way_recency_frequency", "recency_frequency", "most_popular")]
-        lines.append(
-            f"| {name} | {DERIVED_LOGS[name].kind} | {r['runs']} | {format_mean_std(r['model']['ndcg@10'], r['runs'])} | "
-            f"{format_mean_std(r['model']['hr@10'], r['runs'])} | " + " | ".join(cells) +
-            f" | {r['model_over_best_baseline']:+.1%} |"
-        )
+    for name, variants in results.items():
+        for variant, r in variants.items():
+            base = r["baselines"]
+            cells = [f"{base[b]['ndcg@10']:.4f}" if b in base else "-"
+                     for b in ("two_way_recency_frequency", "recency_frequency", "most_popular")]
+            lines.append(
+                f"| {name} | {DERIVED_LOGS[name].kind} | {variant} | {r['runs']} | "
+                f"{format_mean_std(r['model']['ndcg@10'], r['runs'])} | {format_mean_std(r['model']['hr@10'], r['runs'])} | "
+                + " | ".join(cells) + f" | {r['model_over_best_baseline']:+.1%} |"
+            )
     lines += ["", "Test NDCG@10 (HR@10 for the model too); baselines: one deterministic figure each, the "
               "recency-frequency half-lives chosen on validation; the last column: the model's mean over the "
               "best baseline's figure, minus 1."]
@@ -152,6 +157,7 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--logs", default=",".join(DERIVED_LOGS), help="comma-separated subset of: " + ",".join(DERIVED_LOGS))
+    parser.add_argument("--variants", default="default", help="comma-separated, of bench/ablation.py's: " + ",".join(VARIANTS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--logged-only", action="store_true", help="train nothing: the table from the runs logged so far")
     args = parser.parse_args()
@@ -159,21 +165,29 @@ def main() -> None:
     unknown = [n for n in names if n not in DERIVED_LOGS]
     if unknown:
         parser.error(f"unknown log(s) {unknown}; choose from {', '.join(DERIVED_LOGS)}")
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     logging.basicConfig(level=logging.WARNING, force=True)
     os.chdir(ROOT)  # the runs name their logs relative to the repository root
     run_log = RunLog(RUN_LOG_PATH)
     results = {}
-    for name in DERIVED_LOGS:  # every log in the table; only those asked for are trained
+    # Every log and variant with logged runs is in the table; only those asked for are trained.
+    for name in DERIVED_LOGS:
         config_path = CONFIG_DIR / f"{DERIVED_LOGS[name].base}.yaml"
-        overrides = run_overrides(name)
-        if name in names and not args.logged_only:
-            write_derived(name)
-            for seed in range(args.seeds):
-                record = run_log.run(name, "default", seed, config_path, overrides)
-                logging.getLogger("generalisation").warning("%s seed %d: ndcg@10 %.4f", name, seed, record["test"]["ndcg@10"])
-        records = run_log.logged_seeds(name, "default", config_path, overrides)
-        if records:
-            results[name] = aggregate(records)
+        for variant, variant_overrides in VARIANTS.items():
+            overrides = run_overrides(name) + variant_overrides
+            if name in names and variant in variants and not args.logged_only:
+                write_derived(name)
+                for seed in range(args.seeds):
+                    record = run_log.run(name, variant, seed, config_path, overrides)
+                    logging.getLogger("generalisation").warning(
+                        "%s %s seed %d: ndcg@10 %.4f", name, variant, seed, record["test"]["ndcg@10"]
+                    )
+            records = run_log.logged_seeds(name, variant, config_path, overrides)
+            if records:
+                results.setdefault(name, {})[variant] = aggregate(records)
     table = markdown(results)
     path = write_result("generalisation", {"results": results})
     (RESULTS_DIR / "generalisation.md").write_text(table)

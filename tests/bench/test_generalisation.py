@@ -104,7 +104,8 @@ def test_the_table_compares_the_model_with_the_best_baseline():
     result = aggregate([_record(0, 0.42), _record(1, 0.44)])
     assert result["best_baseline"] == "two_way_recency_frequency"
     assert result["model_over_best_baseline"] == pytest.approx(0.43 / 0.40 - 1)
-    table = markdown({"collegemsg-first-contact": result})
+    table = markdown({"collegemsg-first-contact": {"default": result}})
     row = next(line for line in table.splitlines() if line.startswith("| collegemsg-first-contact"))
+    assert "| default | 2 |" in row
     assert "0.4300 ± 0.0100" in row and "| 0.4000 |" in row and row.endswith("+7.5% |")
     assert set(DERIVED_LOGS) == {"collegemsg-first-contact", "collegemsg-late", "ml-100k-liked"}
