@@ -119,7 +119,10 @@ def measure(encoder: str, overrides: list[str], steps: int | None, warmup: int, 
         start = time.perf_counter()
         result["valid"] = trainer.evaluate("valid")
         result["eval_s"] = time.perf_counter() - start
-        # The test split too, for the quality beside the peers' (../shared/BENCHMARK.md).
+        # The test split too, for the quality beside the peers' (../shared/BENCHMARK.md),
+        # scored as trainer.test() scores it.
+        if trainer.config.model.contact_offset_on_validation:
+            trainer.choose_contact_offset()
         result["test"] = trainer.evaluate("test")
     loader = sequence_loader(trainer)
     sequence_steps = loader.steps_per_epoch

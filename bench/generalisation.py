@@ -14,9 +14,8 @@ default could have been fitted to:
 - `collegemsg-first-contact`: each ordered pair's first message only, as a trust or follow
   log records a relation once. No target ever repeats, so what the re-scorer reads of the
   actor's own contacts is worthless; only reciprocity (the people who wrote first) is left.
-- `collegemsg-late`: the second half of CollegeMsg's time span (events at or after the
-  median timestamp): the same community after its launch, with fewer newcomers, and a
-  third of the events.
+- `collegemsg-late`: the events at or after CollegeMsg's median timestamp (half the
+  events, days 36-194 of its 194): the same community after its launch burst.
 - `ml-100k-liked`: ml-100k's ratings of 4 and 5 only, the implicit positive feedback a
   purchase or like log holds (the rating stays the action).
 
@@ -42,7 +41,7 @@ import polars as pl
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.ablation import VARIANTS  # noqa: E402
+from bench.ablation import SKIP, VARIANTS  # noqa: E402
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
 from bench.runs import BASELINES, RUN_LOG_PATH, RunLog, format_mean_std, mean_std  # noqa: E402
 from configs.loading import load_config  # noqa: E402
@@ -86,14 +85,15 @@ DERIVED_LOGS: dict[str, DerivedLog] = {
 
 
 def write_derived(name: str, root: Path = ROOT) -> Path:
-    """Write the derived log `name` (if missing) from its base file: the base's lines kept
-    whole, in file order, every non-event line (header, comments) included."""
+    """Write the derived log `name` from its base file: the base's lines kept whole, in
+    file order, every non-event line (header, comments) included. Derived afresh on every
+    call and rewritten only when the file differs, so a stale or edited file is never
+    trained on. Its path is part of each run's identity (the run log): a change to a
+    derivation must come with a new name, or the runs logged before it would still match."""
     spec = DERIVED_LOGS[name]
     config = load_config(CONFIG_DIR / f"{spec.base}.yaml", [])
     source = Path(resolve_data_path(config.data.path))
     target = root / DERIVED_DIR / f"{name}{source.suffix}"
-    if target.exists():
-        return target
     frame = read_log(source, config.data).frame.collect()
     numeric = [c for c in ("timestamp", "action") if c in frame.columns]
     events = frame.with_columns(pl.col(c).cast(pl.Float64) for c in numeric)
@@ -101,6 +101,8 @@ def write_derived(name: str, root: Path = ROOT) -> Path:
     event_lines = set(frame["line"].to_list())
     lines = source.read_text().splitlines(keepends=True)
     text = "".join(line for number, line in enumerate(lines, 1) if number in kept or number not in event_lines)
+    if target.exists() and target.read_text() == text:
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     partial.write_text(text)
@@ -177,6 +179,8 @@ def main() -> None:
     for name in DERIVED_LOGS:
         config_path = CONFIG_DIR / f"{DERIVED_LOGS[name].base}.yaml"
         for variant, variant_overrides in VARIANTS.items():
+            if variant in SKIP.get(DERIVED_LOGS[name].base, ()):  # nothing to change on this log
+                continue
             overrides = run_overrides(name) + variant_overrides
             if name in names and variant in variants and not args.logged_only:
                 write_derived(name)

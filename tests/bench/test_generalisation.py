@@ -73,14 +73,17 @@ def test_a_derived_log_keeps_the_base_files_header_and_lines(tmp_path):
     assert derived["action"].cast(pl.Float64).min() >= 4
 
 
-def test_a_derived_log_is_written_once_and_never_from_a_partial_file(tmp_path):
-    stale = tmp_path / "runs" / "derived" / "collegemsg-late.txt.partial"
-    stale.parent.mkdir(parents=True)
-    stale.write_text("1 2 3\n")  # a crash's leftover: not the log
+def test_a_derived_log_is_rewritten_only_when_stale_and_never_read_from_a_partial_file(tmp_path):
+    partial = tmp_path / "runs" / "derived" / "collegemsg-late.txt.partial"
+    partial.parent.mkdir(parents=True)
+    partial.write_text("1 2 3\n")  # a crash's leftover: not the log
     path = write_derived("collegemsg-late", root=tmp_path)
     assert path.name == "collegemsg-late.txt" and path.stat().st_size > 100_000
-    before = path.stat().st_mtime_ns
+    text, before = path.read_text(), path.stat().st_mtime_ns
     assert write_derived("collegemsg-late", root=tmp_path) == path and path.stat().st_mtime_ns == before
+    path.write_text(text.replace("\n", "\n1 2 3\n", 1))  # edited by hand, or left by an older derivation
+    write_derived("collegemsg-late", root=tmp_path)
+    assert path.read_text() == text
 
 
 @pytest.mark.parametrize("name", ["collegemsg-first-contact", "collegemsg-late"])
