@@ -28,7 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
-from bench.runs import DATASETS, RUN_LOG_PATH, RunLog, format_mean_std, mean_std, quality_arguments  # noqa: E402
+from bench.runs import (  # noqa: E402
+    DATASETS, RUN_LOG_PATH, RunLog, format_mean_std, mean_std, parse_choices, quality_arguments,
+)
 from trainer.main import CONFIG_DIR  # noqa: E402
 
 METRICS = ("ndcg@10", "hr@10", "hr@1", "mrr")
@@ -187,10 +189,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ",".join(VARIANTS))
     parser.add_argument("--logged-only", action="store_true", help="train nothing: tables from the runs logged so far")
     args = parser.parse_args()
-    variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    variants = parse_choices(parser, args.variants, VARIANTS, "variant(s)")
     logging.basicConfig(level=logging.WARNING, force=True)
     # The logs not asked for are reported from the run log, never trained, so the
     # results file always covers both logs however a long ablation was split up.

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.ablation import SKIP, VARIANTS  # noqa: E402
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
-from bench.runs import BASELINES, RUN_LOG_PATH, RunLog, format_mean_std, mean_std  # noqa: E402
+from bench.runs import BASELINES, RUN_LOG_PATH, RunLog, format_mean_std, mean_std, parse_choices  # noqa: E402
 from configs.loading import load_config  # noqa: E402
 from data.prepare import resolve_data_path  # noqa: E402
 from data.readers import read_log  # noqa: E402
@@ -163,14 +163,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--logged-only", action="store_true", help="train nothing: the table from the runs logged so far")
     args = parser.parse_args()
-    names = args.logs.split(",")
-    unknown = [n for n in names if n not in DERIVED_LOGS]
-    if unknown:
-        parser.error(f"unknown log(s) {unknown}; choose from {', '.join(DERIVED_LOGS)}")
-    variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    names = parse_choices(parser, args.logs, DERIVED_LOGS, "log(s)")
+    variants = parse_choices(parser, args.variants, VARIANTS, "variant(s)")
     logging.basicConfig(level=logging.WARNING, force=True)
     os.chdir(ROOT)  # the runs name their logs relative to the repository root
     run_log = RunLog(RUN_LOG_PATH)

@@ -145,6 +145,15 @@ def format_mean_std(stat: dict, runs: int, decimals: int = 4) -> str:
     return mean if runs == 1 else f"{mean} ± {stat['std']:.{decimals}f}"
 
 
+def parse_choices(parser: argparse.ArgumentParser, text: str, choices, what: str) -> list[str]:
+    """A comma-separated list of names, each one of `choices`; a parser error otherwise."""
+    names = text.split(",")
+    unknown = [name for name in names if name not in choices]
+    if unknown:
+        parser.error(f"unknown {what} {unknown}; choose from {', '.join(choices)}")
+    return names
+
+
 def quality_arguments(description: str | None) -> argparse.ArgumentParser:
     """The options every quality benchmark takes: which logs, how many seeds, overrides."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

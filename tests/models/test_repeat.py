@@ -113,15 +113,21 @@ def test_the_actor_idle_feature_widens_the_rescorer_and_trains():
     assert model.repeat.mlp[0].weight.grad[:, idle_column].abs().sum() > 0  # the idle time reaches the loss
 
 
+def _off_and_on(seqs, option: str) -> dict[bool, object]:
+    """{False: model, True: model} of a model option, each drawn from the same seed."""
+    models = {}
+    for value in (False, True):
+        torch.manual_seed(0)
+        models[value] = tiny_model(seqs, **{option: value})
+    return models
+
+
 def test_the_merged_stream_leaves_models_without_incoming_contacts_bitwise_unchanged():
     """Ratings logs have no incoming events: the option builds the same model (same
     parameters drawn), so their runs stand; where batches carry them, the re-scorer reads
     more."""
     seqs = tiny_sequences(num_targets=20)
-    models = {}
-    for merged in (False, True):
-        torch.manual_seed(0)
-        models[merged] = tiny_model(seqs, merged_contact_stream=merged)
+    models = _off_and_on(seqs, "merged_contact_stream")
     on, off = models[True].state_dict(), models[False].state_dict()
     assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)
     torch.manual_seed(0)
@@ -183,11 +189,7 @@ def test_the_contact_offset_adds_one_logit_to_every_contact_and_nothing_else():
 
 
 def test_without_the_option_the_model_has_no_offset_and_its_parameters_are_unchanged():
-    seqs = tiny_sequences(num_targets=20)
-    models = {}
-    for option in (False, True):
-        torch.manual_seed(0)
-        models[option] = tiny_model(seqs, contact_offset_on_validation=option)
+    models = _off_and_on(tiny_sequences(num_targets=20), "contact_offset_on_validation")
     off, on = models[False].state_dict(), models[True].state_dict()
     assert set(on) - set(off) == {"repeat.contact_offset"}
     assert all(torch.equal(off[k], on[k]) for k in off)  # the same draws: runs without it stand
