@@ -122,9 +122,7 @@ def main() -> None:
         run_dir.mkdir()
         trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False), run_dir=run_dir)
         summary = trainer.train()
-        trainer._restore_best()
-        if config.model.contact_offset_on_validation:  # as trainer.test() scores
-            trainer.choose_contact_offset()
+        trainer.prepare_test_model()
         model_ranks = trainer.query_ranks("test")
     half_life = baseline_results(prepared, config.baselines, config.eval, splits=("valid",)).half_lives[RULE]
     queries = rank_queries(prepared, "test", config.eval)

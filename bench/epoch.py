@@ -120,10 +120,8 @@ def measure(encoder: str, overrides: list[str], steps: int | None, warmup: int, 
         result["valid"] = trainer.evaluate("valid")
         result["eval_s"] = time.perf_counter() - start
         # The test split too, for the quality beside the peers' (../shared/BENCHMARK.md),
-        # scored as trainer.test() scores it.
-        if trainer.config.model.contact_offset_on_validation:
-            trainer.choose_contact_offset()
-        result["test"] = trainer.evaluate("test")
+        # at the epoch's model (nothing validated inside it, so no other best was kept).
+        result["test"] = trainer.test()
     loader = sequence_loader(trainer)
     sequence_steps = loader.steps_per_epoch
     timing = timed_steps(trainer, iter(loader), sequence_steps if steps is None else min(steps, sequence_steps))

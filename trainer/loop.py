@@ -440,12 +440,17 @@ class Trainer:
             self.model.load_state_dict(self.best_state)
 
     def test(self) -> dict[str, float]:
-        """The test split, evaluated once, at the best model (with its contact offset chosen
-        on validation first, under model.contact_offset_on_validation)."""
+        """The test split, evaluated once, at the model `prepare_test_model` leaves."""
+        self.prepare_test_model()
+        return self.evaluate("test")
+
+    def prepare_test_model(self) -> None:
+        """The model the test scores: the best one (the current one if none was kept), with
+        its contact offset chosen on validation under model.contact_offset_on_validation.
+        Benchmarks that rank the test split themselves call it too."""
         self._restore_best()
         if self.config.model.contact_offset_on_validation:
             self.contact_offset = self.choose_contact_offset()
-        return self.evaluate("test")
 
     def choose_contact_offset(self) -> dict:
         """Validate the current model at every offset of CONTACT_OFFSETS (on every rank: the
