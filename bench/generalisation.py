@@ -21,7 +21,7 @@ default could have been fitted to:
 
 Each derived log keeps its base file's format and lines (header and comments included),
 so it is read exactly as a user's file would be. The logs are written under
-runs/derived/ (rebuilt when missing); runs go through the run log
+runs/derived/ (rebuilt whenever missing or stale); runs go through the run log
 (bench/results/runs.jsonl, shared with bench/quality.py and bench/ablation.py), so the
 benchmark resumes. Writes bench/results/generalisation.{json,md}.
 """
@@ -45,6 +45,7 @@ from bench.ablation import SKIP, VARIANTS  # noqa: E402
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
 from bench.runs import BASELINES, RUN_LOG_PATH, RunLog, format_mean_std, mean_std, parse_choices  # noqa: E402
 from configs.loading import load_config  # noqa: E402
+from configs.schema import DataConfig  # noqa: E402
 from data.prepare import resolve_data_path  # noqa: E402
 from data.readers import read_log  # noqa: E402
 from trainer.main import CONFIG_DIR  # noqa: E402
@@ -84,20 +85,26 @@ DERIVED_LOGS: dict[str, DerivedLog] = {
 }
 
 
+def _base_and_path(name: str) -> tuple[Path, Path, DataConfig]:
+    """(the base log's file, the derived log's path relative to the repository root, the
+    base config's data settings)."""
+    config = load_config(CONFIG_DIR / f"{DERIVED_LOGS[name].base}.yaml", [])
+    source = Path(resolve_data_path(config.data.path))
+    return source, DERIVED_DIR / f"{name}{source.suffix}", config.data
+
+
 def write_derived(name: str, root: Path = ROOT) -> Path:
     """Write the derived log `name` from its base file: the base's lines kept whole, in
     file order, every non-event line (header, comments) included. Derived afresh on every
     call and rewritten only when the file differs, so a stale or edited file is never
     trained on. Its path is part of each run's identity (the run log): a change to a
     derivation must come with a new name, or the runs logged before it would still match."""
-    spec = DERIVED_LOGS[name]
-    config = load_config(CONFIG_DIR / f"{spec.base}.yaml", [])
-    source = Path(resolve_data_path(config.data.path))
-    target = root / DERIVED_DIR / f"{name}{source.suffix}"
-    frame = read_log(source, config.data).frame.collect()
+    source, relative, data_config = _base_and_path(name)
+    target = root / relative
+    frame = read_log(source, data_config).frame.collect()
     numeric = [c for c in ("timestamp", "action") if c in frame.columns]
     events = frame.with_columns(pl.col(c).cast(pl.Float64) for c in numeric)
-    kept = set(spec.keep(events).to_list())
+    kept = set(DERIVED_LOGS[name].keep(events).to_list())
     event_lines = set(frame["line"].to_list())
     lines = source.read_text().splitlines(keepends=True)
     text = "".join(line for number, line in enumerate(lines, 1) if number in kept or number not in event_lines)
@@ -111,9 +118,7 @@ def write_derived(name: str, root: Path = ROOT) -> Path:
 
 
 def run_overrides(name: str) -> list[str]:
-    spec = DERIVED_LOGS[name]
-    source = Path(resolve_data_path(load_config(CONFIG_DIR / f"{spec.base}.yaml", []).data.path))
-    return [f"data.path={DERIVED_DIR / (name + source.suffix)}"]
+    return [f"data.path={_base_and_path(name)[1]}"]
 
 
 def aggregate(records: list[dict]) -> dict:
@@ -172,12 +177,14 @@ def main() -> None:
     # Every log and variant with logged runs is in the table; only those asked for are trained.
     for name in DERIVED_LOGS:
         config_path = CONFIG_DIR / f"{DERIVED_LOGS[name].base}.yaml"
+        trains = name in names and not args.logged_only
+        if trains:
+            write_derived(name)
         for variant, variant_overrides in VARIANTS.items():
             if variant in SKIP.get(DERIVED_LOGS[name].base, ()):  # nothing to change on this log
                 continue
             overrides = run_overrides(name) + variant_overrides
-            if name in names and variant in variants and not args.logged_only:
-                write_derived(name)
+            if trains and variant in variants:
                 for seed in range(args.seeds):
                     record = run_log.run(name, variant, seed, config_path, overrides)
                     logging.getLogger("generalisation").warning(
