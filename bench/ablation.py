@@ -63,6 +63,11 @@ VARIANTS: dict[str, list[str]] = {
     "actor_idle": ["model.actor_idle_feature=true"],
     # Off by default: one offset on every contact's score, chosen on validation after training.
     "contact_offset": ["model.contact_offset_on_validation=true"],
+    # Off by default: a contact's order learned among the contacts alone, its balance
+    # against new candidates by one propensity per query (models/repeat.py); with and
+    # without the contact offset.
+    "repeat_explore": ["model.repeat_explore=true"],
+    "repeat_explore_offset": ["model.repeat_explore=true", "model.contact_offset_on_validation=true"],
     # Issue 22 §4: the parts that had no row yet.
     "streaming_logq": ["loss.logq_estimator=streaming"],
     "mask_history": ["loss.mask_history=true"],

@@ -287,7 +287,20 @@ class ModelConfig:
     established: new contacts are only a little commoner among training events than among
     test queries (CollegeMsg: 23% against 20%). Costs one validation per offset, once."""
 
+    repeat_explore: bool = False
+    """Split a contact's score into its order among the actor's contacts and one
+    propensity per query (RepeatNet's repeat / explore split, models/repeat.py): the order
+    is learned by a softmax over the contacts alone, the propensity by the main loss, and
+    the contact's cosine is dropped from its score. Why: one MLP trained in the full
+    softmax must at once order the contacts and set how much any contact beats a new
+    candidate, and on CollegeMsg's later half the balance came out low (README, "Logs it
+    was not tuned on"). Off until its ablation rows say otherwise."""
+
     def __post_init__(self) -> None:
+        _require(
+            self.repeat_scoring or not self.repeat_explore,
+            "model.repeat_explore: needs model.repeat_scoring (there are no contact scores to split)",
+        )
         _require(
             self.repeat_scoring or not self.contact_offset_on_validation,
             "model.contact_offset_on_validation: needs model.repeat_scoring (there is no contact score to offset)",

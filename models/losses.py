@@ -216,3 +216,33 @@ def sampled_softmax_loss(
         telemetry["hard_topk"] = float(settings.hard_topk)
     return LossOutput(loss=loss, telemetry=telemetry)
 
+
+
+def contact_order_loss(
+    row_U: torch.Tensor,
+    logits_U: torch.Tensor,
+    target_index_B: torch.Tensor,
+    target_found_B: torch.Tensor,
+    count_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Softmax cross-entropy of each row's target among that row's contacts alone (the
+    repeat side of `model.repeat_explore`), averaged over the rows whose target is one of
+    them. `row_U` / `logits_U`: every (row, contact) pair's row and logit; the target's
+    pair is `target_index_B` where `target_found_B`. `count_sum` as in LossSettings: each
+    rank's share of the global mean (it is called on every rank, rows or not). A batch
+    without such a row gives 0, still attached to the logits' graph."""
+    batch = target_found_B.shape[0]
+    count = target_found_B.sum().to(logits_U.dtype)
+    if count_sum is not None:
+        count = count_sum(count)
+    if not bool(target_found_B.any()):
+        return logits_U.sum() * 0.0
+    # Per-row log-sum-exp over the row's pairs, shifted by the row's max for stability.
+    row_max_B = torch.full((batch,), -math.inf, dtype=logits_U.dtype, device=logits_U.device)
+    row_max_B = row_max_B.scatter_reduce(0, row_U, logits_U.detach(), "amax")
+    exp_sum_B = torch.zeros(batch, dtype=logits_U.dtype, device=logits_U.device).index_add(
+        0, row_U, torch.exp(logits_U - row_max_B[row_U])
+    )
+    found = target_found_B
+    loss_F = row_max_B[found] + torch.log(exp_sum_B[found]) - logits_U[target_index_B[found]]
+    return loss_F.sum() / count.clamp(min=1.0)

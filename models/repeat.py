@@ -20,6 +20,14 @@ in the same softmax, with the contacts as extra negatives (included with certain
 their log q is 0). On logs without repeats (ratings) it learns a negative bonus instead,
 i.e. not to recommend what the actor already had.
 
+With `model.repeat_explore` (RepeatNet's repeat / explore split) a contact's score is
+instead (order(x, c) + propensity(x)) / tau, its cosine dropped: `order` is the MLP above,
+trained only by a softmax over the row's contacts (on rows whose target is one of them),
+and the main loss sees it detached; `propensity`, one number per query from the next
+action, the idle time and the row's counts, is what the main loss trains, i.e. how much
+any contact is worth against a new candidate. The order among contacts then no longer
+competes with the balance against everyone else for the same gradient.
+
 Shape suffixes: B batch, N flat contact events, U distinct (row, target) pairs,
 H padded pairs per row, F features.
 """
@@ -33,6 +41,9 @@ from torch import nn
 
 HALF_LIVES = (1.0, 4.0, 16.0, 64.0)
 FEATURES_PER_SOURCE = 6 + len(HALF_LIVES)
+QUERY_FEATURES = 4
+"""Per-row features of the contact propensity (`model.repeat_explore`): the idle time and
+log1p of the row's number of contacts, own events and incoming events."""
 
 
 def num_repeat_features(merged_stream: bool, actor_idle: bool = False) -> int:
@@ -63,6 +74,8 @@ class HistoryItems:
     features_UF: torch.Tensor
     num_targets: int
     batch_size: int
+    query_features_BQ: torch.Tensor
+    """[B, QUERY_FEATURES] per row, whatever its contacts: what the contact propensity reads."""
 
     def find(self, rows: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pair index, found) for each (row, target); index is clamped where not found."""
@@ -140,8 +153,15 @@ def history_items(
     elif merged_stream:
         merged, row, pair = _merged(sources, rows, inverse)
         features.append(_source_features(merged, row, pair, row_U, num_pairs, query_timestamp_B))
+    idle_B = _idle_hours(sources, rows, query_timestamp_B)
     if actor_idle:
-        features.append(_idle_hours(sources, rows, query_timestamp_B)[row_U, None])
+        features.append(idle_B[row_U, None])
+    num_contacts_B = torch.bincount(row_U, minlength=batch).to(torch.float32)
+    own_B = history.lengths_B.to(torch.float32)
+    incoming_B = incoming.lengths_B.to(torch.float32) if incoming is not None else torch.zeros_like(own_B)
+    query_features_BQ = torch.stack(
+        [idle_B, torch.log1p(num_contacts_B), torch.log1p(own_B), torch.log1p(incoming_B)], dim=-1
+    )
     return HistoryItems(
         key_U=key_U,
         row_U=row_U,
@@ -149,6 +169,7 @@ def history_items(
         features_UF=torch.cat(features, dim=-1),
         num_targets=num_targets,
         batch_size=batch,
+        query_features_BQ=query_features_BQ,
     )
 
 
@@ -238,10 +259,10 @@ class RepeatScorer(nn.Module):
 
     def __init__(
         self, action_dim: int, hidden_dim: int = 32, merged_stream: bool = False, actor_idle: bool = False,
-        contact_offset: bool = False,
+        contact_offset: bool = False, repeat_explore: bool = False,
     ) -> None:
         super().__init__()
-        self.merged_stream, self.actor_idle = merged_stream, actor_idle
+        self.merged_stream, self.actor_idle, self.repeat_explore = merged_stream, actor_idle, repeat_explore
         # With `contact_offset`, a logit added to every contact's score, chosen after
         # training (CONTACT_OFFSETS); 0 until then. A buffer, so checkpoints and the export
         # carry it and predict applies it.
@@ -256,8 +277,22 @@ class RepeatScorer(nn.Module):
             nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
             nn.Linear(hidden_dim, 1),
         )
+        # With `repeat_explore`, the query's propensity to write to a contact at all, from
+        # the next action and the row's counts and idle time (created last, so the
+        # parameters above are drawn as without it).
+        self.propensity = (
+            nn.Sequential(nn.Linear(QUERY_FEATURES + 8, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, 1))
+            if repeat_explore
+            else None
+        )
 
     def forward(self, items: HistoryItems, cosine_U: torch.Tensor, next_action_BD: torch.Tensor) -> torch.Tensor:
-        """[U] bonus per (row, target) pair."""
+        """[U] bonus per (row, target) pair (with `repeat_explore`: its order among the row's contacts)."""
         action_UA = self.action(next_action_BD)[items.row_U]
         return self.mlp(torch.cat([items.features_UF, cosine_U[:, None], action_UA], dim=-1)).squeeze(-1)
+
+    def contact_propensity(self, items: HistoryItems, next_action_BD: torch.Tensor) -> torch.Tensor:
+        """[B] (`repeat_explore` only) how much a contact of the row is worth against a
+        new candidate, in cosine units: one number per query."""
+        inputs_BI = torch.cat([items.query_features_BQ, self.action(next_action_BD)], dim=-1)
+        return self.propensity(inputs_BI).squeeze(-1)

@@ -41,7 +41,13 @@ from configs.schema import LossConfig, ModelConfig
 from data.batches import Batch
 from models.embeddings import IdEmbeddings, LookedUp, TargetRows, VocabularySizes
 from models.length_groups import Jagged, JaggedHistory, from_blocks, length_groups, to_block
-from models.losses import LossSettings, hard_topk_schedule, sampled_softmax_loss, temporal_weight_at
+from models.losses import (
+    LossSettings,
+    contact_order_loss,
+    hard_topk_schedule,
+    sampled_softmax_loss,
+    temporal_weight_at,
+)
 from models.repeat import ContactEvents, HistoryItems, RepeatScorer, history_items
 from models.samplers import (
     ContactNegatives,
@@ -62,6 +68,16 @@ class RetrievalOutput:
     loss: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     telemetry: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ContactBonus:
+    """Per (row, contact) pair: the query's cosine, the bonus added to it (logits) and,
+    with `model.repeat_explore`, the contacts' order (logits, for its own loss)."""
+
+    cosine_U: torch.Tensor
+    bonus_U: torch.Tensor
+    order_U: torch.Tensor | None
 
 
 @dataclass
@@ -126,6 +142,7 @@ class TwoTowerRetrieval(nn.Module):
             RepeatScorer(
                 dim, merged_stream=merged_stream, actor_idle=model_config.actor_idle_feature,
                 contact_offset=model_config.contact_offset_on_validation,
+                repeat_explore=model_config.repeat_explore,
             )
             if model_config.repeat_scoring
             else None
@@ -215,21 +232,31 @@ class TwoTowerRetrieval(nn.Module):
         if items is None:
             return QueryEncoding(query, None, None)
         contact_vectors_UD = self._candidates(looked_up.contacts)
-        _, bonus_U = self._bonus(items, query, contact_vectors_UD, looked_up.next_action_BD)
-        return QueryEncoding(query, items, bonus_U)
+        bonus = self._bonus(items, query, contact_vectors_UD, looked_up.next_action_BD)
+        return QueryEncoding(query, items, bonus.bonus_U)
 
     def _bonus(
         self, items: HistoryItems, query_BD: torch.Tensor, contact_vectors_UD: torch.Tensor, next_action_BD: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cosine, repeat bonus) per history pair, the bonus in logit units. The scorer's
+    ) -> ContactBonus:
+        """Cosine and repeat bonus per history pair, the bonus in logit units. The scorer's
         output is in cosine units and divided by tau like the similarity: with tau = 0.1 a
         bonus that must outweigh the similarity needs only O(1) weights, which Adam reaches
-        in hundreds of steps (at lr 1e-3 it would need tens of thousands to reach O(1/tau))."""
+        in hundreds of steps (at lr 1e-3 it would need tens of thousands to reach O(1/tau)).
+        With `repeat_explore` the bonus replaces the cosine by order + propensity
+        (models/repeat.py): the cosine is subtracted, the order enters detached and is
+        returned for its own loss."""
+        tau = self.loss_settings.temperature
         cosine_U = (query_BD[items.row_U] * contact_vectors_UD).sum(-1)
-        bonus_U = self.repeat(items, cosine_U, next_action_BD) / self.loss_settings.temperature
+        order_U = None
+        if self.repeat.repeat_explore:
+            order_U = self.repeat(items, cosine_U.detach(), next_action_BD) / tau
+            propensity_B = self.repeat.contact_propensity(items, next_action_BD) / tau
+            bonus_U = order_U.detach() + propensity_B[items.row_U] - cosine_U / tau
+        else:
+            bonus_U = self.repeat(items, cosine_U, next_action_BD) / tau
         if self.repeat.contact_offset is not None:
             bonus_U = bonus_U + self.repeat.contact_offset
-        return cosine_U, bonus_U
+        return ContactBonus(cosine_U, bonus_U, order_U)
 
     def set_contact_offset(self, offset: float) -> None:
         """Set the logit added to every contact's score (model.contact_offset_on_validation)."""
@@ -313,10 +340,10 @@ class TwoTowerRetrieval(nn.Module):
         positive_bonus_B = None
         if self.repeat is not None:
             contact_vectors_UD = self._candidates(looked_up.contacts, in_train_forward=True)
-            cosine_U, bonus_U = self._bonus(items, query.query_BD, contact_vectors_UD, looked_up.next_action_BD)
-            sources.append(self.contacts(items, cosine_U, bonus_U))
+            bonus = self._bonus(items, query.query_BD, contact_vectors_UD, looked_up.next_action_BD)
+            sources.append(self.contacts(items, bonus.cosine_U, bonus.bonus_U))
             index_B, found_B = items.find(torch.arange(batch_size, device=actor.device), batch.target)
-            positive_bonus_B = torch.where(found_B, bonus_U[index_B], 0.0)
+            positive_bonus_B = torch.where(found_B, bonus.bonus_U[index_B], 0.0)
 
         main = sampled_softmax_loss(
             query.query_BD[:, None],
@@ -330,6 +357,12 @@ class TwoTowerRetrieval(nn.Module):
         losses = {"main": main.loss}
         telemetry = dict(main.telemetry)
         total = main.loss
+        if self.repeat is not None and bonus.order_U is not None:
+            # repeat_explore: the contacts' order, learned among the contacts alone.
+            losses["contact_order"] = contact_order_loss(
+                items.row_U, bonus.order_U, index_B, found_B, self.loss_settings.count_sum
+            )
+            total = total + losses["contact_order"]
         if self.temporal:
             temporal = self._temporal_loss(query.positions_PD, inputs.history, looked_up, encoder_history, sources, settings)
             losses["temporal"] = temporal.loss

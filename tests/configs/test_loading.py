@@ -46,6 +46,8 @@ def _load(write, text, overrides=()):
         ("name: x\ndata: {path: a, header: false, format: parquet}\n", [], r"data\.header: only csv logs"),
         ("name: x\ndata: {path: a}\nmodel: {repeat_scoring: false, contact_offset_on_validation: true}\n", [],
          r"model\.contact_offset_on_validation: needs model\.repeat_scoring"),
+        ("name: x\ndata: {path: a}\nmodel: {repeat_scoring: false, repeat_explore: true}\n", [],
+         r"model\.repeat_explore: needs model\.repeat_scoring"),
     ],
 )
 def test_bad_configs_fail_with_the_key_named(write, text, overrides, expected):

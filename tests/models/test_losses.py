@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.losses import LossSettings, hard_topk_schedule, sampled_softmax_loss
+from models.losses import LossSettings, contact_order_loss, hard_topk_schedule, sampled_softmax_loss
 from models.samplers import (
     InBatchNegativesSampler,
     NegativeSource,
@@ -282,3 +282,33 @@ def test_mask_history_masks_negatives_the_actor_already_had():
     logits = torch.cat([(queries * items[positives]).sum(-1, keepdim=True), queries @ items[ids].T], 1) / 0.2
     logits[0, 1] = logits[1, 2] = logits[1, 3] = float("-inf")
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, torch.zeros(2, dtype=torch.long)))
+
+
+def test_the_contact_order_loss_is_the_cross_entropy_among_each_rows_contacts():
+    # Row 0: contacts 0-2, target pair 1.  Row 1: contacts 3-4, its target not a contact.
+    # Row 2: no contacts.  Row 3: one contact, the target (loss 0).
+    row_U = torch.tensor([0, 0, 0, 1, 1, 3])
+    logits_U = torch.tensor([1.0, 3.0, -2.0, 5.0, 0.0, 7.0], requires_grad=True)
+    index_B, found_B = torch.tensor([1, 3, 0, 5]), torch.tensor([True, False, False, True])
+    loss = contact_order_loss(row_U, logits_U, index_B, found_B)
+    by_hand = (torch.nn.functional.cross_entropy(logits_U[:3][None], torch.tensor([1])) + 0.0) / 2
+    torch.testing.assert_close(loss, by_hand)
+    loss.backward()
+    assert logits_U.grad[3:5].abs().sum() == 0  # a row whose target is new teaches the order nothing
+    # Large logits stay finite (shifted by each row's max).
+    assert torch.isfinite(contact_order_loss(row_U, logits_U.detach() * 1e4, index_B, found_B))
+    # On several ranks: this rank's sum over the global count of such rows.
+    shared = contact_order_loss(row_U, logits_U.detach(), index_B, found_B, count_sum=lambda count: count * 2)
+    torch.testing.assert_close(shared, by_hand / 2)
+
+
+def test_a_batch_without_a_contact_target_gives_a_zero_order_loss_still_in_the_graph():
+    logits_U = torch.tensor([1.0, 2.0], requires_grad=True)
+    calls = []
+    loss = contact_order_loss(
+        torch.tensor([0, 1]), logits_U, torch.tensor([0, 1]), torch.tensor([False, False]),
+        count_sum=lambda count: calls.append(count) or count,
+    )
+    assert loss.item() == 0.0 and calls  # every rank joins the count's sum, rows or not
+    loss.backward()
+    assert logits_U.grad is not None and logits_U.grad.abs().sum() == 0

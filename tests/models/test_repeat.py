@@ -4,7 +4,14 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from data.batches import INCOMING_KEYS
-from models.repeat import FEATURES_PER_SOURCE, HALF_LIVES, ContactEvents, history_items, num_repeat_features
+from models.repeat import (
+    FEATURES_PER_SOURCE,
+    HALF_LIVES,
+    QUERY_FEATURES,
+    ContactEvents,
+    history_items,
+    num_repeat_features,
+)
 
 from tests.models.conftest import builder, tiny_model, tiny_sequences
 
@@ -195,3 +202,64 @@ def test_without_the_option_the_model_has_no_offset_and_its_parameters_are_uncha
     assert all(torch.equal(off[k], on[k]) for k in off)  # the same draws: runs without it stand
     with pytest.raises(ValueError, match="no contact offset"):
         models[False].set_contact_offset(1.0)
+
+
+def _args(batch):
+    return (batch.query_values("actor"), batch.query_values("next_action"), batch.history,
+            batch.query_values("next_timestamp"))
+
+
+def test_repeat_explore_scores_a_contact_by_its_order_and_the_query_propensity_not_its_cosine():
+    """score = cos / tau + bonus = (order + propensity) / tau for every contact: the cosine
+    is gone, whatever the query vector."""
+    seqs = tiny_sequences(num_targets=20)
+    model = tiny_model(seqs, repeat_explore=True).eval()
+    batch = builder(seqs).build(np.arange(4))
+    encoded = model.encode_queries(*_args(batch))
+    items, tau = encoded.history, model.loss_settings.temperature
+    vectors_UD = model.candidate_vectors(items.target_U)
+    cosine_U = (encoded.query_BD[items.row_U] * vectors_UD).sum(-1)
+    action_BD = model.embeddings.lookup_batch(
+        batch.query_values("actor"), batch.query_values("next_action"), model.embeddings.encoder_window(batch.history),
+        torch.zeros((4, 0), dtype=torch.int64), None,
+    ).next_action_BD
+    order_U = model.repeat(items, cosine_U, action_BD)
+    propensity_B = model.repeat.contact_propensity(items, action_BD)
+    torch.testing.assert_close(cosine_U / tau + encoded.bonus_U, (order_U + propensity_B[items.row_U]) / tau)
+    assert propensity_B.unique().numel() > 1  # one per query, not a constant
+    # The propensity reads the row's idle time and counts, one row each.
+    assert items.query_features_BQ.shape == (4, QUERY_FEATURES)
+    counts = torch.bincount(items.row_U, minlength=4).to(torch.float32)
+    torch.testing.assert_close(items.query_features_BQ[:, 1], torch.log1p(counts))
+
+
+def test_repeat_explore_trains_the_order_by_its_own_loss_and_the_propensity_by_the_main_one():
+    seqs = tiny_sequences(num_targets=20)
+    model = tiny_model(seqs, repeat_explore=True, loss={"temporal_weight": 0.0})  # the two losses alone
+    output = model.train_forward(builder(seqs).build(np.arange(6)))
+    assert set(output.losses) == {"main", "contact_order"} and output.losses["contact_order"] > 0
+    torch.testing.assert_close(output.loss, output.losses["main"] + output.losses["contact_order"])
+
+    def grads(loss) -> dict[str, torch.Tensor | None]:
+        model.zero_grad(set_to_none=True)
+        loss.backward(retain_graph=True)
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    main, order = grads(output.losses["main"]), grads(output.losses["contact_order"])
+
+    def moved(grad_of: dict, prefix: str) -> bool:
+        return any(g is not None and g.abs().sum() > 0 for n, g in grad_of.items() if n.startswith(prefix))
+
+    assert moved(main, "repeat.propensity.") and not moved(main, "repeat.mlp.")
+    assert moved(order, "repeat.mlp.") and not moved(order, "repeat.propensity.")
+    # The order reads the cosine detached: its loss leaves the towers to the main loss.
+    assert not moved(order, "query_tower.") and not moved(order, "candidate_tower.")
+    assert moved(main, "query_tower.")
+
+
+def test_without_repeat_explore_the_parameters_are_drawn_as_before():
+    models = _off_and_on(tiny_sequences(num_targets=20), "repeat_explore")
+    off, on = models[False].state_dict(), models[True].state_dict()
+    assert all(key.startswith("repeat.propensity.") for key in set(on) - set(off)) and set(on) - set(off)
+    assert set(off) <= set(on) and all(torch.equal(off[k], on[k]) for k in off)
+    assert models[False].repeat.propensity is None

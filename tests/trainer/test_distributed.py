@@ -71,9 +71,9 @@ def _spawn(worker, *args, world: int = WORLD) -> None:
     mp.start_processes(worker, args=(_free_port(), *args), nprocs=world, join=True, start_method="spawn")
 
 
-def _one_batch_worker(rank, port, out, state, rows, negatives):
+def _one_batch_worker(rank, port, out, state, rows, negatives, overrides):
     _join(rank, port)
-    config = _config(**{"loader.num_rand_negs": "3"})
+    config = _config(**{"loader.num_rand_negs": "3", **overrides})
     prepared = prepare(config.data)
     dist = init_distributed(config.distributed)
     model = build_model(config, prepared, dist=dist)
@@ -93,8 +93,10 @@ def _one_batch_worker(rank, port, out, state, rows, negatives):
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_whole_batch(tmp_path):
-    config = _config(**{"loader.num_rand_negs": "3"})
+@pytest.mark.parametrize("overrides", [{}, {"model.repeat_explore": "true"}], ids=["default", "repeat_explore"])
+def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_whole_batch(tmp_path, overrides):
+    """With `model.repeat_explore` the contacts' order loss is a share of the global mean too."""
+    config = _config(**{"loader.num_rand_negs": "3", **overrides})
     prepared = prepare(config.data)
     torch.manual_seed(0)
     model = build_model(config, prepared)
@@ -106,9 +108,11 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_whole_batch
     # lr 1 on the ranks moves each table by exactly minus this gradient.
     output = model.train_forward(_batch(prepared, config, rows, negatives))
     output.loss.backward()
+    if overrides:
+        assert output.losses["contact_order"] > 0  # the batch has rows whose target is a contact
 
     out = tmp_path / "rank0.pt"
-    _spawn(_one_batch_worker, out, state, rows, negatives)
+    _spawn(_one_batch_worker, out, state, rows, negatives, overrides)
     got = torch.load(out, weights_only=True)
     assert abs(float(got["loss"]) - float(output.loss.detach())) < TOLERANCE
     dense = {n: p.grad for n, p in model.named_parameters() if p.grad is not None and not n.startswith("embeddings.")}
