@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 import torch
 
 from configs.loading import load_config
@@ -275,3 +276,23 @@ def test_a_contact_offset_chosen_on_validation_is_reported_exported_and_served(t
     monkeypatch.setattr(predict_module, "build_model", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
     predict(run, k=3, actors=[1], actions=None, exclude_seen=False)
     assert built and built[0].repeat.contact_offset.item() == best  # predict scores with it
+
+
+def test_a_repeat_explore_run_logs_the_order_loss_and_predict_serves_the_model_it_exported(tmp_path, monkeypatch):
+    args = ["--config", str(ROOT / "configs" / "smoke.yaml"), f"output_dir={tmp_path}", "train.max_steps=8",
+            "train.log_every_steps=1", "model.repeat_explore=true"]
+    assert main(args) == 0
+    run = tmp_path / "smoke"
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    order_losses = [scalar.value for scalar in events.Scalars("loss/contact_order")]
+    assert len(order_losses) == 8 and all(np.isfinite(order_losses)) and max(order_losses) > 0
+    exported = load_exported(run)
+    assert any(key.startswith("repeat.propensity.") for key in exported)
+    built = []
+    real_build = predict_module.build_model
+    monkeypatch.setattr(predict_module, "build_model", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    frame = predict(run, k=3, actors=[1], actions=None, exclude_seen=False)
+    assert frame.height == 3 and np.isfinite(frame["score"].to_numpy()).all()
+    served = built[0].state_dict()
+    assert all(torch.equal(served[key], value) for key, value in exported.items() if key.startswith("repeat."))
