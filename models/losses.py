@@ -186,7 +186,8 @@ def sampled_softmax_loss(
                 logit = logit + log_q_B1N
             if source.bonus is not None:
                 logit = logit - source.bonus.detach()[:, None, :]
-            hardest.append((logit * tau).masked_fill(masked_BPN, float("-inf")).amax(dim=-1))
+            if logit.shape[-1]:  # a source without columns (no row has a contact) has no hardest
+                hardest.append((logit * tau).masked_fill(masked_BPN, float("-inf")).amax(dim=-1))
             # Mean log q over the real columns (the same for every position P).
             log_q = log_q_B1N.detach()
             if real_B1N is None:

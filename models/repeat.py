@@ -26,7 +26,10 @@ trained only by a softmax over the row's contacts (on rows whose target is one o
 and the main loss sees it detached; `propensity`, one number per query from the next
 action, the idle time and the row's counts, is what the main loss trains, i.e. how much
 any contact is worth against a new candidate. The order among contacts then no longer
-competes with the balance against everyone else for the same gradient.
+competes with the balance against everyone else for the same gradient. The order's loss
+leaves the towers and the actor and target tables alone (the cosine enters it detached)
+but does train the next action's embedding: the action projection the propensity shares
+and the action-type table (as measured; detaching those is untried).
 
 Shape suffixes: B batch, N flat contact events, U distinct (row, target) pairs,
 H padded pairs per row, F features.

@@ -343,7 +343,13 @@ class TwoTowerRetrieval(nn.Module):
             bonus = self._bonus(items, query.query_BD, contact_vectors_UD, looked_up.next_action_BD)
             sources.append(self.contacts(items, bonus.cosine_U, bonus.bonus_U))
             index_B, found_B = items.find(torch.arange(batch_size, device=actor.device), batch.target)
-            positive_bonus_B = torch.where(found_B, bonus.bonus_U[index_B], 0.0)
+            # A batch whose rows have no contacts at all (every row an actor's first event)
+            # has no pair to index: its targets get no bonus.
+            positive_bonus_B = (
+                torch.where(found_B, bonus.bonus_U[index_B], 0.0)
+                if bonus.bonus_U.numel()
+                else torch.zeros(batch_size, device=actor.device)
+            )
 
         main = sampled_softmax_loss(
             query.query_BD[:, None],

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
-from data.batches import INCOMING_KEYS
+from data.batches import INCOMING_KEYS, BatchBuilder, BatchSpec
+from data.sequences import Queries
 from models.repeat import (
     FEATURES_PER_SOURCE,
     HALF_LIVES,
@@ -252,8 +253,14 @@ def test_repeat_explore_trains_the_order_by_its_own_loss_and_the_propensity_by_t
 
     assert moved(main, "repeat.propensity.") and not moved(main, "repeat.mlp.")
     assert moved(order, "repeat.mlp.") and not moved(order, "repeat.propensity.")
-    # The order reads the cosine detached: its loss leaves the towers to the main loss.
-    assert not moved(order, "query_tower.") and not moved(order, "candidate_tower.")
+    # The order reads the cosine detached: its loss leaves the towers and the ID tables of
+    # actors and targets to the main loss. It does reach the next action's embedding (the
+    # re-scorer's action projection, shared with the propensity, and the action-type
+    # table), as the measured runs did (README, "Logs it was not tuned on").
+    for part in ("query_tower.", "candidate_tower.", "embeddings.ec.embeddings.target_ids",
+                 "embeddings.ec.embeddings.actor_ids"):
+        assert not moved(order, part), part
+    assert moved(order, "repeat.action.") and moved(order, "embeddings.ec.embeddings.action_types")
     assert moved(main, "query_tower.")
 
 
@@ -263,3 +270,21 @@ def test_without_repeat_explore_the_parameters_are_drawn_as_before():
     assert all(key.startswith("repeat.propensity.") for key in set(on) - set(off)) and set(on) - set(off)
     assert set(off) <= set(on) and all(torch.equal(off[k], on[k]) for k in off)
     assert models[False].repeat.propensity is None
+
+
+@pytest.mark.parametrize("options", [{}, {"repeat_explore": True}], ids=["default", "repeat_explore"])
+def test_a_batch_where_no_row_has_a_contact_trains_and_every_rescorer_weight_gets_a_gradient(options):
+    """Every row an actor's first event: no contact anywhere in the batch (it used to fail
+    indexing the empty bonus). The re-scorer stays in the graph with zero gradients, as
+    DDP's static graph needs every step."""
+    seqs = tiny_sequences(num_targets=20)
+    first_events = Queries(sequence=np.arange(seqs.num_sequences), position=seqs.offsets[:-1],
+                           history_start=seqs.offsets[:-1])
+    batch = BatchBuilder(seqs, first_events, BatchSpec(8, 0), np.arange(seqs.num_targets)).build(np.arange(4))
+    assert batch.history["history_target"].lengths().sum() == 0
+    model = tiny_model(seqs, **options)
+    output = model.train_forward(batch)
+    assert torch.isfinite(output.loss)
+    output.loss.backward()
+    for name, parameter in model.repeat.named_parameters():
+        assert parameter.grad is not None and not parameter.grad.any(), name
