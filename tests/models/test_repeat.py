@@ -214,8 +214,9 @@ def test_repeat_explore_scores_a_contact_by_its_order_and_the_query_propensity_n
     """score = cos / tau + bonus = (order + propensity) / tau for every contact: the cosine
     is gone, whatever the query vector."""
     seqs = tiny_sequences(num_targets=20)
-    model = tiny_model(seqs, repeat_explore=True).eval()
+    model = tiny_model(seqs, repeat_explore=True, contact_offset_on_validation=True).eval()
     batch = builder(seqs).build(np.arange(4))
+    model.set_contact_offset(1.5)  # the offset chosen on validation adds to the split score
     encoded = model.encode_queries(*_args(batch))
     items, tau = encoded.history, model.loss_settings.temperature
     vectors_UD = model.candidate_vectors(items.target_U)
@@ -226,7 +227,7 @@ def test_repeat_explore_scores_a_contact_by_its_order_and_the_query_propensity_n
     ).next_action_BD
     order_U = model.repeat(items, cosine_U, action_BD)
     propensity_B = model.repeat.contact_propensity(items, action_BD)
-    torch.testing.assert_close(cosine_U / tau + encoded.bonus_U, (order_U + propensity_B[items.row_U]) / tau)
+    torch.testing.assert_close(cosine_U / tau + encoded.bonus_U, (order_U + propensity_B[items.row_U]) / tau + 1.5)
     assert propensity_B.unique().numel() > 1  # one per query, not a constant
     # The propensity reads the row's idle time and counts, one row each.
     assert items.query_features_BQ.shape == (4, QUERY_FEATURES)

@@ -114,13 +114,17 @@ def test_sparse_target_features_feed_the_candidate_tower():
     assert table.grad is not None and table.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("encoder", ["hstu", "transformer"])
-def test_bf16_towers_run_their_matmuls_in_bf16_and_keep_the_loss_near_fp32(encoder):
+@pytest.mark.parametrize(
+    "encoder, options", [("hstu", {}), ("transformer", {}), ("hstu", {"repeat_explore": True})],
+    ids=["hstu", "transformer", "hstu-repeat_explore"],
+)
+def test_bf16_towers_run_their_matmuls_in_bf16_and_keep_the_loss_near_fp32(encoder, options):
     """train.precision=bf16: the towers' linear layers compute in bf16 (autocast), their
     output vectors and the loss stay fp32, and loss and gradients stay within bf16 rounding
-    of the fp32 step; evaluation (eval mode) is not affected."""
+    of the fp32 step; evaluation (eval mode) is not affected. With `repeat_explore` the
+    contact's cosine, subtracted from its score, is the same fp32 one it replaces."""
     seqs = tiny_sequences()
-    model = tiny_model(seqs, encoder=encoder, causal=True)
+    model = tiny_model(seqs, encoder=encoder, causal=True, **options)
     for module in model.modules():  # dropout on: its bf16 path too (same masks in both runs)
         if isinstance(module, Dropout):
             module.p = 0.1
