@@ -218,7 +218,6 @@ def sampled_softmax_loss(
     return LossOutput(loss=loss, telemetry=telemetry)
 
 
-
 def contact_order_loss(
     row_U: torch.Tensor,
     logits_U: torch.Tensor,

@@ -77,8 +77,9 @@ class HistoryItems:
     features_UF: torch.Tensor
     num_targets: int
     batch_size: int
-    query_features_BQ: torch.Tensor
-    """[B, QUERY_FEATURES] per row, whatever its contacts: what the contact propensity reads."""
+    query_features_BQ: torch.Tensor | None = None
+    """[B, QUERY_FEATURES] per row, whatever its contacts: what the contact propensity reads
+    (`history_items(..., query_features=True)`; None otherwise)."""
 
     def find(self, rows: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pair index, found) for each (row, target); index is clamped where not found."""
@@ -125,6 +126,7 @@ def history_items(
     incoming: ContactEvents | None = None,
     merged_stream: bool = False,
     actor_idle: bool = False,
+    query_features: bool = False,
 ) -> HistoryItems:
     """Group each row's contacts by target and compute the repeat features of each pair
     (`num_repeat_features(merged_stream, actor_idle)` of them).
@@ -133,7 +135,10 @@ def history_items(
     source to the query's time, to every pair of the row. It is a feature of the query,
     not the pair: the MLP scores each pair on its own and cannot otherwise tell an actor
     mid-conversation (where the newest contact is the likely next one) from one returning
-    after a day (where the frequent ones are). bench/contact_ceiling.py measured it."""
+    after a day (where the frequent ones are). bench/contact_ceiling.py measured it.
+
+    `query_features` adds `query_features_BQ`, what the contact propensity reads
+    (`model.repeat_explore`); computed only then, as every training step builds these."""
     batch = history.lengths_B.shape[0]
     device = history.target_N.device
     sources = [history] + ([incoming] if incoming is not None else [])
@@ -156,15 +161,17 @@ def history_items(
     elif merged_stream:
         merged, row, pair = _merged(sources, rows, inverse)
         features.append(_source_features(merged, row, pair, row_U, num_pairs, query_timestamp_B))
-    idle_B = _idle_hours(sources, rows, query_timestamp_B)
+    idle_B = _idle_hours(sources, rows, query_timestamp_B) if actor_idle or query_features else None
     if actor_idle:
         features.append(idle_B[row_U, None])
-    num_contacts_B = torch.bincount(row_U, minlength=batch).to(torch.float32)
-    own_B = history.lengths_B.to(torch.float32)
-    incoming_B = incoming.lengths_B.to(torch.float32) if incoming is not None else torch.zeros_like(own_B)
-    query_features_BQ = torch.stack(
-        [idle_B, torch.log1p(num_contacts_B), torch.log1p(own_B), torch.log1p(incoming_B)], dim=-1
-    )
+    query_features_BQ = None
+    if query_features:
+        num_contacts_B = torch.bincount(row_U, minlength=batch).to(torch.float32)
+        own_B = history.lengths_B.to(torch.float32)
+        incoming_B = incoming.lengths_B.to(torch.float32) if incoming is not None else torch.zeros_like(own_B)
+        query_features_BQ = torch.stack(
+            [idle_B, torch.log1p(num_contacts_B), torch.log1p(own_B), torch.log1p(incoming_B)], dim=-1
+        )
     return HistoryItems(
         key_U=key_U,
         row_U=row_U,

@@ -207,6 +207,7 @@ class TwoTowerRetrieval(nn.Module):
             received,
             merged_stream=self.repeat.merged_stream,
             actor_idle=self.repeat.actor_idle,
+            query_features=self.repeat.repeat_explore,
         )
 
     # ---------------------------------------------------------------- inference

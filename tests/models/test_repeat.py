@@ -233,6 +233,8 @@ def test_repeat_explore_scores_a_contact_by_its_order_and_the_query_propensity_n
     assert items.query_features_BQ.shape == (4, QUERY_FEATURES)
     counts = torch.bincount(items.row_U, minlength=4).to(torch.float32)
     torch.testing.assert_close(items.query_features_BQ[:, 1], torch.log1p(counts))
+    # Without the option nothing per query is computed on the step's path.
+    assert tiny_model(seqs).eval().encode_queries(*_args(batch)).history.query_features_BQ is None
 
 
 def test_repeat_explore_trains_the_order_by_its_own_loss_and_the_propensity_by_the_main_one():
