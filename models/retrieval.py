@@ -205,9 +205,10 @@ class TwoTowerRetrieval(nn.Module):
             next_timestamp,
             self.sizes.num_id_rows,
             received,
-            merged_stream=self.repeat.merged_stream,
-            actor_idle=self.repeat.actor_idle,
-            query_features=self.repeat.repeat_explore,
+            # Without the re-scorer (loss.mask_history alone) only the pairs themselves are read.
+            merged_stream=self.repeat is not None and self.repeat.merged_stream,
+            actor_idle=self.repeat is not None and self.repeat.actor_idle,
+            query_features=self.repeat is not None and self.repeat.repeat_explore,
         )
 
     # ---------------------------------------------------------------- inference

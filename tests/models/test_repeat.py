@@ -291,3 +291,13 @@ def test_a_batch_where_no_row_has_a_contact_trains_and_every_rescorer_weight_get
     output.loss.backward()
     for name, parameter in model.repeat.named_parameters():
         assert parameter.grad is not None and not parameter.grad.any(), name
+
+
+def test_mask_history_without_the_rescorer_trains_and_masks_the_actors_past_targets():
+    """loss.mask_history needs the actor's past targets, not the re-scorer: with repeat
+    scoring off it used to fail reading the absent re-scorer's settings."""
+    seqs = tiny_sequences(num_targets=20)
+    model = tiny_model(seqs, repeat_scoring=False, loss={"mask_history": True, "temporal_weight": 0.0})
+    output = model.train_forward(builder(seqs).build(np.arange(6)))
+    assert torch.isfinite(output.loss)
+    assert output.telemetry["masked_frac/in_history"] > 0
