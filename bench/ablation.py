@@ -61,13 +61,13 @@ VARIANTS: dict[str, list[str]] = {
     # Off by default: the re-scorer also reads the actor's idle time (bench/contact_ceiling.py
     # found it the one query-side input that lifts a ranker over the contacts).
     "actor_idle": ["model.actor_idle_feature=true"],
-    # Off by default: one offset on every contact's score, chosen on validation after training.
-    "contact_offset": ["model.contact_offset_on_validation=true"],
+    # On by default since 2026-12-05: one offset on every contact's score, chosen on
+    # validation after training; the variant turns it off.
+    "no_contact_offset": ["model.contact_offset_on_validation=false"],
     # Off by default: a contact's order learned among the contacts alone, its balance
-    # against new candidates by one propensity per query (models/repeat.py); with and
-    # without the contact offset.
+    # against new candidates by one propensity per query (models/repeat.py), with the
+    # default's contact offset.
     "repeat_explore": ["model.repeat_explore=true"],
-    "repeat_explore_offset": ["model.repeat_explore=true", "model.contact_offset_on_validation=true"],
     # Issue 22 §4: the parts that had no row yet.
     "streaming_logq": ["loss.logq_estimator=streaming"],
     "mask_history": ["loss.mask_history=true"],

@@ -44,6 +44,11 @@ PART_VERSIONS: dict[str, Callable[[str, ExperimentConfig], bool]] = {
     "2026-12-02 contact features over the merged two-way stream": lambda data, config: (
         config.model.merged_contact_stream and reads_incoming(config, data in SHARED_ID_LOGS)
     ),
+    # The option was already there; what changed is that the config files' runs take it by
+    # default, so a run logged before under the same overrides tested without it.
+    "2026-12-05 contact offset chosen on validation by default": lambda data, config: (
+        config.model.repeat_scoring and config.model.contact_offset_on_validation
+    ),
 }
 
 

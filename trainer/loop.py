@@ -446,10 +446,11 @@ class Trainer:
 
     def prepare_test_model(self) -> None:
         """The model the test scores: the best one (the current one if none was kept), with
-        its contact offset chosen on validation under model.contact_offset_on_validation.
-        Benchmarks that rank the test split themselves call it too."""
+        its contact offset chosen on validation under model.contact_offset_on_validation
+        (with repeat scoring: without it there is no contact score). Benchmarks that rank
+        the test split themselves call it too."""
         self._restore_best()
-        if self.config.model.contact_offset_on_validation:
+        if self.config.model.repeat_scoring and self.config.model.contact_offset_on_validation:
             self.contact_offset = self.choose_contact_offset()
 
     def choose_contact_offset(self) -> dict:

@@ -71,18 +71,38 @@ def test_a_new_version_of_a_setting_retires_only_the_runs_that_turn_it_on(run_lo
     assert log.logged("collegemsg", "rand_negs_4", 0, config, ["loader.num_rand_negs=4"]) == current
 
 
+def _parts(data: str, config: str, overrides: list[str]) -> set[str]:
+    """The part versions a run's code version carries, after CODE_VERSION."""
+    version = runs.code_version(data, CONFIG_DIR / config, overrides)
+    assert version.startswith(runs.CODE_VERSION)
+    return set(version.split("; ")[1:])
+
+
 def test_the_merged_contact_stream_retires_only_the_runs_it_changes():
     """Only shared-ID logs' runs with the re-scorer reading incoming contacts compute it:
     ml-100k, the SASRec-style model (no re-scorer) and the variants without incoming
-    contacts are bitwise what they were and keep CODE_VERSION alone."""
-    version = runs.code_version
-    college, sasrec, movies = (CONFIG_DIR / f for f in ("collegemsg.yaml", "collegemsg-sasrec.yaml", "ml-100k.yaml"))
-    assert version("collegemsg", college, []) != runs.CODE_VERSION
-    assert version("collegemsg", college, ["model.merged_contact_stream=false"]) == runs.CODE_VERSION
-    assert version("collegemsg", college, ["model.incoming_window=0"]) == runs.CODE_VERSION
-    assert version("collegemsg", college, ["model.repeat_scoring=false"]) == runs.CODE_VERSION
-    assert version("collegemsg", sasrec, []) == runs.CODE_VERSION
-    assert version("ml-100k", movies, []) == runs.CODE_VERSION
+    contacts are bitwise what they were and do not carry its version."""
+    merged = next(v for v in runs.PART_VERSIONS if "merged two-way stream" in v)
+    assert merged in _parts("collegemsg", "collegemsg.yaml", [])
+    for overrides in (["model.merged_contact_stream=false"], ["model.incoming_window=0"], ["model.repeat_scoring=false"]):
+        assert merged not in _parts("collegemsg", "collegemsg.yaml", overrides)
+    assert merged not in _parts("collegemsg", "collegemsg-sasrec.yaml", [])
+    assert merged not in _parts("ml-100k", "ml-100k.yaml", [])
+
+
+def test_the_contact_offset_default_retires_only_the_runs_that_now_choose_one():
+    """Turning the offset on by default changed the test figure of every run with the
+    re-scorer and the option not set off, on any log (ml-100k chooses too); the SASRec-style
+    model, the variant without the re-scorer and a run with the offset set off are what
+    they were."""
+    offset = next(v for v in runs.PART_VERSIONS if "contact offset" in v)
+    for data, config in (("collegemsg", "collegemsg.yaml"), ("ml-100k", "ml-100k.yaml")):
+        assert offset in _parts(data, config, [])
+        assert offset in _parts(data, config, ["model.repeat_explore=true"])
+        assert offset not in _parts(data, config, ["model.contact_offset_on_validation=false"])
+        assert offset not in _parts(data, config, ["model.repeat_scoring=false"])
+        assert _parts(data, config, ["model.repeat_scoring=false"]) == set()
+    assert _parts("collegemsg", "collegemsg-sasrec.yaml", []) == set()
 
 
 def test_a_config_is_identified_by_its_values_not_its_comments(tmp_path):

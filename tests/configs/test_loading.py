@@ -44,8 +44,6 @@ def _load(write, text, overrides=()):
         ("name: x\ndata: {path: a, header: false, timestamp_column: t}\n", [],
          r"c\.yaml: data\.header: without a header the columns are positional, so data\.timestamp_column cannot"),
         ("name: x\ndata: {path: a, header: false, format: parquet}\n", [], r"data\.header: only csv logs"),
-        ("name: x\ndata: {path: a}\nmodel: {repeat_scoring: false, contact_offset_on_validation: true}\n", [],
-         r"model\.contact_offset_on_validation: needs model\.repeat_scoring"),
         ("name: x\ndata: {path: a}\nmodel: {repeat_scoring: false, repeat_explore: true}\n", [],
          r"model\.repeat_explore: needs model\.repeat_scoring"),
     ],

@@ -96,7 +96,7 @@ def test_a_linear_temporal_decay_spans_the_run():
 
 
 def test_the_contact_offset_is_the_best_on_validation_and_a_tie_keeps_the_one_tried_first(monkeypatch):
-    trainer = smoke_trainer("model.contact_offset_on_validation=true")
+    trainer = smoke_trainer()  # on by default
     ndcg = {0.0: 0.50, 1.0: 0.60, -1.0: 0.10, 2.0: 0.60, -2.0: 0.20, 4.0: 0.55, -4.0: 0.0}
     assert set(ndcg) == set(CONTACT_OFFSETS)
     splits = []
@@ -110,3 +110,16 @@ def test_the_contact_offset_is_the_best_on_validation_and_a_tie_keeps_the_one_tr
     assert chosen["chosen"] == 1.0 and trainer.model.repeat.contact_offset.item() == 1.0  # 2.0 ties, tried later
     assert set(splits) == {"valid"} and len(splits) == len(CONTACT_OFFSETS)
     assert chosen["valid_ndcg@10"] == {str(k): v for k, v in ndcg.items()}
+
+
+@pytest.mark.parametrize("overrides", [["model.repeat_scoring=false"], ["model.contact_offset_on_validation=false"]])
+def test_no_contact_offset_is_chosen_without_repeat_scoring_or_with_the_option_off(monkeypatch, overrides):
+    """The default offset has nothing to act on without the re-scorer: such a config loads
+    (a user turning the re-scorer off need not turn the offset off too) and its test
+    validates no offset, as with the option off."""
+    trainer = smoke_trainer(*overrides)
+    splits = []
+    monkeypatch.setattr(trainer, "evaluate", lambda split: splits.append(split) or {"ndcg@10": 0.0})
+    trainer.prepare_test_model()
+    assert trainer.contact_offset is None and splits == []
+    assert trainer.model.repeat is None or trainer.model.repeat.contact_offset is None
