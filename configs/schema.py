@@ -288,7 +288,9 @@ class ModelConfig:
     never down (ml-100k and its likes chose 0: the same figures). Why the learned balance
     sits low is not established: new contacts are only a little commoner among training
     events than among test queries (CollegeMsg: 23% against 20%). Costs one validation per
-    offset, once. No effect without `repeat_scoring` (there is no contact score)."""
+    offset (7), once, after training: where a validation is long (configs/synthetic-scale.yaml
+    ranks 1e7 candidates) cap it with eval.max_queries or set this off. No effect without
+    `repeat_scoring` (there is no contact score)."""
 
     repeat_explore: bool = False
     """Split a contact's score into its order among the actor's contacts and one
