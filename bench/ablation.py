@@ -9,11 +9,11 @@ on both embedded logs, under ../shared/BENCHMARK.md's protocol (test split).
 With --logged-only nothing is trained, and a log left out of --data is not trained either:
 their variants are reported over the seeds the run log has so far (seed counts shown), those
 with none listed under "missing" (how a benchmark spread over sessions reports midway). Δ
-NDCG@10 is paired over the seeds both runs have.
+NDCG@10 is paired over the seeds both runs have on one CPU ("other CPU" where none is).
 
 Writes bench/results/ablation.json as {"seeds", "overrides", "trained", "results": {dataset:
 {variant: {"overrides": [...], "runs", "seeds", metric: {"mean", "std"}, "delta_ndcg@10",
-"delta_seeds", "compared_with"}}}} and bench/results/ablation.md (both logs side by side,
+"delta_seeds", "compared_with", "unpaired_other_cpu" (seeds whose baseline ran on another CPU)}}}} and bench/results/ablation.md (both logs side by side,
 then one table per log), plus {"missing": {dataset: [variant, ...]}} for logs not trained.
 Runs are kept in bench/results/runs.jsonl (bench/runs.py
 RunLog), so an interrupted ablation resumes.
@@ -102,11 +102,13 @@ def run_variants(
     default run), then aggregate each variant over seeds. Given a `missing` list, train
     nothing: a variant is reported over the seeds logged so far, and one with none of
     them is appended to `missing`. Δ NDCG@10 is paired: the mean, over the seeds both
-    runs have, of variant minus baseline, so a midway report compares like with like."""
+    runs have on one CPU, of variant minus baseline, so a midway report (or one whose
+    runs span machines) compares like with like."""
     run_log = RunLog(RUN_LOG_PATH)
     config_path = CONFIG_DIR / f"{data}.yaml"
     out: dict[str, dict] = {}
     ndcg_by_seed: dict[str, dict[int, float]] = {}
+    cpu_by_seed: dict[str, dict[int, str | None]] = {}
     for name in variants:
         if name in SKIP.get(data, ()):
             continue
@@ -123,11 +125,19 @@ def run_variants(
         for seed, test in tests.items():
             logging.getLogger("ablation").warning("%s %s seed %d: ndcg@10 %.4f", data, name, seed, test["ndcg@10"])
         ndcg_by_seed[name] = {seed: test["ndcg@10"] for seed, test in tests.items()}
+        cpu_by_seed[name] = {seed: record.get("machine", {}).get("cpu") for seed, record in records.items()}
         out[name] = {"overrides": VARIANTS[name], "runs": len(tests), "seeds": list(tests)}
         out[name].update({metric: mean_std([test[metric] for test in tests.values()]) for metric in METRICS})
     for name, result in out.items():
         base = COMPARED_WITH.get(name, "default")
-        common = [seed for seed in ndcg_by_seed[name] if seed in ndcg_by_seed.get(base, {})]
+        both = [seed for seed in ndcg_by_seed[name] if seed in ndcg_by_seed.get(base, {})]
+        # A seed's two runs pair only when one CPU ran both: another CPU rounds differently
+        # from the first step on (CollegeMsg, measured 2026-12-05: the same training on an
+        # AMD EPYC and on an Intel Xeon ended up to 0.0017 apart in validation NDCG@10, one
+        # of 5 at another best step), the size of many rows' Δ.
+        common = [seed for seed in both if cpu_by_seed[name][seed] == cpu_by_seed[base][seed]]
+        if len(common) < len(both):
+            result["unpaired_other_cpu"] = [seed for seed in both if seed not in common]
         if common:
             result["compared_with"] = base
             result["delta_seeds"] = len(common)
@@ -140,9 +150,12 @@ def _ndcg_cell(result: dict) -> str:
 
 
 def _delta_cell(name: str, result: dict | None) -> str:
-    # The default's Δ against itself is blank, as is a variant with no baseline seeds.
-    if name == "default" or result is None or "delta_ndcg@10" not in result:
+    # The default's Δ against itself is blank, as is a variant with no baseline seeds;
+    # one whose baseline seeds all ran on another CPU says so.
+    if name == "default" or result is None:
         return ""
+    if "delta_ndcg@10" not in result:
+        return "other CPU" if result.get("unpaired_other_cpu") else ""
     return f"{result['delta_ndcg@10']:+.4f}"
 
 
@@ -162,7 +175,7 @@ def overview(results: dict) -> list[str]:
         change = " ".join(VARIANTS[name]) or "-"
         lines.append(f"| {name} | {change} | " + " | ".join(cells) + " |")
     against = sorted({f"{name} against {base}" for name, base in COMPARED_WITH.items() if name in names})
-    lines += ["", "Δ: paired mean over the seeds both runs have, against the default" + (f" ({', '.join(against)})" if against else "") + "."]
+    lines += ["", "Δ: paired mean over the seeds both runs have on one CPU, against the default" + (f" ({', '.join(against)})" if against else "") + "."]
     return lines
 
 

@@ -137,6 +137,31 @@ def test_logged_only_reports_the_seeds_logged_so_far_with_paired_deltas(run_log)
     assert "Not yet run at this code: no_rab." in table
 
 
+def test_a_delta_pairs_only_seeds_one_cpu_ran_on_both_sides(run_log):
+    """Another CPU rounds differently from the first step on: a variant run there is not
+    compared with a default run here, and the table says why its Δ is missing."""
+    def on(cpu: str, record: dict) -> dict:
+        return {**record, "machine": {"cpu": cpu, "platform": "Linux"}}
+
+    records = [
+        on("Intel Xeon", _record("collegemsg", "default", 0, [], 0.60)),
+        on("Intel Xeon", _record("collegemsg", "default", 1, [], 0.62)),
+        on("Intel Xeon", _record("collegemsg", "no_film", 0, ["model.film=false"], 0.55)),
+        on("AMD EPYC", _record("collegemsg", "no_film", 1, ["model.film=false"], 0.70)),
+        on("AMD EPYC", _record("collegemsg", "no_rab", 0, ["model.relative_attention_bias=false"], 0.65)),
+    ]
+    run_log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    results = ablation.run_variants("collegemsg", ["default", "no_film", "no_rab"], [0, 1], [], [])
+    # no_film: seed 0 pairs (Intel on both sides), seed 1 does not (AMD against Intel).
+    assert results["no_film"]["delta_ndcg@10"] == pytest.approx(-0.05)
+    assert results["no_film"]["delta_seeds"] == 1
+    assert results["no_film"]["unpaired_other_cpu"] == [1]
+    assert "delta_ndcg@10" not in results["no_rab"] and results["no_rab"]["unpaired_other_cpu"] == [0]
+    table = ablation.markdown({"collegemsg": results}, 2, [], {"collegemsg": []})
+    assert "| no_film | model.film=false | 0.6250 ± 0.0750 (2) | -0.0500 |" in table
+    assert "| no_rab | model.relative_attention_bias=false | 0.6500 (1) | other CPU |" in table
+
+
 def test_a_log_left_out_of_data_is_reported_from_the_run_log_not_trained(run_log, monkeypatch):
     records = [
         _record("ml-100k", "default", 0, [], 0.11),
