@@ -13,7 +13,8 @@ NDCG@10 is paired over the seeds both runs have on one CPU ("other CPU" where no
 
 Writes bench/results/ablation.json as {"seeds", "overrides", "trained", "results": {dataset:
 {variant: {"overrides": [...], "runs", "seeds", metric: {"mean", "std"}, "delta_ndcg@10",
-"delta_seeds", "compared_with", "unpaired_other_cpu" (seeds whose baseline ran on another CPU)}}}} and bench/results/ablation.md (both logs side by side,
+"delta_seeds", "compared_with", "cpus" (those its runs ran on), "unpaired_other_cpu" (seeds whose
+baseline ran on another CPU)}}}} and bench/results/ablation.md (both logs side by side,
 then one table per log), plus {"missing": {dataset: [variant, ...]}} for logs not trained.
 Runs are kept in bench/results/runs.jsonl (bench/runs.py
 RunLog), so an interrupted ablation resumes.
@@ -127,6 +128,7 @@ def run_variants(
         ndcg_by_seed[name] = {seed: test["ndcg@10"] for seed, test in tests.items()}
         cpu_by_seed[name] = {seed: record.get("machine", {}).get("cpu") for seed, record in records.items()}
         out[name] = {"overrides": VARIANTS[name], "runs": len(tests), "seeds": list(tests)}
+        out[name]["cpus"] = sorted({cpu or "unrecorded" for cpu in cpu_by_seed[name].values()})
         out[name].update({metric: mean_std([test[metric] for test in tests.values()]) for metric in METRICS})
     for name, result in out.items():
         base = COMPARED_WITH.get(name, "default")
@@ -221,7 +223,9 @@ def main() -> None:
     summary = {"seeds": args.seeds, "overrides": args.overrides, "results": results, "trained": sorted(to_train)}
     if missing:
         summary["missing"] = missing
-    path = write_result("ablation", summary)
+    # The machine is that of the runs only when this call trained them; a report from the
+    # run log names each variant's CPUs instead ("cpus"), wherever it is printed.
+    path = write_result("ablation", summary, with_machine=bool(to_train))
     (RESULTS_DIR / "ablation.md").write_text(table)
     print(table)
     print(f"wrote {path}")

@@ -156,6 +156,7 @@ def test_a_delta_pairs_only_seeds_one_cpu_ran_on_both_sides(run_log):
     assert results["no_film"]["delta_ndcg@10"] == pytest.approx(-0.05)
     assert results["no_film"]["delta_seeds"] == 1
     assert results["no_film"]["unpaired_other_cpu"] == [1]
+    assert results["no_film"]["cpus"] == ["AMD EPYC", "Intel Xeon"] and results["default"]["cpus"] == ["Intel Xeon"]
     assert "delta_ndcg@10" not in results["no_rab"] and results["no_rab"]["unpaired_other_cpu"] == [0]
     table = ablation.markdown({"collegemsg": results}, 2, [], {"collegemsg": []})
     assert "| no_film | model.film=false | 0.6250 ± 0.0750 (2) | -0.0500 |" in table
@@ -170,7 +171,12 @@ def test_a_log_left_out_of_data_is_reported_from_the_run_log_not_trained(run_log
     ]
     run_log.write_text("".join(json.dumps(r) + "\n" for r in records))
     written = {}
-    monkeypatch.setattr(ablation, "write_result", lambda name, summary: written.setdefault(name, summary))
+    machine_written = {}
+
+    def write_result(name: str, summary: dict, with_machine: bool = True) -> None:
+        written[name], machine_written[name] = summary, with_machine
+
+    monkeypatch.setattr(ablation, "write_result", write_result)
     monkeypatch.setattr(ablation, "RESULTS_DIR", run_log.parent)
     arguments = ["ablation.py", "--seeds", "1", "--variants", "default,no_film", "--data"]
     # ml-100k's no_film is not logged: training collegemsg must leave it missing, not train it.
@@ -181,6 +187,12 @@ def test_a_log_left_out_of_data_is_reported_from_the_run_log_not_trained(run_log
     assert summary["results"]["ml-100k"]["default"]["ndcg@10"]["mean"] == pytest.approx(0.11)
     assert summary["missing"] == {"ml-100k": ["no_film"]}
     assert "Not yet run at this code: no_film." in (run_log.parent / "ablation.md").read_text()
+    # This machine ran what this call trained, so the results name it ...
+    assert machine_written["ablation"] is True
+    # ... but not in a report from the run log alone, whose runs may have run anywhere.
+    monkeypatch.setattr("sys.argv", ["ablation.py", "--seeds", "1", "--variants", "default,no_film", "--logged-only"])
+    ablation.main()
+    assert machine_written["ablation"] is False and written["ablation"]["trained"] == []
     # Asked for, it is trained.
     monkeypatch.setattr("sys.argv", [*arguments, "ml-100k"])
     with pytest.raises(AssertionError, match="must not train"):
