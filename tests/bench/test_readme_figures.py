@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -62,6 +64,13 @@ def test_the_readme_ablation_table_shows_the_generated_figures():
     _assert_readme_table_matches("ablation.md", "### Ablation")
 
 
-def test_the_readme_shows_the_previous_defaults_ablation_as_frozen():
-    """The ablation at the default before 2026-12-04, frozen when the default changed."""
-    _assert_readme_table_matches("ablation_previous_default.md", "#### At the previous default")
+@pytest.mark.parametrize(
+    "frozen, marker",
+    [
+        ("ablation_default_2026-12-04.md", "#### At the default of 2026-12-04"),
+        ("ablation_default_2026-12-03.md", "#### At the default before 2026-12-04"),
+    ],
+)
+def test_the_readme_shows_each_earlier_defaults_ablation_as_frozen(frozen, marker):
+    """The ablation at each earlier default, frozen when the default changed."""
+    _assert_readme_table_matches(frozen, marker)
