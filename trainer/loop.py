@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,6 +235,12 @@ class Trainer:
     def query_ranks(self, split: str) -> np.ndarray:
         """[Q] 1-based rank of each query's true target among every candidate, over every
         rank's queries, in the order one process holds them (by actor)."""
+        return self.query_ranks_at_bonus_shifts(split, (0.0,))[0.0]
+
+    def query_ranks_at_bonus_shifts(self, split: str, shifts: Sequence[float]) -> dict[float, np.ndarray]:
+        """`query_ranks` with each shift added to every contact's bonus (one ranking per
+        shift, bitwise the model's at that contact offset: ModelScorer.shift_bonus), the
+        candidate vectors and the queries computed once for all of them."""
         prepared, config, dist = self.prepared, self.config, self.dist
         queries = rank_queries(prepared, split, config.eval, dist)
         split_over_ranks = dist.world_size > 1
@@ -243,7 +250,8 @@ class Trainer:
             # query against the candidates whose rows it holds, and the counts are summed.
             candidates = owned_candidates(self.model, prepared.stats, dist)
             scorer = model_scorer(
-                self.model, config, prepared, queries, candidates, split, dist, queries_split_over_ranks=split_over_ranks
+                self.model, config, prepared, queries, candidates, split, dist, queries_split_over_ranks=split_over_ranks,
+                keep_query_encodings=len(shifts) > 1,
             )
             true_targets = prepared.seqs.targets[queries.position]
             seen = seen_targets(prepared, queries) if config.eval.exclude_seen else None
@@ -251,16 +259,19 @@ class Trainer:
                 true_targets = scorer.gathered(true_targets)
                 if seen is not None:
                     seen = SeenTargets(*scorer.gathered_jagged(np.diff(seen.offsets), seen.targets))
-            ranks = full_ranking_ranks(
-                scorer,
-                true_targets,
-                candidates,
-                query_chunk_size=config.eval.query_chunk_size,
-                candidate_chunk_size=config.eval.candidate_chunk_size,
-                seen=seen,
-                count_sum=dist.sum if split_over_ranks else None,
-                score_max=dist.max if split_over_ranks else None,
-            )
+            ranks = {}
+            for shift in shifts:
+                scorer.shift_bonus(shift)
+                ranks[shift] = full_ranking_ranks(
+                    scorer,
+                    true_targets,
+                    candidates,
+                    query_chunk_size=config.eval.query_chunk_size,
+                    candidate_chunk_size=config.eval.candidate_chunk_size,
+                    seen=seen,
+                    count_sum=dist.sum if split_over_ranks else None,
+                    score_max=dist.max if split_over_ranks else None,
+                )
         finally:
             self.model.train()
         return ranks
@@ -456,11 +467,15 @@ class Trainer:
     def choose_contact_offset(self) -> dict:
         """Validate the current model at every offset of CONTACT_OFFSETS (on every rank: the
         ranks are summed, so each makes the same choice), keep the best; a tie keeps the
-        offset tried first. Returns {"chosen", "valid_ndcg@10": {offset: value}}."""
-        tried: dict[float, float] = {}
-        for offset in CONTACT_OFFSETS:
-            self.model.set_contact_offset(offset)
-            tried[offset] = self.evaluate("valid")["ndcg@10"]
+        offset tried first. Returns {"chosen", "valid_ndcg@10": {offset: value}}.
+
+        The model encodes at offset 0 and the scorer adds each offset to the contacts'
+        bonuses (the same bits as the model at that offset), so the candidate vectors and
+        the validation queries are computed once, not once per offset."""
+        self.model.set_contact_offset(0.0)
+        self._release_memory()
+        ranks = self.query_ranks_at_bonus_shifts("valid", CONTACT_OFFSETS)
+        tried = {offset: metrics_from_ranks(ranks[offset])["ndcg@10"] for offset in CONTACT_OFFSETS}
         chosen = max(tried, key=lambda offset: (tried[offset], -CONTACT_OFFSETS.index(offset)))
         self.model.set_contact_offset(chosen)
         log.info(

@@ -61,6 +61,11 @@ class _BonusPairs:
         lo, hi = int(bounds[0]), int(bounds[1])
         return _BonusPairs(self.row_U[lo:hi] - start, self.target_U[lo:hi], self.bonus_U[lo:hi], self.num_targets)
 
+    def shifted(self, shift: float) -> _BonusPairs:
+        """Every bonus plus `shift`, added as the model adds its contact offset (in the
+        bonus's dtype), so the bits are those of the model encoding at that offset."""
+        return _BonusPairs(self.row_U, self.target_U, self.bonus_U + shift, self.num_targets)
+
     def bonus_of(self, targets_Q: torch.Tensor) -> torch.Tensor:
         """[Q] the bonus of row q's pair with targets_Q[q], 0 where it has none."""
         key_U = self.key_U
@@ -95,6 +100,7 @@ class ModelScorer:
         queries_split_over_ranks: bool = False,
         query_chunk_size: int = 1024,
         max_held_bytes: float = float("inf"),
+        keep_query_encodings: bool = False,
     ) -> None:
         """`candidate_ids`: the candidates this scorer scores (on several ranks, the ones
         this rank owns); their vectors are computed in blocks of `vector_chunk_size`, held
@@ -108,7 +114,14 @@ class ModelScorer:
         rank then holds every query's vector and bonuses, gathered and put in actor order
         (what one process holding every query has): `true_targets` and `seen` give the
         gathered queries' targets and past targets. Otherwise every rank passes the same
-        queries and each query chunk is encoded when the evaluation asks for it."""
+        queries and each query chunk is encoded when the evaluation asks for it, and
+        kept with `keep_query_encodings` (for a scorer that ranks several times).
+
+        `bonus_shift` (0; `shift_bonus`) is added to every contact's bonus when a query
+        chunk is scored, as the model's contact offset would add it: the model encodes at
+        offset 0 once and the scorer ranks at every offset tried, each ranking bitwise the
+        one of the model at that offset, without computing the candidate vectors and the
+        queries again for each."""
         self.model = model
         self.temperature = model.loss_settings.temperature
         self.builder = BatchBuilder(
@@ -119,6 +132,10 @@ class ModelScorer:
         self.candidate_ids = sorted_ids(candidate_ids)
         self.vectors = CandidateVectors(model, self.candidate_ids, vector_chunk_size, dist, max_held_bytes)
         self.dist = dist
+        self.bonus_shift = 0.0
+        self._kept_encodings: dict[tuple[int, int], tuple[torch.Tensor, _BonusPairs | None]] | None = (
+            {} if keep_query_encodings else None
+        )
         self.all_queries: _QueryChunk | None = None
         if queries_split_over_ranks:
             self.all_queries = self._encode_and_gather(seqs, queries, query_chunk_size, dist)
@@ -202,6 +219,22 @@ class ModelScorer:
         run = self.candidate_ids[start : start + len(ids)]
         return start if len(run) == len(ids) and torch.equal(run, ids) else None
 
+    def shift_bonus(self, shift: float) -> None:
+        """Add `shift` to every contact's bonus from the next query chunk on (see __init__)."""
+        if shift and self.model.repeat is None:
+            raise ValueError("shift_bonus: this model has no contact bonus (model.repeat_scoring is off)")
+        self.bonus_shift = float(shift)
+
+    def _chunk_encoding(self, rows: slice) -> tuple[torch.Tensor, _BonusPairs | None]:
+        """The chunk's query vectors / tau and bonus pairs, encoded now or, when the scorer
+        keeps them, the first time this chunk was asked for."""
+        if self._kept_encodings is None:
+            return self._encode(np.arange(rows.start, rows.stop))
+        key = (rows.start, rows.stop)
+        if key not in self._kept_encodings:
+            self._kept_encodings[key] = self._encode(np.arange(rows.start, rows.stop))
+        return self._kept_encodings[key]
+
     @torch.no_grad()
     def query_state(self, rows: slice) -> _QueryChunk:
         if self.all_queries is not None:
@@ -209,7 +242,9 @@ class ModelScorer:
             pairs = self.all_queries.pairs
             pairs = pairs.rows_in(rows.start, rows.stop) if pairs is not None else None
         else:
-            query_over_tau_BD, pairs = self._encode(np.arange(rows.start, rows.stop))
+            query_over_tau_BD, pairs = self._chunk_encoding(rows)
+        if pairs is not None and self.bonus_shift:
+            pairs = pairs.shifted(self.bonus_shift)
         bonus = None
         if pairs is not None:
             bonus = ColumnPairs.locate(self.candidate_ids, pairs.row_U, pairs.target_U, pairs.bonus_U)

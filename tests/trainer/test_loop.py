@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from configs.schema import OptimConfig
 from models.repeat import CONTACT_OFFSETS
 from tests.trainer.smoke import config_trainer, smoke_trainer
+import trainer.loop as loop
 from trainer.loop import lr_factor
 
 
@@ -97,19 +100,43 @@ def test_a_linear_temporal_decay_spans_the_run():
 
 def test_the_contact_offset_is_the_best_on_validation_and_a_tie_keeps_the_one_tried_first(monkeypatch):
     trainer = smoke_trainer()  # on by default
+    trainer.model.set_contact_offset(-4.0)  # a stale offset: the model must encode at 0
     ndcg = {0.0: 0.50, 1.0: 0.60, -1.0: 0.10, 2.0: 0.60, -2.0: 0.20, 4.0: 0.55, -4.0: 0.0}
     assert set(ndcg) == set(CONTACT_OFFSETS)
-    splits = []
+    calls = []
 
-    def evaluate(split):
-        splits.append(split)
-        return {"ndcg@10": ndcg[trainer.model.repeat.contact_offset.item()]}
+    def ranks_at_shifts(split, shifts):
+        calls.append((split, tuple(shifts), trainer.model.repeat.contact_offset.item()))
+        return {shift: np.array([shift]) for shift in shifts}
 
-    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    monkeypatch.setattr(trainer, "query_ranks_at_bonus_shifts", ranks_at_shifts)
+    monkeypatch.setattr(loop, "metrics_from_ranks", lambda ranks: {"ndcg@10": ndcg[float(ranks[0])]})
     chosen = trainer.choose_contact_offset()
     assert chosen["chosen"] == 1.0 and trainer.model.repeat.contact_offset.item() == 1.0  # 2.0 ties, tried later
-    assert set(splits) == {"valid"} and len(splits) == len(CONTACT_OFFSETS)
+    assert calls == [("valid", CONTACT_OFFSETS, 0.0)]  # one validation pass, every offset
     assert chosen["valid_ndcg@10"] == {str(k): v for k, v in ndcg.items()}
+
+
+@pytest.mark.parametrize("vectors", ["held", "computed per block"])
+def test_one_validation_pass_ranks_every_offset_as_the_model_at_that_offset_does(vectors):
+    """The offsets are tried in one pass (the model at 0, the scorer shifting the contacts'
+    bonuses): each offset's ranks equal, bitwise, those of the model set to that offset,
+    over several query chunks, with the candidate vectors held or computed per block."""
+    held = "eval.max_held_vectors_gb=0.5" if vectors == "held" else "eval.max_held_vectors_gb=0"
+    trainer = smoke_trainer("eval.query_chunk_size=7", held)
+    for batch in itertools.islice(iter(trainer.loader), 20):  # contacts scored apart from the rest
+        trainer.train_step(batch)
+    trainer.model.set_contact_offset(0.0)
+    encode_queries, encoded = trainer.model.encode_queries, []
+    trainer.model.encode_queries = lambda *args: encoded.append(len(args[0])) or encode_queries(*args)
+    one_pass = trainer.query_ranks_at_bonus_shifts("valid", CONTACT_OFFSETS)
+    del trainer.model.encode_queries
+    assert len(one_pass[0.0]) > 7  # several query chunks
+    assert sum(encoded) == len(one_pass[0.0])  # each query encoded once for the seven rankings
+    for offset in CONTACT_OFFSETS:
+        trainer.model.set_contact_offset(offset)
+        assert np.array_equal(one_pass[offset], trainer.query_ranks("valid")), f"offset {offset:+g}"
+    assert len({one_pass[offset].tobytes() for offset in CONTACT_OFFSETS}) > 1  # the offsets move ranks
 
 
 @pytest.mark.parametrize("overrides", [["model.repeat_scoring=false"], ["model.contact_offset_on_validation=false"]])
