@@ -9,12 +9,14 @@ on both embedded logs, under ../shared/BENCHMARK.md's protocol (test split).
 With --logged-only nothing is trained, and a log left out of --data is not trained either:
 their variants are reported over the seeds the run log has so far (seed counts shown), those
 with none listed under "missing" (how a benchmark spread over sessions reports midway). Δ
-NDCG@10 is paired over the seeds both runs have on one CPU ("other CPU" where none is).
+NDCG@10 is paired over the seeds both runs have on one CPU ("other CPU" where none is;
+"(k/n)" after a Δ over k of the n seeds both have).
 
 Writes bench/results/ablation.json as {"seeds", "overrides", "trained", "results": {dataset:
 {variant: {"overrides": [...], "runs", "seeds", metric: {"mean", "std"}, "delta_ndcg@10",
-"delta_seeds", "compared_with", "cpus" (those its runs ran on), "unpaired_other_cpu" (seeds whose
-baseline ran on another CPU)}}}} and bench/results/ablation.md (both logs side by side,
+"delta_seeds", "paired_of" (the seeds both have), "compared_with", "cpus" (those its runs ran
+on), "unpaired_other_cpu" / "unpaired_cpu_unrecorded" (seeds left out of Δ: the baseline's
+run is from another CPU, or one of the two records no CPU)}}}} and bench/results/ablation.md (both logs side by side,
 then one table per log), plus {"missing": {dataset: [variant, ...]}} for logs not trained.
 Runs are kept in bench/results/runs.jsonl (bench/runs.py
 RunLog), so an interrupted ablation resumes.
@@ -137,9 +139,17 @@ def run_variants(
         # from the first step on (CollegeMsg, measured 2026-12-05: the same training on an
         # AMD EPYC and on an Intel Xeon ended up to 0.0017 apart in validation NDCG@10, one
         # of 5 at another best step), the size of many rows' Δ.
-        common = [seed for seed in both if cpu_by_seed[name][seed] == cpu_by_seed[base][seed]]
-        if len(common) < len(both):
-            result["unpaired_other_cpu"] = [seed for seed in both if seed not in common]
+        # A run logged before records carried their CPU pairs with nothing: it may have
+        # run anywhere.
+        cpus = {seed: (cpu_by_seed[name][seed], cpu_by_seed[base][seed]) for seed in both}
+        common = [seed for seed in both if cpus[seed][0] is not None and cpus[seed][0] == cpus[seed][1]]
+        unrecorded = [seed for seed in both if None in cpus[seed]]
+        other_cpu = [seed for seed in both if seed not in common and seed not in unrecorded]
+        if other_cpu:
+            result["unpaired_other_cpu"] = other_cpu
+        if unrecorded:
+            result["unpaired_cpu_unrecorded"] = unrecorded
+        result["paired_of"] = len(both)
         if common:
             result["compared_with"] = base
             result["delta_seeds"] = len(common)
@@ -152,13 +162,17 @@ def _ndcg_cell(result: dict) -> str:
 
 
 def _delta_cell(name: str, result: dict | None) -> str:
-    # The default's Δ against itself is blank, as is a variant with no baseline seeds;
-    # one whose baseline seeds all ran on another CPU says so.
+    # The default's Δ against itself is blank, as is a variant with no baseline seeds; one
+    # whose seeds could not be paired says why, and a Δ over only some of the seeds both
+    # have says over how many.
     if name == "default" or result is None:
         return ""
     if "delta_ndcg@10" not in result:
-        return "other CPU" if result.get("unpaired_other_cpu") else ""
-    return f"{result['delta_ndcg@10']:+.4f}"
+        if result.get("unpaired_other_cpu"):
+            return "other CPU"
+        return "CPU unrecorded" if result.get("unpaired_cpu_unrecorded") else ""
+    delta = f"{result['delta_ndcg@10']:+.4f}"
+    return delta if result["delta_seeds"] == result["paired_of"] else f"{delta} ({result['delta_seeds']}/{result['paired_of']})"
 
 
 def overview(results: dict) -> list[str]:
@@ -223,9 +237,9 @@ def main() -> None:
     summary = {"seeds": args.seeds, "overrides": args.overrides, "results": results, "trained": sorted(to_train)}
     if missing:
         summary["missing"] = missing
-    # The machine is that of the runs only when this call trained them; a report from the
-    # run log names each variant's CPUs instead ("cpus"), wherever it is printed.
-    path = write_result("ablation", summary, with_machine=bool(to_train))
+    # No machine for the file: its runs may come from several (logged runs are reused, and
+    # the logs not trained are reported from the run log); each variant names its "cpus".
+    path = write_result("ablation", summary, with_machine=False)
     (RESULTS_DIR / "ablation.md").write_text(table)
     print(table)
     print(f"wrote {path}")

@@ -289,10 +289,11 @@ class ModelConfig:
     sits low is not established: new contacts are only a little commoner among training
     events than among test queries (CollegeMsg: 23% against 20%). Costs, once after
     training, one validation pass that ranks the validation queries once per offset (7),
-    the candidate vectors and the queries computed once (bench/contact_offset.py: 5.8x
-    faster than one validation per offset on CollegeMsg, 1.4x at 1e6 candidates, where
-    the ranking itself dominates): where the ranking is long (configs/synthetic-scale.yaml
-    ranks 1e7 candidates) cap it with eval.max_queries or set this off. No effect without
+    the queries encoded once and the candidate vectors computed once when held
+    (eval.max_held_vectors_gb) (bench/contact_offset.py: about 5x faster than one
+    validation per offset on CollegeMsg, 1.4x at 1e6 candidates, where the ranking itself
+    dominates): where the ranking is long (configs/synthetic-scale.yaml ranks 1e7
+    candidates) cap it with eval.max_queries or set this off. No effect without
     `repeat_scoring` (there is no contact score)."""
 
     repeat_explore: bool = False

@@ -240,7 +240,16 @@ class Trainer:
     def query_ranks_at_bonus_shifts(self, split: str, shifts: Sequence[float]) -> dict[float, np.ndarray]:
         """`query_ranks` with each shift added to every contact's bonus (one ranking per
         shift, bitwise the model's at that contact offset: ModelScorer.shift_bonus), the
-        candidate vectors and the queries computed once for all of them."""
+        queries encoded once for all of them (every query's encoding is then held for the
+        pass, not one chunk's) and the candidate vectors computed once when held
+        (eval.max_held_vectors_gb; past it, each ranking computes its blocks again). The
+        model's own contact offset must be 0, or a shift would add to it."""
+        if any(shifts) and self.model.repeat is not None and self.model.repeat.contact_offset is not None:
+            if self.model.repeat.contact_offset.item() != 0.0:
+                raise ValueError(
+                    "query_ranks_at_bonus_shifts: the model's contact offset is "
+                    f"{self.model.repeat.contact_offset.item():+g}; set it to 0 first, or the shifts add to it"
+                )
         prepared, config, dist = self.prepared, self.config, self.dist
         queries = rank_queries(prepared, split, config.eval, dist)
         split_over_ranks = dist.world_size > 1
@@ -470,8 +479,9 @@ class Trainer:
         offset tried first. Returns {"chosen", "valid_ndcg@10": {offset: value}}.
 
         The model encodes at offset 0 and the scorer adds each offset to the contacts'
-        bonuses (the same bits as the model at that offset), so the candidate vectors and
-        the validation queries are computed once, not once per offset."""
+        bonuses (the same bits as the model at that offset), so the validation queries are
+        encoded once, not once per offset, and the candidate vectors computed once when
+        held (`query_ranks_at_bonus_shifts`)."""
         self.model.set_contact_offset(0.0)
         self._release_memory()
         ranks = self.query_ranks_at_bonus_shifts("valid", CONTACT_OFFSETS)

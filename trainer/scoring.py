@@ -120,8 +120,8 @@ class ModelScorer:
         `bonus_shift` (0; `shift_bonus`) is added to every contact's bonus when a query
         chunk is scored, as the model's contact offset would add it: the model encodes at
         offset 0 once and the scorer ranks at every offset tried, each ranking bitwise the
-        one of the model at that offset, without computing the candidate vectors and the
-        queries again for each."""
+        one of the model at that offset, without encoding the queries again (kept) or
+        computing the candidate vectors again (when held) for each."""
         self.model = model
         self.temperature = model.loss_settings.temperature
         self.builder = BatchBuilder(

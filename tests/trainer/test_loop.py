@@ -139,6 +139,15 @@ def test_one_validation_pass_ranks_every_offset_as_the_model_at_that_offset_does
     assert len({one_pass[offset].tobytes() for offset in CONTACT_OFFSETS}) > 1  # the offsets move ranks
 
 
+def test_shifting_a_model_already_at_an_offset_is_refused():
+    """The shifts would add to the model's own offset: ranks of offsets never tried."""
+    trainer = smoke_trainer()
+    trainer.model.set_contact_offset(2.0)
+    with pytest.raises(ValueError, match=r"contact offset is \+2; set it to 0 first"):
+        trainer.query_ranks_at_bonus_shifts("valid", CONTACT_OFFSETS)
+    assert len(trainer.query_ranks_at_bonus_shifts("valid", (0.0,))[0.0]) > 0  # no shift: the model as it is
+
+
 @pytest.mark.parametrize("overrides", [["model.repeat_scoring=false"], ["model.contact_offset_on_validation=false"]])
 def test_no_contact_offset_is_chosen_without_repeat_scoring_or_with_the_option_off(monkeypatch, overrides):
     """The default offset has nothing to act on without the re-scorer: such a config loads
@@ -146,7 +155,7 @@ def test_no_contact_offset_is_chosen_without_repeat_scoring_or_with_the_option_o
     validates no offset, as with the option off."""
     trainer = smoke_trainer(*overrides)
     splits = []
-    monkeypatch.setattr(trainer, "evaluate", lambda split: splits.append(split) or {"ndcg@10": 0.0})
+    monkeypatch.setattr(trainer, "query_ranks_at_bonus_shifts", lambda split, shifts: splits.append(split) or {})
     trainer.prepare_test_model()
     assert trainer.contact_offset is None and splits == []
     assert trainer.model.repeat is None or trainer.model.repeat.contact_offset is None
