@@ -5,16 +5,17 @@ CONTACT_OFFSETS, 7), one pass against one full validation per offset.
     .venv/bin/python bench/contact_offset.py                    # both workloads below
     .venv/bin/python bench/contact_offset.py --skip-synthetic   # CollegeMsg only
 
-- one pass (trainer/loop.py `choose_contact_offset`): the model encodes at offset 0, the
-  candidate vectors and the validation queries are computed once, and the scorer ranks
-  at each offset by adding it to the contacts' bonuses (trainer/scoring.py `shift_bonus`);
+- one pass (trainer/loop.py `choose_contact_offset`): the model at offset 0; the candidate
+  vectors, the validation queries and each chunk's scores are computed once, and only the
+  count is made per offset, each contact's score shifted in it (trainer/evaluation.py
+  `full_ranking_ranks_at_bonus_shifts`);
 - one validation per offset (how it was chosen until 2026-12-05): the model set to each
   offset, then `query_ranks("valid")`, which computes the vectors and encodes the
   queries every time.
 
 Both are timed back to back in one process on the same (untrained) model, and their ranks
 are checked equal offset by offset (the one-pass ranks are bitwise the others, tested in
-tests/trainer/test_loop.py). Workloads: the embedded CollegeMsg (1,862 candidates: the
+tests/trainer/test_evaluation.py and test_loop.py). Workloads: the embedded CollegeMsg (1,862 candidates: the
 queries dominate) and a synthetic log of 1e6 targets at configs/synthetic-scale.yaml's
 model (D = 64; the candidate vectors dominate), --queries validation queries.
 

@@ -288,13 +288,12 @@ class ModelConfig:
     never down (ml-100k and its likes chose 0: the same figures). Why the learned balance
     sits low is not established: new contacts are only a little commoner among training
     events than among test queries (CollegeMsg: 23% against 20%). Costs, once after
-    training, one validation pass that ranks the validation queries once per offset (7),
-    the queries encoded once and the candidate vectors computed once when held
-    (eval.max_held_vectors_gb) (bench/contact_offset.py: about 5x faster than one
-    validation per offset on CollegeMsg, 1.4x at 1e6 candidates, where the ranking itself
-    dominates): where the ranking is long (configs/synthetic-scale.yaml ranks 1e7
-    candidates) cap it with eval.max_queries or set this off. No effect without
-    `repeat_scoring` (there is no contact score)."""
+    training, one validation pass whose count is made at each of the 7 offsets (the
+    queries, the candidate vectors and the scores computed once; bench/contact_offset.py:
+    7.4-7.6x faster than one validation per offset on CollegeMsg, 3.1-3.2x at 1e6
+    candidates, where the counts dominate): where a validation is long
+    (configs/synthetic-scale.yaml ranks 1e7 candidates) cap it with eval.max_queries or
+    set this off. No effect without `repeat_scoring` (there is no contact score)."""
 
     repeat_explore: bool = False
     """Split a contact's score into its order among the actor's contacts and one

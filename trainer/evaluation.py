@@ -20,13 +20,23 @@ A scorer is anything with:
                                                 evaluation overwrites excluded entries;
                                                 the IDs are sorted, the last may repeat
     score_pairs(state, target_ids [Q] int64) -> [Q] float, for targets that are no candidate
+
+`full_ranking_ranks_at_bonus_shifts` ranks at several shifts of the contacts' bonuses in
+one pass (the contact offset chosen on validation); its scorer also has:
+    score(state, candidate_ids, with_bonus=False) and score_pairs(..., with_bonus=False):
+                                                the scores without the contacts' bonuses
+    contact_bonus(state) -> ColumnPairs of (query row, column among the evaluation's
+                                                sorted candidates, bonus), or None
+    target_bonus(state, target_ids [Q]) -> ([Q] bonus of each query's pair with its
+                                                target, [Q] bool: it has one)
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -194,24 +204,28 @@ def full_ranking_ranks(
     seen: SeenTargets | None = None,
     count_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
     score_max: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    bonus_shifts: tuple[float, ...] | None = None,
 ) -> np.ndarray:
     """Rank of each query's true target among `candidates` (sorted target IDs). [Q] int64.
     On several ranks, each scoring its own share of the candidates, `count_sum` sums the
     per-query counts over ranks and `score_max` takes the true scores from the rank whose
     share holds the target (the others give -inf) and agrees the chunk width; every rank
-    then returns the global ranks. Both are needed together."""
+    then returns the global ranks. Both are needed together. With `bonus_shifts`, [K, Q],
+    the ranks at each shift: see `full_ranking_ranks_at_bonus_shifts`."""
     if (count_sum is None) != (score_max is None):
         raise ValueError("full_ranking_ranks: count_sum and score_max go together (several ranks) or not at all")
     candidates_t = sorted_ids(candidates)
     chunks = CandidateChunks.agreed(len(candidates_t), candidate_chunk_size, score_max)
     num_queries = len(true_targets)
-    ranks = np.empty(num_queries, dtype=np.int64)
+    ranks = np.empty((1 if bonus_shifts is None else len(bonus_shifts), num_queries), dtype=np.int64)
     for q0 in range(0, num_queries, query_chunk_size):
         rows = slice(q0, min(q0 + query_chunk_size, num_queries))
         state = scorer.query_state(rows)
         true_Q = torch.from_numpy(np.asarray(true_targets[rows], dtype=np.int64))
-        true_score_Q, kept = _true_scores(scorer, state, candidates_t, chunks, true_Q, score_max)
-        count_Q = torch.zeros(rows.stop - rows.start, dtype=torch.int64)
+        shifted = None if bonus_shifts is None else _ShiftedBonus(scorer, state, bonus_shifts)
+        true_score_Q, kept = _true_scores(scorer, state, candidates_t, chunks, true_Q, score_max, shifted is None)
+        true_KQ = true_score_Q[None] if shifted is None else shifted.true_scores(true_score_Q, true_Q)
+        count_KQ = torch.zeros(true_KQ.shape, dtype=torch.int64)
         excluded = excluded_pairs(candidates_t, rows, true_Q, seen)
         # The kept chunk first, so at most one [Q, C] chunk besides it is ever alive.
         starts = chunks.starts()
@@ -221,8 +235,10 @@ def full_ranking_ranks(
         for c0 in starts:
             if kept is not None and kept[0] == c0:
                 scores_QC, kept = kept[1], None
-            else:
+            elif shifted is None:
                 scores_QC = scorer.score(state, chunks.ids(candidates_t, c0))
+            else:
+                scores_QC = scorer.score(state, chunks.ids(candidates_t, c0), with_bonus=False)
             # Excluded columns set to NaN in the chunk's own scores (NaN never counts): a
             # scatter of a few entries, not a [Q, C] mask.
             excluded_rows, excluded_columns, _ = excluded.in_range(c0, c0 + chunks.width)
@@ -231,11 +247,69 @@ def full_ranking_ranks(
             scores_QC[:, :overlap] = float("nan")
             scores_QC[:, padding:] = float("nan")
             # The true scores were read from scores of this dtype: the cast back is exact.
-            count_Q += count_at_least(scores_QC, true_score_Q.to(scores_QC.dtype))
+            if shifted is None:
+                count_KQ[0] += count_at_least(scores_QC, true_KQ[0].to(scores_QC.dtype))
+            else:
+                count_KQ += shifted.count(scores_QC, c0, chunks.width, true_KQ)
         if count_sum is not None:
-            count_Q = count_sum(count_Q)
-        ranks[rows] = (count_Q + 1).numpy()
-    return ranks
+            count_KQ = count_sum(count_KQ)
+        ranks[:, rows] = (count_KQ + 1).numpy()
+    return ranks[0] if bonus_shifts is None else ranks
+
+
+def full_ranking_ranks_at_bonus_shifts(
+    scorer: RankingScorer,
+    true_targets: np.ndarray,
+    candidates: np.ndarray,
+    shifts: Sequence[float],
+    **options: Any,
+) -> dict[float, np.ndarray]:
+    """`full_ranking_ranks` (same `options`) with each shift added to every contact's
+    bonus: {shift: [Q] ranks}, from one pass. Each chunk is scored once without the
+    bonuses; the columns of no contact score the same at every shift and are counted
+    against each shift's true score, and each contact's score is made for each shift as
+    the scorer makes it, chunk score + (bonus + shift), so every shift's ranks are bitwise
+    those of a scorer whose bonuses carry the shift (the model at that contact offset),
+    for one score matrix instead of one per shift."""
+    shifts = tuple(float(shift) for shift in shifts)
+    ranks = full_ranking_ranks(scorer, true_targets, candidates, bonus_shifts=shifts, **options)
+    return {shift: ranks[k] for k, shift in enumerate(shifts)}
+
+
+class _ShiftedBonus:
+    """One query chunk's contact bonuses at each shift, for `full_ranking_ranks_at_bonus_shifts`."""
+
+    def __init__(self, scorer: RankingScorer, state: Any, shifts: tuple[float, ...]) -> None:
+        self.scorer, self.state, self.shifts = scorer, state, shifts
+        self.contacts: ColumnPairs | None = scorer.contact_bonus(state)
+
+    def true_scores(self, unbonused_Q: torch.Tensor, true_Q: torch.Tensor) -> torch.Tensor:
+        """[K, Q] float64 true scores at each shift, from the scores without the bonus (read
+        from fp32 chunks: exact in fp32 again), a target that is a contact given its bonus
+        plus the shift as a chunk gives it."""
+        bonus_Q, has_Q = self.scorer.target_bonus(self.state, true_Q)
+        score_Q = unbonused_Q.to(bonus_Q.dtype)
+        return torch.stack([torch.where(has_Q, score_Q + (bonus_Q + shift), score_Q).double() for shift in self.shifts])
+
+    def count(self, scores_QC: torch.Tensor, c0: int, width: int, true_KQ: torch.Tensor) -> torch.Tensor:
+        """[K, Q] candidates at least as high as the true target in this chunk (scores
+        without the bonus, excluded and uncounted columns NaN), at each shift: the columns
+        of no contact as they are, each contact at score + (bonus + shift). Overwrites the
+        contacts' columns of `scores_QC` with NaN."""
+        rows_U = columns_U = bonus_U = None
+        if self.contacts is not None:
+            rows_U, columns_U, bonus_U = self.contacts.in_range(c0, c0 + width)
+            contact_U = scores_QC[rows_U, columns_U]  # NaN where excluded or uncounted
+            scores_QC[rows_U, columns_U] = float("nan")
+        counts = []
+        for k, shift in enumerate(self.shifts):
+            true_Q = true_KQ[k].to(scores_QC.dtype)
+            count_Q = count_at_least(scores_QC, true_Q).to(torch.int64)
+            if rows_U is not None:
+                hits_U = (contact_U + (bonus_U + shift)) >= true_Q[rows_U]
+                count_Q.index_add_(0, rows_U, hits_U.to(torch.int64))
+            counts.append(count_Q)
+        return torch.stack(counts)
 
 
 def _true_scores(
@@ -245,6 +319,7 @@ def _true_scores(
     chunks: CandidateChunks,
     true_Q: torch.Tensor,
     score_max: Callable[[torch.Tensor], torch.Tensor] | None,
+    with_bonus: bool = True,
 ) -> tuple[torch.Tensor, tuple[int, torch.Tensor] | None]:
     """Each query's true score as the count's chunks compute it, in float64 (exact for any
     score dtype, and one dtype on every rank for `score_max`; -inf where this scorer's
@@ -257,7 +332,10 @@ def _true_scores(
     the targets are scored as a chunk of their own, padded to the same width: the same
     matrix-product shape computes each entry alike wherever its column sits (tested),
     while scoring every chunk that holds a target instead made the ranking 1.45x slower
-    (bench/eval.py's 1e6 candidates, 1,024 queries; this way 1.04-1.08x, in one run)."""
+    (bench/eval.py's 1e6 candidates, 1,024 queries; this way 1.04-1.08x, in one run).
+    Without `with_bonus`, the scores without the contacts' bonuses."""
+    score = scorer.score if with_bonus else functools.partial(scorer.score, with_bonus=False)
+    score_pairs = scorer.score_pairs if with_bonus else functools.partial(scorer.score_pairs, with_bonus=False)
     true_score_Q = torch.full((len(true_Q),), float("-inf"), dtype=torch.float64)
     held_Q = torch.zeros(len(true_Q), dtype=torch.bool)
     kept = None
@@ -268,14 +346,14 @@ def _true_scores(
         starts = torch.unique(start_Q[held_Q]).tolist()
         if len(starts) == 1:
             c0 = starts[0]
-            scores_QC = scorer.score(state, chunks.ids(candidates_t, c0))
+            scores_QC = score(state, chunks.ids(candidates_t, c0))
             true_score_Q[held_Q] = scores_QC[held_Q, column_Q[held_Q] - c0].double()
             kept = (c0, scores_QC)
         elif starts:
             targets = torch.unique(true_Q[held_Q])  # sorted
             for t0 in range(0, len(targets), chunks.width):
                 ids = pad_to_width(targets[t0 : t0 + chunks.width], chunks.width)
-                scores_QT = scorer.score(state, ids)
+                scores_QT = score(state, ids)
                 rows = torch.nonzero(held_Q & (true_Q >= ids[0]) & (true_Q <= ids[-1])).squeeze(1)
                 true_score_Q[rows] = scores_QT[rows, torch.searchsorted(ids, true_Q[rows])].double()
     true_score_Q = torch.nan_to_num(true_score_Q, nan=float("-inf"))
@@ -285,7 +363,7 @@ def _true_scores(
     if not bool(held_Q.all()):
         # Targets that are no candidate (the same decision on every rank, as score_pairs
         # may look up vectors collectively).
-        pairs_Q = torch.nan_to_num(scorer.score_pairs(state, true_Q).double(), nan=float("-inf"))
+        pairs_Q = torch.nan_to_num(score_pairs(state, true_Q).double(), nan=float("-inf"))
         true_score_Q = torch.where(held_Q, true_score_Q, pairs_Q)
     return true_score_Q, kept
 

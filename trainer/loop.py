@@ -13,9 +13,10 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,9 @@ from trainer.checkpoint import (
     optimizer_state_tensors, read_metadata, save_best, save_checkpoint,
 )
 from trainer.distributed import Distributed, owned_candidates, shard_model
-from trainer.evaluation import METRIC_NAMES, SeenTargets, full_ranking_ranks, metrics_from_ranks
+from trainer.evaluation import (
+    METRIC_NAMES, SeenTargets, full_ranking_ranks, full_ranking_ranks_at_bonus_shifts, metrics_from_ranks,
+)
 from trainer.metrics import MetricsLogger
 from trainer.results import rank_queries, seen_targets
 from trainer.table_optimizer import KEY as SPARSE_KEY, SparseOptimizerState, attach_table_optimizer, table_optimizers
@@ -235,21 +238,28 @@ class Trainer:
     def query_ranks(self, split: str) -> np.ndarray:
         """[Q] 1-based rank of each query's true target among every candidate, over every
         rank's queries, in the order one process holds them (by actor)."""
-        return self.query_ranks_at_bonus_shifts(split, (0.0,))[0.0]
+        return self._rank(split, full_ranking_ranks)
 
     def query_ranks_at_bonus_shifts(self, split: str, shifts: Sequence[float]) -> dict[float, np.ndarray]:
-        """`query_ranks` with each shift added to every contact's bonus (one ranking per
-        shift, bitwise the model's at that contact offset: ModelScorer.shift_bonus), the
-        queries encoded once for all of them (every query's encoding is then held for the
-        pass, not one chunk's) and the candidate vectors computed once when held
-        (eval.max_held_vectors_gb; past it, each ranking computes its blocks again). The
-        model's own contact offset must be 0, or a shift would add to it."""
-        if any(shifts) and self.model.repeat is not None and self.model.repeat.contact_offset is not None:
-            if self.model.repeat.contact_offset.item() != 0.0:
-                raise ValueError(
-                    "query_ranks_at_bonus_shifts: the model's contact offset is "
-                    f"{self.model.repeat.contact_offset.item():+g}; set it to 0 first, or the shifts add to it"
-                )
+        """`query_ranks` with each shift added to every contact's bonus, {shift: [Q] ranks},
+        from one pass (trainer/evaluation.py `full_ranking_ranks_at_bonus_shifts`): each
+        shift's ranks are bitwise the model's at that contact offset, for one evaluation's
+        queries, candidate vectors and score matrix. The model's own contact offset must be
+        0, or the shifts would add to it."""
+        if self.model.repeat is None:
+            raise ValueError("query_ranks_at_bonus_shifts: the model has no contact bonus (model.repeat_scoring is off)")
+        offset = self.model.repeat.contact_offset
+        if offset is not None and offset.item() != 0.0:
+            raise ValueError(
+                f"query_ranks_at_bonus_shifts: the model's contact offset is {offset.item():+g}; "
+                "set it to 0 first, or the shifts add to it"
+            )
+        return self._rank(
+            split, lambda scorer, *args, **options: full_ranking_ranks_at_bonus_shifts(scorer, *args, shifts, **options)
+        )
+
+    def _rank(self, split: str, rank: Callable[..., Any]) -> Any:
+        """`rank(scorer, true_targets, candidates, **options)` over this split's queries."""
         prepared, config, dist = self.prepared, self.config, self.dist
         queries = rank_queries(prepared, split, config.eval, dist)
         split_over_ranks = dist.world_size > 1
@@ -259,8 +269,7 @@ class Trainer:
             # query against the candidates whose rows it holds, and the counts are summed.
             candidates = owned_candidates(self.model, prepared.stats, dist)
             scorer = model_scorer(
-                self.model, config, prepared, queries, candidates, split, dist, queries_split_over_ranks=split_over_ranks,
-                keep_query_encodings=len(shifts) > 1,
+                self.model, config, prepared, queries, candidates, split, dist, queries_split_over_ranks=split_over_ranks
             )
             true_targets = prepared.seqs.targets[queries.position]
             seen = seen_targets(prepared, queries) if config.eval.exclude_seen else None
@@ -268,22 +277,18 @@ class Trainer:
                 true_targets = scorer.gathered(true_targets)
                 if seen is not None:
                     seen = SeenTargets(*scorer.gathered_jagged(np.diff(seen.offsets), seen.targets))
-            ranks = {}
-            for shift in shifts:
-                scorer.shift_bonus(shift)
-                ranks[shift] = full_ranking_ranks(
-                    scorer,
-                    true_targets,
-                    candidates,
-                    query_chunk_size=config.eval.query_chunk_size,
-                    candidate_chunk_size=config.eval.candidate_chunk_size,
-                    seen=seen,
-                    count_sum=dist.sum if split_over_ranks else None,
-                    score_max=dist.max if split_over_ranks else None,
-                )
+            return rank(
+                scorer,
+                true_targets,
+                candidates,
+                query_chunk_size=config.eval.query_chunk_size,
+                candidate_chunk_size=config.eval.candidate_chunk_size,
+                seen=seen,
+                count_sum=dist.sum if split_over_ranks else None,
+                score_max=dist.max if split_over_ranks else None,
+            )
         finally:
             self.model.train()
-        return ranks
 
     def train(self) -> TrainSummary:
         config = self.config
@@ -478,10 +483,9 @@ class Trainer:
         ranks are summed, so each makes the same choice), keep the best; a tie keeps the
         offset tried first. Returns {"chosen", "valid_ndcg@10": {offset: value}}.
 
-        The model encodes at offset 0 and the scorer adds each offset to the contacts'
-        bonuses (the same bits as the model at that offset), so the validation queries are
-        encoded once, not once per offset, and the candidate vectors computed once when
-        held (`query_ranks_at_bonus_shifts`)."""
+        One validation pass ranks at every offset (`query_ranks_at_bonus_shifts`, the
+        model at 0): the queries, the candidate vectors and the score matrix are computed
+        once, not once per offset, and only the count is made per offset."""
         self.model.set_contact_offset(0.0)
         self._release_memory()
         ranks = self.query_ranks_at_bonus_shifts("valid", CONTACT_OFFSETS)

@@ -61,19 +61,16 @@ class _BonusPairs:
         lo, hi = int(bounds[0]), int(bounds[1])
         return _BonusPairs(self.row_U[lo:hi] - start, self.target_U[lo:hi], self.bonus_U[lo:hi], self.num_targets)
 
-    def shifted(self, shift: float) -> _BonusPairs:
-        """Every bonus plus `shift`, added as the model adds its contact offset (in the
-        bonus's dtype), so the bits are those of the model encoding at that offset."""
-        return _BonusPairs(self.row_U, self.target_U, self.bonus_U + shift, self.num_targets)
-
-    def bonus_of(self, targets_Q: torch.Tensor) -> torch.Tensor:
-        """[Q] the bonus of row q's pair with targets_Q[q], 0 where it has none."""
+    def bonus_of(self, targets_Q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([Q] the bonus of row q's pair with targets_Q[q], 0 where it has none; [Q] bool
+        whether it has one)."""
         key_U = self.key_U
         if key_U.numel() == 0:
-            return torch.zeros(len(targets_Q), dtype=self.bonus_U.dtype)
+            return torch.zeros(len(targets_Q), dtype=self.bonus_U.dtype), torch.zeros(len(targets_Q), dtype=torch.bool)
         key_Q = torch.arange(len(targets_Q)) * self.num_targets + targets_Q
         index = torch.searchsorted(key_U, key_Q).clamp(max=key_U.numel() - 1)
-        return torch.where(key_U[index] == key_Q, self.bonus_U[index], 0.0)
+        has_Q = key_U[index] == key_Q
+        return torch.where(has_Q, self.bonus_U[index], 0.0), has_Q
 
 
 # Candidate vectors are computed this many rows per candidate-tower call. The block's
@@ -100,7 +97,6 @@ class ModelScorer:
         queries_split_over_ranks: bool = False,
         query_chunk_size: int = 1024,
         max_held_bytes: float = float("inf"),
-        keep_query_encodings: bool = False,
     ) -> None:
         """`candidate_ids`: the candidates this scorer scores (on several ranks, the ones
         this rank owns); their vectors are computed in blocks of `vector_chunk_size`, held
@@ -114,14 +110,7 @@ class ModelScorer:
         rank then holds every query's vector and bonuses, gathered and put in actor order
         (what one process holding every query has): `true_targets` and `seen` give the
         gathered queries' targets and past targets. Otherwise every rank passes the same
-        queries and each query chunk is encoded when the evaluation asks for it, and
-        kept with `keep_query_encodings` (for a scorer that ranks several times).
-
-        `bonus_shift` (0; `shift_bonus`) is added to every contact's bonus when a query
-        chunk is scored, as the model's contact offset would add it: the model encodes at
-        offset 0 once and the scorer ranks at every offset tried, each ranking bitwise the
-        one of the model at that offset, without encoding the queries again (kept) or
-        computing the candidate vectors again (when held) for each."""
+        queries and each query chunk is encoded when the evaluation asks for it."""
         self.model = model
         self.temperature = model.loss_settings.temperature
         self.builder = BatchBuilder(
@@ -132,10 +121,6 @@ class ModelScorer:
         self.candidate_ids = sorted_ids(candidate_ids)
         self.vectors = CandidateVectors(model, self.candidate_ids, vector_chunk_size, dist, max_held_bytes)
         self.dist = dist
-        self.bonus_shift = 0.0
-        self._kept_encodings: dict[tuple[int, int], tuple[torch.Tensor, _BonusPairs | None]] | None = (
-            {} if keep_query_encodings else None
-        )
         self.all_queries: _QueryChunk | None = None
         if queries_split_over_ranks:
             self.all_queries = self._encode_and_gather(seqs, queries, query_chunk_size, dist)
@@ -219,22 +204,6 @@ class ModelScorer:
         run = self.candidate_ids[start : start + len(ids)]
         return start if len(run) == len(ids) and torch.equal(run, ids) else None
 
-    def shift_bonus(self, shift: float) -> None:
-        """Add `shift` to every contact's bonus from the next query chunk on (see __init__)."""
-        if shift and self.model.repeat is None:
-            raise ValueError("shift_bonus: this model has no contact bonus (model.repeat_scoring is off)")
-        self.bonus_shift = float(shift)
-
-    def _chunk_encoding(self, rows: slice) -> tuple[torch.Tensor, _BonusPairs | None]:
-        """The chunk's query vectors / tau and bonus pairs, encoded now or, when the scorer
-        keeps them, the first time this chunk was asked for."""
-        if self._kept_encodings is None:
-            return self._encode(np.arange(rows.start, rows.stop))
-        key = (rows.start, rows.stop)
-        if key not in self._kept_encodings:
-            self._kept_encodings[key] = self._encode(np.arange(rows.start, rows.stop))
-        return self._kept_encodings[key]
-
     @torch.no_grad()
     def query_state(self, rows: slice) -> _QueryChunk:
         if self.all_queries is not None:
@@ -242,16 +211,16 @@ class ModelScorer:
             pairs = self.all_queries.pairs
             pairs = pairs.rows_in(rows.start, rows.stop) if pairs is not None else None
         else:
-            query_over_tau_BD, pairs = self._chunk_encoding(rows)
-        if pairs is not None and self.bonus_shift:
-            pairs = pairs.shifted(self.bonus_shift)
+            query_over_tau_BD, pairs = self._encode(np.arange(rows.start, rows.stop))
         bonus = None
         if pairs is not None:
             bonus = ColumnPairs.locate(self.candidate_ids, pairs.row_U, pairs.target_U, pairs.bonus_U)
         return _QueryChunk(query_over_tau_BD, pairs, bonus)
 
     @torch.no_grad()
-    def score(self, state: _QueryChunk, candidate_ids: torch.Tensor) -> torch.Tensor:
+    def score(self, state: _QueryChunk, candidate_ids: torch.Tensor, with_bonus: bool = True) -> torch.Tensor:
+        """[Q, C] scores; without the contacts' bonuses with `with_bonus=False` (the
+        evaluation then adds them itself: trainer/evaluation.py `full_ranking_ranks_at_bonus_shifts`)."""
         start = self._run_start(candidate_ids)
         # A contiguous run: a view of the vectors and the bonus pairs found by two binary
         # searches; otherwise (any other candidate list) looked up one by one.
@@ -260,7 +229,7 @@ class ModelScorer:
         else:
             vectors = self.vectors.at(torch.searchsorted(self.candidate_ids, candidate_ids))
         scores_QC = state.query_over_tau_BD @ vectors.T
-        if state.bonus is None:
+        if state.bonus is None or not with_bonus:
             return scores_QC
         if start is not None:
             rows, columns, bonus = state.bonus.in_range(start, start + len(candidate_ids))
@@ -272,13 +241,24 @@ class ModelScorer:
         return scores_QC.index_put_((rows, columns), bonus, accumulate=True)
 
     @torch.no_grad()
-    def score_pairs(self, state: _QueryChunk, target_ids: torch.Tensor) -> torch.Tensor:
+    def score_pairs(self, state: _QueryChunk, target_ids: torch.Tensor, with_bonus: bool = True) -> torch.Tensor:
         # Only for true targets that are no candidate (the evaluation reads the others from
         # its score chunks); looked up collectively, as such a target is held by no rank.
         scores_Q = (state.query_over_tau_BD * self.model.candidate_vectors(target_ids)).sum(-1)
-        if state.pairs is not None:
-            scores_Q = scores_Q + state.pairs.bonus_of(target_ids)
+        if state.pairs is not None and with_bonus:
+            scores_Q = scores_Q + state.pairs.bonus_of(target_ids)[0]
         return scores_Q
+
+    def contact_bonus(self, state: _QueryChunk) -> ColumnPairs | None:
+        """The chunk's (query row, candidate column, bonus) pairs, the columns counted in
+        the sorted candidates; None without repeat scoring."""
+        return state.bonus
+
+    def target_bonus(self, state: _QueryChunk, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([Q] bonus of each query's pair with its target, 0 where none; [Q] bool: a pair)."""
+        if state.pairs is None:
+            return torch.zeros(len(target_ids)), torch.zeros(len(target_ids), dtype=torch.bool)
+        return state.pairs.bonus_of(target_ids)
 
 
 def held_vector_bytes(num_candidates: int, dim: int, max_held_bytes: float, block_rows: int = VECTOR_BLOCK_ROWS) -> int:

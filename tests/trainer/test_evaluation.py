@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import warnings
 
@@ -10,7 +11,11 @@ import pytest
 import torch
 
 from tests.trainer.smoke import smoke_trainer
-from trainer.evaluation import SeenTargets, full_ranking_ranks, metrics_from_ranks, sorted_ids
+from models.repeat import CONTACT_OFFSETS
+from trainer.evaluation import (
+    SeenTargets, full_ranking_ranks, full_ranking_ranks_at_bonus_shifts, metrics_from_ranks, sorted_ids,
+)
+from trainer.results import seen_targets
 from trainer.build import model_scorer
 from trainer.scoring import held_vector_bytes
 
@@ -271,3 +276,46 @@ def test_sorted_candidate_ids_share_memory_unless_they_need_sorting():
     assert unsorted.tolist() == [9, 2, 5]
     assert sorted_ids(np.array([3], dtype=np.int32)).dtype == torch.int64
     assert len(sorted_ids(np.zeros(0, dtype=np.int64))) == 0
+
+
+@pytest.fixture(scope="module")
+def trained_with_contacts():
+    """A smoke model trained a few steps, so the contacts' bonuses set them apart."""
+    trainer = _smoke_trainer()  # the contact offset on by default
+    for batch in itertools.islice(iter(trainer.loader), 20):
+        trainer.train_step(batch)
+    trainer.model.eval()
+    return trainer
+
+
+@pytest.mark.parametrize("chunk", [16, 1024])
+@pytest.mark.parametrize("exclude_seen", [False, True])
+@pytest.mark.parametrize("candidate_share", ["all", "every other"])
+def test_one_pass_at_bonus_shifts_ranks_as_the_model_at_each_contact_offset(
+    trained_with_contacts, chunk, exclude_seen, candidate_share
+):
+    """One score matrix, the contacts' bonuses shifted in the count: each shift's ranks are
+    bitwise those of the model set to that offset, with several candidate chunks (the true
+    scores from a chunk of their own, the last chunk overlapping) or one, past targets
+    excluded or not, and targets that are no candidate (scored by score_pairs)."""
+    trainer = trained_with_contacts
+    model, prepared, config = trainer.model, trainer.prepared, trainer.config
+    queries = prepared.split.queries(prepared.seqs, "valid", config.eval.max_queries)
+    candidates = prepared.stats.candidates if candidate_share == "all" else prepared.stats.candidates[::2]
+    true = prepared.seqs.targets[queries.position]
+    assert candidate_share == "all" or not np.isin(true, candidates).all()
+    options = {
+        "query_chunk_size": 7, "candidate_chunk_size": chunk,
+        "seen": seen_targets(prepared, queries) if exclude_seen else None,
+    }
+    model.set_contact_offset(0.0)
+    scorer = model_scorer(model, config, prepared, queries, candidates, "valid")
+    shifted = full_ranking_ranks_at_bonus_shifts(scorer, true, candidates, CONTACT_OFFSETS, **options)
+    for offset in CONTACT_OFFSETS:
+        model.set_contact_offset(offset)
+        at_offset = model_scorer(model, config, prepared, queries, candidates, "valid")
+        np.testing.assert_array_equal(
+            shifted[offset], full_ranking_ranks(at_offset, true, candidates, **options), err_msg=f"offset {offset:+g}"
+        )
+    model.set_contact_offset(0.0)
+    assert len({shifted[offset].tobytes() for offset in CONTACT_OFFSETS}) == len(CONTACT_OFFSETS)

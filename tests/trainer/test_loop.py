@@ -17,6 +17,7 @@ from models.repeat import CONTACT_OFFSETS
 from tests.trainer.smoke import config_trainer, smoke_trainer
 import trainer.loop as loop
 from trainer.loop import lr_factor
+from trainer.scoring import ModelScorer
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear"])
@@ -117,35 +118,49 @@ def test_the_contact_offset_is_the_best_on_validation_and_a_tie_keeps_the_one_tr
     assert chosen["valid_ndcg@10"] == {str(k): v for k, v in ndcg.items()}
 
 
-@pytest.mark.parametrize("vectors", ["held", "computed per block"])
-def test_one_validation_pass_ranks_every_offset_as_the_model_at_that_offset_does(vectors):
-    """The offsets are tried in one pass (the model at 0, the scorer shifting the contacts'
-    bonuses): each offset's ranks equal, bitwise, those of the model set to that offset,
-    over several query chunks, with the candidate vectors held or computed per block."""
-    held = "eval.max_held_vectors_gb=0.5" if vectors == "held" else "eval.max_held_vectors_gb=0"
-    trainer = smoke_trainer("eval.query_chunk_size=7", held)
+@pytest.mark.parametrize(
+    "overrides",
+    [["eval.max_held_vectors_gb=0.5"], ["eval.max_held_vectors_gb=0"], ["model.repeat_explore=true"]],
+    ids=["vectors held", "vectors computed per block", "repeat_explore"],
+)
+def test_one_validation_pass_ranks_every_offset_as_the_model_at_that_offset_does(overrides, monkeypatch):
+    """The offsets are tried in one pass (the model at 0, the evaluation shifting the
+    contacts' bonuses): each offset's ranks equal, bitwise, those of the model set to that
+    offset, over several query chunks, with the candidate vectors held or computed per
+    block; the queries are encoded and the candidates scored as often as for one offset."""
+    trainer = smoke_trainer("eval.query_chunk_size=7", *overrides)
     for batch in itertools.islice(iter(trainer.loader), 20):  # contacts scored apart from the rest
         trainer.train_step(batch)
     trainer.model.set_contact_offset(0.0)
     encode_queries, encoded = trainer.model.encode_queries, []
     trainer.model.encode_queries = lambda *args: encoded.append(len(args[0])) or encode_queries(*args)
+    score, scored = ModelScorer.score, []
+    monkeypatch.setattr(ModelScorer, "score", lambda self, *args, **kw: scored.append(len(args[1])) or score(self, *args, **kw))
     one_pass = trainer.query_ranks_at_bonus_shifts("valid", CONTACT_OFFSETS)
+    one_pass_scored = sum(scored)
+    scored.clear()
+    trainer.query_ranks("valid")
+    assert one_pass_scored == sum(scored)  # one score matrix for the seven offsets, as for one
+    monkeypatch.undo()
     del trainer.model.encode_queries
     assert len(one_pass[0.0]) > 7  # several query chunks
-    assert sum(encoded) == len(one_pass[0.0])  # each query encoded once for the seven rankings
+    assert sum(encoded) == 2 * len(one_pass[0.0])  # each query encoded once a pass
     for offset in CONTACT_OFFSETS:
         trainer.model.set_contact_offset(offset)
         assert np.array_equal(one_pass[offset], trainer.query_ranks("valid")), f"offset {offset:+g}"
     assert len({one_pass[offset].tobytes() for offset in CONTACT_OFFSETS}) > 1  # the offsets move ranks
 
 
-def test_shifting_a_model_already_at_an_offset_is_refused():
-    """The shifts would add to the model's own offset: ranks of offsets never tried."""
+def test_shifting_a_model_already_at_an_offset_or_without_contacts_is_refused():
+    """The shifts would add to the model's own offset (ranks of offsets never tried), and a
+    model without the re-scorer has no bonus to shift."""
     trainer = smoke_trainer()
     trainer.model.set_contact_offset(2.0)
     with pytest.raises(ValueError, match=r"contact offset is \+2; set it to 0 first"):
         trainer.query_ranks_at_bonus_shifts("valid", CONTACT_OFFSETS)
-    assert len(trainer.query_ranks_at_bonus_shifts("valid", (0.0,))[0.0]) > 0  # no shift: the model as it is
+    without = smoke_trainer("model.repeat_scoring=false")
+    with pytest.raises(ValueError, match="no contact bonus"):
+        without.query_ranks_at_bonus_shifts("valid", CONTACT_OFFSETS)
 
 
 @pytest.mark.parametrize("overrides", [["model.repeat_scoring=false"], ["model.contact_offset_on_validation=false"]])
