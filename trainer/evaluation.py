@@ -22,13 +22,7 @@ A scorer is anything with:
     score_pairs(state, target_ids [Q] int64) -> [Q] float, for targets that are no candidate
 
 `full_ranking_ranks_at_bonus_shifts` ranks at several shifts of the contacts' bonuses in
-one pass (the contact offset chosen on validation); its scorer also has:
-    score(state, candidate_ids, with_bonus=False) and score_pairs(..., with_bonus=False):
-                                                the scores without the contacts' bonuses
-    contact_bonus(state) -> ColumnPairs of (query row, column among the evaluation's
-                                                sorted candidates, bonus), or None
-    target_bonus(state, target_ids [Q]) -> ([Q] bonus of each query's pair with its
-                                                target, [Q] bool: it has one)
+one pass (the contact offset chosen on validation), with a `BonusShiftScorer`.
 """
 
 from __future__ import annotations
@@ -52,6 +46,22 @@ class RankingScorer(Protocol):
     def score(self, state: Any, candidate_ids: torch.Tensor) -> torch.Tensor: ...
 
     def score_pairs(self, state: Any, target_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+class BonusShiftScorer(RankingScorer, Protocol):
+    """A scorer whose scores are a product plus per-(query, candidate) contact bonuses."""
+
+    def score(self, state: Any, candidate_ids: torch.Tensor, with_bonus: bool = True) -> torch.Tensor: ...
+
+    def score_pairs(self, state: Any, target_ids: torch.Tensor, with_bonus: bool = True) -> torch.Tensor: ...
+
+    def contact_bonus(self, state: Any, sorted_candidates: torch.Tensor) -> ColumnPairs | None:
+        """(query row, column among `sorted_candidates`, bonus) of the chunk's contacts."""
+        ...
+
+    def target_bonus(self, state: Any, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([Q] bonus of each query's pair with its target, 0 where none; [Q] bool: a pair)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -222,7 +232,7 @@ def full_ranking_ranks(
         rows = slice(q0, min(q0 + query_chunk_size, num_queries))
         state = scorer.query_state(rows)
         true_Q = torch.from_numpy(np.asarray(true_targets[rows], dtype=np.int64))
-        shifted = None if bonus_shifts is None else _ShiftedBonus(scorer, state, bonus_shifts)
+        shifted = None if bonus_shifts is None else _ShiftedBonus(scorer, state, bonus_shifts, candidates_t)
         true_score_Q, kept = _true_scores(scorer, state, candidates_t, chunks, true_Q, score_max, shifted is None)
         true_KQ = true_score_Q[None] if shifted is None else shifted.true_scores(true_score_Q, true_Q)
         count_KQ = torch.zeros(true_KQ.shape, dtype=torch.int64)
@@ -258,7 +268,7 @@ def full_ranking_ranks(
 
 
 def full_ranking_ranks_at_bonus_shifts(
-    scorer: RankingScorer,
+    scorer: BonusShiftScorer,
     true_targets: np.ndarray,
     candidates: np.ndarray,
     shifts: Sequence[float],
@@ -279,9 +289,9 @@ def full_ranking_ranks_at_bonus_shifts(
 class _ShiftedBonus:
     """One query chunk's contact bonuses at each shift, for `full_ranking_ranks_at_bonus_shifts`."""
 
-    def __init__(self, scorer: RankingScorer, state: Any, shifts: tuple[float, ...]) -> None:
+    def __init__(self, scorer: BonusShiftScorer, state: Any, shifts: tuple[float, ...], candidates_t: torch.Tensor) -> None:
         self.scorer, self.state, self.shifts = scorer, state, shifts
-        self.contacts: ColumnPairs | None = scorer.contact_bonus(state)
+        self.contacts: ColumnPairs | None = scorer.contact_bonus(state, candidates_t)
 
     def true_scores(self, unbonused_Q: torch.Tensor, true_Q: torch.Tensor) -> torch.Tensor:
         """[K, Q] float64 true scores at each shift, from the scores without the bonus (read
@@ -289,7 +299,10 @@ class _ShiftedBonus:
         plus the shift as a chunk gives it."""
         bonus_Q, has_Q = self.scorer.target_bonus(self.state, true_Q)
         score_Q = unbonused_Q.to(bonus_Q.dtype)
-        return torch.stack([torch.where(has_Q, score_Q + (bonus_Q + shift), score_Q).double() for shift in self.shifts])
+        true_KQ = torch.stack([torch.where(has_Q, score_Q + (bonus_Q + shift), score_Q).double() for shift in self.shifts])
+        # A NaN bonus makes the true score NaN: -inf, as `_true_scores` makes a NaN score
+        # (every candidate beats it, the contacts' own comparisons included).
+        return torch.nan_to_num(true_KQ, nan=float("-inf"))
 
     def count(self, scores_QC: torch.Tensor, c0: int, width: int, true_KQ: torch.Tensor) -> torch.Tensor:
         """[K, Q] candidates at least as high as the true target in this chunk (scores

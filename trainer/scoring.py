@@ -249,10 +249,14 @@ class ModelScorer:
             scores_Q = scores_Q + state.pairs.bonus_of(target_ids)[0]
         return scores_Q
 
-    def contact_bonus(self, state: _QueryChunk) -> ColumnPairs | None:
-        """The chunk's (query row, candidate column, bonus) pairs, the columns counted in
-        the sorted candidates; None without repeat scoring."""
-        return state.bonus
+    def contact_bonus(self, state: _QueryChunk, sorted_candidates: torch.Tensor) -> ColumnPairs | None:
+        """The chunk's (query row, column among `sorted_candidates`, bonus) pairs; None
+        without repeat scoring. Located once already when those are the scorer's own."""
+        if state.pairs is None:
+            return None
+        if sorted_candidates is self.candidate_ids or torch.equal(sorted_candidates, self.candidate_ids):
+            return state.bonus
+        return ColumnPairs.locate(sorted_candidates, state.pairs.row_U, state.pairs.target_U, state.pairs.bonus_U)
 
     def target_bonus(self, state: _QueryChunk, target_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([Q] bonus of each query's pair with its target, 0 where none; [Q] bool: a pair)."""

@@ -13,7 +13,7 @@ import torch
 from tests.trainer.smoke import smoke_trainer
 from models.repeat import CONTACT_OFFSETS
 from trainer.evaluation import (
-    SeenTargets, full_ranking_ranks, full_ranking_ranks_at_bonus_shifts, metrics_from_ranks, sorted_ids,
+    ColumnPairs, SeenTargets, full_ranking_ranks, full_ranking_ranks_at_bonus_shifts, metrics_from_ranks, sorted_ids,
 )
 from trainer.results import seen_targets
 from trainer.build import model_scorer
@@ -290,32 +290,69 @@ def trained_with_contacts():
 
 @pytest.mark.parametrize("chunk", [16, 1024])
 @pytest.mark.parametrize("exclude_seen", [False, True])
-@pytest.mark.parametrize("candidate_share", ["all", "every other"])
+@pytest.mark.parametrize("candidate_share", ["all", "every other", "every other of the scorer's all"])
 def test_one_pass_at_bonus_shifts_ranks_as_the_model_at_each_contact_offset(
     trained_with_contacts, chunk, exclude_seen, candidate_share
 ):
     """One score matrix, the contacts' bonuses shifted in the count: each shift's ranks are
     bitwise those of the model set to that offset, with several candidate chunks (the true
     scores from a chunk of their own, the last chunk overlapping) or one, past targets
-    excluded or not, and targets that are no candidate (scored by score_pairs)."""
+    excluded or not, targets that are no candidate (scored by score_pairs, contacts among
+    them), and a scorer holding more candidates than are ranked (its contacts located
+    again among those ranked)."""
     trainer = trained_with_contacts
     model, prepared, config = trainer.model, trainer.prepared, trainer.config
     queries = prepared.split.queries(prepared.seqs, "valid", config.eval.max_queries)
     candidates = prepared.stats.candidates if candidate_share == "all" else prepared.stats.candidates[::2]
+    scored = prepared.stats.candidates if candidate_share.endswith("all") else candidates
     true = prepared.seqs.targets[queries.position]
-    assert candidate_share == "all" or not np.isin(true, candidates).all()
     options = {
         "query_chunk_size": 7, "candidate_chunk_size": chunk,
         "seen": seen_targets(prepared, queries) if exclude_seen else None,
     }
-    model.set_contact_offset(0.0)
-    scorer = model_scorer(model, config, prepared, queries, candidates, "valid")
-    shifted = full_ranking_ranks_at_bonus_shifts(scorer, true, candidates, CONTACT_OFFSETS, **options)
-    for offset in CONTACT_OFFSETS:
-        model.set_contact_offset(offset)
-        at_offset = model_scorer(model, config, prepared, queries, candidates, "valid")
-        np.testing.assert_array_equal(
-            shifted[offset], full_ranking_ranks(at_offset, true, candidates, **options), err_msg=f"offset {offset:+g}"
-        )
-    model.set_contact_offset(0.0)
+    try:
+        model.set_contact_offset(0.0)
+        scorer = model_scorer(model, config, prepared, queries, scored, "valid")
+        if candidate_share != "all":  # some targets are no candidate, some of those contacts
+            _, contact = scorer.target_bonus(scorer.query_state(slice(0, len(true))), torch.from_numpy(true))
+            assert (contact.numpy() & ~np.isin(true, candidates)).any()
+        shifted = full_ranking_ranks_at_bonus_shifts(scorer, true, candidates, CONTACT_OFFSETS, **options)
+        for offset in CONTACT_OFFSETS:
+            model.set_contact_offset(offset)
+            at_offset = model_scorer(model, config, prepared, queries, scored, "valid")
+            np.testing.assert_array_equal(
+                shifted[offset], full_ranking_ranks(at_offset, true, candidates, **options), err_msg=f"offset {offset:+g}"
+            )
+    finally:
+        model.set_contact_offset(0.0)
     assert len({shifted[offset].tobytes() for offset in CONTACT_OFFSETS}) == len(CONTACT_OFFSETS)
+
+
+def test_a_nan_contact_bonus_ranks_its_target_last_at_every_shift():
+    """A NaN true score counts as -inf in one pass too: every counted candidate, the
+    contacts among them, ranks above it, as without the shift."""
+    items = torch.arange(6, dtype=torch.float32)[:, None]  # item i scores i
+    bonus = ColumnPairs(torch.tensor([0, 0]), torch.tensor([2, 4]), torch.tensor([float("nan"), 1.0]))
+
+    class ContactScorer(DotScorer):
+        def score(self, q, candidate_ids, with_bonus=True):
+            scores = super().score(q, candidate_ids)
+            if with_bonus:
+                scores[bonus.rows, bonus.columns] += bonus.values
+            return scores
+
+        def score_pairs(self, q, target_ids, with_bonus=True):
+            raise AssertionError("every target is a candidate")
+
+        def contact_bonus(self, q, sorted_candidates):
+            return bonus
+
+        def target_bonus(self, q, target_ids):
+            has = target_ids == 2
+            return torch.where(has, torch.tensor(float("nan")), 0.0), has
+
+    scorer = ContactScorer(torch.ones(1, 1), items)
+    candidates, true = np.arange(6), np.array([2])
+    assert full_ranking_ranks(scorer, true, candidates).tolist() == [6]  # the plain count: last
+    shifted = full_ranking_ranks_at_bonus_shifts(scorer, true, candidates, (0.0, 1.0, -4.0))
+    assert {shift: ranks.tolist() for shift, ranks in shifted.items()} == {0.0: [6], 1.0: [6], -4.0: [6]}
