@@ -138,9 +138,8 @@ def run_variants(
         # A seed's two runs pair only when one CPU ran both: another CPU rounds differently
         # from the first step on (CollegeMsg, measured 2026-12-05: the same training on an
         # AMD EPYC and on an Intel Xeon ended up to 0.0017 apart in validation NDCG@10, one
-        # of 5 at another best step), the size of many rows' Δ.
-        # A run logged before records carried their CPU pairs with nothing: it may have
-        # run anywhere.
+        # of 5 at another best step), the size of many rows' Δ. A run logged before records
+        # named their CPU pairs with nothing: it may have run anywhere.
         cpus = {seed: (cpu_by_seed[name][seed], cpu_by_seed[base][seed]) for seed in both}
         common = [seed for seed in both if cpus[seed][0] is not None and cpus[seed][0] == cpus[seed][1]]
         unrecorded = [seed for seed in both if None in cpus[seed]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import sys
@@ -254,9 +255,7 @@ class Trainer:
                 f"query_ranks_at_bonus_shifts: the model's contact offset is {offset.item():+g}; "
                 "set it to 0 first, or the shifts add to it"
             )
-        return self._rank(
-            split, lambda scorer, *args, **options: full_ranking_ranks_at_bonus_shifts(scorer, *args, shifts, **options)
-        )
+        return self._rank(split, functools.partial(full_ranking_ranks_at_bonus_shifts, shifts=shifts))
 
     def _rank(self, split: str, rank: Callable[..., Any]) -> Any:
         """`rank(scorer, true_targets, candidates, **options)` over this split's queries."""

@@ -254,7 +254,7 @@ class ModelScorer:
         without repeat scoring. Located once already when those are the scorer's own."""
         if state.pairs is None:
             return None
-        if sorted_candidates is self.candidate_ids or torch.equal(sorted_candidates, self.candidate_ids):
+        if _same_ids(sorted_candidates, self.candidate_ids):
             return state.bonus
         return ColumnPairs.locate(sorted_candidates, state.pairs.row_U, state.pairs.target_U, state.pairs.bonus_U)
 
@@ -263,6 +263,15 @@ class ModelScorer:
         if state.pairs is None:
             return torch.zeros(len(target_ids)), torch.zeros(len(target_ids), dtype=torch.bool)
         return state.pairs.bonus_of(target_ids)
+
+
+def _same_ids(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two ID tensors hold the same IDs: without reading them when they are views of
+    one array (the evaluation's and the scorer's sorted candidates usually are: sorted_ids
+    shares the caller's memory), which is asked once per query chunk."""
+    if a.shape == b.shape and a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.dtype == b.dtype:
+        return True
+    return torch.equal(a, b)
 
 
 def held_vector_bytes(num_candidates: int, dim: int, max_held_bytes: float, block_rows: int = VECTOR_BLOCK_ROWS) -> int:
