@@ -41,6 +41,10 @@ class Batch(Pipelineable):
     incoming: KJT keys `INCOMING_KEYS` (same lengths for both): the last events that reached
         the actor before the query's time, oldest first (see data/incoming.py); None when
         the log has no shared ID space or the model does not read them.
+    contact_activity: [U, ACTIVITY_FEATURES] float32, each contact pair's contact's own
+        recent activity (data/activity.py), in the re-scorer's pair order
+        (models/repeat.py `contact_keys`). Looked up across ranks at step time, after the
+        batch is built (trainer/build.py `with_contact_activity`); None when not read.
     """
 
     history: KeyedJaggedTensor
@@ -48,6 +52,7 @@ class Batch(Pipelineable):
     target: torch.Tensor
     random_negatives: torch.Tensor
     incoming: KeyedJaggedTensor | None = None
+    contact_activity: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -60,6 +65,10 @@ class Batch(Pipelineable):
             target=self.target.to(device=device, non_blocking=non_blocking),
             random_negatives=self.random_negatives.to(device=device, non_blocking=non_blocking),
             incoming=None if self.incoming is None else self.incoming.to(device=device, non_blocking=non_blocking),
+            contact_activity=(
+                None if self.contact_activity is None
+                else self.contact_activity.to(device=device, non_blocking=non_blocking)
+            ),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -69,6 +78,8 @@ class Batch(Pipelineable):
         self.random_negatives.record_stream(stream)
         if self.incoming is not None:
             self.incoming.record_stream(stream)
+        if self.contact_activity is not None:
+            self.contact_activity.record_stream(stream)
 
     def pin_memory(self) -> Batch:
         return Batch(
@@ -77,6 +88,7 @@ class Batch(Pipelineable):
             target=self.target.pin_memory(),
             random_negatives=self.random_negatives.pin_memory(),
             incoming=None if self.incoming is None else self.incoming.pin_memory(),
+            contact_activity=None if self.contact_activity is None else self.contact_activity.pin_memory(),
         )
 
     def query_values(self, key: str) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,7 @@ from data.dataset import (
 )
 from data.events import EventLog, load_events
 from data.features import TargetFeatures, load_target_features
+from data.activity import ActivityIndex, TimeRuns
 from data.incoming import Incoming
 from data.readers import SYNTHETIC_PREFIX, DataError
 from data.sequences import Sequences, Split, TargetStats
@@ -83,6 +85,8 @@ class PreparedData:
     partitions of a request's actors."""
     _incoming: dict[str, Incoming] = field(default_factory=dict, repr=False, compare=False)
     """Built once per set of known events: validation runs many times in a training run."""
+    _activity: dict[str, ActivityIndex] = field(default_factory=dict, repr=False, compare=False)
+    """As `_incoming`."""
 
     def sequences_of_rank(self, rank: int, world_size: int) -> np.ndarray:
         """[S] bool: which held sequences (actors) are rank `rank`'s of `world_size`: those
@@ -92,13 +96,27 @@ class PreparedData:
             return np.ones(self.seqs.num_sequences, dtype=bool)
         if self.share != (0, 1):
             raise ValueError(f"data read for rank {self.share[0]} of {self.share[1]} cannot be split for another")
+        return np.isin(partition_of(self.seqs.actor, self.partitions), self._partitions_of_rank(rank, world_size))
+
+    def _partitions_of_rank(self, rank: int, world_size: int) -> list[int]:
         if self.totals is not None:
             per_partition = self.totals["events_per_partition"]
         else:
             per_partition = np.bincount(partition_of(self.log.events["actor"].to_numpy(), self.partitions),
                                         minlength=self.partitions).tolist()
-        owned = assign_partitions(per_partition, world_size)[rank]
-        return np.isin(partition_of(self.seqs.actor, self.partitions), owned)
+        return assign_partitions(per_partition, world_size)[rank]
+
+    def people_of_rank(self, rank: int, world_size: int) -> Callable[[np.ndarray], np.ndarray] | None:
+        """people -> bool: which people rank `rank` of `world_size` holds every event of,
+        sent and received (those of its partitions; shared ID space); None: every one."""
+        if world_size == 1 and self.share == (0, 1):
+            return None
+        if self.share == (-1, -1):
+            raise ValueError("data read for a request's actors holds no one's every event; read the whole log")
+        if self.share not in ((0, 1), (rank, world_size)):
+            raise ValueError(f"data read for rank {self.share[0]} of {self.share[1]} cannot be split for another")
+        owned, partitions = np.asarray(self._partitions_of_rank(rank, world_size)), self.partitions
+        return lambda people: np.isin(partition_of(np.asarray(people, dtype=np.int64), partitions), owned)
 
     def known_counts(self, split: Literal["valid", "test"]) -> np.ndarray:
         """[T] per-target event counts over the events known when the split's queries are
@@ -130,6 +148,26 @@ class PreparedData:
                 mask = None if events == "all" else self.split.known_mask(self.seqs, events)
                 self._incoming[events] = Incoming.from_sequences(self.seqs, mask)
         return self._incoming[events]
+
+    def activity(self, known: Literal["train", "valid", "test", "all"]) -> ActivityIndex | None:
+        """Every held person's known events, sent and received, by time (data/activity.py):
+        those the queries of a split may read, as `incoming_events`; None when actors and
+        targets are not one ID space."""
+        incoming = self.incoming_events(known)
+        if incoming is None:
+            return None
+        events = "valid" if known == "train" else known
+        if events not in self._activity:
+            seqs = self.seqs
+            if np.any(np.diff(seqs.actor) <= 0):  # what finding a person's sequence relies on
+                raise ValueError("PreparedData.activity: the sequences must be in ascending actor order")
+            known_end = seqs.offsets[1:] if events == "all" else self.split.known_end(seqs, events)
+            # Views of the sequences and the incoming events (the known ones a prefix of
+            # each sequence), not copies: per person its own events, then those reaching it.
+            sent = TimeRuns(seqs.timestamps, seqs.offsets[:-1], known_end, owners=seqs.actor)
+            received = TimeRuns(incoming.timestamps, incoming.offsets[:-1], incoming.offsets[1:])
+            self._activity[events] = ActivityIndex((sent, received), incoming.num_people)
+        return self._activity[events]
 
     def _incoming_from_log(self, events: Literal["valid", "test", "all"]) -> Incoming:
         # Known events by split label: training ones for valid, training and valid for test.

@@ -160,8 +160,12 @@ class Split:
         for validation, training and validation events for test."""
         index = np.arange(len(seqs.targets))
         sequence_of = np.repeat(np.arange(seqs.num_sequences), seqs.lengths)
-        end = self.train_end if split == "valid" else self.train_end + (seqs.lengths >= 3)
-        return index < end[sequence_of]
+        return index < self.known_end(seqs, split)[sequence_of]
+
+    def known_end(self, seqs: Sequences, split: Literal["valid", "test"]) -> np.ndarray:
+        """[S] exclusive end (a flat index) of each sequence's events known when the split's
+        queries are asked: they are a prefix of the sequence."""
+        return self.train_end if split == "valid" else self.train_end + (seqs.lengths >= 3)
 
     def known_counts(self, seqs: Sequences, split: Literal["valid", "test"]) -> np.ndarray:
         """[T] per-target event counts over `known_mask`: what popularity means at query time

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from data.activity import ACTIVITY_FEATURES
+
 HALF_LIVES = (1.0, 4.0, 16.0, 64.0)
 FEATURES_PER_SOURCE = 6 + len(HALF_LIVES)
 QUERY_FEATURES = 4
@@ -49,12 +51,13 @@ QUERY_FEATURES = 4
 log1p of the row's number of contacts, own events and incoming events."""
 
 
-def num_repeat_features(merged_stream: bool, actor_idle: bool = False) -> int:
+def num_repeat_features(merged_stream: bool, actor_idle: bool = False, activity: bool = False) -> int:
     """Features of a pair: the same set from the actor's own history ("outgoing"), from
     the events that reached the actor ("incoming", zeros and a 0 flag when absent) and,
     with `merged_stream`, from both merged in time order (the outgoing stream alone when
-    there are no incoming events); with `actor_idle`, one more: the row's idle time."""
-    return (3 if merged_stream else 2) * FEATURES_PER_SOURCE + int(actor_idle)
+    there are no incoming events); with `actor_idle`, one more: the row's idle time; with
+    `activity`, the contact's own recent activity with anyone (data/activity.py)."""
+    return (3 if merged_stream else 2) * FEATURES_PER_SOURCE + int(actor_idle) + activity * ACTIVITY_FEATURES
 
 # The offsets `model.contact_offset_on_validation` tries (logits, added to every contact's
 # score), in this order: a tie on validation keeps the one tried first, the smaller
@@ -127,6 +130,7 @@ def history_items(
     merged_stream: bool = False,
     actor_idle: bool = False,
     query_features: bool = False,
+    activity_UF: torch.Tensor | None = None,
 ) -> HistoryItems:
     """Group each row's contacts by target and compute the repeat features of each pair
     (`num_repeat_features(merged_stream, actor_idle)` of them).
@@ -138,14 +142,20 @@ def history_items(
     after a day (where the frequent ones are). bench/contact_ceiling.py measured it.
 
     `query_features` adds `query_features_BQ`, what the contact propensity reads
-    (`model.repeat_explore`); computed only then, as every training step builds these."""
+    (`model.repeat_explore`); computed only then, as every training step builds these.
+
+    `activity_UF` [U, ACTIVITY_FEATURES]: each pair's contact's own recent activity, in
+    the pairs' order (`contact_keys`), appended last (`Batch.contact_activity`)."""
     batch = history.lengths_B.shape[0]
     device = history.target_N.device
-    sources = [history] + ([incoming] if incoming is not None else [])
-    rows = [torch.repeat_interleave(torch.arange(batch, device=device), s.lengths_B) for s in sources]
-    keys = torch.cat([row * num_targets + s.target_N for row, s in zip(rows, sources)])
+    sources, rows, keys = _sources_rows_keys(history, incoming, num_targets)
     key_U, inverse = torch.unique(keys, return_inverse=True)
     num_pairs = key_U.numel()
+    if activity_UF is not None and activity_UF.shape != (num_pairs, ACTIVITY_FEATURES):
+        raise ValueError(
+            f"history_items: contact activity of shape {tuple(activity_UF.shape)} for {num_pairs} contact pairs; "
+            f"expected ({num_pairs}, {ACTIVITY_FEATURES}), one row per pair in key order (contact_keys)"
+        )
     row_U = key_U // num_targets
     features, offset = [], 0
     for source, row in zip(sources, rows):
@@ -164,6 +174,8 @@ def history_items(
     idle_B = _idle_hours(sources, rows, query_timestamp_B) if actor_idle or query_features else None
     if actor_idle:
         features.append(idle_B[row_U, None])
+    if activity_UF is not None:
+        features.append(activity_UF.to(torch.float32))
     query_features_BQ = None
     if query_features:
         num_contacts_B = torch.bincount(row_U, minlength=batch).to(torch.float32)
@@ -181,6 +193,22 @@ def history_items(
         batch_size=batch,
         query_features_BQ=query_features_BQ,
     )
+
+
+def contact_keys(history: ContactEvents, incoming: ContactEvents | None, num_targets: int) -> torch.Tensor:
+    """[U] the sorted distinct keys row * num_targets + target of a batch's contact pairs:
+    the order of `history_items`' pairs (what `Batch.contact_activity` is aligned to)."""
+    return torch.unique(_sources_rows_keys(history, incoming, num_targets)[2])
+
+
+def _sources_rows_keys(
+    history: ContactEvents, incoming: ContactEvents | None, num_targets: int
+) -> tuple[list[ContactEvents], list[torch.Tensor], torch.Tensor]:
+    """The contact sources, each event's row per source, and every event's pair key."""
+    sources = [history] + ([incoming] if incoming is not None else [])
+    batch = history.lengths_B.shape[0]
+    rows = [torch.repeat_interleave(torch.arange(batch, device=s.target_N.device), s.lengths_B) for s in sources]
+    return sources, rows, torch.cat([row * num_targets + s.target_N for row, s in zip(rows, sources)])
 
 
 def _merged(
@@ -269,10 +297,11 @@ class RepeatScorer(nn.Module):
 
     def __init__(
         self, action_dim: int, hidden_dim: int = 32, merged_stream: bool = False, actor_idle: bool = False,
-        contact_offset: bool = False, repeat_explore: bool = False,
+        contact_offset: bool = False, repeat_explore: bool = False, activity: bool = False,
     ) -> None:
         super().__init__()
         self.merged_stream, self.actor_idle, self.repeat_explore = merged_stream, actor_idle, repeat_explore
+        self.activity = activity  # reads each contact's own recent activity (Batch.contact_activity)
         # With `contact_offset`, a logit added to every contact's score, chosen after
         # training (CONTACT_OFFSETS); 0 until then. A buffer, so checkpoints and the export
         # carry it and predict applies it.
@@ -283,7 +312,7 @@ class RepeatScorer(nn.Module):
             self.contact_offset = None
         self.action = nn.Linear(action_dim, 8)
         self.mlp = nn.Sequential(
-            nn.Linear(num_repeat_features(merged_stream, actor_idle) + 1 + 8, hidden_dim), nn.GELU(),
+            nn.Linear(num_repeat_features(merged_stream, actor_idle, activity) + 1 + 8, hidden_dim), nn.GELU(),
             nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
             nn.Linear(hidden_dim, 1),
         )

@@ -38,6 +38,7 @@ from configs.names import (
     NEXT_TIMESTAMP,
 )
 from configs.schema import LossConfig, ModelConfig
+from data.activity import ContactActivity
 from data.batches import Batch
 from models.embeddings import IdEmbeddings, LookedUp, TargetRows, VocabularySizes
 from models.length_groups import Jagged, JaggedHistory, from_blocks, length_groups, to_block
@@ -48,7 +49,7 @@ from models.losses import (
     sampled_softmax_loss,
     temporal_weight_at,
 )
-from models.repeat import ContactEvents, HistoryItems, RepeatScorer, history_items
+from models.repeat import ContactEvents, HistoryItems, RepeatScorer, contact_keys, history_items
 from models.samplers import (
     ContactNegatives,
     Gather,
@@ -108,12 +109,15 @@ class TwoTowerRetrieval(nn.Module):
         target_feature_tokens: torch.Tensor | None = None,
         bf16_towers: bool = False,
         reads_incoming: bool = False,
+        reads_activity: bool = False,
     ) -> None:
         """`active_pool_mask` [T] bool: the random negatives' pool, for the mixture's logQ
         correction (needed only when random negatives are drawn). `bf16_towers`: run the
         towers under bf16 autocast in `train_forward` (train.precision = "bf16").
         `reads_incoming`: its batches carry the events that reached each actor (the
         re-scorer then also reads the merged two-way stream, `model.merged_contact_stream`).
+        `reads_activity`: its batches carry each contact's own recent activity
+        (`Batch.contact_activity`, `model.contact_activity`), which the re-scorer reads.
         `target_feature_offsets` [T + 1] / `target_feature_tokens` [M]: each target's sparse
         feature tokens (jagged), when the log has them (`sizes.num_feature_tokens` > 0).
         `target_log_p_share`: `target_log_p` holds only these targets' rows (a share read
@@ -142,7 +146,7 @@ class TwoTowerRetrieval(nn.Module):
             RepeatScorer(
                 dim, merged_stream=merged_stream, actor_idle=model_config.actor_idle_feature,
                 contact_offset=model_config.contact_offset_on_validation,
-                repeat_explore=model_config.repeat_explore,
+                repeat_explore=model_config.repeat_explore, activity=reads_activity,
             )
             if model_config.repeat_scoring
             else None
@@ -192,16 +196,18 @@ class TwoTowerRetrieval(nn.Module):
         return QueryInputs(jagged_history, looked_up.actor_BD, looked_up.next_action_BD, next_timestamp)
 
     def _history_items(
-        self, history: KeyedJaggedTensor, next_timestamp: torch.Tensor, incoming: KeyedJaggedTensor | None
+        self, history: KeyedJaggedTensor, next_timestamp: torch.Tensor, incoming: KeyedJaggedTensor | None,
+        activity_UF: torch.Tensor | None = None,
     ) -> HistoryItems:
-        received = None
-        if incoming is not None:
-            source = incoming[INCOMING_SOURCE]
-            received = ContactEvents(source.values(), incoming[INCOMING_TIMESTAMP].values(), source.lengths())
+        reads_activity = self.repeat is not None and self.repeat.activity
+        if reads_activity and activity_UF is None:
+            raise ValueError(
+                "the re-scorer reads each contact's activity (model.contact_activity), but the batch carries none: "
+                "build it with trainer/build.py contact_activity"
+            )
+        outgoing, received = contact_sources(history, incoming)
         return history_items(
-            ContactEvents(
-                history[HISTORY_TARGET].values(), history[HISTORY_TIMESTAMP].values(), history[HISTORY_TARGET].lengths()
-            ),
+            outgoing,
             next_timestamp,
             self.sizes.num_id_rows,
             received,
@@ -209,7 +215,20 @@ class TwoTowerRetrieval(nn.Module):
             merged_stream=self.repeat is not None and self.repeat.merged_stream,
             actor_idle=self.repeat is not None and self.repeat.actor_idle,
             query_features=self.repeat is not None and self.repeat.repeat_explore,
+            activity_UF=activity_UF if reads_activity else None,
         )
+
+    def with_contact_activity(self, batch: Batch, activity: ContactActivity | None) -> Batch:
+        """`batch` with its contacts' own recent activity (`Batch.contact_activity`), looked
+        up now: collective on several ranks, so every rank calls it for each batch it
+        builds. Without a lookup (the re-scorer does not read it): `batch` as is."""
+        if activity is None:
+            return batch
+        stride = self.sizes.num_id_rows
+        keys = contact_keys(*contact_sources(batch.history, batch.incoming), stride)
+        rows = keys // stride
+        times = batch.query_values(NEXT_TIMESTAMP)[rows]
+        return dataclasses.replace(batch, contact_activity=activity(keys - rows * stride, times))
 
     # ---------------------------------------------------------------- inference
 
@@ -220,13 +239,17 @@ class TwoTowerRetrieval(nn.Module):
         history: KeyedJaggedTensor,
         next_timestamp: torch.Tensor | None = None,
         incoming: KeyedJaggedTensor | None = None,
+        contact_activity: torch.Tensor | None = None,
     ) -> QueryEncoding:
         """Query vectors [B, D] and repeat bonuses from request-time information only.
         `next_timestamp` defaults to the time of each actor's newest history event;
-        `incoming` (INCOMING_KEYS, see data/batches.py) adds the actor's incoming contacts."""
+        `incoming` (INCOMING_KEYS, see data/batches.py) adds the actor's incoming contacts;
+        `contact_activity` their own recent activity (`Batch.contact_activity`)."""
         if next_timestamp is None:
             next_timestamp = _newest_timestamp(history)
-        items = self._history_items(history, next_timestamp, incoming) if self.repeat is not None else None
+        items = (
+            self._history_items(history, next_timestamp, incoming, contact_activity) if self.repeat is not None else None
+        )
         encoder_history = self.embeddings.encoder_window(history)
         empty = torch.zeros((actor.shape[0], 0), dtype=torch.int64, device=actor.device)
         looked_up = self.embeddings.lookup_batch(actor, next_action, encoder_history, empty, _contact_ids(items))
@@ -320,7 +343,7 @@ class TwoTowerRetrieval(nn.Module):
         items = None
         if self.repeat is not None or self.loss_config.mask_history:
             incoming = batch.incoming if self.repeat is not None else None
-            items = self._history_items(batch.history, next_timestamp, incoming)
+            items = self._history_items(batch.history, next_timestamp, incoming, batch.contact_activity)
         encoder_history = self.embeddings.encoder_window(batch.history)
         looked_up = self.embeddings.lookup_batch(
             actor, next_action, encoder_history, candidates_BC, _contact_ids(items if self.repeat is not None else None)
@@ -431,6 +454,19 @@ def _per_pair(source: SampledNegatives, query_MD: torch.Tensor, row_M: torch.Ten
     return dataclasses.replace(
         source, ids=source.ids[row_M], embeddings=None, log_q=source.log_q[row_M], valid=valid, cosine=cosine_MN
     )
+
+
+def contact_sources(
+    history: KeyedJaggedTensor, incoming: KeyedJaggedTensor | None
+) -> tuple[ContactEvents, ContactEvents | None]:
+    """A batch's contacts as the re-scorer reads them: its history's targets and, when
+    given, the senders of its incoming events."""
+    received = None
+    if incoming is not None:
+        source = incoming[INCOMING_SOURCE]
+        received = ContactEvents(source.values(), incoming[INCOMING_TIMESTAMP].values(), source.lengths())
+    target = history[HISTORY_TARGET]
+    return ContactEvents(target.values(), history[HISTORY_TIMESTAMP].values(), target.lengths()), received
 
 
 def _contact_ids(items: HistoryItems | None) -> tuple[torch.Tensor, torch.Tensor] | None:

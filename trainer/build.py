@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from configs.schema import ExperimentConfig
+from data.activity import ContactActivity
 from data.batches import BatchBuilder, BatchSpec
 from data.incoming import Incoming
 from data.prepare import PreparedData
@@ -33,6 +34,12 @@ def reads_incoming(config: ExperimentConfig, shared_id_space: bool) -> bool:
     it is on, its incoming window is not 0, and the log is one ID space."""
     model = config.model
     return model.repeat_scoring and model.incoming_window > 0 and shared_id_space
+
+
+def reads_activity(config: ExperimentConfig, shared_id_space: bool) -> bool:
+    """Whether the re-scorer reads each contact's own recent activity (decided here only):
+    `model.contact_activity`, where it reads incoming events (one ID space)."""
+    return config.model.contact_activity and reads_incoming(config, shared_id_space)
 
 
 def batch_spec(config: ExperimentConfig, prepared: PreparedData) -> BatchSpec:
@@ -77,6 +84,7 @@ def build_model(
         target_feature_tokens=torch.from_numpy(features.tokens) if features is not None else None,
         bf16_towers=config.train.precision == "bf16",
         reads_incoming=reads_incoming(config, prepared.log.shared_id_space),
+        reads_activity=reads_activity(config, prepared.log.shared_id_space),
     )
 
 
@@ -104,6 +112,22 @@ def incoming_events(spec: BatchSpec, prepared: PreparedData, known: str) -> Inco
     return prepared.incoming_events(known) if spec.incoming_window else None
 
 
+def contact_activity(
+    config: ExperimentConfig, prepared: PreparedData, known: str, dist: Distributed = Distributed()
+) -> ContactActivity | None:
+    """Each contact's activity from the events `known` at the queries' time ("train",
+    "valid", "test", "all"), looked up across `dist`'s ranks, or None when the re-scorer
+    does not read it."""
+    if not reads_activity(config, prepared.log.shared_id_space):
+        return None
+    index = prepared.activity(known)
+    if dist.world_size == 1:
+        return ContactActivity(index, prepared.people_of_rank(0, 1))
+    return ContactActivity(
+        index, prepared.people_of_rank(dist.rank, dist.world_size), dist.rank, dist.gather_varying_with_sizes, dist.sum
+    )
+
+
 def train_batch_builder(config: ExperimentConfig, prepared: PreparedData, queries: Queries | None = None) -> BatchBuilder:
     """The builder of training batches: `queries` (default: every training example of
     `prepared`) with their history window, random negatives and incoming contacts."""
@@ -129,4 +153,6 @@ def model_scorer(
         "incoming": incoming_events(spec, prepared, known),
         **options,
     }
+    if "activity" not in options:  # a request's data (trainer/predict.py) brings its own
+        arguments["activity"] = contact_activity(config, prepared, known, dist)
     return ModelScorer(model, prepared.seqs, queries, spec, candidates, dist=dist, **arguments)

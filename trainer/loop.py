@@ -32,7 +32,7 @@ from data.prepare import PreparedData
 from data.readers import DataError
 from models.repeat import CONTACT_OFFSETS
 from trainer.allocators import release_free_heap
-from trainer.build import build_model, model_scorer, train_batch_builder
+from trainer.build import build_model, contact_activity, model_scorer, train_batch_builder
 from trainer.checkpoint import (
     CheckpointError, best_name, checkpoint_keys, load_best, load_checkpoint, load_optimizer_state_tensors,
     optimizer_state_tensors, read_metadata, save_best, save_checkpoint,
@@ -133,6 +133,8 @@ class Trainer:
             groups.append({"params": repeat, "base_lr": config.optim.repeat_lr})
         self.optimizer = torch.optim.AdamW(groups, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         builder = train_batch_builder(config, prepared)
+        # Looked up at each step, across ranks: not in the loader's workers.
+        self.train_activity = contact_activity(config, prepared, "train", dist)
         queries = builder.queries
         # This rank's share: the examples of its partitions' actors (all of them when the
         # data was read for this rank alone). Every rank runs as many steps as the
@@ -179,6 +181,7 @@ class Trainer:
             group["lr"] = group["base_lr"] * factor
         # Backward from the loss DDP returned (its graph ends in DDP's reduction hook);
         # telemetry only for the steps whose scalars are logged (see train()).
+        batch = self.model.with_contact_activity(batch, self.train_activity)
         loss, output = self.task(batch.to(self.dist.device), telemetry=self._logs_step(self.step + 1))
         self.optimizer.zero_grad(set_to_none=True)
         # Checked before backward: the ID tables update inside backward (fused optimizer),

@@ -8,8 +8,10 @@
   of the next action; actors not in it get the most frequent action of the log.
 - The history is the actor's whole known log (its last `max_len` events, or
   `model.repeat_window` for the repeat re-scorer; in a shared ID space also the last
-  `model.incoming_window` events that reached it); the request time is one second after
-  the newest event of the log.
+  `model.incoming_window` events that reached it, and its contacts' own activity with
+  `model.contact_activity`); the request time is one second after the newest event of
+  the log. With `--actors` only the partitions of those actors are read, and of their
+  contacts when the model reads their activity.
 - Output: one row per (actor, rank) with the raw target ID and its score, as parquet, or
   JSON when `--out` ends in `.json`.
 
@@ -51,14 +53,15 @@ import polars as pl  # noqa: E402
 import torch  # noqa: E402
 
 from configs.loading import ConfigError, load_config
+from data.activity import ActivityIndex, ContactActivity
 from data.dataset import PreparedDataset, partition_of, prepared_config
-from data.prepare import prepare_from_dataset
+from data.prepare import PreparedData, prepare_from_dataset
 from data.readers import DataError
 from data.sequences import Queries, Sequences
 from trainer.distributed import Distributed
 from trainer.evaluation import sorted_ids
 from trainer.export import EXPORT_DIR, ExportError, load_exported
-from trainer.build import build_model, model_scorer
+from trainer.build import build_model, model_scorer, reads_activity
 from trainer.scoring import ModelScorer
 
 log = logging.getLogger(__name__)
@@ -148,7 +151,10 @@ def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, ex
         seqs, sequence, _next_actions(event_log, seqs, sequence, actions, most_frequent), counts["max_timestamp"]
     )
     candidates = stats.candidates  # built from the mask: once
-    scorer = model_scorer(model, config, prepared, queries, candidates, "all")
+    options = {}
+    if parts is not None and reads_activity(config, event_log.shared_id_space):
+        options["activity"] = _contacts_activity(dataset, prepared, sequence, parts)
+    scorer = model_scorer(model, config, prepared, queries, candidates, "all", **options)
     seen = [seqs.targets[seqs.offsets[s] : seqs.offsets[s + 1]] for s in sequence] if exclude_seen else None
     ids, scores = top_k(scorer, len(sequence), candidates, k, seen)
     kept = min(k, len(candidates))
@@ -160,6 +166,29 @@ def predict(run_dir: Path, k: int, actors: list | None, actions: dict | None, ex
             "score": scores[:, :kept].reshape(-1),
         }
     )
+
+
+def _contacts_activity(
+    dataset: PreparedDataset, prepared: PreparedData, sequence: np.ndarray, parts: list[int]
+) -> ContactActivity:
+    """The activity of every possible contact of the requested actors (`model.contact_activity`):
+    those they wrote to and those who wrote to them live in any partition, so theirs are
+    read too (sent: events partitions, received: incoming ones), and no other."""
+    seqs = prepared.seqs
+    actors = seqs.actor[sequence]
+    wrote_to = np.concatenate([seqs.targets[seqs.offsets[s] : seqs.offsets[s + 1]] for s in sequence])
+    incoming = prepared.incoming_events("all")
+    wrote_in = np.concatenate([incoming.sources[incoming.offsets[a] : incoming.offsets[a + 1]] for a in actors])
+    people = np.unique(np.concatenate([wrote_to, wrote_in]))
+    read = sorted(set(parts) | set(np.unique(partition_of(people, dataset.partitions)).tolist()))
+    sent = dataset.read_events(read, "events").select("actor", "timestamp")
+    received = dataset.read_events(read, "incoming").select("target", "timestamp")
+    index = ActivityIndex.from_events(
+        np.concatenate([sent["actor"].to_numpy(), received["target"].to_numpy()]),
+        np.concatenate([sent["timestamp"].to_numpy(), received["timestamp"].to_numpy()]),
+        incoming.num_people,
+    )
+    return ContactActivity(index)
 
 
 def _load_weights(model: torch.nn.Module, run_dir: Path) -> None:

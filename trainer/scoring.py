@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from configs.names import ACTOR, NEXT_ACTION, NEXT_TIMESTAMP, TARGET_TABLE
+from data.activity import ContactActivity
 from data.batches import BatchBuilder, BatchSpec
 from data.incoming import Incoming
 from data.sequences import Queries, Sequences
@@ -93,6 +94,7 @@ class ModelScorer:
         *,
         vector_chunk_size: int = VECTOR_BLOCK_ROWS,
         incoming: Incoming | None = None,
+        activity: ContactActivity | None = None,
         dist: Distributed = Distributed(),
         queries_split_over_ranks: bool = False,
         query_chunk_size: int = 1024,
@@ -103,7 +105,9 @@ class ModelScorer:
         when they take at most `max_held_bytes`, else computed again when scored
         (`CandidateVectors`). `spec`: what each query's batch carries (its random
         negatives are not drawn); `incoming`: the incoming events the queries may read
-        (their last `spec.incoming_window` before each query's time go to the re-scorer).
+        (their last `spec.incoming_window` before each query's time go to the re-scorer);
+        `activity`: the contacts' own activity, when the re-scorer reads it (a collective
+        lookup per query chunk on several ranks, which every rank encodes in step).
 
         `queries_split_over_ranks`: each rank passes only its own actors' queries (its
         share of the log); each encodes its own, `query_chunk_size` at a time, and every
@@ -112,6 +116,7 @@ class ModelScorer:
         gathered queries' targets and past targets. Otherwise every rank passes the same
         queries and each query chunk is encoded when the evaluation asks for it."""
         self.model = model
+        self.activity = activity
         self.temperature = model.loss_settings.temperature
         self.builder = BatchBuilder(
             seqs, queries, dataclasses.replace(spec, num_rand_negs=0), active_pool=np.zeros(1, dtype=np.int64),
@@ -129,13 +134,14 @@ class ModelScorer:
     def _encode(self, rows: np.ndarray, builder: BatchBuilder | None = None) -> tuple[torch.Tensor, _BonusPairs | None]:
         """Query vectors / tau and bonus pairs (sorted by key) of queries `rows` (of
         `builder`'s queries; the scorer's own by default)."""
-        batch = (builder or self.builder).build(rows)
+        batch = self.model.with_contact_activity((builder or self.builder).build(rows), self.activity)
         encoding = self.model.encode_queries(
             batch.query_values(ACTOR),
             batch.query_values(NEXT_ACTION),
             batch.history,
             batch.query_values(NEXT_TIMESTAMP),
             batch.incoming,
+            batch.contact_activity,
         )
         pairs = None
         if encoding.history is not None:

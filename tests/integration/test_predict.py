@@ -55,7 +55,12 @@ def test_top_k_gives_raw_ids_in_score_order_and_can_exclude_seen(run_dir):
     assert seen_1 & set(with_seen["target"].to_list())  # repeat contacts are allowed by default
 
 
-def test_a_request_reads_only_the_partitions_of_its_actors_and_ranks_as_a_whole_read_does(run_dir, monkeypatch):
+def test_a_request_reads_only_the_partitions_of_its_actors_and_their_contacts_and_ranks_as_a_whole_read_does(
+    run_dir, monkeypatch
+):
+    """The actors' partitions hold their histories and the events that reached them; the
+    contacts' own activity (`model.contact_activity`, on by default) lies in the contacts'
+    partitions, read next, sent and received events."""
     everyone = predict(run_dir, k=5, actors=None, actions=None, exclude_seen=False)
     dataset = PreparedDataset.open(run_dir / "prepared")
     wanted = [1, 5, 77]
@@ -70,8 +75,10 @@ def test_a_request_reads_only_the_partitions_of_its_actors_and_ranks_as_a_whole_
     some = predict(run_dir, k=5, actors=wanted, actions=None, exclude_seen=False)
     index = dataset.id_maps()[0].to_index(wanted)
     expected_parts = sorted(set(partition_of(index, dataset.partitions).tolist()))
-    assert read == [("events", expected_parts), ("incoming", expected_parts)]
-    assert len(expected_parts) < dataset.partitions
+    assert read[:2] == [("events", expected_parts), ("incoming", expected_parts)]
+    contacts = read[2][1]
+    assert read[2:] == [("events", contacts), ("incoming", contacts)]
+    assert set(expected_parts) < set(contacts) and len(contacts) < dataset.partitions
     # The same top-k as when every partition is read: the request's time and default
     # action are the whole log's, not the partitions'. The scores within float rounding:
     # a batch of other queries takes other kernel paths on some CPUs (measured on an AMD
@@ -296,3 +303,4 @@ def test_a_repeat_explore_run_logs_the_order_loss_and_predict_serves_the_model_i
     assert frame.height == 3 and np.isfinite(frame["score"].to_numpy()).all()
     served = built[0].state_dict()
     assert all(torch.equal(served[key], value) for key, value in exported.items() if key.startswith("repeat."))
+

@@ -29,6 +29,7 @@ def tiny_sequences(num_actors: int = 6, length: int = 12, num_targets: int = 20,
 def tiny_model(seqs: Sequences, max_len: int = 8, **model_overrides) -> TwoTowerRetrieval:
     loss_overrides = model_overrides.pop("loss", {})
     reads_incoming = model_overrides.pop("reads_incoming", False)
+    reads_activity = model_overrides.pop("reads_activity", False)
     config = ModelConfig(embedding_dim=16, num_layers=2, num_heads=2, dropout=0.0, **model_overrides)
     hard = loss_overrides.pop("hard_negatives", None)
     loss = LossConfig(**loss_overrides, **({"hard_negatives": HardNegativesConfig(**hard)} if hard else {}))
@@ -38,6 +39,7 @@ def tiny_model(seqs: Sequences, max_len: int = 8, **model_overrides) -> TwoTower
         config, loss, sizes, max_len=max_len, target_log_p=log_p, pool_size=seqs.num_targets,
         active_pool_mask=torch.ones(seqs.num_targets, dtype=torch.bool),  # every target in the random pool
         reads_incoming=reads_incoming,
+        reads_activity=reads_activity,
     )
 
 

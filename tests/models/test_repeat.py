@@ -3,6 +3,7 @@ import pytest
 import torch
 from torchrec import KeyedJaggedTensor
 
+from data.activity import ACTIVITY_FEATURES
 from data.batches import INCOMING_KEYS, BatchBuilder, BatchSpec
 from data.sequences import Queries
 from models.repeat import (
@@ -10,6 +11,7 @@ from models.repeat import (
     HALF_LIVES,
     QUERY_FEATURES,
     ContactEvents,
+    contact_keys,
     history_items,
     num_repeat_features,
 )
@@ -301,3 +303,45 @@ def test_mask_history_without_the_rescorer_trains_and_masks_the_actors_past_targ
     output = model.train_forward(builder(seqs).build(np.arange(6)))
     assert torch.isfinite(output.loss)
     assert output.telemetry["masked_frac/in_history"] > 0
+
+
+def test_contact_keys_are_the_pairs_of_history_items_in_their_order():
+    items = _items()
+    history = ContactEvents(torch.tensor([3, 5, 3, 2]), torch.tensor([0, HOUR, 2 * HOUR, 0]), torch.tensor([3, 1]))
+    incoming = ContactEvents(torch.tensor([5, 8]), torch.tensor([3 * HOUR, 4 * HOUR]), torch.tensor([2, 0]))
+    assert torch.equal(contact_keys(history, incoming, 10), items.key_U)
+    assert contact_keys(history, None, 10).tolist() == [3, 5, 12]
+
+
+def test_contact_activity_is_appended_per_pair_and_must_match_the_pairs():
+    history = ContactEvents(torch.tensor([3, 5]), torch.tensor([0, HOUR]), torch.tensor([2]))
+    activity = torch.tensor([[1.0, 2, 3, 4], [5, 6, 7, 8]])
+    items = history_items(history, torch.tensor([2 * HOUR]), num_targets=10, activity_UF=activity)
+    plain = history_items(history, torch.tensor([2 * HOUR]), num_targets=10)
+    assert torch.equal(items.features_UF, torch.cat([plain.features_UF, activity], dim=-1))
+    assert items.features_UF.shape[1] == num_repeat_features(False, activity=True)
+    with pytest.raises(ValueError, match=r"contact activity of shape \(1, 4\) for 2 contact pairs"):
+        history_items(history, torch.tensor([2 * HOUR]), num_targets=10, activity_UF=activity[:1])
+
+
+def test_a_model_reading_contact_activity_refuses_a_batch_without_it_and_trains_with_it():
+    seqs = tiny_sequences(num_targets=20)
+    model = tiny_model(seqs, reads_activity=True)
+    assert model.repeat.mlp[0].in_features == num_repeat_features(False, activity=True) + 1 + 8
+    batch = builder(seqs).build(np.arange(4))
+    with pytest.raises(ValueError, match="carries none"):
+        model.train_forward(batch)
+    # Activity of each (person, time): person + time / 1e6 per column, so the order shows.
+    lookup = lambda people, times: (people[:, None] + times[:, None] / 1e6).float().expand(-1, ACTIVITY_FEATURES)
+    with_activity = model.with_contact_activity(batch, lookup)
+    items = history_items(
+        ContactEvents(batch.history["history_target"].values(), batch.history["history_timestamp"].values(),
+                      batch.history["history_target"].lengths()),
+        batch.query_values("next_timestamp"), num_targets=model.sizes.num_id_rows,
+    )
+    expected = items.target_U[:, None] + batch.query_values("next_timestamp")[items.row_U, None] / 1e6
+    torch.testing.assert_close(with_activity.contact_activity, expected.float().expand(-1, ACTIVITY_FEATURES))
+    loss = model.train_forward(with_activity).loss
+    loss.backward()
+    assert model.repeat.mlp[0].weight.grad[:, -1 - 1 - 8].abs().sum() > 0  # the activity reaches the loss
+    assert model.with_contact_activity(batch, None) is batch

@@ -23,6 +23,7 @@ from data.prepare import prepare, prepare_from_dataset, resolve_data_path
 import trainer.checkpoint as checkpoint_module
 from trainer.checkpoint import complete_checkpoints, read_metadata
 from trainer.distributed import (
+    Distributed,
     close_distributed,
     init_distributed,
     load_unsharded_state,
@@ -31,7 +32,7 @@ from trainer.distributed import (
     shard_model,
     unsharded_state_dict,
 )
-from trainer.build import build_model, model_scorer
+from trainer.build import build_model, contact_activity, model_scorer
 from trainer.loop import Trainer
 from trainer.metrics import MetricsLogger
 from trainer.predict import top_k
@@ -42,6 +43,7 @@ CONFIG = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 WORLD = 2
 BATCH = 16  # per rank
 TOLERANCE = 1e-5
+ACTIVITY_ON = {"model.contact_activity": "true"}
 
 
 def _config(**extra: str):
@@ -61,9 +63,12 @@ def _join(rank: int, port: int, world: int = WORLD):
     torch.set_num_threads(1)
 
 
-def _batch(prepared, config, rows: np.ndarray, negatives: torch.Tensor):
+def _batch(prepared, config, rows: np.ndarray, negatives: torch.Tensor, model, dist=Distributed()):
+    """The training batch of `rows`, with its contacts' activity looked up through `dist`'s
+    ranks (each answering for its own partitions' people) when the model reads it."""
     queries = prepared.split.train_queries(prepared.seqs)
     batch = BatchBuilder(prepared.seqs, queries, BatchSpec(config.history_window), prepared.stats.active_pool).build(rows)
+    batch = model.with_contact_activity(batch, contact_activity(config, prepared, "train", dist))
     return dataclasses.replace(batch, random_negatives=negatives)
 
 
@@ -82,7 +87,7 @@ def _one_batch_worker(rank, port, out, state, rows, negatives, overrides):
     task = shard_model(model, dist, config.distributed)
     load_unsharded_state(model, state)
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
-    loss, output = task(_batch(prepared, config, rows[mine], negatives[mine]))
+    loss, output = task(_batch(prepared, config, rows[mine], negatives[mine], model, dist))
     loss.backward()
     loss = dist.sum(output.loss.detach())
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and not n.startswith("embeddings.")}
@@ -106,7 +111,7 @@ def test_two_ranks_give_the_loss_and_gradients_of_one_process_on_the_whole_batch
 
     # The reference keeps plain gradients (no optimizer in backward): a step of SGD with
     # lr 1 on the ranks moves each table by exactly minus this gradient.
-    output = model.train_forward(_batch(prepared, config, rows, negatives))
+    output = model.train_forward(_batch(prepared, config, rows, negatives, model))
     output.loss.backward()
     if overrides:
         assert output.losses["contact_order"] > 0  # the batch has rows whose target is a contact
@@ -143,12 +148,12 @@ def _hold_every_share(trainer, prepared) -> None:
                                  partition_of_rows=trainer.loader.partition_of_rows)
 
 
-def _training_worker(rank, port, out, state, steps, world, dataset_dir):
+def _training_worker(rank, port, out, state, steps, world, dataset_dir, extra):
     """2 ranks each read and train on their share; the 1-rank run reads the whole log and
     holds both shares, so its global batches are the 2 ranks' (data/loader.py), random
     negatives included."""
     _join(rank, port, world)
-    config = _config(**{"train.max_steps": steps, "loader.batch_size": BATCH, "loader.num_rand_negs": 3})
+    config = _config(**{"train.max_steps": steps, "loader.batch_size": BATCH, "loader.num_rand_negs": 3, **extra})
     prepared = _share(config, dataset_dir, rank, world)
     dist = init_distributed(config.distributed)
     trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False), dist)
@@ -166,16 +171,19 @@ def _training_worker(rank, port, out, state, steps, world, dataset_dir):
 
 
 @pytest.mark.slow
-def test_training_steps_on_two_ranks_match_one_process_with_the_global_batch(tmp_path):
+@pytest.mark.parametrize("extra", [{}, ACTIVITY_ON], ids=["default", "contact-activity"])
+def test_training_steps_on_two_ranks_match_one_process_with_the_global_batch(tmp_path, extra):
+    """With `model.contact_activity` each rank holds its own people's activity and looks
+    every contact of its batch up through both ranks."""
     # The one process is a 1-rank launch, so both sides run TorchRec's fused row-wise
     # Adagrad (the unsharded path runs TorchRec's Python version, whose arithmetic differs).
     steps = 3
-    config = _config(**{"train.max_steps": steps, "loader.num_rand_negs": 3})
+    config = _config(**{"train.max_steps": steps, "loader.num_rand_negs": 3, **extra})
     dataset_dir = tmp_path / "prepared"
     ensure_prepared(config.data, dataset_dir, resolve_data_path(config.data.path))
     initial = Trainer(config, prepare(config.data), MetricsLogger(None, enabled=False)).model.state_dict()
-    _spawn(_training_worker, tmp_path / "one.pt", initial, steps, 1, dataset_dir, world=1)
-    _spawn(_training_worker, tmp_path / "two.pt", initial, steps, WORLD, dataset_dir)
+    _spawn(_training_worker, tmp_path / "one.pt", initial, steps, 1, dataset_dir, extra, world=1)
+    _spawn(_training_worker, tmp_path / "two.pt", initial, steps, WORLD, dataset_dir, extra)
     one, two = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("one", "two"))
     moved = 0
     for name, value in one["state"].items():
@@ -190,17 +198,17 @@ def test_training_steps_on_two_ranks_match_one_process_with_the_global_batch(tmp
     assert two["valid"] == pytest.approx(one["valid"], abs=1e-6)
 
 
-def _single_process_trainer():
-    config = _config()
+def _single_process_trainer(**extra: str):
+    config = _config(**extra)
     prepared = prepare(config.data)
     return Trainer(config, prepared, MetricsLogger(None, enabled=False)), prepared
 
 
-def _sharded_trainer(rank, port, state, dataset_dir=None):
+def _sharded_trainer(rank, port, state, dataset_dir=None, **extra: str):
     """This rank's trainer of the smoke config, its tables sharded and set to `state`; on
     its share of the prepared dataset in `dataset_dir`, else on the whole log."""
     _join(rank, port)
-    config = _config()
+    config = _config(**extra)
     prepared = _share(config, dataset_dir, rank, WORLD) if dataset_dir is not None else prepare(config.data)
     dist = init_distributed(config.distributed)
     trainer = Trainer(config, prepared, MetricsLogger(None, enabled=False), dist)
@@ -208,8 +216,8 @@ def _sharded_trainer(rank, port, state, dataset_dir=None):
     return trainer, prepared, dist
 
 
-def _evaluation_worker(rank, port, out, state, dataset_dir, overrides):
-    trainer, prepared, dist = _sharded_trainer(rank, port, state, dataset_dir)
+def _evaluation_worker(rank, port, out, state, dataset_dir, overrides, extra):
+    trainer, prepared, dist = _sharded_trainer(rank, port, state, dataset_dir, **extra)
     trainer.config = dataclasses.replace(trainer.config, eval=dataclasses.replace(trainer.config.eval, **overrides))
     valid = trainer.evaluate("valid")
     owned_ids = owned_candidates(trainer.model, prepared.stats, dist)
@@ -229,22 +237,25 @@ def _evaluation_worker(rank, port, out, state, dataset_dir, overrides):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "overrides",
-    [{}, {"exclude_seen": True, "query_chunk_size": 100, "max_queries": 300}, {"max_queries": 1},
-     {"max_held_vectors_gb": 0.0}],
-    ids=["every-query", "exclude-seen-sampled", "one-rank-without-queries", "vectors-computed-when-scored"],
+    ("overrides", "extra"),
+    [({}, {}), ({"exclude_seen": True, "query_chunk_size": 100, "max_queries": 300}, {}), ({"max_queries": 1}, {}),
+     ({"max_held_vectors_gb": 0.0}, {}), ({"query_chunk_size": 100}, ACTIVITY_ON), ({"max_queries": 1}, ACTIVITY_ON)],
+    ids=["every-query", "exclude-seen-sampled", "one-rank-without-queries", "vectors-computed-when-scored",
+         "contact-activity", "contact-activity-one-rank-without-queries"],
 )
-def test_evaluation_over_shares_and_a_sharded_vocabulary_equals_the_single_process_one(tmp_path, overrides):
+def test_evaluation_over_shares_and_a_sharded_vocabulary_equals_the_single_process_one(tmp_path, overrides, extra):
     """Each rank reads its share of the actors and encodes only their queries; the query
-    vectors are gathered and every rank scores its candidates for all of them."""
-    trainer, prepared = _single_process_trainer()
+    vectors are gathered and every rank scores its candidates for all of them. With
+    `model.contact_activity` each rank answers for its own people's activity, and a rank
+    without queries still joins every lookup."""
+    trainer, prepared = _single_process_trainer(**extra)
     trainer.config = dataclasses.replace(trainer.config, eval=dataclasses.replace(trainer.config.eval, **overrides))
     state = trainer.model.state_dict()
     expected = trainer.evaluate("valid")
     dataset_dir = tmp_path / "prepared"
     ensure_prepared(trainer.config.data, dataset_dir, resolve_data_path(trainer.config.data.path))
 
-    _spawn(_evaluation_worker, tmp_path / "rank0.pt", state, dataset_dir, overrides)
+    _spawn(_evaluation_worker, tmp_path / "rank0.pt", state, dataset_dir, overrides, extra)
     got = torch.load(tmp_path / "rank0.pt", weights_only=True)
     # Each candidate is scored by exactly one rank, and rank 0 holds only its share.
     assert got["owned_total"] == len(prepared.stats.candidates)
