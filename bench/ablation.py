@@ -5,17 +5,21 @@ on both embedded logs, under ../shared/BENCHMARK.md's protocol (test split).
     .venv/bin/python bench/ablation.py --seeds 1 --data collegemsg --variants default,no_film
     .venv/bin/python bench/ablation.py --seeds 1 train.max_epochs=1   # a shorter schedule
     .venv/bin/python bench/ablation.py --logged-only    # tables from the runs logged so far
+    .venv/bin/python bench/ablation.py --on-this-cpu --data collegemsg --variants no_contact_activity
 
 With --logged-only nothing is trained, and a log left out of --data is not trained either:
 their variants are reported over the seeds the run log has so far (seed counts shown), those
 with none listed under "missing" (how a benchmark spread over sessions reports midway). Δ
 NDCG@10 is paired over the seeds both runs have on one CPU ("other CPU" where none is;
-"(k/n)" after a Δ over k of the n seeds both have).
+"(k/n)" after a Δ over k of the n seeds both have). On a machine whose CPU did not run the
+logged baseline, --on-this-cpu trains each variant and its baseline here (where the log has
+no run of this CPU) and reports them from this CPU's runs; the log then holds runs of both
+CPUs, and a Δ pairs the runs of whichever CPU ran both sides.
 
 Writes bench/results/ablation.json as {"seeds", "overrides", "trained", "results": {dataset:
 {variant: {"overrides": [...], "runs", "seeds", metric: {"mean", "std"}, "delta_ndcg@10",
-"delta_seeds", "paired_of" (the seeds both have), "compared_with", "cpus" (those its runs ran
-on), "unpaired_other_cpu" / "unpaired_cpu_unrecorded" (seeds left out of Δ: the baseline's
+"delta_seeds", "paired_of" (the seeds both have), "compared_with", "cpus" (those its reported
+runs ran on), "delta_cpus" (those the Δ's pairs ran on), "unpaired_other_cpu" / "unpaired_cpu_unrecorded" (seeds left out of Δ: the baseline's
 run is from another CPU, or one of the two records no CPU)}}}} and bench/results/ablation.md (both logs side by side,
 then one table per log), plus {"missing": {dataset: [variant, ...]}} for logs not trained.
 Runs are kept in bench/results/runs.jsonl (bench/runs.py
@@ -32,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
 from bench.runs import (  # noqa: E402
-    DATASETS, RUN_LOG_PATH, RunLog, format_mean_std, mean_std, parse_choices, quality_arguments,
+    DATASETS, RUN_LOG_PATH, RunLog, format_mean_std, mean_std, parse_choices, paired_runs, quality_arguments, record_cpu,
 )
 from trainer.main import CONFIG_DIR  # noqa: E402
 
@@ -71,6 +75,9 @@ VARIANTS: dict[str, list[str]] = {
     # against new candidates by one propensity per query (models/repeat.py), with the
     # default's contact offset.
     "repeat_explore": ["model.repeat_explore=true"],
+    # On by default since 2026-12-05: the re-scorer also reads each contact's own recent
+    # activity with anyone (data/activity.py), looked up across ranks; the variant turns it off.
+    "no_contact_activity": ["model.contact_activity=false"],
     # Issue 22 §4: the parts that had no row yet.
     "streaming_logq": ["loss.logq_estimator=streaming"],
     "mask_history": ["loss.mask_history=true"],
@@ -95,23 +102,28 @@ COMPARED_WITH = {"transformer_no_projection": "transformer", "active_pool": "ran
 
 # Variants that change nothing on some logs: ml-100k has separate actor and target IDs,
 # so it has no incoming events to turn off.
-SKIP = {"ml-100k": {"no_incoming", "no_merged_contact_stream"}}
+SKIP = {"ml-100k": {"no_incoming", "no_merged_contact_stream", "no_contact_activity"}}
 
 
 def run_variants(
-    data: str, variants: list[str], seeds: list[int], overrides: list[str], missing: list[str] | None = None
+    data: str, variants: list[str], seeds: list[int], overrides: list[str], missing: list[str] | None = None,
+    on_this_cpu: bool = False,
 ) -> dict:
     """Train what the run log lacks (the default variant is the quality benchmark's
     default run), then aggregate each variant over seeds. Given a `missing` list, train
     nothing: a variant is reported over the seeds logged so far, and one with none of
     them is appended to `missing`. Δ NDCG@10 is paired: the mean, over the seeds both
     runs have on one CPU, of variant minus baseline, so a midway report (or one whose
-    runs span machines) compares like with like."""
+    runs span machines) compares like with like. With `on_this_cpu` every variant, and
+    the baseline it is compared with, is reported from runs of this machine's CPU,
+    trained here when the log has none (the log holds runs of several CPUs)."""
     run_log = RunLog(RUN_LOG_PATH)
     config_path = CONFIG_DIR / f"{data}.yaml"
+    if on_this_cpu and missing is None:  # each variant's baseline too, or nothing here pairs with it
+        variants = list(dict.fromkeys([COMPARED_WITH.get(name, "default") for name in variants] + variants))
     out: dict[str, dict] = {}
-    ndcg_by_seed: dict[str, dict[int, float]] = {}
     cpu_by_seed: dict[str, dict[int, str | None]] = {}
+    by_cpu: dict[str, dict[int, dict[str, dict]]] = {}
     for name in variants:
         if name in SKIP.get(data, ()):
             continue
@@ -123,27 +135,28 @@ def run_variants(
                 missing.append(name)
                 continue
         else:
-            records = {seed: run_log.run(data, name, seed, config_path, variant_overrides) for seed in seeds}
+            records = {
+                seed: run_log.run(data, name, seed, config_path, variant_overrides, on_this_cpu) for seed in seeds
+            }
         tests = {seed: record["test"] for seed, record in records.items()}
         for seed, test in tests.items():
             logging.getLogger("ablation").warning("%s %s seed %d: ndcg@10 %.4f", data, name, seed, test["ndcg@10"])
-        ndcg_by_seed[name] = {seed: test["ndcg@10"] for seed, test in tests.items()}
-        cpu_by_seed[name] = {seed: record.get("machine", {}).get("cpu") for seed, record in records.items()}
+        cpu_by_seed[name] = {seed: record_cpu(record) for seed, record in records.items()}
+        by_cpu[name] = run_log.logged_by_cpu(data, name, config_path, variant_overrides)
         out[name] = {"overrides": VARIANTS[name], "runs": len(tests), "seeds": list(tests)}
         out[name]["cpus"] = sorted({cpu or "unrecorded" for cpu in cpu_by_seed[name].values()})
         out[name].update({metric: mean_std([test[metric] for test in tests.values()]) for metric in METRICS})
     for name, result in out.items():
         base = COMPARED_WITH.get(name, "default")
-        both = [seed for seed in ndcg_by_seed[name] if seed in ndcg_by_seed.get(base, {})]
-        # A seed's two runs pair only when one CPU ran both: another CPU rounds differently
-        # from the first step on (CollegeMsg, measured 2026-12-05: the same training on an
-        # AMD EPYC and on an Intel Xeon ended up to 0.0017 apart in validation NDCG@10, one
-        # of 5 at another best step), the size of many rows' Δ. A run logged before records
-        # named their CPU pairs with nothing: it may have run anywhere.
-        cpus = {seed: (cpu_by_seed[name][seed], cpu_by_seed[base][seed]) for seed in both}
-        common = [seed for seed in both if cpus[seed][0] is not None and cpus[seed][0] == cpus[seed][1]]
-        unrecorded = [seed for seed in both if None in cpus[seed]]
-        other_cpu = [seed for seed in both if seed not in common and seed not in unrecorded]
+        both = [seed for seed in cpu_by_seed[name] if seed in cpu_by_seed.get(base, {})]
+        # A run logged before records named their CPU pairs with nothing: it may have run anywhere.
+        pairs = paired_runs(by_cpu[name], by_cpu.get(base, {}), cpu_by_seed[name])
+        pairs = {seed: pair for seed, pair in pairs.items() if seed in both}
+        common = list(pairs)
+        unrecorded = [
+            seed for seed in both if seed not in pairs and None in (cpu_by_seed[name][seed], cpu_by_seed[base][seed])
+        ]
+        other_cpu = [seed for seed in both if seed not in pairs and seed not in unrecorded]
         if other_cpu:
             result["unpaired_other_cpu"] = other_cpu
         if unrecorded:
@@ -152,7 +165,10 @@ def run_variants(
         if common:
             result["compared_with"] = base
             result["delta_seeds"] = len(common)
-            result["delta_ndcg@10"] = sum(ndcg_by_seed[name][s] - ndcg_by_seed[base][s] for s in common) / len(common)
+            result["delta_ndcg@10"] = sum(
+                pairs[s][0]["test"]["ndcg@10"] - pairs[s][1]["test"]["ndcg@10"] for s in common
+            ) / len(common)
+            result["delta_cpus"] = sorted({record_cpu(pairs[s][0]) for s in common})
     return out
 
 
@@ -221,6 +237,10 @@ def main() -> None:
     parser = quality_arguments(__doc__)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ",".join(VARIANTS))
     parser.add_argument("--logged-only", action="store_true", help="train nothing: tables from the runs logged so far")
+    parser.add_argument(
+        "--on-this-cpu", action="store_true",
+        help="report each variant and its baseline from runs of this CPU, training them here where the log has none",
+    )
     args = parser.parse_args()
     variants = parse_choices(parser, args.variants, VARIANTS, "variant(s)")
     logging.basicConfig(level=logging.WARNING, force=True)
@@ -229,7 +249,9 @@ def main() -> None:
     to_train = set() if args.logged_only else set(args.data or DATASETS)
     missing: dict[str, list[str]] = {data: [] for data in DATASETS if data not in to_train}
     results = {
-        data: run_variants(data, variants, list(range(args.seeds)), args.overrides, missing.get(data))
+        data: run_variants(
+            data, variants, list(range(args.seeds)), args.overrides, missing.get(data), args.on_this_cpu and not args.logged_only
+        )
         for data in DATASETS
     }
     table = markdown(results, args.seeds, args.overrides, missing)

@@ -5,7 +5,7 @@ embedded ones, trained with the base log's shipped config (only its data path ch
     .venv/bin/python bench/generalisation.py                 # every derived log, 3 seeds (~35 min)
     .venv/bin/python bench/generalisation.py --logs collegemsg-first-contact --seeds 1
     .venv/bin/python bench/generalisation.py --logged-only   # the table from the runs logged so far
-    .venv/bin/python bench/generalisation.py --variants contact_offset   # an ablation variant (bench/ablation.py)
+    .venv/bin/python bench/generalisation.py --variants no_contact_activity --on-this-cpu   # a variant (bench/ablation.py), paired
 
 Why: quality is judged on public logs of other kinds (messaging, e-mail, trust, edits,
 ratings, purchases) that no one here sees, and every default was chosen on CollegeMsg and
@@ -43,7 +43,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.ablation import SKIP, VARIANTS  # noqa: E402
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
-from bench.runs import BASELINES, RUN_LOG_PATH, RunLog, format_mean_std, mean_std, parse_choices  # noqa: E402
+from bench.runs import (  # noqa: E402
+    BASELINES, RUN_LOG_PATH, RunLog, format_mean_std, mean_std, paired_runs, parse_choices, record_cpu,
+)
 from configs.loading import load_config  # noqa: E402
 from configs.schema import DataConfig  # noqa: E402
 from data.prepare import resolve_data_path  # noqa: E402
@@ -158,7 +160,30 @@ def markdown(results: dict) -> str:
     lines += ["", "Test NDCG@10 (HR@10 for the model too); baselines: one deterministic figure each, the "
               "recency-frequency half-lives chosen on validation; the last column: the model's mean over the "
               "best baseline's figure, minus 1."]
+    paired = [(name, variant, r) for name, variants in results.items() for variant, r in variants.items()
+              if "delta_ndcg@10" in r]
+    if paired:
+        lines += ["", "Paired Δ NDCG@10 against the default, over the seeds one CPU ran on both sides:", ""]
+        lines += [f"- {name}, {variant}: {r['delta_ndcg@10']:+.4f} over {r['delta_seeds']} seed(s) "
+                  f"({', '.join(f'{d:+.4f}' for d in r['per_seed_delta'])}; {', '.join(r['delta_cpus'])})"
+                  for name, variant, r in paired]
     return "\n".join(lines) + "\n"
+
+
+def paired_delta(run_log: RunLog, name: str, variant: str, config_path: Path, overrides: list[str],
+                 default_overrides: list[str], reported: list[dict]) -> dict:
+    """The variant's Δ NDCG@10 against the default, paired per seed over one CPU's runs
+    (bench/runs.py paired_runs); {} when no seed pairs."""
+    pairs = paired_runs(
+        run_log.logged_by_cpu(name, variant, config_path, overrides),
+        run_log.logged_by_cpu(name, "default", config_path, default_overrides),
+        {r["seed"]: record_cpu(r) for r in reported},
+    )
+    if not pairs:
+        return {}
+    deltas = [pairs[s][0]["test"]["ndcg@10"] - pairs[s][1]["test"]["ndcg@10"] for s in sorted(pairs)]
+    return {"delta_ndcg@10": sum(deltas) / len(deltas), "delta_seeds": len(deltas), "per_seed_delta": deltas,
+            "delta_cpus": sorted({record_cpu(pairs[s][0]) for s in pairs})}
 
 
 def main() -> None:
@@ -167,6 +192,10 @@ def main() -> None:
     parser.add_argument("--variants", default="default", help="comma-separated, of bench/ablation.py's: " + ",".join(VARIANTS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--logged-only", action="store_true", help="train nothing: the table from the runs logged so far")
+    parser.add_argument(
+        "--on-this-cpu", action="store_true",
+        help="train each variant, and the default it is compared with, on this CPU where the log has no run of it",
+    )
     args = parser.parse_args()
     names = parse_choices(parser, args.logs, DERIVED_LOGS, "log(s)")
     variants = parse_choices(parser, args.variants, VARIANTS, "variant(s)")
@@ -184,15 +213,21 @@ def main() -> None:
             if variant in SKIP.get(DERIVED_LOGS[name].base, ()):  # nothing to change on this log
                 continue
             overrides = run_overrides(name) + variant_overrides
-            if trains and variant in variants:
+            # With --on-this-cpu the default is trained here too, first, for any variant asked for.
+            asked = variant in variants or (args.on_this_cpu and variant == "default" and variants)
+            if trains and asked:
                 for seed in range(args.seeds):
-                    record = run_log.run(name, variant, seed, config_path, overrides)
+                    record = run_log.run(name, variant, seed, config_path, overrides, args.on_this_cpu)
                     logging.getLogger("generalisation").warning(
                         "%s %s seed %d: ndcg@10 %.4f", name, variant, seed, record["test"]["ndcg@10"]
                     )
             records = run_log.logged_seeds(name, variant, config_path, overrides)
             if records:
                 results.setdefault(name, {})[variant] = aggregate(records)
+                if variant != "default":
+                    results[name][variant].update(
+                        paired_delta(run_log, name, variant, config_path, overrides, run_overrides(name), records)
+                    )
     table = markdown(results)
     path = write_result("generalisation", {"results": results})
     (RESULTS_DIR / "generalisation.md").write_text(table)

@@ -18,7 +18,7 @@ import yaml
 from bench.common import cpu_model
 from configs.loading import load_config
 from configs.schema import ExperimentConfig
-from trainer.build import reads_incoming
+from trainer.build import reads_activity, reads_incoming
 from trainer.main import run
 
 DATASETS = ("collegemsg", "ml-100k")
@@ -48,6 +48,10 @@ PART_VERSIONS: dict[str, Callable[[str, ExperimentConfig], bool]] = {
     # default, so a run logged before under the same overrides tested without it.
     "2026-12-05 contact offset chosen on validation by default": lambda data, config: (
         config.model.repeat_scoring and config.model.contact_offset_on_validation
+    ),
+    # As the offset: the option is new and on by default, so the runs that read it changed.
+    "2026-12-05 contacts' own activity read by default": lambda data, config: (
+        reads_activity(config, data in SHARED_ID_LOGS)
     ),
 }
 
@@ -92,9 +96,24 @@ class RunLog:
             if (record["data"], record["model"], record.get("config_sha"), record["overrides"], record.get("code")) == key
         ]
 
-    def logged(self, data: str, model: str, seed: int, config_path: Path, overrides: list[str]) -> dict | None:
-        """The logged record of this run at the current config file and code, or None."""
-        return next((r for r in self._matching(data, model, config_path, overrides) if r["seed"] == seed), None)
+    def logged(
+        self, data: str, model: str, seed: int, config_path: Path, overrides: list[str], cpu: str | None = None
+    ) -> dict | None:
+        """The logged record of this run at the current config file and code (the first
+        logged; with `cpu`, the first that CPU ran), or None."""
+        return next(
+            (r for r in self._matching(data, model, config_path, overrides) if r["seed"] == seed and (cpu is None or record_cpu(r) == cpu)),
+            None,
+        )
+
+    def logged_by_cpu(self, data: str, model: str, config_path: Path, overrides: list[str]) -> dict[int, dict[str, dict]]:
+        """{seed: {CPU: the first record that CPU ran}} of this run at the current config
+        and code; records that name no CPU are left out (they pair with nothing)."""
+        by_seed: dict[int, dict[str, dict]] = {}
+        for record in self._matching(data, model, config_path, overrides):
+            if record_cpu(record) is not None:
+                by_seed.setdefault(record["seed"], {}).setdefault(record_cpu(record), record)
+        return by_seed
 
     def logged_seeds(self, data: str, model: str, config_path: Path, overrides: list[str]) -> list[dict]:
         """The logged record of every seed of this run at the current config file and code,
@@ -104,10 +123,14 @@ class RunLog:
             by_seed.setdefault(record["seed"], record)  # the first, as logged() takes
         return [by_seed[seed] for seed in sorted(by_seed)]
 
-    def run(self, data: str, model: str, seed: int, config_path: Path, overrides: list[str]) -> dict:
+    def run(
+        self, data: str, model: str, seed: int, config_path: Path, overrides: list[str], on_this_cpu: bool = False
+    ) -> dict:
         """The logged record of this run, training it first if it is not there yet.
-        `overrides` identify the run; they are applied after the config file."""
-        record = self.logged(data, model, seed, config_path, overrides)
+        `overrides` identify the run; they are applied after the config file. With
+        `on_this_cpu`, a record another CPU ran does not count: a Δ pairs the runs of one
+        CPU (bench/ablation.py), so a variant trained here needs its baseline run here."""
+        record = self.logged(data, model, seed, config_path, overrides, cpu_model() if on_this_cpu else None)
         if record is not None:
             return record
         results, run_seconds = train_and_test(config_path, overrides, seed)
@@ -129,6 +152,28 @@ class RunLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         return record
+
+
+def paired_runs(
+    variant: dict[int, dict[str, dict]], base: dict[int, dict[str, dict]], reported_cpu: dict[int, str | None]
+) -> dict[int, tuple[dict, dict]]:
+    """{seed: (variant's record, base's record)} over the seeds one CPU ran on both sides
+    (`RunLog.logged_by_cpu` of each): another CPU rounds differently from the first step on
+    (CollegeMsg, measured 2026-12-05: the same training on an AMD EPYC and on an Intel Xeon
+    ended up to 0.0017 apart in validation NDCG@10, one of 5 at another best step), the
+    size of many Δ. The pair is of the CPU of the variant's reported run (`reported_cpu`)
+    when both sides have a run there, else of any CPU both have."""
+    pairs = {}
+    for seed, runs_of_cpu in variant.items():
+        shared = sorted((cpu for cpu in runs_of_cpu if cpu in base.get(seed, {})), key=lambda cpu: cpu != reported_cpu.get(seed))
+        if shared:
+            pairs[seed] = (runs_of_cpu[shared[0]], base[seed][shared[0]])
+    return pairs
+
+
+def record_cpu(record: dict) -> str | None:
+    """The CPU a logged run ran on (None for records from before runs named it)."""
+    return record.get("machine", {}).get("cpu")
 
 
 def config_hash(path: Path) -> str:

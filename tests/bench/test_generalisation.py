@@ -11,7 +11,7 @@ import pytest
 from bench.generalisation import (
     DERIVED_LOGS, aggregate, first_contact, late_half, liked, markdown, run_overrides, write_derived,
 )
-from bench.runs import PART_VERSIONS, code_version
+from bench.runs import PART_VERSIONS, code_version, config_hash
 from configs.loading import load_config
 from data.prepare import resolve_data_path
 from data.readers import read_log
@@ -112,3 +112,36 @@ def test_the_table_compares_the_model_with_the_best_baseline():
     assert "| default | 2 |" in row
     assert "0.4300 ± 0.0100" in row and "| 0.4000 |" in row and row.endswith("+7.5% |")
     assert set(DERIVED_LOGS) == {"collegemsg-first-contact", "collegemsg-late", "ml-100k-liked"}
+
+
+def test_a_variants_delta_pairs_the_default_runs_of_its_own_cpu(tmp_path):
+    """The default's first logged run is of another CPU: the Δ pairs the default run this
+    CPU also made, seed by seed, and the table lists it."""
+    import json
+
+    from bench.generalisation import paired_delta
+    from bench.runs import RunLog
+
+    name, config = "collegemsg-late", CONFIG_DIR / "collegemsg.yaml"
+    default, variant = run_overrides(name), run_overrides(name) + ["model.contact_activity=true"]
+
+    def logged(model: str, overrides: list[str], seed: int, ndcg: float, cpu: str) -> dict:
+        return {**_record(seed, ndcg), "data": name, "model": model, "overrides": overrides,
+                "code": code_version(name, config, overrides), "config_sha": config_hash(config),
+                "machine": {"cpu": cpu, "platform": "Linux"}}
+
+    records = [logged("default", default, 0, 0.50, "Xeon"), logged("default", default, 0, 0.60, "EPYC"),
+               logged("default", default, 1, 0.62, "EPYC"), logged("contact_activity", variant, 0, 0.63, "EPYC"),
+               logged("contact_activity", variant, 1, 0.61, "EPYC")]
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run_log = RunLog(path)
+    reported = run_log.logged_seeds(name, "contact_activity", config, variant)
+    delta = paired_delta(run_log, name, "contact_activity", config, variant, default, reported)
+    assert delta["per_seed_delta"] == pytest.approx([0.03, -0.01]) and delta["delta_ndcg@10"] == pytest.approx(0.01)
+    assert delta["delta_seeds"] == 2 and delta["delta_cpus"] == ["EPYC"]
+    table = markdown({name: {"contact_activity": {**aggregate(reported), **delta}}})
+    assert f"- {name}, contact_activity: +0.0100 over 2 seed(s) (+0.0300, -0.0100; EPYC)" in table
+    # Nothing pairs with a default of another CPU only.
+    path.write_text(json.dumps(records[0]) + "\n" + json.dumps(records[3]) + "\n")
+    assert paired_delta(RunLog(path), name, "contact_activity", config, variant, default, reported) == {}

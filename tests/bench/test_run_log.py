@@ -316,3 +316,53 @@ def test_a_run_with_a_contact_offset_logs_the_one_validation_chose(tmp_path, mon
     record = runs.RunLog(tmp_path / "runs.jsonl").run("collegemsg", "contact_offset", 0, CONFIG_DIR / "collegemsg.yaml", overrides)
     assert record["contact_offset"] == 2.0
     assert json.loads((tmp_path / "runs.jsonl").read_text())["contact_offset"] == 2.0
+
+
+def test_a_delta_pairs_the_runs_of_a_cpu_that_ran_both_sides_whichever_was_logged_first(run_log):
+    """The default was logged on one CPU, a variant and the default again on another: the
+    Δ pairs the second CPU's runs, not the first record of each side."""
+    def on(cpu: str, record: dict) -> dict:
+        return {**record, "machine": {"cpu": cpu, "platform": "Linux"}}
+
+    records = [
+        on("Intel Xeon", _record("collegemsg", "default", 0, [], 0.60)),
+        on("AMD EPYC", _record("collegemsg", "no_film", 0, ["model.film=false"], 0.70)),
+        on("AMD EPYC", _record("collegemsg", "default", 0, [], 0.66)),
+    ]
+    run_log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = CONFIG_DIR / "collegemsg.yaml"
+    log = runs.RunLog(run_log)
+    assert log.logged("collegemsg", "default", 0, config, [])["test"]["ndcg@10"] == 0.60  # the first logged
+    assert log.logged("collegemsg", "default", 0, config, [], cpu="AMD EPYC")["test"]["ndcg@10"] == 0.66
+    assert log.logged("collegemsg", "default", 0, config, [], cpu="Other") is None
+    results = ablation.run_variants("collegemsg", ["default", "no_film"], [0], [], [])
+    assert results["no_film"]["delta_ndcg@10"] == pytest.approx(0.04)
+    assert results["no_film"]["delta_cpus"] == ["AMD EPYC"] and "unpaired_other_cpu" not in results["no_film"]
+    assert results["default"]["cpus"] == ["Intel Xeon"]  # its reported run is still the first logged
+
+
+def test_on_this_cpu_trains_a_variants_baseline_here_when_another_cpu_ran_it(run_log, monkeypatch):
+    from bench.common import cpu_model
+
+    run_log.write_text(json.dumps({**_record("collegemsg", "default", 0, [], 0.60),
+                                   "machine": {"cpu": "Some other CPU", "platform": "Linux"}}) + "\n")
+    trained = []
+    ndcg = {"": 0.66, "model.film=false": 0.70}
+
+    def training(config_path, overrides, seed):
+        trained.append(list(overrides))
+        test = {**METRICS, "ndcg@10": ndcg[" ".join(overrides)]}
+        results = {"metrics": {"test": {"model": test, **{b: dict(METRICS) for b in runs.BASELINES}},
+                               "valid": {"model": test}},
+                   "training": {"steps": 10, "best_step": 10}, "data": {"evaluated_actors": 1077, "candidates": 1862}}
+        return results, 1.0
+
+    monkeypatch.setattr(runs, "train_and_test", training)
+    results = ablation.run_variants("collegemsg", ["no_film"], [0], [], on_this_cpu=True)
+    assert trained == [[], ["model.film=false"]]  # the default first, here, then the variant
+    assert results["default"]["cpus"] == [cpu_model()] and results["no_film"]["cpus"] == [cpu_model()]
+    assert results["no_film"]["delta_ndcg@10"] == pytest.approx(0.04)
+    # Run again: both are logged on this CPU now, nothing is trained.
+    trained.clear()
+    ablation.run_variants("collegemsg", ["no_film"], [0], [], on_this_cpu=True)
+    assert trained == []
