@@ -11,7 +11,8 @@ Writes bench/results/quality.json as exactly {dataset: {model: {name: {"mean", "
 the metrics, plus `evaluated_actors`, `candidates` and `run_seconds` (which also has
 "max": the issue's budget is per run), and bench/results/quality.md, the table the
 README shows. bench/results/quality_meta.json has the seeds behind each figure, the
-machine, and each recency-frequency rule's half-life with the validation NDCG@10 of every
+CPUs their runs ran on (`cpus`, per log and model: a figure's seeds may come from several
+machines, so the file names no one machine), and each recency-frequency rule's half-life with the validation NDCG@10 of every
 half-life tried (`baseline_half_lives`: trainer.results.BaselineResults.half_lives).
 Each finished run is kept in bench/results/runs.jsonl (shared with bench/ablation.py):
 a rerun skips the runs already there (bench.runs.RunLog says what
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
 from bench.runs import (  # noqa: E402
-    BASELINES, DATASETS, RUN_LOG_PATH, RunLog, format_mean_std, mean_std, quality_arguments,
+    BASELINES, DATASETS, RUN_LOG_PATH, RunLog, format_mean_std, mean_std, quality_arguments, record_cpu,
 )
 from configs.loading import load_config  # noqa: E402
 from data.prepare import prepare  # noqa: E402
@@ -100,11 +101,11 @@ def aggregate(records: dict[str, list[dict]], baselines: dict) -> dict:
     return {**out, **baselines}
 
 
-def report(run_log: RunLog, overrides: list[str], datasets: list[str]) -> tuple[dict, dict, dict]:
+def report(run_log: RunLog, overrides: list[str], datasets: list[str]) -> tuple[dict, dict, dict, dict]:
     """(quality.json's results, {dataset: {model: seeds}}, {dataset: {model: half-life
-    entry}}) from what the run log holds, for `datasets` and every log it holds runs of;
-    the baselines computed afresh."""
-    results, seeds, half_lives = {}, {}, {}
+    entry}}, {dataset: {model: CPUs of its runs}}) from what the run log holds, for
+    `datasets` and every log it holds runs of; the baselines computed afresh."""
+    results, seeds, half_lives, cpus = {}, {}, {}, {}
     for data in DATASETS:
         records = {
             model: run_log.logged_seeds(data, model, CONFIG_DIR / config.format(data=data), overrides)
@@ -115,7 +116,10 @@ def report(run_log: RunLog, overrides: list[str], datasets: list[str]) -> tuple[
             baselines, half_lives[data] = baseline_figures(data, overrides)
             results[data] = aggregate(records, baselines)
             seeds[data] = {model: [r["seed"] for r in runs] for model, runs in records.items()}
-    return results, seeds, half_lives
+            cpus[data] = {
+                model: sorted({record_cpu(r) or "unrecorded" for r in runs}) for model, runs in records.items()
+            }
+    return results, seeds, half_lives, cpus
 
 
 def lost_models(results: dict, path: Path) -> list[str]:
@@ -196,7 +200,7 @@ def main() -> None:
     if not args.baselines_only:
         for data in datasets:
             run_dataset(run_log, data, list(range(args.seeds)), args.models.split(","), args.overrides)
-    results, seeds, half_lives = report(run_log, args.overrides, datasets)
+    results, seeds, half_lives, cpus = report(run_log, args.overrides, datasets)
     lost = lost_models(results, RESULTS_DIR / "quality.json") if args.baselines_only else []
     if lost:
         raise SystemExit(
@@ -205,7 +209,11 @@ def main() -> None:
         )
     table = markdown(results, seeds, half_lives)
     path = write_result("quality", results, with_machine=False)
-    write_result("quality_meta", {"seeds": seeds, "overrides": args.overrides, "baseline_half_lives": half_lives})
+    write_result(
+        "quality_meta",
+        {"seeds": seeds, "cpus": cpus, "overrides": args.overrides, "baseline_half_lives": half_lives},
+        with_machine=False,
+    )
     (RESULTS_DIR / "quality.md").write_text(table)
     print(table)
     print(f"wrote {path}")

@@ -67,6 +67,7 @@ def test_the_readme_ablation_table_shows_the_generated_figures():
 @pytest.mark.parametrize(
     "frozen, marker",
     [
+        ("ablation_default_2026-12-05_offset.md", "#### At the default of 2026-12-05, before the contacts' activity"),
         ("ablation_default_2026-12-04.md", "#### At the default of 2026-12-04"),
         ("ablation_default_2026-12-03.md", "#### At the default before 2026-12-04"),
     ],
