@@ -120,7 +120,8 @@ def run_variants(
     run_log = RunLog(RUN_LOG_PATH)
     config_path = CONFIG_DIR / f"{data}.yaml"
     if on_this_cpu and missing is None:  # each variant's baseline too, or nothing here pairs with it
-        variants = list(dict.fromkeys([COMPARED_WITH.get(name, "default") for name in variants] + variants))
+        compared = [name for name in variants if name not in SKIP.get(data, ())]
+        variants = list(dict.fromkeys([COMPARED_WITH.get(name, "default") for name in compared] + variants))
     out: dict[str, dict] = {}
     cpu_by_seed: dict[str, dict[int, str | None]] = {}
     by_cpu: dict[str, dict[int, dict[str, dict]]] = {}

@@ -214,7 +214,8 @@ def main() -> None:
                 continue
             overrides = run_overrides(name) + variant_overrides
             # With --on-this-cpu the default is trained here too, first, for any variant asked for.
-            asked = variant in variants or (args.on_this_cpu and variant == "default" and variants)
+            compared = [v for v in variants if v != "default" and v not in SKIP.get(DERIVED_LOGS[name].base, ())]
+            asked = variant in variants or (args.on_this_cpu and variant == "default" and bool(compared))
             if trains and asked:
                 for seed in range(args.seeds):
                     record = run_log.run(name, variant, seed, config_path, overrides, args.on_this_cpu)

@@ -139,7 +139,8 @@ def batch_shape(trainer: Trainer, batch: Batch) -> BatchShape:
         keys = torch.unique(torch.cat(rows) * span + target)
         per_row = torch.bincount(keys // span, minlength=len(lengths))
         shape.contacts, shape.contacts_width = int(keys.numel()), int(per_row.max()) if len(lengths) else 0
-        shape.repeat_features = num_repeat_features(trainer.model.repeat.merged_stream, trainer.model.repeat.actor_idle)
+        repeat = trainer.model.repeat
+        shape.repeat_features = num_repeat_features(repeat.merged_stream, repeat.actor_idle, repeat.activity)
     return shape
 
 

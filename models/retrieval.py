@@ -296,8 +296,9 @@ class TwoTowerRetrieval(nn.Module):
         history: KeyedJaggedTensor,
         next_timestamp: torch.Tensor | None = None,
         incoming: KeyedJaggedTensor | None = None,
+        contact_activity: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.encode_queries(actor, next_action, history, next_timestamp, incoming).query_BD
+        return self.encode_queries(actor, next_action, history, next_timestamp, incoming, contact_activity).query_BD
 
     def candidate_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """[N] target IDs -> [N, D] unit vectors."""

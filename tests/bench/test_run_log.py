@@ -369,3 +369,13 @@ def test_on_this_cpu_trains_a_variants_baseline_here_when_another_cpu_ran_it(run
     trained.clear()
     ablation.run_variants("collegemsg", ["no_film"], [0], [], on_this_cpu=True)
     assert trained == []
+
+
+def test_on_this_cpu_trains_no_baseline_for_a_variant_that_changes_nothing_on_the_log(run_log, monkeypatch):
+    """ml-100k has separate IDs: no_contact_activity is skipped there, so its default is
+    not trained here for a comparison that will not be made."""
+    def training(*args, **kwargs):
+        raise AssertionError("nothing to train: the only variant asked for is skipped on this log")
+
+    monkeypatch.setattr(runs, "train_and_test", training)
+    assert ablation.run_variants("ml-100k", ["no_contact_activity"], [0], [], on_this_cpu=True) == {}
