@@ -304,3 +304,33 @@ def test_a_repeat_explore_run_logs_the_order_loss_and_predict_serves_the_model_i
     served = built[0].state_dict()
     assert all(torch.equal(served[key], value) for key, value in exported.items() if key.startswith("repeat."))
 
+
+
+def test_a_run_exported_before_the_activity_default_is_refused_in_one_line_then_served_as_trained(
+    tmp_path, capsys
+):
+    """A shared-ID run trained before `model.contact_activity` existed has no such key in
+    its config.yaml: predict builds the wider re-scorer and refuses the export in one line;
+    the key set to false (what the README says to do) serves it."""
+    args = ["--config", str(ROOT / "configs" / "smoke.yaml"), f"output_dir={tmp_path}", "train.max_steps=8",
+            "model.contact_activity=false"]
+    assert main(args) == 0
+    run = tmp_path / "smoke"
+    config_file = run / "config.yaml"
+    written = config_file.read_text()
+    assert "contact_activity: false" in written
+    older = "".join(line for line in written.splitlines(keepends=True) if "contact_activity:" not in line)
+    config_file.write_text(older)  # as a run of an older version wrote it
+    capsys.readouterr()  # the training's own output
+    out = tmp_path / "p.json"
+    assert predict_main(["--run", str(run), "--k", "3", "--actors", str(_actors_file(tmp_path)), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "wrong shape of ['repeat.mlp.0.weight']" in error
+    config_file.write_text(written)
+    assert predict_main(["--run", str(run), "--k", "3", "--actors", str(_actors_file(tmp_path)), "--out", str(out)]) == 0
+
+
+def _actors_file(tmp_path: Path) -> Path:
+    path = tmp_path / "actors.txt"
+    path.write_text("1\n5\n")
+    return path
