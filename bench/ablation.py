@@ -19,7 +19,7 @@ CPUs, and a Δ pairs the runs of whichever CPU ran both sides.
 Writes bench/results/ablation.json as {"seeds", "overrides", "trained", "results": {dataset:
 {variant: {"overrides": [...], "runs", "seeds", metric: {"mean", "std"}, "delta_ndcg@10",
 "delta_seeds", "paired_of" (the seeds both have), "compared_with", "cpus" (those its reported
-runs ran on), "delta_cpus" (those the Δ's pairs ran on), "unpaired_other_cpu" / "unpaired_cpu_unrecorded" (seeds left out of Δ: the baseline's
+runs ran on), "per_seed_delta" (by seed), "delta_cpus" (those the Δ's pairs ran on), "unpaired_other_cpu" / "unpaired_cpu_unrecorded" (seeds left out of Δ: the baseline's
 run is from another CPU, or one of the two records no CPU)}}}} and bench/results/ablation.md (both logs side by side,
 then one table per log), plus {"missing": {dataset: [variant, ...]}} for logs not trained.
 Runs are kept in bench/results/runs.jsonl (bench/runs.py
@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
 from bench.runs import (  # noqa: E402
-    DATASETS, RUN_LOG_PATH, RunLog, format_mean_std, mean_std, parse_choices, paired_runs, quality_arguments, record_cpu,
+    DATASETS, RUN_LOG_PATH, RunLog, delta_of_pairs, format_mean_std, mean_std, paired_runs, parse_choices,
+    quality_arguments, record_cpu,
 )
 from trainer.main import CONFIG_DIR  # noqa: E402
 
@@ -165,11 +166,7 @@ def run_variants(
         result["paired_of"] = len(both)
         if common:
             result["compared_with"] = base
-            result["delta_seeds"] = len(common)
-            result["delta_ndcg@10"] = sum(
-                pairs[s][0]["test"]["ndcg@10"] - pairs[s][1]["test"]["ndcg@10"] for s in common
-            ) / len(common)
-            result["delta_cpus"] = sorted({record_cpu(pairs[s][0]) for s in common})
+            result.update(delta_of_pairs(pairs))
     return out
 
 

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from bench.ablation import SKIP, VARIANTS  # noqa: E402
 from bench.common import RESULTS_DIR, write_result  # noqa: E402
 from bench.runs import (  # noqa: E402
-    BASELINES, RUN_LOG_PATH, RunLog, format_mean_std, mean_std, paired_runs, parse_choices, record_cpu,
+    BASELINES, RUN_LOG_PATH, RunLog, delta_of_pairs, format_mean_std, mean_std, paired_runs, parse_choices, record_cpu,
 )
 from configs.loading import load_config  # noqa: E402
 from configs.schema import DataConfig  # noqa: E402
@@ -174,16 +174,11 @@ def paired_delta(run_log: RunLog, name: str, variant: str, config_path: Path, ov
                  default_overrides: list[str], reported: list[dict]) -> dict:
     """The variant's Δ NDCG@10 against the default, paired per seed over one CPU's runs
     (bench/runs.py paired_runs); {} when no seed pairs."""
-    pairs = paired_runs(
+    return delta_of_pairs(paired_runs(
         run_log.logged_by_cpu(name, variant, config_path, overrides),
         run_log.logged_by_cpu(name, "default", config_path, default_overrides),
         {r["seed"]: record_cpu(r) for r in reported},
-    )
-    if not pairs:
-        return {}
-    deltas = [pairs[s][0]["test"]["ndcg@10"] - pairs[s][1]["test"]["ndcg@10"] for s in sorted(pairs)]
-    return {"delta_ndcg@10": sum(deltas) / len(deltas), "delta_seeds": len(deltas), "per_seed_delta": deltas,
-            "delta_cpus": sorted({record_cpu(pairs[s][0]) for s in pairs})}
+    ))
 
 
 def main() -> None:

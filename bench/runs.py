@@ -171,6 +171,16 @@ def paired_runs(
     return pairs
 
 
+def delta_of_pairs(pairs: dict[int, tuple[dict, dict]]) -> dict:
+    """What `paired_runs`' pairs say: the mean Δ test NDCG@10 (variant minus base), over
+    how many seeds, each seed's Δ (by seed) and the CPUs that ran them; {} when none pairs."""
+    if not pairs:
+        return {}
+    deltas = [pairs[s][0]["test"]["ndcg@10"] - pairs[s][1]["test"]["ndcg@10"] for s in sorted(pairs)]
+    return {"delta_ndcg@10": sum(deltas) / len(deltas), "delta_seeds": len(deltas), "per_seed_delta": deltas,
+            "delta_cpus": sorted({record_cpu(pair[0]) for pair in pairs.values()})}
+
+
 def record_cpu(record: dict) -> str | None:
     """The CPU a logged run ran on (None for records from before runs named it)."""
     return record.get("machine", {}).get("cpu")
