@@ -44,7 +44,8 @@ class Batch(Pipelineable):
     contact_activity: [U, ACTIVITY_FEATURES] float32, each contact pair's contact's own
         recent activity (data/activity.py), in the re-scorer's pair order
         (models/repeat.py `contact_keys`). Looked up across ranks at step time, after the
-        batch is built (trainer/build.py `with_contact_activity`); None when not read.
+        batch is built (models/retrieval.py `TwoTowerRetrieval.with_contact_activity`, with
+        trainer/build.py `contact_activity`); None when not read.
     """
 
     history: KeyedJaggedTensor

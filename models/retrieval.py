@@ -203,7 +203,7 @@ class TwoTowerRetrieval(nn.Module):
         if reads_activity and activity_UF is None:
             raise ValueError(
                 "the re-scorer reads each contact's activity (model.contact_activity), but the batch carries none: "
-                "build it with trainer/build.py contact_activity"
+                "look it up with with_contact_activity(batch, trainer/build.py contact_activity(...))"
             )
         outgoing, received = contact_sources(history, incoming)
         return history_items(

@@ -172,23 +172,26 @@ def _contacts_activity(
     dataset: PreparedDataset, prepared: PreparedData, sequence: np.ndarray, parts: list[int]
 ) -> ContactActivity:
     """The activity of every possible contact of the requested actors (`model.contact_activity`):
-    those they wrote to and those who wrote to them live in any partition, so theirs are
-    read too (sent: events partitions, received: incoming ones), and no other."""
+    those they wrote to and those who wrote to them live in any partition. The people of
+    the partitions `parts` already read are indexed from what `prepared` holds (no copy);
+    the other contacts' partitions are read (sent: events partitions, received: incoming
+    ones), and no other. The two hold different people, so the sources add up exactly."""
     seqs = prepared.seqs
     actors = seqs.actor[sequence]
     wrote_to = np.concatenate([seqs.targets[seqs.offsets[s] : seqs.offsets[s + 1]] for s in sequence])
     incoming = prepared.incoming_events("all")
     wrote_in = np.concatenate([incoming.sources[incoming.offsets[a] : incoming.offsets[a + 1]] for a in actors])
     people = np.unique(np.concatenate([wrote_to, wrote_in]))
-    read = sorted(set(parts) | set(np.unique(partition_of(people, dataset.partitions)).tolist()))
-    sent = dataset.read_events(read, "events").select("actor", "timestamp")
-    received = dataset.read_events(read, "incoming").select("target", "timestamp")
-    index = ActivityIndex.from_events(
+    others = sorted(set(np.unique(partition_of(people, dataset.partitions)).tolist()) - set(parts))
+    sent = dataset.read_events(others, "events").select("actor", "timestamp")
+    received = dataset.read_events(others, "incoming").select("target", "timestamp")
+    read = ActivityIndex.from_events(
         np.concatenate([sent["actor"].to_numpy(), received["target"].to_numpy()]),
         np.concatenate([sent["timestamp"].to_numpy(), received["timestamp"].to_numpy()]),
         incoming.num_people,
     )
-    return ContactActivity(index)
+    held = prepared.activity("all")
+    return ContactActivity(ActivityIndex(held.sources + read.sources, held.num_people))
 
 
 def _load_weights(model: torch.nn.Module, run_dir: Path) -> None:

@@ -76,9 +76,11 @@ def test_a_request_reads_only_the_partitions_of_its_actors_and_their_contacts_an
     index = dataset.id_maps()[0].to_index(wanted)
     expected_parts = sorted(set(partition_of(index, dataset.partitions).tolist()))
     assert read[:2] == [("events", expected_parts), ("incoming", expected_parts)]
+    # Then only the contacts' partitions not read already.
     contacts = read[2][1]
     assert read[2:] == [("events", contacts), ("incoming", contacts)]
-    assert set(expected_parts) < set(contacts) and len(contacts) < dataset.partitions
+    assert contacts and not set(expected_parts) & set(contacts)
+    assert len(expected_parts) + len(contacts) < dataset.partitions
     # The same top-k as when every partition is read: the request's time and default
     # action are the whole log's, not the partitions'. The scores within float rounding:
     # a batch of other queries takes other kernel paths on some CPUs (measured on an AMD
@@ -87,6 +89,38 @@ def test_a_request_reads_only_the_partitions_of_its_actors_and_their_contacts_an
     whole = everyone.filter(pl.col("actor").is_in(wanted)).sort(["actor", "rank"])
     assert some.select("actor", "rank", "target").equals(whole.select("actor", "rank", "target"))
     np.testing.assert_allclose(some["score"].to_numpy(), whole["score"].to_numpy(), rtol=1e-5)
+
+
+def test_a_requests_contacts_activity_is_the_whole_logs_for_contacts_inside_and_outside_its_partitions(run_dir):
+    """The contacts in the requested actors' own partitions are read from what the request
+    already holds, the others from their partitions: every contact's activity is what the
+    whole log gives, at any time."""
+    from data.prepare import prepare_from_dataset
+
+    config = load_config(run_dir / "config.yaml")
+    dataset = PreparedDataset.open(run_dir / "prepared")
+    whole = prepare_from_dataset(dataset, config.data)
+    seqs = whole.seqs
+    longest = int(np.argmax(seqs.lengths))
+    actor = int(seqs.actor[longest])
+    # A contact who is an actor too: its partition is read for the request.
+    wrote_to = seqs.targets[seqs.offsets[longest] : seqs.offsets[longest + 1]]
+    contact = int(next(t for t in wrote_to if t in set(seqs.actor.tolist()) and t != actor))
+    parts = sorted(set(partition_of(np.array([actor, contact]), dataset.partitions).tolist()))
+    request = prepare_from_dataset(dataset, config.data, parts=parts)
+    sequence = np.flatnonzero(np.isin(request.seqs.actor, [actor, contact]))
+    lookup = predict_module._contacts_activity(dataset, request, sequence, parts)
+    incoming = whole.incoming_events("all")
+    people = np.unique(np.concatenate(
+        [seqs.targets[seqs.offsets[s] : seqs.offsets[s + 1]] for s in np.flatnonzero(np.isin(seqs.actor, [actor, contact]))]
+        + [incoming.sources[incoming.offsets[a] : incoming.offsets[a + 1]] for a in (actor, contact)]
+    ))
+    inside = np.isin(partition_of(people, dataset.partitions), parts)
+    assert inside.any() and (~inside).any()  # both sources are exercised
+    rng = np.random.default_rng(0)
+    asked = rng.choice(people, 2000)
+    now = rng.integers(int(seqs.timestamps.min()), int(seqs.timestamps.max()) + 2, 2000)
+    np.testing.assert_array_equal(lookup.index.features(asked, now), whole.activity("all").features(asked, now))
 
 
 def test_next_action_file_and_odd_requests(run_dir, tmp_path):
