@@ -141,17 +141,7 @@ class Trainer:
         # smallest share fills (data/loader.py).
         rows = np.flatnonzero(prepared.sequences_of_rank(dist.rank, dist.world_size)[queries.sequence])
         batch_size, shares = config.loader.batch_size, dist.gather_objects(len(rows))
-        if sum(shares) == 0:
-            raise DataError(
-                "no training examples: no actor has an event with loader.min_history earlier events "
-                "left after the validation and test events are held out; the log is too small"
-            )
-        if min(shares) < batch_size:
-            where = f" in the smallest of the {len(shares)} ranks' shares" if len(shares) > 1 else ""
-            raise DataError(
-                f"{min(shares)} training examples{where} cannot fill one global batch of {batch_size} x "
-                f"{len(shares)} ranks; lower loader.batch_size"
-            )
+        check_shares_fill_a_batch(shares, batch_size)
         self.loader = TrainLoader(
             builder, batch_size=batch_size, seed=config.seed, shares=[Share(dist.rank, rows)],
             epoch_examples=min(shares), num_shares=dist.world_size,
@@ -503,3 +493,25 @@ class Trainer:
     def close(self) -> None:
         self.metrics.close()
 
+
+def check_shares_fill_a_batch(shares: list[int], batch_size: int) -> None:
+    """Every rank runs as many steps as the smallest share fills, so each share (the
+    training examples of each rank) must fill one batch: else a DataError saying what to
+    change (the entry point prints it in one line)."""
+    if sum(shares) == 0:
+        raise DataError(
+            "no training examples: no actor has an event with loader.min_history earlier events "
+            "left after the validation and test events are held out; the log is too small"
+        )
+    if min(shares) == 0:  # a smaller batch cannot help a rank that holds nothing
+        empty = [rank for rank, count in enumerate(shares) if count == 0]
+        raise DataError(
+            f"rank(s) {empty} of {len(shares)} hold no training example: their partitions of the log "
+            f"hold no actor with one; launch fewer ranks for a log this small, or raise data.partitions"
+        )
+    if min(shares) < batch_size:
+        where = f" in the smallest of the {len(shares)} ranks' shares" if len(shares) > 1 else ""
+        raise DataError(
+            f"{min(shares)} training examples{where} cannot fill one global batch of {batch_size} x "
+            f"{len(shares)} ranks; lower loader.batch_size"
+        )

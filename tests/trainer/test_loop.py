@@ -174,3 +174,18 @@ def test_no_contact_offset_is_chosen_without_repeat_scoring_or_with_the_option_o
     trainer.prepare_test_model()
     assert trainer.contact_offset is None and splits == []
     assert trainer.model.repeat is None or trainer.model.repeat.contact_offset is None
+
+
+def test_each_rank_must_fill_a_batch_and_the_error_says_what_to_change():
+    from data.readers import DataError
+
+    loop.check_shares_fill_a_batch([300, 256], 256)  # every rank fills one batch: no error
+    with pytest.raises(DataError, match="no training examples"):
+        loop.check_shares_fill_a_batch([0, 0], 256)
+    # A rank holding nothing: a smaller batch would not help, so the error names the rank
+    # and says to launch fewer ranks (it used to say "lower loader.batch_size").
+    with pytest.raises(DataError, match=r"rank\(s\) \[1\] of 3 hold no training example.*launch fewer ranks") as error:
+        loop.check_shares_fill_a_batch([500, 0, 400], 256)
+    assert "batch_size" not in str(error.value)
+    with pytest.raises(DataError, match="100 training examples in the smallest of the 2 ranks' shares.*lower loader.batch_size"):
+        loop.check_shares_fill_a_batch([300, 100], 256)
