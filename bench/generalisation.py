@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ablation import SKIP, VARIANTS  # noqa: E402
-from bench.common import RESULTS_DIR, write_result  # noqa: E402
+from bench.common import RESULTS_DIR, cpu_model, write_result  # noqa: E402
 from bench.runs import (  # noqa: E402
     BASELINES, RUN_LOG_PATH, RunLog, delta_of_pairs, format_mean_std, mean_std, paired_runs, parse_choices, record_cpu,
 )
@@ -217,7 +217,9 @@ def main() -> None:
                     logging.getLogger("generalisation").warning(
                         "%s %s seed %d: ndcg@10 %.4f", name, variant, seed, record["test"]["ndcg@10"]
                     )
-            records = run_log.logged_seeds(name, variant, config_path, overrides)
+            # What --on-this-cpu trained is reported from this CPU's runs, as its Δ pairs them.
+            cpu = cpu_model() if trains and asked and args.on_this_cpu else None
+            records = run_log.logged_seeds(name, variant, config_path, overrides, cpu)
             if records:
                 results.setdefault(name, {})[variant] = aggregate(records)
                 if variant != "default":

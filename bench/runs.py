@@ -115,12 +115,15 @@ class RunLog:
                 by_seed.setdefault(record["seed"], {}).setdefault(record_cpu(record), record)
         return by_seed
 
-    def logged_seeds(self, data: str, model: str, config_path: Path, overrides: list[str]) -> list[dict]:
+    def logged_seeds(
+        self, data: str, model: str, config_path: Path, overrides: list[str], cpu: str | None = None
+    ) -> list[dict]:
         """The logged record of every seed of this run at the current config file and code,
-        by seed (one read of the log)."""
+        by seed (one read of the log); with `cpu`, only the records that CPU ran."""
         by_seed = {}
         for record in self._matching(data, model, config_path, overrides):
-            by_seed.setdefault(record["seed"], record)  # the first, as logged() takes
+            if cpu is None or record_cpu(record) == cpu:
+                by_seed.setdefault(record["seed"], record)  # the first, as logged() takes
         return [by_seed[seed] for seed in sorted(by_seed)]
 
     def run(

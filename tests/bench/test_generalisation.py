@@ -142,6 +142,10 @@ def test_a_variants_delta_pairs_the_default_runs_of_its_own_cpu(tmp_path):
     assert delta["delta_seeds"] == 2 and delta["delta_cpus"] == ["EPYC"]
     table = markdown({name: {"contact_activity": {**aggregate(reported), **delta}}})
     assert f"- {name}, contact_activity: +0.0100 over 2 seed(s) (+0.0300, -0.0100; EPYC)" in table
+    # The default's row, as --on-this-cpu reports it: this CPU's runs, not the first logged.
+    assert [r["test"]["ndcg@10"] for r in run_log.logged_seeds(name, "default", config, default)] == [0.50, 0.62]
+    assert [r["test"]["ndcg@10"] for r in run_log.logged_seeds(name, "default", config, default, "EPYC")] == [0.60, 0.62]
+    assert run_log.logged_seeds(name, "default", config, default, "another CPU") == []
     # Nothing pairs with a default of another CPU only.
     path.write_text(json.dumps(records[0]) + "\n" + json.dumps(records[3]) + "\n")
     assert paired_delta(RunLog(path), name, "contact_activity", config, variant, default, reported) == {}
