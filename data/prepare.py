@@ -94,9 +94,13 @@ class PreparedData:
         (in memory, or read for one rank) is split as the prepared dataset splits it."""
         if (rank, world_size) == self.share:
             return np.ones(self.seqs.num_sequences, dtype=bool)
-        if self.share != (0, 1):
-            raise ValueError(f"data read for rank {self.share[0]} of {self.share[1]} cannot be split for another")
+        self._require_split_for(rank, world_size)
         return np.isin(partition_of(self.seqs.actor, self.partitions), self._partitions_of_rank(rank, world_size))
+
+    def _require_split_for(self, rank: int, world_size: int) -> None:
+        """Only the whole log, or the share read for this very rank, tells a rank's people."""
+        if self.share not in ((0, 1), (rank, world_size)):
+            raise ValueError(f"data read for rank {self.share[0]} of {self.share[1]} cannot be split for another")
 
     def _partitions_of_rank(self, rank: int, world_size: int) -> list[int]:
         if self.totals is not None:
@@ -113,8 +117,7 @@ class PreparedData:
             return None
         if self.share == (-1, -1):
             raise ValueError("data read for a request's actors holds no one's every event; read the whole log")
-        if self.share not in ((0, 1), (rank, world_size)):
-            raise ValueError(f"data read for rank {self.share[0]} of {self.share[1]} cannot be split for another")
+        self._require_split_for(rank, world_size)
         owned, partitions = np.asarray(self._partitions_of_rank(rank, world_size)), self.partitions
         return lambda people: np.isin(partition_of(np.asarray(people, dtype=np.int64), partitions), owned)
 
